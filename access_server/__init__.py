@@ -1,0 +1,1 @@
+"""Access server (HSM1): PSD registry, key installation, master key replacement."""

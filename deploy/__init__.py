@@ -1,0 +1,1 @@
+"""How the system runs: the local launcher (cms dev) and Kubernetes manifests."""

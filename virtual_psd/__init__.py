@@ -1,0 +1,1 @@
+"""Virtual PSD: a GlobalPlatform card emulator for tests and demos."""
