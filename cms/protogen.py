@@ -43,9 +43,8 @@ def generate(proto_root: Path = PROTO_ROOT, out_root: Path = OUT_ROOT, force: bo
     """Run grpc_tools.protoc over every contract; returns protoc's exit status."""
     if not force and not is_stale(proto_root, out_root):
         return 0
-    from grpc_tools import protoc  # build-time dependency only
-
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency only
 
     well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
     files = [str(p.relative_to(proto_root)) for p in proto_files(proto_root)]

@@ -43,7 +43,9 @@ class TlsFiles:
         return ca, load(self.cert, "certificate"), load(self.key, "private key")
 
 
-def server_credentials(files: TlsFiles, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+def server_credentials(
+    files: TlsFiles, *, require_client_auth: bool = True
+) -> grpc.ServerCredentials:
     ca, cert, key = files.read()
     if cert is None or key is None:
         raise TlsConfigError("a server needs a certificate and a private key")
@@ -54,7 +56,9 @@ def server_credentials(files: TlsFiles, *, require_client_auth: bool = True) -> 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     ca, cert, key = files.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 def secure_channel(target: str, files: TlsFiles, *, options: list[tuple[str, object]] | None = None,

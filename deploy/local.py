@@ -1,0 +1,390 @@
+"""The local launcher: the whole system on one machine (the embedded default).
+
+``cms dev up --dir DIR`` creates on first use two SoftHSM2 tokens (``access``
+for HSM1, ``kms`` for HSM2), the development PKI, configuration and policy;
+starts each service in the background on free loopback ports (each binds port
+0 and reports the port it got in a ready file, so nothing races for ports);
+waits until the standard health check says SERVING; and writes
+``DIR/endpoints.json``. ``cms dev down --dir DIR`` stops what ``up`` started.
+A second ``up`` reuses the tokens, keys and certificates.
+
+Layout of DIR::
+
+    pki/            CA and one certificate per identity
+    softhsm/        softhsm2.conf, tokens/, secrets/ (PIN files, 0600)
+    config/         one YAML per service, policy.yaml
+    run/            <service>.ready and <service>.pid
+    logs/           <service>.log (JSON lines)
+    audit/          the proxy's hash-chained audit log
+    data/           databases (SQLite)
+    endpoints.json  where everything is, for clients and tests
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cms.pki import DEFAULT_IDENTITIES, Pki, init_pki
+from cms.runtime.config import ConfigError
+from cms.runtime.tls import TlsFiles, secure_channel
+from cms.softhsm import SoftHsm, find_module
+
+TOKENS = ("access", "kms")
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+class LauncherError(ConfigError):
+    """A service that did not start or stop as it should."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to configure and start one service."""
+
+    name: str                      # key in endpoints.json, e.g. "hsm_proxy"
+    identity: str                  # its certificate identity
+    command: tuple[str, ...]       # cms subcommand, e.g. ("hsm-proxy", "serve")
+    health_service: str            # gRPC service whose health gates readiness
+    write_config: Callable[[Stack], dict]
+    depends: tuple[str, ...] = ()
+    module: str = ""               # importable module proving the service exists
+
+
+@dataclass
+class Stack:
+    """One local deployment rooted at ``directory``."""
+
+    directory: Path
+    ports: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.directory = self.directory.resolve()
+
+    # -- paths --------------------------------------------------------------
+    @property
+    def pki_dir(self) -> Path:
+        return self.directory / "pki"
+
+    @property
+    def hsm(self) -> SoftHsm:
+        return SoftHsm(self.directory / "softhsm")
+
+    def path(self, *parts: str) -> Path:
+        p = self.directory.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def config_path(self, name: str) -> Path:
+        return self.path("config", f"{name}.yaml")
+
+    def ready_path(self, name: str) -> Path:
+        return self.path("run", f"{name}.ready")
+
+    def pid_path(self, name: str) -> Path:
+        return self.path("run", f"{name}.pid")
+
+    def log_path(self, name: str) -> Path:
+        return self.path("logs", f"{name}.log")
+
+    @property
+    def endpoints_path(self) -> Path:
+        return self.directory / "endpoints.json"
+
+    # -- preparation ----------------------------------------------------------
+    def prepare(self) -> Pki:
+        """Create PKI, tokens and policy on first use; keep them afterwards."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pki = init_pki(self.pki_dir, DEFAULT_IDENTITIES)
+        hsm = self.hsm.ensure()
+        for label in TOKENS:
+            hsm.init_token(label)
+        policy = self.config_path("policy")
+        if not policy.exists():
+            policy.write_text(yaml.safe_dump(default_policy(), sort_keys=False))
+        return pki
+
+    def tls(self, identity: str) -> dict[str, str]:
+        pki = self.pki_dir
+        return {"ca": str(pki / "ca.pem"), "cert": str(pki / f"{identity}.pem"),
+                "key": str(pki / f"{identity}.key")}
+
+    def tls_files(self, identity: str) -> TlsFiles:
+        t = self.tls(identity)
+        return TlsFiles(Path(t["ca"]), Path(t["cert"]), Path(t["key"]))
+
+    # Ports are chosen by the kernel on a service's first start and kept in
+    # run/ports.json, so a restarted service comes back where its clients
+    # (and other services' configuration) expect it.
+    @property
+    def ports_file(self) -> Path:
+        return self.path("run", "ports.json")
+
+    def _saved_ports(self) -> dict[str, dict[str, int]]:
+        try:
+            return json.loads(self.ports_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def listen(self, service: str, kind: str = "grpc") -> str:
+        port = self._saved_ports().get(service, {}).get(kind, 0)
+        return f"127.0.0.1:{port}"
+
+    def save_ports(self, service: str, grpc_address: str, metrics_url: str | None) -> None:
+        saved = self._saved_ports()
+        entry = {"grpc": int(grpc_address.rsplit(":", 1)[1])}
+        if metrics_url:
+            entry["metrics"] = int(metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
+        saved[service] = entry
+        tmp = self.ports_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=2))
+        os.replace(tmp, self.ports_file)
+
+    def address(self, service: str) -> str:
+        try:
+            return self.ports[service]["grpc"]
+        except KeyError:
+            raise LauncherError(f"{service} is not running") from None
+
+
+# ---------------------------------------------------------------------------
+# Policy and configuration of each service
+
+def default_policy() -> dict:
+    """Least privilege for the embedded default.
+
+    The access server works on HSM1's card keys; key management owns HSM2 and
+    may only place transferred key blocks into HSM1; the operator (admin) may
+    inspect everything and use only demo keys.
+    """
+    card_key_labels = ["mk/*", "mkrk/*", "cryptogram/*", "factory/*", "card/*"]
+    inspect = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey"]
+    return {
+        "identities": {
+            "access-server": [
+                {"operations": ["*"], "tokens": ["access"], "keys": card_key_labels},
+                {"operations": ["GenerateRandom", "ListTokens"], "tokens": ["access"],
+                 "keys": ["*"]},
+            ],
+            "key-mgmt": [
+                {"operations": ["*"], "tokens": ["kms"], "keys": ["*"]},
+                {"operations": [*inspect, "UnwrapKey", "ImportPublicKey", "GenerateKeyPair",
+                                "DestroyKey", "BeginComponentImport", "AddKeyComponent",
+                                "GenerateRandom"],
+                 "tokens": ["access"],
+                 "keys": ["mk/*", "mkrk/*", "cryptogram/*", "transport/*", "factory/*"]},
+            ],
+            "admin": [
+                {"operations": [*inspect, "GenerateRandom"], "tokens": ["*"], "keys": ["*"]},
+                {"operations": ["*"], "tokens": ["*"], "keys": ["demo/*"]},
+            ],
+        }
+    }
+
+
+def hsm_proxy_config(stack: Stack) -> dict:
+    hsm = stack.hsm
+    return {
+        "server": {"listen": stack.listen("hsm_proxy"),
+                   "metrics_listen": stack.listen("hsm_proxy", "metrics")},
+        "tls": stack.tls("hsm-proxy"),
+        "pkcs11": {
+            "module": find_module(),
+            "env": hsm.env(),
+            "workers": max(2, min(4, os.cpu_count() or 2)),
+            "tokens": [{"label": t, "pin_file": str(hsm.pin_file(t))} for t in TOKENS],
+        },
+        "policy": str(stack.config_path("policy")),
+        "audit": {"file": str(stack.path("audit", "hsm-proxy.jsonl"))},
+        "handles": {"ttl_seconds": 300, "max_per_identity": 100000},
+        "limits": {"max_batch_items": 4096, "max_data_bytes": 65536},
+        "log": {"level": "info", "file": None},
+    }
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("hsm_proxy", "hsm-proxy", ("hsm-proxy", "serve"), "cms.v1.Hsm",
+                hsm_proxy_config, module="hsm_proxy.server"),
+)
+
+
+def available_services() -> list[ServiceSpec]:
+    """The services whose code is installed (a deployment may lack some)."""
+    import importlib.util
+
+    return [s for s in SERVICES if not s.module or importlib.util.find_spec(s.module)]
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still "exists"; reap it if it is one.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def check_health(address: str, tls: TlsFiles, service: str = "", timeout: float = 2.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = secure_channel(address, tls)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+    finally:
+        channel.close()
+
+
+def start_service(stack: Stack, spec: ServiceSpec, *, extra_env: dict[str, str] | None = None,
+                  timeout: float = READY_TIMEOUT_S) -> dict:
+    """Start one service in the background and wait until it is SERVING."""
+    config = spec.write_config(stack)
+    cfg_path = stack.config_path(spec.name)
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    ready = stack.ready_path(spec.name)
+    ready.unlink(missing_ok=True)
+    log_file = stack.log_path(spec.name)
+    env = {**os.environ, **(extra_env or {})}
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cms.cli", *spec.command, "--config", str(cfg_path),
+             "--ready-file", str(ready)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+            start_new_session=True, cwd=stack.directory,
+        )
+    stack.pid_path(spec.name).write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    info: dict | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LauncherError(
+                f"{spec.name} exited with status {proc.returncode} while starting; "
+                f"last lines of {log_file}:\n{_log_tail(log_file)}")
+        if info is None and ready.exists():
+            try:
+                info = json.loads(ready.read_text())
+            except ValueError:
+                info = None
+        if info is not None and check_health(info["grpc"], stack.tls_files("admin"),
+                                             spec.health_service):
+            entry = {"grpc": info["grpc"], "metrics": info.get("metrics"), "pid": proc.pid}
+            stack.ports[spec.name] = entry
+            stack.save_ports(spec.name, info["grpc"], info.get("metrics"))
+            return entry
+        time.sleep(0.1)
+    proc.terminate()
+    raise LauncherError(f"{spec.name} did not become SERVING within {timeout:.0f}s; "
+                        f"see {log_file}:\n{_log_tail(log_file)}")
+
+
+def stop_service(stack: Stack, name: str, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """SIGTERM (graceful), then SIGKILL after ``timeout``. True if it was running."""
+    pid_file = stack.pid_path(name)
+    pid = _read_pid(pid_file)
+    if pid is None or not _pid_alive(pid):
+        pid_file.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    stack.ready_path(name).unlink(missing_ok=True)
+    return True
+
+
+def running_services(stack: Stack) -> dict[str, dict]:
+    """Services of this stack whose process is alive and whose ready file exists."""
+    found: dict[str, dict] = {}
+    for spec in SERVICES:
+        pid = _read_pid(stack.pid_path(spec.name))
+        ready = stack.ready_path(spec.name)
+        if pid is not None and _pid_alive(pid) and ready.exists():
+            try:
+                info = json.loads(ready.read_text())
+            except ValueError:
+                continue
+            found[spec.name] = {"grpc": info["grpc"], "metrics": info.get("metrics"), "pid": pid}
+    return found
+
+
+def write_endpoints(stack: Stack, pki: Pki) -> Path:
+    data = {
+        "services": {name: {"grpc": e["grpc"], "metrics": e.get("metrics")}
+                     for name, e in stack.ports.items()},
+        "tls": {
+            "ca": str(pki.ca),
+            "identities": {n: f.as_dict() for n, f in sorted(pki.identities.items())},
+        },
+        "dir": str(stack.directory),
+    }
+    tmp = stack.endpoints_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, stack.endpoints_path)
+    return stack.endpoints_path
+
+
+def up(directory: Path, *, only: list[str] | None = None) -> Path:
+    """Bring the stack up (idempotent); returns the endpoints.json path."""
+    stack = Stack(directory)
+    pki = stack.prepare()
+    stack.ports.update(running_services(stack))
+    for spec in available_services():
+        if only and spec.name not in only:
+            continue
+        if spec.name in stack.ports and check_health(
+                stack.ports[spec.name]["grpc"], stack.tls_files("admin"), spec.health_service):
+            continue
+        stop_service(stack, spec.name)
+        start_service(stack, spec)
+        write_endpoints(stack, pki)
+    return write_endpoints(stack, pki)
+
+
+def down(directory: Path) -> list[str]:
+    """Stop every service of the stack, dependents first; returns those stopped."""
+    stack = Stack(directory)
+    stopped = []
+    for spec in reversed(SERVICES):
+        if stop_service(stack, spec.name):
+            stopped.append(spec.name)
+    return stopped
