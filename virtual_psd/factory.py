@@ -1,0 +1,56 @@
+"""Factory state of a virtual PSD: its unique id and transport key set.
+
+Two kinds of transport keys:
+
+* ``default``: the GlobalPlatform test keys 40 41 42 ... for ENC, MAC and
+  DEK, so third-party GlobalPlatform hosts can talk to the card;
+* per card: ENC/MAC/DEK diversified (``cms-psd-kdf/1``) from a factory
+  transport master key and the PSD id. The issuer holds that master key in its
+  HSM and derives the same keys there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from cardcore.diversify import diversify_key_set_software
+from cardcore.psd import KVN_TRANSPORT, cplc_for_psd_id, normalize_psd_id, psd_id_bytes
+from virtual_psd.state import CardState, KeySet, save_state
+
+
+def default_transport_keys(key_length: int = 16) -> KeySet:
+    """GlobalPlatform's well-known test keys (40 41 42 ...), same for ENC/MAC/DEK."""
+    if key_length not in (16, 24, 32):
+        raise ValueError("key length must be 16, 24 or 32")
+    key = bytes(range(0x40, 0x40 + key_length))
+    return KeySet(key, key, key)
+
+
+def diversified_transport_keys(master_key: bytes, psd_id: str, key_length: int = 16) -> KeySet:
+    ks = diversify_key_set_software(master_key, psd_id_bytes(psd_id), key_length)
+    return KeySet(ks.enc, ks.mac, ks.dek)
+
+
+def new_card_state(*, psd_id: str | None = None, transport_master: bytes | None = None,
+                   key_length: int = 16, scp_i: int = 0x70) -> CardState:
+    """A fresh card as it leaves the factory (random unique id when none is given)."""
+    pid = normalize_psd_id(psd_id) if psd_id else secrets.token_bytes(10).hex().upper()
+    keys = (default_transport_keys(key_length) if transport_master is None
+            else diversified_transport_keys(transport_master, pid, key_length))
+    return CardState(psd_id=pid, cplc=cplc_for_psd_id(psd_id_bytes(pid)),
+                     key_sets={KVN_TRANSPORT: keys}, scp_i=scp_i)
+
+
+def create_card(path: str | os.PathLike[str], *, force: bool = False,
+                **kwargs: object) -> CardState:
+    """Write a new card's state file; refuses to overwrite unless ``force``."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists")
+    state = new_card_state(**kwargs)  # type: ignore[arg-type]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_state(target, state)
+    os.chmod(target, 0o600)
+    return state

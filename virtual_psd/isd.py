@@ -1,0 +1,412 @@
+"""The issuer security domain: GlobalPlatform card management over SCP03,
+and the PSD's *security executive* policy (DESIGN.md §3).
+
+Policy, by the key set that opened the secure channel:
+
+* transport set (KVN FF): anything (initial personalization installs the
+  MKRK at 70 and the MK at its KVN, then deletes FF);
+* MKRK set (KVN 70): add, replace and delete MK sets (01..6F), and rotate the
+  MKRK itself; nothing else;
+* an MK set or any other set: card management only, never an MK set, the
+  MKRK or the transport set (6982).
+
+Invariants, whoever asks (6985): the last MK set cannot be deleted, the
+transport set cannot be deleted while no MK set exists, and only a transport
+channel may delete the MKRK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from cardcore import gp
+from cardcore import sw as SW
+from cardcore import tlv as T
+from cardcore.apdu import CommandApdu
+from cardcore.kcv import kcv_matches
+from cardcore.psd import (
+    ISD_AID,
+    KVN_MKRK,
+    KVN_TRANSPORT,
+    KeySetRole,
+    is_mk_kvn,
+    key_set_role,
+    psd_id_bytes,
+)
+from cardcore.scp03 import (
+    I_RENC_SUPPORT,
+    I_RMAC_SUPPORT,
+    I_S16,
+    CardChannel,
+    CryptogramError,
+    InitializeUpdateResponse,
+    Scp03Error,
+    SecurityLevel,
+    cmac_prf,
+    decrypt_key_data,
+    pseudo_random_card_challenge,
+)
+from virtual_psd.card import CommandContext, StatusError
+from virtual_psd.state import CardState, KeySet
+
+MAX_KEY_SETS: Final = 8
+MAX_SEQUENCE_COUNTER: Final = 0xFFFFFF
+ISD_PRIVILEGES: Final = bytes.fromhex("9EFE80")
+CLA_SM: Final = 0x04
+
+SECURED_INS: Final = frozenset({gp.INS_PUT_KEY, gp.INS_DELETE, gp.INS_GET_STATUS,
+                                gp.INS_STORE_DATA})
+
+
+@dataclass
+class IsdSession:
+    """The ISD's volatile state: the secure channel and a STORE DATA in progress."""
+
+    channel: CardChannel | None = None
+    kvn: int | None = None
+    dek: bytes | None = field(default=None, repr=False)
+    store_buffer: bytearray = field(default_factory=bytearray, repr=False)
+    store_next_block: int = 0
+
+    @property
+    def authenticated(self) -> bool:
+        return self.channel is not None and self.channel.authenticated
+
+
+def default_kvn(state: CardState) -> int | None:
+    """KVN 0 in INITIALIZE UPDATE: transport if present, else newest MK, else MKRK."""
+    sets = state.key_sets
+    if KVN_TRANSPORT in sets:
+        return KVN_TRANSPORT
+    mks = [k for k in sets if is_mk_kvn(k)]
+    if mks:
+        return max(mks)
+    if KVN_MKRK in sets:
+        return KVN_MKRK
+    return min(sets) if sets else None
+
+
+def may_put(session_kvn: int, target_kvn: int) -> bool:
+    """Whether a channel opened with ``session_kvn`` may write the set ``target_kvn``."""
+    role, target = key_set_role(session_kvn), key_set_role(target_kvn)
+    if role is KeySetRole.TRANSPORT:
+        return True
+    if role is KeySetRole.MKRK:
+        return target in (KeySetRole.MASTER, KeySetRole.MKRK)
+    return target is KeySetRole.OTHER
+
+
+def may_delete(session_kvn: int, target_kvn: int) -> bool:
+    role, target = key_set_role(session_kvn), key_set_role(target_kvn)
+    if role is KeySetRole.TRANSPORT:
+        return True
+    if role is KeySetRole.MKRK:
+        return target is KeySetRole.MASTER
+    return target is KeySetRole.OTHER
+
+
+class IssuerSecurityDomain:
+    aid = ISD_AID
+
+    # framework hooks ---------------------------------------------------------
+
+    def _session(self, ctx: CommandContext) -> IsdSession:
+        data = ctx.session.app_data.get(self.aid)
+        if not isinstance(data, IsdSession):
+            data = IsdSession()
+            ctx.session.app_data[self.aid] = data
+        return data
+
+    def _end_session(self, ctx: CommandContext) -> None:
+        ctx.session.app_data[self.aid] = IsdSession()
+
+    def select(self, ctx: CommandContext, command: CommandApdu) -> bytes:
+        # Selecting the ISD (again) ends any secure channel session.
+        self._end_session(ctx)
+        return gp.select_response(self.aid, 0xFFFF)
+
+    def deselect(self, ctx: CommandContext) -> None:
+        self._end_session(ctx)
+
+    # dispatch ------------------------------------------------------------------
+
+    def process(self, ctx: CommandContext, command: CommandApdu) -> tuple[bytes, int]:
+        session = self._session(ctx)
+        ins = command.ins
+        if ins == gp.INS_INITIALIZE_UPDATE:
+            return self._initialize_update(ctx, session, command)
+        if ins == gp.INS_EXTERNAL_AUTHENTICATE:
+            return self._external_authenticate(ctx, session, command)
+        wrapped = bool(command.cla & CLA_SM)
+        if wrapped:
+            if not session.authenticated:
+                self._end_session(ctx)
+                return b"", SW.SECURITY_STATUS_NOT_SATISFIED
+            assert session.channel is not None
+            try:
+                command = session.channel.unwrap_command(command)
+            except Scp03Error:
+                # A bad C-MAC ends the session: later commands are refused.
+                self._end_session(ctx)
+                return b"", SW.SECURITY_STATUS_NOT_SATISFIED
+        elif ins in SECURED_INS and session.authenticated:
+            assert session.channel is not None
+            if session.channel.security_level & SecurityLevel.C_MAC:
+                # A command stripped of its protection: refuse and close.
+                self._end_session(ctx)
+                return b"", SW.SECURITY_STATUS_NOT_SATISFIED
+        try:
+            data, sw = self._handle(ctx, session, command)
+        except StatusError as exc:
+            data, sw = b"", exc.sw
+        if wrapped and session.channel is not None:
+            return self._protect(session, data, sw)
+        return data, sw
+
+    @staticmethod
+    def _protect(session: IsdSession, data: bytes, sw: int) -> tuple[bytes, int]:
+        assert session.channel is not None
+        raw = session.channel.wrap_response(data, sw)
+        return raw[:-2], sw
+
+    def _handle(self, ctx: CommandContext, session: IsdSession,
+                command: CommandApdu) -> tuple[bytes, int]:
+        ins = command.ins
+        if command.cla & 0x80 == 0 and ins != gp.INS_GET_DATA:
+            raise StatusError(SW.CLA_NOT_SUPPORTED)
+        if ins == gp.INS_GET_DATA:
+            return self._get_data(ctx, command), SW.OK
+        if ins in SECURED_INS:
+            if not session.authenticated:
+                raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED)
+            if ins == gp.INS_PUT_KEY:
+                return self._put_key(ctx, session, command), SW.OK
+            if ins == gp.INS_DELETE:
+                return self._delete(ctx, session, command), SW.OK
+            if ins == gp.INS_GET_STATUS:
+                return self._get_status(ctx, command), SW.OK
+            return self._store_data(ctx, session, command), SW.OK
+        raise StatusError(SW.INS_NOT_SUPPORTED)
+
+    # INITIALIZE UPDATE / EXTERNAL AUTHENTICATE -----------------------------------
+
+    def _initialize_update(self, ctx: CommandContext, session: IsdSession,
+                           command: CommandApdu) -> tuple[bytes, int]:
+        self._end_session(ctx)  # any session in progress ends here
+        state = ctx.state
+        if command.cla != gp.CLA_GP:
+            return b"", SW.CLA_NOT_SUPPORTED
+        if command.p2 != 0x00:
+            return b"", SW.INCORRECT_P1P2
+        s16 = bool(state.scp_i & I_S16)
+        if len(command.data) != (16 if s16 else 8):
+            return b"", SW.WRONG_LENGTH
+        kvn = default_kvn(state) if command.p1 == 0 else command.p1
+        if kvn is None or kvn not in state.key_sets:
+            return b"", SW.REFERENCED_DATA_NOT_FOUND
+        if state.sequence_counter >= MAX_SEQUENCE_COUNTER:
+            return b"", SW.CONDITIONS_NOT_SATISFIED
+        keys = state.key_sets[kvn]
+        counter = state.sequence_counter.to_bytes(3, "big")
+        state.sequence_counter += 1  # committed with this command: never reused
+        card_challenge = pseudo_random_card_challenge(cmac_prf(keys.enc), counter, self.aid,
+                                                      s16=s16)
+        channel, cryptogram = CardChannel.begin(keys.enc, keys.mac, command.data,
+                                                card_challenge)
+        new = IsdSession(channel=channel, kvn=kvn, dek=keys.dek)
+        ctx.session.app_data[self.aid] = new
+        resp = InitializeUpdateResponse(psd_id_bytes(state.psd_id), kvn, 0x03, state.scp_i,
+                                        card_challenge, cryptogram, counter)
+        return resp.encode(), SW.OK
+
+    def _external_authenticate(self, ctx: CommandContext, session: IsdSession,
+                               command: CommandApdu) -> tuple[bytes, int]:
+        channel = session.channel
+        if channel is None or channel.authenticated:
+            self._end_session(ctx)
+            return b"", SW.CONDITIONS_NOT_SATISFIED
+        # Whatever happens next, this handshake is used up unless it succeeds.
+        self._end_session(ctx)
+        if command.p2 != 0x00 or command.p1 not in (0x00, 0x01, 0x03, 0x11, 0x13, 0x33):
+            return b"", SW.INCORRECT_P1P2
+        if (command.p1 & SecurityLevel.R_ENCRYPTION and not ctx.state.scp_i & I_RENC_SUPPORT) \
+                or (command.p1 & SecurityLevel.R_MAC and not ctx.state.scp_i & I_RMAC_SUPPORT):
+            return b"", SW.INCORRECT_P1P2
+        if len(command.data) != 2 * channel.mac_length:
+            return b"", SW.WRONG_LENGTH
+        try:
+            channel.external_authenticate(command)
+        except CryptogramError:
+            return b"", 0x6300  # GP: authentication of host cryptogram failed
+        except Scp03Error:
+            return b"", SW.SECURITY_STATUS_NOT_SATISFIED
+        ctx.session.app_data[self.aid] = session
+        return b"", SW.OK
+
+    # GET DATA -----------------------------------------------------------------
+
+    def _get_data(self, ctx: CommandContext, command: CommandApdu) -> bytes:
+        tag = (command.p1 << 8) | command.p2
+        state = ctx.state
+        if tag == gp.TAG_CPLC:
+            return T.tlv(gp.TAG_CPLC, state.cplc)
+        if tag == gp.TAG_CARD_DATA:
+            return gp.encode_card_data(state.scp_i)
+        if tag == gp.TAG_KEY_INFORMATION:
+            return gp.encode_key_information(
+                gp.KeyInfo(kid, kvn, ((gp.KEY_TYPE_AES, ks.key_length),))
+                for kvn, ks in sorted(state.key_sets.items()) for kid in (1, 2, 3))
+        if tag == gp.TAG_CIN:
+            return T.tlv(gp.TAG_CIN, psd_id_bytes(state.psd_id))
+        if tag in state.stored_ber:
+            return T.tlv(tag, state.stored_ber[tag])
+        raise StatusError(SW.REFERENCED_DATA_NOT_FOUND)
+
+    # PUT KEY ------------------------------------------------------------------
+
+    def _put_key(self, ctx: CommandContext, session: IsdSession,
+                 command: CommandApdu) -> bytes:
+        state = ctx.state
+        assert session.kvn is not None and session.dek is not None
+        replace_kvn = command.p1
+        if command.p2 != 0x81:
+            raise StatusError(SW.INCORRECT_P1P2, "a whole key set (KID 1..3) at once")
+        try:
+            new_kvn, components = gp.parse_put_key_data(command.data)
+        except gp.GpError as exc:
+            raise StatusError(SW.WRONG_DATA) from exc
+        if new_kvn == 0 or len(components) != 3:
+            raise StatusError(SW.WRONG_DATA)
+        lengths = {c.key_length for c in components}
+        if len(lengths) != 1 or lengths.pop() not in (16, 24, 32):
+            raise StatusError(SW.WRONG_DATA)
+        keys = []
+        for comp in components:
+            if comp.key_type != gp.KEY_TYPE_AES or len(comp.kcv) != 3:
+                raise StatusError(SW.WRONG_DATA)
+            try:
+                key = decrypt_key_data(session.dek, comp.encrypted, comp.key_length)
+            except Scp03Error as exc:
+                raise StatusError(SW.WRONG_DATA) from exc
+            if not kcv_matches(key, comp.kcv):
+                raise StatusError(SW.WRONG_DATA, "KCV mismatch")
+            keys.append(key)
+        targets = [new_kvn] if replace_kvn == 0 else [replace_kvn, new_kvn]
+        if not all(may_put(session.kvn, t) for t in targets):
+            raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED)
+        if replace_kvn == 0:
+            if new_kvn in state.key_sets:
+                raise StatusError(SW.WRONG_DATA, "KVN already in use")
+            if len(state.key_sets) >= MAX_KEY_SETS:
+                raise StatusError(SW.NOT_ENOUGH_MEMORY)
+        else:
+            if replace_kvn not in state.key_sets:
+                raise StatusError(SW.REFERENCED_DATA_NOT_FOUND)
+            if key_set_role(replace_kvn) is not key_set_role(new_kvn):
+                raise StatusError(SW.WRONG_DATA, "a replacement keeps the set's role")
+            if new_kvn != replace_kvn and new_kvn in state.key_sets:
+                raise StatusError(SW.WRONG_DATA, "KVN already in use")
+            del state.key_sets[replace_kvn]
+        new_set = KeySet(*keys)
+        state.key_sets[new_kvn] = new_set
+        return gp.put_key_response(new_kvn, new_set.kcvs())
+
+    # DELETE -------------------------------------------------------------------
+
+    def _delete(self, ctx: CommandContext, session: IsdSession, command: CommandApdu) -> bytes:
+        state = ctx.state
+        assert session.kvn is not None
+        if command.p1 != 0x00 or command.p2 not in (0x00, 0x80):
+            raise StatusError(SW.INCORRECT_P1P2)
+        try:
+            kvn, kid, aid = gp.parse_delete_data(command.data)
+        except gp.GpError as exc:
+            raise StatusError(SW.WRONG_DATA) from exc
+        if aid is not None:
+            raise StatusError(SW.REFERENCED_DATA_NOT_FOUND, "no deletable application")
+        if kvn is None:
+            raise StatusError(SW.WRONG_DATA, "keys are deleted by KVN")
+        if kvn not in state.key_sets:
+            raise StatusError(SW.REFERENCED_DATA_NOT_FOUND)
+        if kid is not None:
+            raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "key sets are deleted whole")
+        if not may_delete(session.kvn, kvn):
+            raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED)
+        remaining = [k for k in state.key_sets if k != kvn]
+        role = key_set_role(kvn)
+        if role is KeySetRole.MASTER and not any(is_mk_kvn(k) for k in remaining):
+            raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "last MK set")
+        if role is KeySetRole.TRANSPORT and not any(is_mk_kvn(k) for k in remaining):
+            raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "no MK set installed yet")
+        del state.key_sets[kvn]
+        return b"\x00"
+
+    # GET STATUS ---------------------------------------------------------------
+
+    def _get_status(self, ctx: CommandContext, command: CommandApdu) -> bytes:
+        if command.p1 not in (gp.STATUS_ISD, gp.STATUS_APPLICATIONS, gp.STATUS_LOAD_FILES,
+                              gp.STATUS_LOAD_FILES_AND_MODULES):
+            raise StatusError(SW.INCORRECT_P1P2)
+        if not command.p2 & gp.STATUS_P2_TLV or command.p2 & ~0x03:
+            raise StatusError(SW.INCORRECT_P1P2, "only the TLV response format")
+        try:
+            prefix = gp.parse_get_status_data(command.data)
+        except gp.GpError as exc:
+            raise StatusError(SW.WRONG_DATA) from exc
+        if command.p2 & gp.STATUS_P2_NEXT:
+            raise StatusError(SW.REFERENCED_DATA_NOT_FOUND)  # everything fits one response
+        entries: list[gp.ApplicationStatus] = []
+        if command.p1 == gp.STATUS_ISD and self.aid.startswith(prefix):
+            entries.append(gp.ApplicationStatus(self.aid, ctx.state.life_cycle, ISD_PRIVILEGES))
+        elif command.p1 == gp.STATUS_APPLICATIONS:
+            for aid in ctx.card.applications:
+                if aid != self.aid and aid.startswith(prefix):
+                    info = ctx.state.applications.get(aid.hex().upper(), {})
+                    entries.append(gp.ApplicationStatus(
+                        aid, int(info.get("life_cycle", 0x07)),
+                        bytes.fromhex(info.get("privileges", "000000"))))
+        if not entries:
+            raise StatusError(SW.REFERENCED_DATA_NOT_FOUND)
+        return b"".join(e.encode() for e in entries)
+
+    # STORE DATA ---------------------------------------------------------------
+
+    def _store_data(self, ctx: CommandContext, session: IsdSession,
+                    command: CommandApdu) -> bytes:
+        p1, block = command.p1, command.p2
+        structure = p1 & gp.STORE_STRUCTURE_MASK
+        if p1 & gp.STORE_ENCRYPTED or structure not in (gp.STORE_DGI, gp.STORE_BER_TLV) \
+                or p1 & 0x07:
+            self._reset_store(session)
+            raise StatusError(SW.INCORRECT_P1P2)
+        if block != session.store_next_block:
+            self._reset_store(session)
+            raise StatusError(SW.INCORRECT_P1P2, "STORE DATA blocks out of sequence")
+        session.store_buffer += command.data
+        session.store_next_block = block + 1
+        if not p1 & gp.STORE_LAST_BLOCK:
+            if block == 0xFF:
+                self._reset_store(session)
+                raise StatusError(SW.WRONG_DATA)
+            return b""
+        data = bytes(session.store_buffer)
+        self._reset_store(session)
+        try:
+            if structure == gp.STORE_DGI:
+                for tag, value in gp.parse_dgis(data):
+                    ctx.state.stored_dgi[tag] = value
+            else:
+                for item in T.parse_tlvs(data):
+                    if item.tag > 0xFFFF:
+                        raise gp.GpError("only one- and two-byte tags can be read back")
+                    ctx.state.stored_ber[item.tag] = item.value
+        except (gp.GpError, T.TlvError) as exc:
+            raise StatusError(SW.WRONG_DATA) from exc
+        return b""
+
+    @staticmethod
+    def _reset_store(session: IsdSession) -> None:
+        session.store_buffer = bytearray()
+        session.store_next_block = 0
+
