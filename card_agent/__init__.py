@@ -1,1 +1,18 @@
-"""Card agent: relays APDU scripts between a PC/SC reader and the access server."""
+"""Card agent: relays APDU scripts between a PC/SC reader and the access server.
+
+Layers, each usable without the ones above it:
+
+- ``card_agent.transport``: the ``CardTransport`` protocol and its two errors;
+  ``card_agent.pcsc`` (pyscard) and ``card_agent.virtual`` (in-process virtual
+  card) implement it.
+- ``card_agent.runner``: runs one ApduScript on a transport (no networking).
+- ``card_agent.session``: one CardChannel.Connect stream per card contact,
+  with an injectable transport and gRPC channel (blocking and asyncio forms).
+- ``card_agent.agent``: the loop: reader, card insertion and removal, retries.
+- ``card_agent.cli``: ``cms card-agent``.
+
+Only grpcio, protobuf and (for readers) pyscard are needed: nothing here may
+import a server dependency.
+"""
+
+AGENT_VERSION = "0.1.0"
