@@ -98,6 +98,8 @@ class CardAgent:
         self.cancellation = cancellation or Cancellation()
         self.on_session = on_session
         self.clock = clock
+        # Why the last card contact failed, for the one-line summary of the CLI.
+        self.last_error = ""
 
     def run(self) -> ExitStatus:
         """Serve cards until stopped (or, with ``once``, one card); the exit status."""
@@ -117,6 +119,7 @@ class CardAgent:
                 if not self.source.wait_for_removal(self.cancellation):
                     break
         except ReaderError as exc:
+            self.last_error = f"reader failed: {exc}"
             log.error("reader failed", extra=fields(source=self.source.description,
                                                     error=str(exc)))
             return ExitStatus.READER
@@ -144,6 +147,8 @@ class CardAgent:
                 unreachable_since = unreachable_since if unreachable_since is not None else now
                 give_up = self.settings.give_up_after_s
                 if give_up is not None and now - unreachable_since >= give_up:
+                    self.last_error = (f"access server {self.settings.server} unreachable "
+                                       f"({report.error})")
                     log.error("giving up: access server unreachable", extra=fields(
                         server=self.settings.server, waited_s=round(now - unreachable_since, 1),
                         error=report.error))
@@ -163,6 +168,7 @@ class CardAgent:
         try:
             transport = self.source.connect()
         except CardRemovedError as exc:
+            self.last_error = f"card gone before the session: {exc}"
             log.warning("card gone before the session", extra=fields(error=str(exc)))
             return None
         channel = self.channel_factory()
@@ -186,16 +192,21 @@ class CardAgent:
             _log_done(report)
             if report.done.outcome == pb.SessionDone.RETRY_LATER and not once:
                 return float(report.done.retry_after_seconds) or None
-            return ExitStatus.OK if report.ok else ExitStatus.SESSION_FAILED
+            if report.ok:
+                return ExitStatus.OK
+            self.last_error = f"session ended {report.outcome_name}: {report.done.message}"
+            return ExitStatus.SESSION_FAILED
         if report.status is SessionStatus.CANCELLED:
             log.info("session cancelled", extra=fields(scripts_run=report.scripts_run))
             return ExitStatus.STOPPED
         if report.status is SessionStatus.NOT_CONNECTED:
             return None
         if report.status is SessionStatus.REFUSED:
+            self.last_error = f"access server refused the session ({report.error})"
             log.error("access server refused the session", extra=fields(
                 server=self.settings.server, error=report.error))
             return ExitStatus.REFUSED if once else self.settings.backoff.max_s
+        self.last_error = f"session failed: stream broken ({report.error})"
         log.error("session failed: stream broken", extra=fields(
             server=self.settings.server, scripts_run=report.scripts_run, error=report.error))
         return ExitStatus.SESSION_BROKEN if once else None

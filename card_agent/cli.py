@@ -163,7 +163,7 @@ def _card_source(args: argparse.Namespace) -> CardSource:
 def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource) -> int:
     import socket
 
-    from card_agent.agent import AgentSettings, CardAgent
+    from card_agent.agent import AgentSettings, CardAgent, ExitStatus
     from card_agent.backoff import Backoff
     from card_agent.cancel import Cancellation
     from card_agent.session import DEFAULT_SESSION_DEADLINE_S, ROLE_NAMES, AgentInfo
@@ -182,9 +182,12 @@ def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource) -
     try:
         agent = CardAgent(source, target.open_channel, settings, cancellation,
                           on_session=_print_session)
-        return agent.run()
+        status = agent.run()
     finally:
         restore()
+    if status not in (ExitStatus.OK, ExitStatus.STOPPED) and agent.last_error:
+        return _fail(agent.last_error, status)
+    return status
 
 
 def _print_session(report: SessionReport) -> None:
