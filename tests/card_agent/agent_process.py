@@ -67,20 +67,18 @@ class AgentProcess:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for_log(self, message: str, timeout: float = 60) -> dict:
-        """The first JSON log entry whose msg is ``message`` (waits for it)."""
+    def wait_for_log(self, message: str, timeout: float = 60, *, count: int = 1) -> dict:
+        """The ``count``-th JSON log entry whose msg is ``message`` (waits for it)."""
         def find() -> dict | None:
-            for entry in json_lines("\n".join(self.lines)):
-                if entry.get("msg") == message:
-                    return entry
-            return None
+            seen = [e for e in json_lines("\n".join(self.lines)) if e.get("msg") == message]
+            return seen[count - 1] if len(seen) >= count else None
 
         with self._cond:
-            found = self._cond.wait_for(
+            self._cond.wait_for(
                 lambda: find() is not None or self.proc.poll() is not None, timeout)
             entry = find()
-        if not found or entry is None:
-            raise AssertionError(f"agent never logged {message!r}:\n" + self.stderr)
+        if entry is None:
+            raise AssertionError(f"agent never logged {message!r} ({count}x):\n" + self.stderr)
         return entry
 
     def finish(self, timeout: float = RUN_TIMEOUT_S) -> int:
