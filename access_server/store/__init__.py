@@ -1,0 +1,42 @@
+"""Durable store of the access server: PSD registry, intent journal, campaigns.
+
+``Store`` is the only entry point; it hands out the frozen dataclasses of
+``records`` and raises ``cms.runtime.errors.ServiceError`` subclasses.
+SQLite by default (``sqlite:///path``), PostgreSQL for production
+(``postgresql+psycopg://...``); the schema is migrated by Alembic from
+``access_server/migrations``.
+"""
+
+from access_server.store.records import (
+    Campaign,
+    CampaignItem,
+    CampaignState,
+    Cryptogram,
+    Intent,
+    IntentKind,
+    IntentStatus,
+    ItemStatus,
+    PsdEvent,
+    PsdPage,
+    PsdRecord,
+    PsdState,
+    RegisterOutcome,
+)
+from access_server.store.store import Store
+
+__all__ = [
+    "Campaign",
+    "CampaignItem",
+    "CampaignState",
+    "Cryptogram",
+    "Intent",
+    "IntentKind",
+    "IntentStatus",
+    "ItemStatus",
+    "PsdEvent",
+    "PsdPage",
+    "PsdRecord",
+    "PsdState",
+    "RegisterOutcome",
+    "Store",
+]

@@ -1,0 +1,290 @@
+"""Campaign operations on an open write transaction.
+
+A campaign snapshots, when it starts, the cards it will move from one MK
+version to another: one ``campaign_item`` per card. Cards are then updated
+as their agents connect (``Store.campaign_work_for`` tells the flow).
+
+Overlap rule: a card waits in at most one campaign at a time. Starting a
+campaign whose cards include one that is pending in another running or
+paused campaign is refused with FailedPrecondition naming that campaign;
+the operator cancels it or lets it finish first. Two campaigns racing for
+the same card would otherwise move it to whichever target version connects
+first, and the other campaign's count would be wrong. A partial unique index
+(one pending item per card) enforces the rule in the database as well.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, and_, func, insert, literal, null, select, text
+from sqlalchemy.orm import Session
+
+from access_server.store import rows
+from access_server.store.models import CampaignItemRow, CampaignRow, PsdRow, UtcDateTime
+from access_server.store.records import CampaignState, ItemStatus, PsdState
+from cms.runtime.errors import FailedPrecondition, NotFound
+
+CHUNK = 500
+"""Ids per IN (...) list: well under SQLite's bound-parameter limit."""
+
+START_LOCK_KEY = 0x434D5343
+"""PostgreSQL advisory lock that serializes campaign starts (SQLite has one writer anyway)."""
+
+SHOWN_IDS = 5
+"""How many offending ids an error message lists."""
+
+TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "pause": ((CampaignState.RUNNING.value,), CampaignState.PAUSED.value),
+    "resume": ((CampaignState.PAUSED.value,), CampaignState.RUNNING.value),
+    "cancel": (
+        (CampaignState.RUNNING.value, CampaignState.PAUSED.value),
+        CampaignState.CANCELLED.value,
+    ),
+}
+"""Operator transition -> (states it is allowed from, state it leads to)."""
+
+CANCELLED_REASON = "campaign cancelled"
+
+
+def chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), CHUNK):
+        yield values[start : start + CHUNK]
+
+
+def start(
+    session: Session,
+    *,
+    name: str,
+    from_version: int,
+    to_version: int,
+    psd_ids: Sequence[str] | None,
+    prefix: str | None,
+    actor: str,
+    now: datetime,
+) -> str:
+    """Create the campaign and its items; returns the new campaign id."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": START_LOCK_KEY})
+    if psd_ids is not None:
+        _refuse_unknown(session, psd_ids)
+    matches = list(_match_clauses(from_version, prefix, psd_ids))
+    _refuse_overlap(session, matches)
+    campaign_id = uuid.uuid4().hex
+    session.add(
+        CampaignRow(
+            campaign_id=campaign_id,
+            name=name,
+            from_version=from_version,
+            to_version=to_version,
+            psd_id_prefix=prefix,
+            listed_ids=None if psd_ids is None else len(psd_ids),
+            state=CampaignState.RUNNING.value,
+            created_by=actor,
+            created=now,
+            updated=now,
+        )
+    )
+    session.flush()
+    added = sum(_snapshot(session, campaign_id, match, now) for match in matches)
+    if added == 0:
+        raise FailedPrecondition(
+            f"no active card with MK v{from_version} matches the campaign's filter"
+        )
+    if psd_ids is not None:
+        _skip_unmatched(session, campaign_id, psd_ids, from_version, prefix, now)
+    return campaign_id
+
+
+def _match_clauses(
+    from_version: int, prefix: str | None, psd_ids: Sequence[str] | None
+) -> Iterator[ColumnElement[bool]]:
+    """WHERE clauses (one per chunk of listed ids) selecting the campaign's cards."""
+    base = [PsdRow.state == PsdState.ACTIVE.value, PsdRow.mk_version == from_version]
+    if prefix is not None:
+        base.append(PsdRow.psd_id.startswith(prefix, autoescape=True))
+    if psd_ids is None:
+        yield and_(*base)
+        return
+    for chunk in chunks(psd_ids):
+        yield and_(*base, PsdRow.psd_id.in_(chunk))
+
+
+def _refuse_unknown(session: Session, psd_ids: Sequence[str]) -> None:
+    known: set[str] = set()
+    for chunk in chunks(psd_ids):
+        known.update(session.scalars(select(PsdRow.psd_id).where(PsdRow.psd_id.in_(chunk))))
+    unknown = [p for p in psd_ids if p not in known]
+    if unknown:
+        shown = ", ".join(unknown[:SHOWN_IDS])
+        more = f" and {len(unknown) - SHOWN_IDS} more" if len(unknown) > SHOWN_IDS else ""
+        raise NotFound(f"{len(unknown)} listed PSD(s) are not registered: {shown}{more}")
+
+
+def _refuse_overlap(session: Session, matches: list[ColumnElement[bool]]) -> None:
+    conflicts: dict[str, int] = {}
+    for match in matches:
+        query = (
+            select(CampaignItemRow.campaign_id, func.count())
+            .join(PsdRow, PsdRow.psd_id == CampaignItemRow.psd_id)
+            .where(CampaignItemRow.status == ItemStatus.PENDING.value, match)
+            .group_by(CampaignItemRow.campaign_id)
+        )
+        for campaign_id, count in session.execute(query):
+            conflicts[campaign_id] = conflicts.get(campaign_id, 0) + count
+    if not conflicts:
+        return
+    found = session.execute(
+        select(CampaignRow.campaign_id, CampaignRow.name).where(
+            CampaignRow.campaign_id.in_(list(conflicts))
+        )
+    )
+    names = {campaign_id: name for campaign_id, name in found}
+    described = "; ".join(
+        f"{count} card(s) in campaign {names.get(cid, '?')!r} ({cid})"
+        for cid, count in sorted(conflicts.items())
+    )
+    raise FailedPrecondition(
+        "cards of this campaign are already waiting in another campaign: "
+        f"{described}; cancel it or let it complete first"
+    )
+
+
+def _snapshot(session: Session, campaign_id: str, match: ColumnElement[bool], now: datetime) -> int:
+    source = select(
+        literal(campaign_id),
+        PsdRow.psd_id,
+        literal(ItemStatus.PENDING.value),
+        literal(0),
+        null(),
+        literal(now, UtcDateTime),
+    ).where(match)
+    statement = insert(CampaignItemRow).from_select(
+        ["campaign_id", "psd_id", "status", "attempts", "last_error", "updated"], source
+    )
+    # SQLAlchemy keeps the row count of an INSERT only when asked to.
+    result = session.execute(statement, execution_options={"preserve_rowcount": True})
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _skip_unmatched(
+    session: Session,
+    campaign_id: str,
+    psd_ids: Sequence[str],
+    from_version: int,
+    prefix: str | None,
+    now: datetime,
+) -> None:
+    """Listed cards that do not qualify appear as skipped items, with the reason."""
+    for chunk in chunks(psd_ids):
+        found = session.execute(
+            select(PsdRow.psd_id, PsdRow.state, PsdRow.mk_version).where(
+                PsdRow.psd_id.in_(chunk)
+            )
+        ).all()
+        skipped = [
+            {
+                "campaign_id": campaign_id,
+                "psd_id": psd_id,
+                "status": ItemStatus.SKIPPED.value,
+                "attempts": 0,
+                "last_error": reason,
+                "updated": now,
+            }
+            for psd_id, state, mk_version in found
+            if (reason := _unmatched_reason(psd_id, state, mk_version, from_version, prefix))
+        ]
+        if skipped:
+            session.execute(insert(CampaignItemRow), skipped)
+
+
+def _unmatched_reason(
+    psd_id: str, state: str, mk_version: int | None, from_version: int, prefix: str | None
+) -> str | None:
+    if prefix is not None and not psd_id.startswith(prefix):
+        return f"PSD id does not start with {prefix}"
+    if state != PsdState.ACTIVE.value:
+        return f"card was {state} when the campaign started"
+    if mk_version != from_version:
+        return f"card held MK v{mk_version}, not v{from_version}, when the campaign started"
+    return None
+
+
+def transition(session: Session, campaign_id: str, action: str, now: datetime) -> None:
+    allowed, target = TRANSITIONS[action]
+    campaign = rows.lock_campaign(session, campaign_id)
+    if campaign.state not in allowed:
+        raise FailedPrecondition(
+            f"cannot {action} campaign {campaign_id}: it is {campaign.state}"
+        )
+    campaign.state = target
+    campaign.updated = now
+    if target == CampaignState.CANCELLED.value:
+        pending = session.scalars(
+            select(CampaignItemRow)
+            .where(
+                CampaignItemRow.campaign_id == campaign_id,
+                CampaignItemRow.status == ItemStatus.PENDING.value,
+            )
+            .with_for_update()
+        )
+        for item in pending:
+            item.status = ItemStatus.SKIPPED.value
+            item.last_error = CANCELLED_REASON
+            item.updated = now
+
+
+def work_for(session: Session, psd_id: str) -> tuple[CampaignItemRow, CampaignRow] | None:
+    """The pending item of a running campaign this card can act on now, if any."""
+    found = session.execute(
+        select(CampaignItemRow, CampaignRow)
+        .join(CampaignRow, CampaignRow.campaign_id == CampaignItemRow.campaign_id)
+        .join(PsdRow, PsdRow.psd_id == CampaignItemRow.psd_id)
+        .where(
+            CampaignItemRow.psd_id == psd_id,
+            CampaignItemRow.status == ItemStatus.PENDING.value,
+            CampaignRow.state == CampaignState.RUNNING.value,
+            PsdRow.state == PsdState.ACTIVE.value,
+            PsdRow.mk_version == CampaignRow.from_version,
+        )
+    ).first()
+    if found is None:
+        return None
+    return found[0], found[1]
+
+
+def mark(
+    session: Session,
+    campaign_id: str,
+    psd_id: str,
+    status: ItemStatus,
+    error: str | None,
+    now: datetime,
+) -> tuple[CampaignItemRow, CampaignRow]:
+    campaign = rows.lock_campaign(session, campaign_id)
+    item = rows.lock_item(session, campaign_id, psd_id)
+    if status is ItemStatus.PENDING and campaign.state not in rows.LIVE_CAMPAIGN_STATES:
+        raise FailedPrecondition(
+            f"campaign {campaign_id} is {campaign.state}: its items cannot be reopened"
+        )
+    if status is ItemStatus.PENDING and item.status != ItemStatus.PENDING.value:
+        _refuse_pending_elsewhere(session, campaign_id, psd_id)
+    rows.set_item(session, campaign, item, status, error, now)
+    return item, campaign
+
+
+def _refuse_pending_elsewhere(session: Session, campaign_id: str, psd_id: str) -> None:
+    other = session.scalar(
+        select(CampaignItemRow.campaign_id).where(
+            CampaignItemRow.psd_id == psd_id,
+            CampaignItemRow.status == ItemStatus.PENDING.value,
+            CampaignItemRow.campaign_id != campaign_id,
+        )
+    )
+    if other is not None:
+        raise FailedPrecondition(
+            f"PSD {psd_id} is already waiting in campaign {other}; a card waits in one "
+            "campaign at a time"
+        )

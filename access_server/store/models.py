@@ -1,0 +1,224 @@
+"""The access server's tables (SQLAlchemy 2 typed ORM).
+
+Internal to the store: the Store converts rows to the dataclasses in
+``records`` before they leave a transaction. The initial Alembic revision
+creates exactly this schema; a test compares the two.
+
+What is deliberately *not* here: any column for a key, a PIN or the random R.
+The only secret-derived value is ``psd.cryptogram``, R encrypted under the
+cryptogram key pair (RSA-OAEP), which is useless without the private key in
+an HSM. The CHECK constraints restate the crash-safety rules so that even a
+faulty caller cannot commit a card that is in service without the cryptogram
+that reproduces its MKRK.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+"""64-bit ids; on SQLite an INTEGER PRIMARY KEY is the rowid and autoincrements."""
+
+PSD_STATES = ("blank", "installing", "active", "replacement_pending", "revoked")
+INTENT_KINDS = ("install", "replace")
+INTENT_STATUSES = ("open", "done", "abandoned")
+CAMPAIGN_STATES = ("running", "paused", "cancelled", "completed")
+ITEM_STATUSES = ("pending", "done", "failed", "skipped")
+
+
+def one_of(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on both backends.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so the value
+    is stored as naive UTC text (fixed width, so text order is time order,
+    which lease expiry comparisons rely on).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class PsdRow(Base):
+    __tablename__ = "psd"
+
+    psd_id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    state: Mapped[str] = mapped_column(String(24))
+    mk_version: Mapped[int | None] = mapped_column(Integer)
+    mkrk_version: Mapped[int | None] = mapped_column(Integer)
+    pending_mk_version: Mapped[int | None] = mapped_column(Integer)
+    # Deferred: listing cards never drags ciphertexts along.
+    cryptogram: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
+    cryptogram_key_label: Mapped[str | None] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_contact: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    lease_holder: Mapped[str | None] = mapped_column(String(200))
+    lease_expires: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    row_version: Mapped[int] = mapped_column(Integer)
+
+    __mapper_args__ = {"version_id_col": row_version}
+    __table_args__ = (
+        CheckConstraint(one_of("state", PSD_STATES), name="state"),
+        CheckConstraint("length(psd_id) = 20", name="psd_id_length"),
+        CheckConstraint(
+            "(cryptogram IS NULL AND cryptogram_key_label IS NULL)"
+            " OR (cryptogram IS NOT NULL AND cryptogram_key_label IS NOT NULL)",
+            name="cryptogram_labelled",
+        ),
+        # A card in service (or on its way) always has the cryptogram that
+        # reproduces its MKRK, and the versions the flows need.
+        CheckConstraint(
+            "state NOT IN ('active', 'replacement_pending') OR (mk_version IS NOT NULL"
+            " AND mkrk_version IS NOT NULL AND cryptogram IS NOT NULL)",
+            name="in_service_reproducible",
+        ),
+        CheckConstraint(
+            "state <> 'installing' OR (cryptogram IS NOT NULL AND pending_mk_version IS NOT NULL)",
+            name="installing_journaled",
+        ),
+        CheckConstraint(
+            "state <> 'replacement_pending' OR pending_mk_version IS NOT NULL",
+            name="replacement_journaled",
+        ),
+        Index("ix_psd_state_mk_version", "state", "mk_version"),
+    )
+
+
+class PsdEventRow(Base):
+    __tablename__ = "psd_event"
+
+    event_id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    psd_id: Mapped[str] = mapped_column(String(20), ForeignKey("psd.psd_id"), index=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    event: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(200))
+
+
+class CampaignRow(Base):
+    __tablename__ = "campaign"
+
+    campaign_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    from_version: Mapped[int] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)
+    psd_id_prefix: Mapped[str | None] = mapped_column(String(20))
+    listed_ids: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        CheckConstraint(one_of("state", CAMPAIGN_STATES), name="state"),
+        CheckConstraint("from_version <> to_version", name="changes_version"),
+    )
+
+
+class IntentRow(Base):
+    __tablename__ = "intent"
+
+    intent_id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    psd_id: Mapped[str] = mapped_column(String(20), ForeignKey("psd.psd_id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)
+    mkrk_version: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    campaign_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("campaign.campaign_id")
+    )
+    created: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        CheckConstraint(one_of("kind", INTENT_KINDS), name="kind"),
+        CheckConstraint(one_of("status", INTENT_STATUSES), name="status"),
+        Index("ix_intent_psd_id", "psd_id"),
+        # The journal holds at most one open intent per card.
+        Index(
+            "uq_intent_open_per_psd",
+            "psd_id",
+            unique=True,
+            sqlite_where=text("status = 'open'"),
+            postgresql_where=text("status = 'open'"),
+        ),
+    )
+
+
+class CampaignItemRow(Base):
+    __tablename__ = "campaign_item"
+
+    campaign_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("campaign.campaign_id"), primary_key=True
+    )
+    psd_id: Mapped[str] = mapped_column(String(20), ForeignKey("psd.psd_id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        CheckConstraint(one_of("status", ITEM_STATUSES), name="status"),
+        Index("ix_campaign_item_campaign_id_status", "campaign_id", "status"),
+        # A card waits in at most one campaign: items stay pending only while
+        # their campaign is running or paused (cancel skips them).
+        Index(
+            "uq_campaign_item_pending_per_psd",
+            "psd_id",
+            unique=True,
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_campaign_item_psd_id", "psd_id"),
+    )

@@ -1,0 +1,172 @@
+"""What the store hands out: enums and frozen dataclasses, never ORM objects.
+
+Callers (the flows and the operator servicers) get plain values that stay
+valid after the transaction that read them has ended, so no caller can
+trigger a lazy load or modify a row behind the store's back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import NamedTuple
+
+import grpc
+
+
+class PsdState(StrEnum):
+    """Where a card stands, as far as the server knows (see DESIGN.md, flow A)."""
+
+    BLANK = "blank"
+    """Registered, transport keys only."""
+    INSTALLING = "installing"
+    """Initial installation journaled (cryptogram stored); the card may hold part of it."""
+    ACTIVE = "active"
+    """MKRK and an MK installed; the card is in service."""
+    REPLACEMENT_PENDING = "replacement_pending"
+    """A master key replacement is journaled and not yet confirmed."""
+    REVOKED = "revoked"
+    """The server refuses all further work on the card."""
+
+
+class IntentKind(StrEnum):
+    INSTALL = "install"
+    REPLACE = "replace"
+
+
+class IntentStatus(StrEnum):
+    OPEN = "open"
+    DONE = "done"
+    ABANDONED = "abandoned"
+
+
+class CampaignState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+
+
+class ItemStatus(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class PsdRecord:
+    """One registered card. Versions are None while the card holds no such key."""
+
+    psd_id: str
+    state: PsdState
+    mk_version: int | None
+    mkrk_version: int | None
+    pending_mk_version: int | None
+    has_cryptogram: bool
+    cryptogram_key_label: str | None
+    created: datetime
+    updated: datetime
+    last_contact: datetime | None
+    lease_holder: str | None
+    lease_expires: datetime | None
+    row_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cryptogram:
+    """The RSA-OAEP encryption of a card's random R, and which key pair made it."""
+
+    psd_id: str
+    ciphertext: bytes
+    key_label: str
+
+    def __repr__(self) -> str:
+        # Not secret, but there is no reason to spray ciphertext into logs.
+        return (
+            f"Cryptogram(psd_id={self.psd_id!r}, key_label={self.key_label!r}, "
+            f"ciphertext=<{len(self.ciphertext)} bytes>)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PsdEvent:
+    at: datetime
+    event: str
+    detail: str
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterOutcome:
+    """Result for one id of a registration call, in the order the ids were given."""
+
+    psd_id: str
+    added: bool
+    error: str | None
+    code: grpc.StatusCode
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A journaled card-changing step: what the server is about to do to a card.
+
+    ``from_version`` is the MK version the card held before (None for an
+    installation); ``to_version`` the MK version it is moving to;
+    ``mkrk_version`` the MKRK an installation puts in (None for a replacement).
+    """
+
+    intent_id: int
+    psd_id: str
+    kind: IntentKind
+    from_version: int | None
+    to_version: int
+    mkrk_version: int | None
+    status: IntentStatus
+    campaign_id: str | None
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """A replacement campaign with its item counts (skipped = total - the rest)."""
+
+    campaign_id: str
+    name: str
+    from_version: int
+    to_version: int
+    state: CampaignState
+    psd_id_prefix: str | None
+    listed_ids: int | None
+    created_by: str
+    total: int
+    done: int
+    pending: int
+    failed: int
+    skipped: int
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignItem:
+    """One card's place in a campaign, with the campaign's versions for convenience."""
+
+    campaign_id: str
+    psd_id: str
+    status: ItemStatus
+    attempts: int
+    last_error: str | None
+    updated: datetime
+    from_version: int
+    to_version: int
+
+
+class PsdPage(NamedTuple):
+    """One page of ``list_psds``; unpacks as ``items, next_page_token, total``."""
+
+    items: list[PsdRecord]
+    next_page_token: str
+    total: int

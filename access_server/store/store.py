@@ -1,0 +1,1053 @@
+"""The access server's durable store: PSD registry, intent journal, campaigns.
+
+Crash safety rests on three habits the flows follow and this store makes
+cheap and hard to get wrong:
+
+1. Journal first. ``begin_install`` commits the card's cryptogram (R under
+   the cryptogram key pair) and an open *intent* before anything is written
+   to the card; ``begin_replacement`` commits the intent before the new MK
+   goes in. Each returns only after the commit is durable.
+2. One transaction per step. Every method is one transaction: it either
+   happened completely or not at all, and a caller never sees a half state.
+3. Reconcile on contact. After a crash, the next session probes the card and
+   calls ``reconcile`` with what the card holds; the row is set to agree and
+   the open intent is closed as done or abandoned, in one transaction.
+
+The cryptogram is never deleted: only a new installation, on a card that
+still holds its transport keys, replaces it. So no sequence of calls can
+leave an installed MKRK without the value that reproduces it.
+
+Concurrency: a write transaction on SQLite starts with BEGIN IMMEDIATE (one
+writer at a time); on PostgreSQL it locks the card's row FOR UPDATE before
+reading it. Card rows also carry a row version that the ORM checks on every
+update, so a lost update surfaces as Aborted rather than silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import grpc
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from access_server.migrations import MIGRATIONS_DIR
+from access_server.store import campaigns, rows
+from access_server.store import validate as v
+from access_server.store.dberrors import translate
+from access_server.store.engine import is_memory_sqlite, make_engine, write_engine
+from access_server.store.models import (
+    CampaignItemRow,
+    CampaignRow,
+    IntentRow,
+    PsdEventRow,
+    PsdRow,
+)
+from access_server.store.records import (
+    Campaign,
+    CampaignItem,
+    CampaignState,
+    Cryptogram,
+    Intent,
+    IntentKind,
+    IntentStatus,
+    ItemStatus,
+    PsdEvent,
+    PsdPage,
+    PsdRecord,
+    PsdState,
+    RegisterOutcome,
+)
+from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+"""Larger requested pages are clamped to this size."""
+
+MAX_REGISTER_BATCH = 100_000
+MAX_CAMPAIGN_IDS = 100_000
+MAX_LEASE_SECONDS = 3600
+"""A card session that needs longer renews its lease."""
+
+REGISTER_CHUNK = 500
+MIGRATION_LOCK_KEY = 0x434D5341
+"""PostgreSQL advisory lock: replicas starting together migrate one at a time."""
+
+ALREADY_REGISTERED = "already registered"
+LISTED_TWICE = "already registered (listed more than once in this request)"
+
+# Event names written by the store itself (flows add their own via record_event).
+EV_REGISTERED = "registered"
+EV_INSTALL_BEGUN = "install_begun"
+EV_INSTALL_COMPLETED = "install_completed"
+EV_REPLACEMENT_BEGUN = "replacement_begun"
+EV_REPLACEMENT_COMPLETED = "replacement_completed"
+EV_INTENT_DONE = "intent_done"
+EV_INTENT_ABANDONED = "intent_abandoned"
+EV_REVOKED = "revoked"
+
+TRANSIENT_STATES = (PsdState.INSTALLING, PsdState.REPLACEMENT_PENDING)
+"""States that exist only while an intent is open."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Store:
+    """Repository of the access server. Thread safe; one instance per process.
+
+    ``clock`` returns aware datetimes; tests pass a fake one to move time
+    (lease expiry) without sleeping.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self._engine = make_engine(url)
+        self._writer = write_engine(self._engine)
+        self._postgres = self._engine.dialect.name == "postgresql"
+        self._reader = (
+            self._engine.execution_options(isolation_level="REPEATABLE READ")
+            if self._postgres
+            else self._engine
+        )
+        # An in-memory SQLite database is a single shared connection: one
+        # transaction at a time on it.
+        self._serial = threading.RLock() if is_memory_sqlite(url) else None
+        self._clock = clock
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, migrate: bool = True, clock: Callable[[], datetime] = utc_now
+    ) -> Store:
+        store = cls(url, clock=clock)
+        if migrate:
+            try:
+                store.migrate()
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent, safe to race)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self._guard(), self._writer.begin() as connection:
+            if self._postgres:
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    # -- transactions ---------------------------------------------------------
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Serialize on in-memory SQLite; turn database errors into domain errors."""
+        with self._serial if self._serial is not None else nullcontext():
+            try:
+                yield
+            except ServiceError:
+                raise
+            except SQLAlchemyError as exc:
+                raise translate(exc) from None
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._guard(), Session(self._writer, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._guard(), Session(self._reader, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise ValueError("the store's clock must return aware datetimes")
+        return now.astimezone(UTC)
+
+    # -- registry -------------------------------------------------------------
+
+    def register_psds(self, psd_ids: Iterable[str], actor: str) -> list[RegisterOutcome]:
+        """Register blank cards; one outcome per given id, in order, one transaction."""
+        actor = v.actor(actor)
+        given = list(psd_ids)
+        if len(given) > MAX_REGISTER_BATCH:
+            raise InvalidArgument(
+                f"at most {MAX_REGISTER_BATCH} PSD ids per call, got {len(given)}"
+            )
+        outcomes: list[RegisterOutcome | None] = [None] * len(given)
+        first_index: dict[str, int] = {}
+        for index, psd_id in enumerate(given):
+            problem = v.psd_id_problem(psd_id)
+            if problem is not None:
+                outcomes[index] = RegisterOutcome(
+                    str(psd_id), False, problem, grpc.StatusCode.INVALID_ARGUMENT
+                )
+            elif psd_id in first_index:
+                outcomes[index] = RegisterOutcome(
+                    psd_id, False, LISTED_TWICE, grpc.StatusCode.ALREADY_EXISTS
+                )
+            else:
+                first_index[psd_id] = index
+        added: set[str] = set()
+        if first_index:
+            with self._write() as session:
+                added = self._insert_blank(session, list(first_index), actor, self._now())
+        for psd_id, index in first_index.items():
+            outcomes[index] = (
+                RegisterOutcome(psd_id, True, None, grpc.StatusCode.OK)
+                if psd_id in added
+                else RegisterOutcome(
+                    psd_id, False, ALREADY_REGISTERED, grpc.StatusCode.ALREADY_EXISTS
+                )
+            )
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _insert_blank(
+        self, session: Session, psd_ids: Sequence[str], actor: str, now: datetime
+    ) -> set[str]:
+        """Insert the ids not yet registered; returns those actually inserted.
+
+        ON CONFLICT DO NOTHING makes a concurrent registration of the same id
+        a plain "already registered" instead of a failed transaction.
+        """
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        added: set[str] = set()
+        for start in range(0, len(psd_ids), REGISTER_CHUNK):
+            chunk = psd_ids[start : start + REGISTER_CHUNK]
+            values = [_blank_row(psd_id, now) for psd_id in chunk]
+            statement = (
+                dialect_insert(PsdRow)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=["psd_id"])
+                .returning(PsdRow.psd_id)
+            )
+            inserted = list(session.scalars(statement))
+            added.update(inserted)
+            if inserted:
+                session.execute(
+                    insert(PsdEventRow),
+                    [
+                        {
+                            "psd_id": psd_id,
+                            "at": now,
+                            "event": EV_REGISTERED,
+                            "detail": "registered as blank (transport keys only)",
+                            "actor": actor,
+                        }
+                        for psd_id in inserted
+                    ],
+                )
+        return added
+
+    def get_psd(self, psd_id: str) -> PsdRecord:
+        psd_id = v.psd_id(psd_id)
+        with self._read() as session:
+            return rows.psd_record(rows.get_psd(session, psd_id))
+
+    def get_cryptogram(self, psd_id: str) -> Cryptogram:
+        """The card's stored cryptogram (flow A2 decrypts it in the HSM)."""
+        psd_id = v.psd_id(psd_id)
+        with self._read() as session:
+            found = session.execute(
+                select(PsdRow.cryptogram, PsdRow.cryptogram_key_label).where(
+                    PsdRow.psd_id == psd_id
+                )
+            ).one_or_none()
+        if found is None:
+            raise rows.not_registered(psd_id)
+        ciphertext, label = found
+        if ciphertext is None or label is None:
+            raise FailedPrecondition(f"PSD {psd_id} has no cryptogram (no installation begun)")
+        return Cryptogram(psd_id=psd_id, ciphertext=bytes(ciphertext), key_label=label)
+
+    def list_psds(
+        self,
+        state: PsdState | None = None,
+        mk_version: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> PsdPage:
+        """One page in PSD id order (keyset pagination: stable under inserts)."""
+        state = None if state is None else _psd_state(state)
+        mk_version = v.optional_key_version("mk_version", mk_version)
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
+            raise InvalidArgument("page_size must be a non-negative integer")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token, state, mk_version)
+        filters = []
+        if state is not None:
+            filters.append(PsdRow.state == state.value)
+        if mk_version is not None:
+            filters.append(PsdRow.mk_version == mk_version)
+        with self._read() as session:
+            total = session.scalar(select(func.count()).select_from(PsdRow).where(*filters))
+            query = select(PsdRow).where(*filters).order_by(PsdRow.psd_id).limit(size + 1)
+            if after is not None:
+                query = query.where(PsdRow.psd_id > after)
+            found = list(session.scalars(query))
+            items = [rows.psd_record(row) for row in found[:size]]
+        next_token = (
+            _encode_token(items[-1].psd_id, state, mk_version) if len(found) > size else ""
+        )
+        return PsdPage(items, next_token, int(total or 0))
+
+    def history(self, psd_id: str) -> list[PsdEvent]:
+        """The card's events, oldest first."""
+        psd_id = v.psd_id(psd_id)
+        with self._read() as session:
+            rows.get_psd(session, psd_id)
+            events = session.scalars(
+                select(PsdEventRow)
+                .where(PsdEventRow.psd_id == psd_id)
+                .order_by(PsdEventRow.event_id)
+            )
+            return [PsdEvent(e.at, e.event, e.detail, e.actor) for e in events]
+
+    def record_event(self, psd_id: str, event: str, detail: str, actor: str) -> None:
+        """Append to the card's history (the flows' own steps and findings)."""
+        psd_id = v.psd_id(psd_id)
+        event = v.text("event", event, v.MAX_EVENT)
+        detail = v.text("detail", detail, v.MAX_DETAIL, required=False)
+        actor = v.actor(actor)
+        with self._write() as session:
+            rows.lock_psd(session, psd_id)
+            rows.add_event(session, psd_id, self._now(), event, detail, actor)
+
+    def revoke(self, psd_id: str, reason: str, actor: str) -> PsdRecord:
+        """Revoke a card: any open intent is abandoned, pending campaign items skipped."""
+        psd_id = v.psd_id(psd_id)
+        reason = v.text("reason", reason, v.MAX_DETAIL)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            if row.state == PsdState.REVOKED.value:
+                raise FailedPrecondition(f"PSD {psd_id} is already revoked")
+            detail = f"was {row.state}: {reason}"
+            intent = rows.open_intent_row(session, psd_id)
+            if intent is not None:
+                rows.close_intent(intent, IntentStatus.ABANDONED, now)
+                self._abandon_campaign_attempt(session, intent, "card revoked", now)
+                rows.add_event(
+                    session, psd_id, now, EV_INTENT_ABANDONED,
+                    f"{_describe(intent)}: card revoked", actor,
+                )
+            if row.pending_mk_version is not None:
+                detail += f" (MK v{row.pending_mk_version} was pending)"
+            row.state = PsdState.REVOKED.value
+            row.pending_mk_version = None
+            row.updated = now
+            rows.add_event(session, psd_id, now, EV_REVOKED, detail, actor)
+            session.flush()
+            rows.settle_items(session, row, now)
+            return _flushed_record(session, row)
+
+    def touch_contact(self, psd_id: str) -> datetime:
+        """Record that the card's agent is in contact now; returns the time stored."""
+        psd_id = v.psd_id(psd_id)
+        with self._write() as session:
+            now = self._now()
+            result = session.execute(
+                update(PsdRow)
+                .where(PsdRow.psd_id == psd_id)
+                .values(last_contact=now)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                raise rows.not_registered(psd_id)
+            return now
+
+    # -- leases ---------------------------------------------------------------
+
+    def acquire_lease(self, psd_id: str, holder: str, ttl_seconds: float) -> bool:
+        """Take (or renew) the card's session lease; False while another holds it.
+
+        A lease whose expiry has passed is free, so a crashed agent session
+        cannot lock a card out for longer than its ttl.
+        """
+        psd_id = v.psd_id(psd_id)
+        holder = v.text("holder", holder, v.MAX_ACTOR)
+        ttl = _ttl(ttl_seconds)
+        with self._write() as session:
+            now = self._now()
+            result = session.execute(
+                update(PsdRow)
+                .where(
+                    PsdRow.psd_id == psd_id,
+                    (PsdRow.lease_holder.is_(None))
+                    | (PsdRow.lease_holder == holder)
+                    | (PsdRow.lease_expires <= now),
+                )
+                .values(lease_holder=holder, lease_expires=now + ttl)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:
+                return True
+            rows.get_psd(session, psd_id)
+            return False
+
+    def release_lease(self, psd_id: str, holder: str) -> bool:
+        """Give the lease back; False (and no change) if ``holder`` does not hold it."""
+        psd_id = v.psd_id(psd_id)
+        holder = v.text("holder", holder, v.MAX_ACTOR)
+        with self._write() as session:
+            result = session.execute(
+                update(PsdRow)
+                .where(PsdRow.psd_id == psd_id, PsdRow.lease_holder == holder)
+                .values(lease_holder=None, lease_expires=None)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:
+                return True
+            rows.get_psd(session, psd_id)
+            return False
+
+    # -- flow A1: initial installation ----------------------------------------
+
+    def begin_install(
+        self,
+        psd_id: str,
+        *,
+        cryptogram: bytes,
+        cryptogram_key_label: str,
+        mkrk_version: int,
+        mk_version: int,
+        actor: str,
+        card_holds_transport_keys: bool = False,
+    ) -> Intent:
+        """Journal an installation and store the cryptogram; durable on return.
+
+        Allowed from blank. Allowed again from installing only when the caller
+        has probed the card and found it still on its transport keys
+        (``card_holds_transport_keys=True``): then no key from the earlier
+        attempt is on the card, the earlier intent is abandoned and the new
+        cryptogram replaces the old one, in this one transaction. Without that
+        assurance the old cryptogram may be all that reproduces an MKRK
+        already on the card, so it is kept and the call is refused.
+        """
+        psd_id = v.psd_id(psd_id)
+        ciphertext = v.cryptogram(cryptogram)
+        label = v.text("cryptogram_key_label", cryptogram_key_label, v.MAX_LABEL)
+        mkrk_version = v.key_version("mkrk_version", mkrk_version)
+        mk_version = v.key_version("mk_version", mk_version)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            self._allow_install(session, row, card_holds_transport_keys, actor, now)
+            row.state = PsdState.INSTALLING.value
+            row.cryptogram = ciphertext
+            row.cryptogram_key_label = label
+            row.mk_version = None
+            row.mkrk_version = None
+            row.pending_mk_version = mk_version
+            row.updated = now
+            intent = IntentRow(
+                psd_id=psd_id,
+                kind=IntentKind.INSTALL.value,
+                from_version=None,
+                to_version=mk_version,
+                mkrk_version=mkrk_version,
+                status=IntentStatus.OPEN.value,
+                campaign_id=None,
+                created=now,
+                updated=now,
+            )
+            session.add(intent)
+            session.flush()
+            rows.add_event(
+                session, psd_id, now, EV_INSTALL_BEGUN,
+                f"{_describe(intent)}; cryptogram made with {label}", actor,
+            )
+            return rows.intent_record(intent)
+
+    def _allow_install(
+        self, session: Session, row: PsdRow, restart: bool, actor: str, now: datetime
+    ) -> None:
+        if row.state == PsdState.BLANK.value:
+            return
+        rows.refuse_revoked(row, "installation")
+        if row.state != PsdState.INSTALLING.value:
+            raise FailedPrecondition(
+                f"PSD {row.psd_id} is {row.state}; installation starts from blank"
+            )
+        if not restart:
+            raise FailedPrecondition(
+                f"PSD {row.psd_id} already has an installation journaled: probe the card, and "
+                "restart only if it still holds its transport keys (else reconcile)"
+            )
+        previous = rows.open_intent_row(session, row.psd_id)
+        if previous is not None:
+            rows.close_intent(previous, IntentStatus.ABANDONED, now)
+            rows.add_event(
+                session, row.psd_id, now, EV_INTENT_ABANDONED,
+                f"{_describe(previous)}: superseded, card still on transport keys", actor,
+            )
+            session.flush()
+
+    def complete_install(self, psd_id: str, intent_id: int, actor: str) -> PsdRecord:
+        """The card now holds the MKRK and MK of the intent: it becomes active."""
+        psd_id = v.psd_id(psd_id)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            rows.refuse_revoked(row, "complete installation")
+            intent = rows.checked_open_intent(session, psd_id, intent_id, IntentKind.INSTALL)
+            _expect_state(row, PsdState.INSTALLING)
+            row.state = PsdState.ACTIVE.value
+            row.mk_version = intent.to_version
+            row.mkrk_version = intent.mkrk_version
+            row.pending_mk_version = None
+            row.updated = now
+            rows.close_intent(intent, IntentStatus.DONE, now)
+            rows.add_event(
+                session, psd_id, now, EV_INSTALL_COMPLETED, _describe(intent), actor
+            )
+            return _flushed_record(session, row)
+
+    # -- flow A2: master key replacement --------------------------------------
+
+    def begin_replacement(
+        self,
+        psd_id: str,
+        *,
+        from_version: int,
+        to_version: int,
+        campaign_id: str | None = None,
+        actor: str,
+    ) -> Intent:
+        """Journal the replacement of MK ``from_version`` by ``to_version``.
+
+        With ``campaign_id``, the card's item in that (running) campaign is
+        the reason, and counts an attempt.
+        """
+        psd_id = v.psd_id(psd_id)
+        from_version = v.key_version("from_version", from_version)
+        to_version = v.key_version("to_version", to_version)
+        if from_version == to_version:
+            raise InvalidArgument("to_version must differ from from_version")
+        if campaign_id is not None:
+            campaign_id = v.text("campaign_id", campaign_id, 64)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            rows.refuse_revoked(row, "replacement")
+            _expect_state(row, PsdState.ACTIVE)
+            if row.mk_version != from_version:
+                raise FailedPrecondition(
+                    f"PSD {psd_id} holds MK v{row.mk_version}, not v{from_version}"
+                )
+            if campaign_id is not None:
+                self._count_campaign_attempt(
+                    session, campaign_id, psd_id, from_version, to_version, now
+                )
+            row.state = PsdState.REPLACEMENT_PENDING.value
+            row.pending_mk_version = to_version
+            row.updated = now
+            intent = IntentRow(
+                psd_id=psd_id,
+                kind=IntentKind.REPLACE.value,
+                from_version=from_version,
+                to_version=to_version,
+                mkrk_version=None,
+                status=IntentStatus.OPEN.value,
+                campaign_id=campaign_id,
+                created=now,
+                updated=now,
+            )
+            session.add(intent)
+            session.flush()
+            rows.add_event(
+                session, psd_id, now, EV_REPLACEMENT_BEGUN, _describe(intent), actor
+            )
+            return rows.intent_record(intent)
+
+    def _count_campaign_attempt(
+        self,
+        session: Session,
+        campaign_id: str,
+        psd_id: str,
+        from_version: int,
+        to_version: int,
+        now: datetime,
+    ) -> None:
+        campaign = rows.lock_campaign(session, campaign_id, shared=True)
+        if campaign.state != CampaignState.RUNNING.value:
+            raise FailedPrecondition(f"campaign {campaign_id} is {campaign.state}, not running")
+        if (campaign.from_version, campaign.to_version) != (from_version, to_version):
+            raise FailedPrecondition(
+                f"campaign {campaign_id} replaces v{campaign.from_version} by "
+                f"v{campaign.to_version}, not v{from_version} by v{to_version}"
+            )
+        item = rows.lock_item(session, campaign_id, psd_id)
+        if item.status != ItemStatus.PENDING.value:
+            raise FailedPrecondition(
+                f"PSD {psd_id} is {item.status} in campaign {campaign_id}, not pending"
+            )
+        item.attempts += 1
+        item.updated = now
+
+    def complete_replacement(self, psd_id: str, intent_id: int, actor: str) -> PsdRecord:
+        """The card holds the new MK and the old one is deleted: active at the new version."""
+        psd_id = v.psd_id(psd_id)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            rows.refuse_revoked(row, "complete replacement")
+            intent = rows.checked_open_intent(session, psd_id, intent_id, IntentKind.REPLACE)
+            _expect_state(row, PsdState.REPLACEMENT_PENDING)
+            row.state = PsdState.ACTIVE.value
+            row.mk_version = intent.to_version
+            row.pending_mk_version = None
+            row.updated = now
+            rows.close_intent(intent, IntentStatus.DONE, now)
+            rows.add_event(
+                session, psd_id, now, EV_REPLACEMENT_COMPLETED, _describe(intent), actor
+            )
+            self._finish_campaign_item(session, intent, now)
+            session.flush()
+            rows.settle_items(session, row, now)
+            return _flushed_record(session, row)
+
+    def _finish_campaign_item(self, session: Session, intent: IntentRow, now: datetime) -> None:
+        """A completed campaign replacement counts as done, even if cancelled meanwhile."""
+        if intent.campaign_id is None:
+            return
+        campaign = rows.lock_campaign(session, intent.campaign_id)
+        item = rows.lock_item(session, intent.campaign_id, intent.psd_id)
+        rows.set_item(session, campaign, item, ItemStatus.DONE, None, now)
+
+    def _abandon_campaign_attempt(
+        self, session: Session, intent: IntentRow, reason: str, now: datetime
+    ) -> None:
+        """An abandoned attempt leaves the item pending (retried on next contact)."""
+        if intent.campaign_id is None:
+            return
+        rows.lock_campaign(session, intent.campaign_id)
+        item = rows.lock_item(session, intent.campaign_id, intent.psd_id)
+        item.last_error = reason[: v.MAX_DETAIL]
+        item.updated = now
+
+    def abandon_intent(self, psd_id: str, intent_id: int, reason: str, actor: str) -> PsdRecord:
+        """Give up an open intent whose step the card did not take.
+
+        The row goes back to what the card is then known to hold: blank for
+        an installation (the cryptogram is kept; only a new installation
+        replaces it), active at the old MK for a replacement.
+        """
+        psd_id = v.psd_id(psd_id)
+        reason = v.text("reason", reason, v.MAX_DETAIL)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            rows.refuse_revoked(row, "abandon intent")
+            intent = rows.checked_open_intent(session, psd_id, intent_id, None)
+            if intent.kind == IntentKind.INSTALL.value:
+                row.state = PsdState.BLANK.value
+                row.mk_version = None
+                row.mkrk_version = None
+            else:
+                row.state = PsdState.ACTIVE.value
+            row.pending_mk_version = None
+            row.updated = now
+            rows.close_intent(intent, IntentStatus.ABANDONED, now)
+            self._abandon_campaign_attempt(session, intent, reason, now)
+            rows.add_event(
+                session, psd_id, now, EV_INTENT_ABANDONED, f"{_describe(intent)}: {reason}", actor
+            )
+            return _flushed_record(session, row)
+
+    def open_intent(self, psd_id: str) -> Intent | None:
+        psd_id = v.psd_id(psd_id)
+        with self._read() as session:
+            rows.get_psd(session, psd_id)
+            intent = rows.open_intent_row(session, psd_id)
+            return None if intent is None else rows.intent_record(intent)
+
+    def get_intent(self, intent_id: int) -> Intent:
+        with self._read() as session:
+            intent = session.get(IntentRow, intent_id)
+            if intent is None:
+                raise NotFound(f"intent {intent_id} not found")
+            return rows.intent_record(intent)
+
+    # -- reconciliation -------------------------------------------------------
+
+    def reconcile(
+        self,
+        psd_id: str,
+        *,
+        state: PsdState,
+        mk_version: int | None,
+        mkrk_version: int | None,
+        pending: int | None = None,
+        event: str,
+        detail: str,
+        actor: str,
+    ) -> PsdRecord:
+        """Make the row agree with what a probe found on the card, in one transaction.
+
+        ``state`` is what the card is in: blank (transport keys only), active
+        (an MKRK and exactly one MK), or a transient state while an open
+        intent is still being carried out (installing: MKRK in, MK not yet;
+        replacement_pending: old and new MK both present, ``pending`` the new
+        one). Reaching blank or active closes the open intent: done if the
+        card holds what it aimed at, abandoned otherwise. A transient state
+        keeps the intent open so the flow can finish it.
+        """
+        psd_id = v.psd_id(psd_id)
+        target = _psd_state(state)
+        mk_version = v.optional_key_version("mk_version", mk_version)
+        mkrk_version = v.optional_key_version("mkrk_version", mkrk_version)
+        pending = v.optional_key_version("pending", pending)
+        _check_probe_shape(target, mk_version, mkrk_version, pending)
+        event = v.text("event", event, v.MAX_EVENT)
+        detail = v.text("detail", detail, v.MAX_DETAIL, required=False)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            rows.refuse_revoked(row, "reconcile")
+            intent = rows.open_intent_row(session, psd_id)
+            if target in TRANSIENT_STATES:
+                pending = _check_transient(row, intent, target, mk_version, pending)
+            elif target is PsdState.ACTIVE and row.cryptogram_key_label is None:
+                raise FailedPrecondition(
+                    f"PSD {psd_id} has no cryptogram: the server cannot reproduce its MKRK"
+                )
+            row.state = target.value
+            row.mk_version = mk_version
+            row.mkrk_version = mkrk_version
+            row.pending_mk_version = pending
+            row.updated = now
+            rows.add_event(session, psd_id, now, event, detail, actor)
+            if intent is not None and target not in TRANSIENT_STATES:
+                self._close_reconciled(session, intent, row, detail, actor, now)
+            session.flush()
+            rows.settle_items(session, row, now)
+            return _flushed_record(session, row)
+
+    def _close_reconciled(
+        self,
+        session: Session,
+        intent: IntentRow,
+        row: PsdRow,
+        detail: str,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        reached = row.state == PsdState.ACTIVE.value and row.mk_version == intent.to_version
+        if intent.kind == IntentKind.INSTALL.value:
+            reached = reached and row.mkrk_version == intent.mkrk_version
+        if reached:
+            rows.close_intent(intent, IntentStatus.DONE, now)
+            rows.add_event(
+                session, row.psd_id, now, EV_INTENT_DONE,
+                f"{_describe(intent)}: confirmed on the card", actor,
+            )
+            self._finish_campaign_item(session, intent, now)
+            return
+        rows.close_intent(intent, IntentStatus.ABANDONED, now)
+        rows.add_event(
+            session, row.psd_id, now, EV_INTENT_ABANDONED,
+            f"{_describe(intent)}: not on the card", actor,
+        )
+        self._abandon_campaign_attempt(session, intent, detail or "not on the card", now)
+
+    # -- campaigns ------------------------------------------------------------
+
+    def start_campaign(
+        self,
+        name: str,
+        from_version: int,
+        to_version: int,
+        psd_ids: Sequence[str] | None = None,
+        psd_id_prefix: str | None = None,
+        *,
+        actor: str,
+    ) -> Campaign:
+        """Snapshot the active cards at MK ``from_version`` that match the filter.
+
+        ``psd_ids`` (empty means no list) and ``psd_id_prefix`` both narrow
+        the set. Listed ids must be registered (NotFound otherwise); listed
+        cards that do not qualify become skipped items with the reason. See
+        ``campaigns`` for the overlap rule.
+        """
+        name = v.text("name", name, v.MAX_NAME)
+        from_version = v.key_version("from_version", from_version)
+        to_version = v.key_version("to_version", to_version)
+        if from_version == to_version:
+            raise InvalidArgument("to_version must differ from from_version")
+        listed = _listed_ids(psd_ids)
+        prefix = None if not psd_id_prefix else v.psd_id_prefix(psd_id_prefix)
+        actor = v.actor(actor)
+        with self._write() as session:
+            campaign_id = campaigns.start(
+                session,
+                name=name,
+                from_version=from_version,
+                to_version=to_version,
+                psd_ids=listed,
+                prefix=prefix,
+                actor=actor,
+                now=self._now(),
+            )
+            return self._campaign(session, campaign_id)
+
+    def get_campaign(self, campaign_id: str) -> Campaign:
+        with self._read() as session:
+            return self._campaign(session, campaign_id)
+
+    def list_campaigns(self, state: CampaignState | None = None) -> list[Campaign]:
+        """All campaigns (or those in ``state``), oldest first, with counts."""
+        query = select(CampaignRow).order_by(CampaignRow.created, CampaignRow.campaign_id)
+        if state is not None:
+            query = query.where(CampaignRow.state == CampaignState(state).value)
+        with self._read() as session:
+            found = list(session.scalars(query))
+            counts = rows.item_counts(session, (c.campaign_id for c in found))
+            return [rows.campaign_record(c, counts[c.campaign_id]) for c in found]
+
+    def pause_campaign(self, campaign_id: str) -> Campaign:
+        return self._transition(campaign_id, "pause")
+
+    def resume_campaign(self, campaign_id: str) -> Campaign:
+        return self._transition(campaign_id, "resume")
+
+    def cancel_campaign(self, campaign_id: str) -> Campaign:
+        """Cancel: pending items become skipped; replacements in flight may still finish."""
+        return self._transition(campaign_id, "cancel")
+
+    def _transition(self, campaign_id: str, action: str) -> Campaign:
+        with self._write() as session:
+            campaigns.transition(session, campaign_id, action, self._now())
+            session.flush()
+            return self._campaign(session, campaign_id)
+
+    def _campaign(self, session: Session, campaign_id: str) -> Campaign:
+        row = session.get(CampaignRow, campaign_id)
+        if row is None:
+            raise NotFound(f"campaign {campaign_id} not found")
+        counts = rows.item_counts(session, [campaign_id])
+        return rows.campaign_record(row, counts[campaign_id])
+
+    def campaign_work_for(self, psd_id: str) -> CampaignItem | None:
+        """The card's pending item in a running campaign, if the card can act on it now."""
+        psd_id = v.psd_id(psd_id)
+        with self._read() as session:
+            found = campaigns.work_for(session, psd_id)
+            if found is None:
+                rows.get_psd(session, psd_id)
+                return None
+            return rows.item_record(*found)
+
+    def get_campaign_item(self, campaign_id: str, psd_id: str) -> CampaignItem:
+        psd_id = v.psd_id(psd_id)
+        with self._read() as session:
+            campaign = session.get(CampaignRow, campaign_id)
+            item = session.get(CampaignItemRow, (campaign_id, psd_id))
+            if campaign is None or item is None:
+                raise NotFound(f"PSD {psd_id} is not part of campaign {campaign_id}")
+            return rows.item_record(item, campaign)
+
+    def mark_item(
+        self, campaign_id: str, psd_id: str, status: ItemStatus, error: str | None = None
+    ) -> CampaignItem:
+        """Set an item's outcome (pending again retries it); completes a drained campaign."""
+        psd_id = v.psd_id(psd_id)
+        try:
+            status = ItemStatus(status)
+        except ValueError:
+            raise InvalidArgument(f"unknown item status {status!r}") from None
+        if error is not None:
+            error = v.text("error", error, v.MAX_DETAIL, required=False)
+        with self._write() as session:
+            item, campaign = campaigns.mark(
+                session, campaign_id, psd_id, status, error, self._now()
+            )
+            return rows.item_record(item, campaign)
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _flushed_record(session: Session, row: PsdRow) -> PsdRecord:
+    """The row as it will be committed (the flush assigns the new row version)."""
+    session.flush()
+    return rows.psd_record(row)
+
+
+def _blank_row(psd_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "psd_id": psd_id,
+        "state": PsdState.BLANK.value,
+        "mk_version": None,
+        "mkrk_version": None,
+        "pending_mk_version": None,
+        "cryptogram": None,
+        "cryptogram_key_label": None,
+        "created": now,
+        "updated": now,
+        "last_contact": None,
+        "lease_holder": None,
+        "lease_expires": None,
+        "row_version": 1,
+    }
+
+
+def _describe(intent: IntentRow) -> str:
+    if intent.kind == IntentKind.INSTALL.value:
+        return (
+            f"intent {intent.intent_id}: install MKRK v{intent.mkrk_version} "
+            f"and MK v{intent.to_version}"
+        )
+    via = f" (campaign {intent.campaign_id})" if intent.campaign_id else ""
+    return (
+        f"intent {intent.intent_id}: replace MK v{intent.from_version} "
+        f"by v{intent.to_version}{via}"
+    )
+
+
+def _psd_state(value: object) -> PsdState:
+    try:
+        return PsdState(value)
+    except ValueError:
+        raise InvalidArgument(f"unknown PSD state {value!r}") from None
+
+
+def _expect_state(row: PsdRow, state: PsdState) -> None:
+    if row.state != state.value:
+        raise FailedPrecondition(f"PSD {row.psd_id} is {row.state}, not {state.value}")
+
+
+def _ttl(ttl_seconds: object) -> timedelta:
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int | float):
+        raise InvalidArgument("ttl_seconds must be a number")
+    if not 0 < ttl_seconds <= MAX_LEASE_SECONDS:
+        raise InvalidArgument(f"ttl_seconds must be in (0, {MAX_LEASE_SECONDS}]")
+    return timedelta(seconds=ttl_seconds)
+
+
+def _listed_ids(psd_ids: Sequence[str] | None) -> list[str] | None:
+    """Validated, de-duplicated listed ids in their given order; None for no list."""
+    if not psd_ids:
+        return None
+    if isinstance(psd_ids, str):
+        raise InvalidArgument("psd_ids must be a list of PSD ids, not a string")
+    if len(psd_ids) > MAX_CAMPAIGN_IDS:
+        raise InvalidArgument(f"at most {MAX_CAMPAIGN_IDS} listed PSD ids per campaign")
+    return list(dict.fromkeys(v.psd_id(psd_id) for psd_id in psd_ids))
+
+
+def _check_probe_shape(
+    state: PsdState, mk_version: int | None, mkrk_version: int | None, pending: int | None
+) -> None:
+    """What a card in ``state`` can hold; anything else is a caller bug."""
+    if state is PsdState.REVOKED:
+        raise InvalidArgument("reconcile cannot revoke a card; use revoke")
+    if state is PsdState.BLANK and (mk_version, mkrk_version, pending) != (None, None, None):
+        raise InvalidArgument("a blank card holds no MK, no MKRK and nothing pending")
+    if state is PsdState.INSTALLING and mk_version is not None:
+        raise InvalidArgument("an installing card has no active MK yet (give it as pending)")
+    if state in (PsdState.ACTIVE, PsdState.REPLACEMENT_PENDING) and (
+        mk_version is None or mkrk_version is None
+    ):
+        raise InvalidArgument(f"a card in state {state.value} holds an MK and an MKRK")
+    if state is PsdState.ACTIVE and pending is not None:
+        raise InvalidArgument("an active card has nothing pending")
+    if state is PsdState.REPLACEMENT_PENDING and pending is None:
+        raise InvalidArgument("replacement_pending needs the pending MK version")
+
+
+def _check_transient(
+    row: PsdRow,
+    intent: IntentRow | None,
+    state: PsdState,
+    mk_version: int | None,
+    pending: int | None,
+) -> int:
+    """A transient state continues the open intent; returns the pending version."""
+    kind = IntentKind.INSTALL if state is PsdState.INSTALLING else IntentKind.REPLACE
+    if intent is None or intent.kind != kind.value:
+        raise FailedPrecondition(
+            f"PSD {row.psd_id} has no open {kind.value} intent; {state.value} needs one "
+            "(journal it with begin_install/begin_replacement)"
+        )
+    if pending is not None and pending != intent.to_version:
+        raise FailedPrecondition(
+            f"pending MK v{pending} is not the open intent's target v{intent.to_version}"
+        )
+    if kind is IntentKind.REPLACE and mk_version != intent.from_version:
+        raise FailedPrecondition(
+            f"MK v{mk_version} is not the open intent's starting version v{intent.from_version}"
+        )
+    return intent.to_version
+
+
+def _encode_token(after: str, state: PsdState | None, mk_version: int | None) -> str:
+    payload = {"after": after, "state": None if state is None else state.value, "mk": mk_version}
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, state: PsdState | None, mk_version: int | None) -> str | None:
+    """The last id of the previous page; the token must belong to the same filter."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+        after = payload["after"]
+        same = payload["state"] == (None if state is None else state.value) and (
+            payload["mk"] == mk_version
+        )
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidArgument("malformed page token") from None
+    if not same:
+        raise InvalidArgument("page token belongs to a different filter")
+    if v.psd_id_problem(after) is not None:
+        raise InvalidArgument("malformed page token")
+    return str(after)
