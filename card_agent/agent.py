@@ -67,6 +67,9 @@ class CardSource(Protocol):
 
     def connect(self) -> CardTransport: ...
 
+    def reopen(self) -> None:
+        """Re-establish the link to the reader service after a ReaderError."""
+
     def close(self) -> None: ...
 
 
@@ -102,29 +105,58 @@ class CardAgent:
         self.last_error = ""
 
     def run(self) -> ExitStatus:
-        """Serve cards until stopped (or, with ``once``, one card); the exit status."""
+        """Serve cards until stopped (or, with ``once``, one card); the exit status.
+
+        Without ``once`` a reader failure (pcscd restarted, reader unplugged)
+        is waited out with a backoff; with ``once`` it is the exit status.
+        """
         log.info("agent started", extra=fields(
             source=self.source.description, server=self.settings.server,
             role=pb.AgentRole.Name(self.settings.info.role), once=self.settings.once))
-        try:
-            while not self.cancellation.cancelled:
-                log.info("waiting for a card", extra=fields(source=self.source.description))
-                if not self.source.wait_for_card(self.cancellation):
-                    break
-                status = self.serve_card()
+        reader_backoff = Backoff(max_s=self.settings.backoff.max_s)
+        while not self.cancellation.cancelled:
+            try:
+                status = self._serve_cards()
+            except ReaderError as exc:
+                self.last_error = f"reader failed: {exc}"
                 if self.settings.once:
-                    return status
-                log.info("waiting for the card to be removed",
-                         extra=fields(source=self.source.description))
-                if not self.source.wait_for_removal(self.cancellation):
+                    log.error("reader failed", extra=fields(
+                        source=self.source.description, error=str(exc)))
+                    return ExitStatus.READER
+                delay = reader_backoff.next_delay()
+                log.warning("reader failed, retrying", extra=fields(
+                    source=self.source.description, error=str(exc), in_s=round(delay, 2)))
+                if self.cancellation.sleep(delay):
                     break
-        except ReaderError as exc:
-            self.last_error = f"reader failed: {exc}"
-            log.error("reader failed", extra=fields(source=self.source.description,
-                                                    error=str(exc)))
-            return ExitStatus.READER
+                self._reopen_source()
+                continue
+            if status is not None:
+                return status
         log.info("agent stopped")
         return ExitStatus.STOPPED if self.settings.once else ExitStatus.OK
+
+    def _serve_cards(self) -> ExitStatus | None:
+        """Card after card until stopped; with ``once`` the first card's status."""
+        while not self.cancellation.cancelled:
+            log.info("waiting for a card", extra=fields(source=self.source.description))
+            if not self.source.wait_for_card(self.cancellation):
+                break
+            status = self.serve_card()
+            if self.settings.once:
+                return status
+            log.info("waiting for the card to be removed",
+                     extra=fields(source=self.source.description))
+            if not self.source.wait_for_removal(self.cancellation):
+                break
+        return None
+
+    def _reopen_source(self) -> None:
+        try:
+            self.source.reopen()
+            log.info("reader available again", extra=fields(source=self.source.description))
+        except ReaderError as exc:
+            log.warning("reader still unavailable", extra=fields(
+                source=self.source.description, error=str(exc)))
 
     def serve_card(self) -> ExitStatus:
         """Sessions with the card now present until one ends in a way that settles it."""

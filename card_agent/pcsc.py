@@ -149,6 +149,15 @@ class PcscCardSource:
             raise
         self._state = scard.SCARD_STATE_UNAWARE
 
+    def reopen(self) -> None:
+        """A fresh PC/SC context (the old one dies with a restarted pcscd); same reader."""
+        self._context.close()
+        self._context = PcscContext()
+        self._state = scard.SCARD_STATE_UNAWARE
+        readers = self._context.list_readers()
+        if self.reader not in readers:
+            raise ReaderError(f"reader {self.reader!r} is not back yet")
+
     @property
     def description(self) -> str:
         return self.reader
@@ -178,6 +187,8 @@ class PcscCardSource:
 
     def _poll(self, timeout_ms: int) -> bool:
         """Wait up to ``timeout_ms`` for a change; return whether a usable card is present."""
+        if self._context.handle is None:
+            raise ReaderError("no PC/SC context (the smart card service was unavailable)")
         hresult, states = scard.SCardGetStatusChange(
             self._context.handle, timeout_ms, [(self.reader, self._state)])
         if hresult == scard.SCARD_E_TIMEOUT:

@@ -136,6 +136,9 @@ class VirtualCardSource:
             raise ReaderError(f"virtual card: {type(exc).__name__}: {exc}") from None
         return self._transport
 
+    def reopen(self) -> None:
+        """Nothing to re-establish for an in-process card."""
+
     def close(self) -> None:
         self.card.power_off()
 

@@ -64,6 +64,11 @@ class CardProcess:
             self.proc.wait()
 
 
+def slot0_endpoint(daemon: pcsc.PrivatePcscd) -> str:
+    """Where the card process plugs into the reader the agent watches (slot 0)."""
+    return f"127.0.0.1:{daemon.vpcd_port}"
+
+
 def read_psd_id(hello, receive, context):
     """Reads the CPLC through the agent and reports what it found."""
     yield script_message(1, command("00a4040000"), command("80ca9f7f00"))
@@ -96,7 +101,7 @@ def test_insertion_session_removal_and_next_card(pcscd: pcsc.PrivatePcscd, pki: 
         virtual_factory.create_card(state, psd_id=psd_id)
         states.append(state)
     with ChannelServer(pki, read_psd_id) as server:
-        agent = AgentProcess([*tls_args(pki, server.address), "--reader", "CMS Test PCD 00 00",
+        agent = AgentProcess([*tls_args(pki, server.address), "--reader", pcscd.reader_name,
                               "--role", "user", "--log-level", "debug"],
                              env=pcscd.client_env())
         cards: list[CardProcess] = []
@@ -105,7 +110,7 @@ def test_insertion_session_removal_and_next_card(pcscd: pcsc.PrivatePcscd, pki: 
             assert started["source"] == pcscd.reader_name
             agent.wait_for_log("waiting for a card")
             for number, state in enumerate(states, start=1):
-                card = CardProcess(state, pcscd.vpcd_endpoint, tmp_path / f"card{number}.log")
+                card = CardProcess(state, slot0_endpoint(pcscd), tmp_path / f"card{number}.log")
                 cards.append(card)
                 agent.wait_for_log("card inserted", count=number)
                 done = agent.wait_for_log("session done", count=number)
@@ -133,3 +138,30 @@ def test_insertion_session_removal_and_next_card(pcscd: pcsc.PrivatePcscd, pki: 
     # The APDUs went through PC/SC: the session log shows each card's CPLC.
     for cplc in cplcs:
         assert cplc in agent.stderr
+
+
+def test_agent_survives_a_pcscd_restart(pcscd: pcsc.PrivatePcscd, pki: Pki,
+                                        tmp_path: Path) -> None:
+    state = tmp_path / "card.json"
+    virtual_factory.create_card(state, psd_id=PSD_IDS[0])
+    with ChannelServer(pki, read_psd_id) as server:
+        agent = AgentProcess([*tls_args(pki, server.address), "--backoff-max", "1"],
+                             env=pcscd.client_env())
+        card = None
+        try:
+            agent.wait_for_log("waiting for a card")
+            pcscd.restart()
+            failed = agent.wait_for_log("reader failed, retrying")
+            assert "Traceback" not in agent.stderr and failed["error"]
+            agent.wait_for_log("reader available again")
+            card = CardProcess(state, slot0_endpoint(pcscd), tmp_path / "card.log")
+            assert agent.wait_for_log("session done")["outcome"] == "OK"
+            agent.proc.send_signal(signal.SIGTERM)
+            status = agent.finish()
+        finally:
+            if card is not None:
+                card.remove()
+            if agent.proc.poll() is None:
+                agent.proc.kill()
+    assert status == ExitStatus.OK, agent.stderr
+    assert len(server.record.results) == 1
