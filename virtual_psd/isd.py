@@ -173,8 +173,8 @@ class IssuerSecurityDomain:
     def _handle(self, ctx: CommandContext, session: IsdSession,
                 command: CommandApdu) -> tuple[bytes, int]:
         ins = command.ins
-        if command.cla & 0x80 == 0 and ins != gp.INS_GET_DATA:
-            raise StatusError(SW.CLA_NOT_SUPPORTED)
+        # GlobalPlatform uses the proprietary class (80); like many cards, the
+        # ISD also accepts the interindustry class (00) some hosts send.
         if ins == gp.INS_GET_DATA:
             return self._get_data(ctx, command), SW.OK
         if ins in SECURED_INS:

@@ -64,6 +64,8 @@ def unavailable_reason() -> str | None:
 def _port_pair_free(port: int) -> bool:
     for p in (port, port + 1):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # vpcd binds with SO_REUSEADDR: connections in TIME_WAIT do not matter.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("0.0.0.0", p))
             except OSError:
@@ -116,12 +118,19 @@ class PrivatePcscd:
     @property
     def reader_name(self) -> str:
         """The PC/SC name of the reader the virtual card plugs into (slot 0)."""
-        return f"{self.friendly_name} 00 00"
+        return self.slot_reader_name(0)
 
-    @property
-    def vpcd_endpoint(self) -> str:
-        """``HOST:PORT`` for ``cms card virtual --vpcd``."""
-        return f"127.0.0.1:{self.vpcd_port}"
+    def slot_reader_name(self, slot: int) -> str:
+        """Reader name of vpcd slot 0 or 1 (ports P and P+1)."""
+        if slot not in (0, 1):
+            raise ValueError("vpcd has slots 0 and 1")
+        return f"{self.friendly_name} 00 {slot:02d}"
+
+    def vpcd_endpoint(self, slot: int = 0) -> str:
+        """``HOST:PORT`` for ``cms card virtual --vpcd`` (slot 0 or 1)."""
+        if slot not in (0, 1):
+            raise ValueError("vpcd has slots 0 and 1")
+        return f"127.0.0.1:{self.vpcd_port + slot}"
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -131,7 +140,7 @@ class PrivatePcscd:
             raise PcscUnavailable(reason)
         last_error = ""
         for _attempt in range(3):
-            if not self.vpcd_port or not _port_pair_free(self.vpcd_port):
+            if not self.vpcd_port:  # a restart keeps its port: cards reconnect there
                 self.vpcd_port = free_port_pair()
             self._write_config()
             self._spawn()
@@ -157,7 +166,7 @@ class PrivatePcscd:
         pcscd = shutil.which("pcscd") or "/usr/sbin/pcscd"
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        log = open(self.log_path, "ab")  # handed to the child, closed here
+        log = open(self.log_path, "wb")  # handed to the child, closed here
         try:
             self.process = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -244,7 +253,7 @@ class PrivatePcscd:
             time.sleep(0.05)
         raise PcscUnavailable(f"reader {self.reader_name!r} did not appear: {self.log_tail()}")
 
-    def card_present(self) -> bool:
+    def card_present(self, slot: int = 0) -> bool:
         from smartcard.scard import (
             SCARD_S_SUCCESS,
             SCARD_SCOPE_USER,
@@ -259,28 +268,32 @@ class PrivatePcscd:
         if rc != SCARD_S_SUCCESS:
             return False
         try:
-            rc, states = SCardGetStatusChange(ctx, 0, [(self.reader_name, SCARD_STATE_UNAWARE)])
+            rc, states = SCardGetStatusChange(
+                ctx, 0, [(self.slot_reader_name(slot), SCARD_STATE_UNAWARE)])
             if rc != SCARD_S_SUCCESS:
                 return False
             return bool(states[0][1] & SCARD_STATE_PRESENT)
         finally:
             SCardReleaseContext(ctx)
 
-    def wait_for_card(self, present: bool = True, timeout: float = 10.0) -> None:
+    def wait_for_card(self, present: bool = True, timeout: float = 10.0, *,
+                      slot: int = 0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.card_present() == present:
+            if self.card_present(slot) == present:
                 return
             time.sleep(0.05)
         state = "inserted" if present else "removed"
-        raise TimeoutError(f"card not {state} in {self.reader_name!r} after {timeout} s")
+        raise TimeoutError(f"card not {state} in {self.slot_reader_name(slot)!r} "
+                           f"after {timeout} s")
 
-    def connect(self, timeout: float = 10.0) -> Any:
+    def connect(self, timeout: float = 10.0, *, slot: int = 0) -> Any:
         """A connected pyscard ``CardConnection`` to the card (waits for the card)."""
         from smartcard.System import readers
 
-        self.wait_for_card(True, timeout)
-        reader = next(r for r in readers() if str(r) == self.reader_name)
+        self.wait_for_card(True, timeout, slot=slot)
+        name = self.slot_reader_name(slot)
+        reader = next(r for r in readers() if str(r) == name)
         conn = reader.createConnection()
         conn.connect()
         return conn
