@@ -21,7 +21,8 @@ import asyncio
 import enum
 import logging
 import queue
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,6 +40,9 @@ log = logging.getLogger("card_agent.session")
 # A whole card contact: long enough for on-card key generation in a script,
 # short enough that a stuck server cannot hold the agent (and the card) forever.
 DEFAULT_SESSION_DEADLINE_S = 300.0
+# After SessionDone the agent half-closes and lets the server finish its side;
+# a server that does not within this time is cut off (the work is done anyway).
+DONE_GRACE_S = 5.0
 
 # Status codes that say "this server will not take the stream" rather than
 # "the server could not be reached": retrying at once would not help.
@@ -210,7 +214,7 @@ def run_session(transport: CardTransport, channel: grpc.Channel, info: AgentInfo
             return protocol.report_failure(
                 None, "the server ended the stream without SessionDone")
         outbox.put(_END_OF_REQUESTS)
-        _drain(call)
+        _drain(call, call.cancel)
         return protocol.report_done()
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
@@ -223,14 +227,24 @@ def run_session(transport: CardTransport, channel: grpc.Channel, info: AgentInfo
             unregister()
 
 
-def _drain(call: Iterator[pb.ServerMessage]) -> None:
+def _drain(call: Iterator[pb.ServerMessage], cancel: Callable[[], object]) -> None:
     """Let the server close its side after SessionDone; what it says then changes nothing."""
+    timer = threading.Timer(DONE_GRACE_S, cancel)
+    timer.daemon = True
+    timer.start()
     try:
         for _ in call:
             log.warning("server message after SessionDone ignored")
     except grpc.RpcError as exc:
         if hasattr(exc, "code") and exc.code() != grpc.StatusCode.OK:
             log.debug("stream closed after SessionDone", extra=fields(code=exc.code().name))
+    finally:
+        timer.cancel()
+
+
+async def _drain_async(call: grpc.aio.StreamStreamCall) -> None:
+    while await call.read() is not grpc.aio.EOF:
+        log.warning("server message after SessionDone ignored")
 
 
 async def run_session_async(transport: CardTransport, channel: grpc.aio.Channel,
@@ -256,8 +270,10 @@ async def run_session_async(transport: CardTransport, channel: grpc.aio.Channel,
             if reply is not None:
                 await call.write(reply)
         await call.done_writing()
-        while await call.read() is not grpc.aio.EOF:
-            log.warning("server message after SessionDone ignored")
+        try:
+            await asyncio.wait_for(_drain_async(call), DONE_GRACE_S)
+        except TimeoutError:
+            call.cancel()
         return protocol.report_done()
     except grpc.aio.AioRpcError as exc:
         if protocol.done is not None:

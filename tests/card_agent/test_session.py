@@ -203,3 +203,33 @@ def test_async_session_reports_a_broken_stream(pki: Pki) -> None:
         report = asyncio.run(one(server.address))
     assert report.status is SessionStatus.BROKEN
     assert report.scripts_run == 1
+
+
+def test_server_lingering_after_done_does_not_hold_the_agent(
+        pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    import card_agent.session as session_module
+
+    monkeypatch.setattr(session_module, "DONE_GRACE_S", 0.2)
+    release = threading.Event()
+
+    def linger(hello, receive, context):
+        yield done_message(pb.SessionDone.OK, psd_id="77")
+        release.wait(30)  # a server that keeps its side open after SessionDone
+
+    async def one_async(address: str):
+        channel = target_for(pki, address).open_aio_channel()
+        try:
+            return await run_session_async(ScriptedCard(), channel, AgentInfo())
+        finally:
+            await channel.close()
+
+    with ChannelServer(pki, linger) as server:
+        channel = target_for(pki, server.address).open_channel()
+        report = run_session(ScriptedCard(), channel, AgentInfo())
+        channel.close()
+        async_report = asyncio.run(one_async(server.address))
+        returned_before_release = not release.is_set()
+        release.set()
+    assert returned_before_release
+    assert report.ok and report.done.psd_id == "77"
+    assert async_report.ok
