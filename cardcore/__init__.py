@@ -3,4 +3,18 @@
 APDUs, BER-TLV, status words, GlobalPlatform commands and SCP03. No I/O, no
 PKCS#11: functions take bytes (or a PRF callable where a static key must stay
 in an HSM) and return bytes.
+
+Modules:
+
+* :mod:`cardcore.apdu`: command/response APDUs (short, extended, chaining).
+* :mod:`cardcore.sw`: status word constants and meanings.
+* :mod:`cardcore.tlv`: strict BER-TLV.
+* :mod:`cardcore.scp03`: SCP03 KDF, cryptograms, session keys, host channel
+  (:func:`~cardcore.scp03.open_host_channel`, :class:`~cardcore.scp03.HostChannel`
+  with checkpoints for pre-wrapped scripts) and card channel.
+* :mod:`cardcore.gp`: GlobalPlatform command builders and parsers.
+* :mod:`cardcore.kcv`: GlobalPlatform AES key check values.
+* :mod:`cardcore.diversify`: per-card key derivation reproducible in an HSM.
+* :mod:`cardcore.psd`: this system's PSD conventions (KVNs, PSD id).
+* :mod:`cardcore.host`: a small host driver over a ``transmit`` callable.
 """

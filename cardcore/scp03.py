@@ -318,10 +318,15 @@ class ChannelCheckpoint:
     ``mac_chain`` is the C-MAC chaining value (the full CMAC of the last
     command), ``enc_counter`` the encryption counter of the *next* command.
     Both ends hold the same checkpoint once the card has processed a command.
+    The checkpoint of a freshly opened channel belongs to EXTERNAL
+    AUTHENTICATE, so its response can be unwrapped like any other.
     """
 
     mac_chain: bytes = field(repr=False)
     enc_counter: int
+    # False only for the state right after EXTERNAL AUTHENTICATE: the card
+    # never applies R-MAC / R-ENCRYPTION to that command's own response.
+    responses_protected: bool = True
 
 
 class HostChannel:
@@ -342,17 +347,19 @@ class HostChannel:
         cp = checkpoint or ChannelCheckpoint(ZERO_CHAIN, 1)
         self._mac_chain = cp.mac_chain
         self._enc_counter = cp.enc_counter
+        self._responses_protected = cp.responses_protected
 
     # state -----------------------------------------------------------------
 
     def checkpoint(self) -> ChannelCheckpoint:
         """The current state: what the card holds once it processed every wrapped command."""
-        return ChannelCheckpoint(self._mac_chain, self._enc_counter)
+        return ChannelCheckpoint(self._mac_chain, self._enc_counter, self._responses_protected)
 
     def resync(self, checkpoint: ChannelCheckpoint) -> None:
         """Move back to ``checkpoint`` (e.g. the card stopped after command k)."""
         self._mac_chain = checkpoint.mac_chain
         self._enc_counter = checkpoint.enc_counter
+        self._responses_protected = checkpoint.responses_protected
 
     def copy(self) -> HostChannel:
         """An independent channel with the same keys and state (cheap)."""
@@ -385,6 +392,7 @@ class HostChannel:
         full = _mac(self._keys.s_mac, self._mac_chain, _mac_input(command, payload,
                                                                   self.mac_length))
         self._mac_chain = full
+        self._responses_protected = True
         # Amendment D: the counter advances for every command of the session,
         # whether or not it has data to encrypt.
         self._enc_counter = counter + 1
@@ -421,7 +429,7 @@ class HostChannel:
         data, sw = parse_response(response)
         cp = checkpoint or self.checkpoint()
         level = self.security_level
-        if not SW.is_protected(sw):
+        if not SW.is_protected(sw) or not cp.responses_protected:
             return data, sw
         if level & SecurityLevel.R_MAC:
             if len(data) < self.mac_length:
@@ -466,7 +474,7 @@ def external_authenticate(keys: SessionKeys, host_challenge: bytes, card_challen
     full = _mac(keys.s_mac, ZERO_CHAIN, _mac_input(command, cryptogram, mac_length))
     apdu = command.replace(data=cryptogram + full[:mac_length]).encode()
     channel = HostChannel(keys, level, mac_length=mac_length,
-                          checkpoint=ChannelCheckpoint(full, 1))
+                          checkpoint=ChannelCheckpoint(full, 1, responses_protected=False))
     return apdu, channel
 
 

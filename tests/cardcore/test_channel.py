@@ -82,6 +82,20 @@ def test_script_resync_after_the_card_stopped() -> None:
     assert host.unwrap(_card_run(card, host.wrap(GET_DATA))) == (b"\xAA\xBB", 0x9000)
 
 
+def test_external_authenticate_is_command_zero_of_a_script() -> None:
+    """The EXTERNAL AUTHENTICATE response (never R-MACed) unwraps against the
+    checkpoint the channel has when it opens, like any later response."""
+    host, card = _pair(0x33)
+    opened = host.checkpoint()
+    script = host.wrap_script([GET_DATA, GET_DATA])
+    responses = [b"\x90\x00", _card_run(card, script[0][0])]
+    results = host.unwrap_script(responses, [opened, script[0][1], script[1][1]])
+    assert results == [(b"", 0x9000), (b"\xAA\xBB", 0x9000)]
+    # A later response without its R-MAC is still refused.
+    with pytest.raises(MacError):
+        host.unwrap(b"\x90\x00", script[0][1])
+
+
 def test_without_resync_the_card_refuses() -> None:
     host, card = _pair(0x33)
     script = host.wrap_script([GET_DATA] * 3)

@@ -338,3 +338,47 @@ def pcscd_fixture():  # pragma: no cover - thin pytest glue
             yield daemon
 
     return private_pcscd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.support.pcsc [--card STATE]... -- COMMAND...``
+
+    Runs COMMAND against a private pcscd (its environment carries
+    PCSCLITE_CSOCK_NAME), with up to two virtual cards from state files
+    plugged into the vpcd slots; everything stops when COMMAND exits.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tests.support.pcsc")
+    parser.add_argument("--card", action="append", default=[], metavar="STATE",
+                        help="virtual card state file to insert (at most two)")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command or len(args.card) > 2:
+        parser.error("give a command after --, and at most two cards")
+    reason = unavailable_reason()
+    if reason:
+        print(f"private pcscd unavailable: {reason}", file=sys.stderr)
+        return 77
+    daemon = PrivatePcscd()
+    cards: list[subprocess.Popen[bytes]] = []
+    try:
+        daemon.start()
+        for slot, state in enumerate(args.card):
+            cards.append(subprocess.Popen(
+                [sys.executable, "-m", "cms.cli", "card", "virtual", "--state", state,
+                 "--vpcd", daemon.vpcd_endpoint(slot)]))
+        print(f"PCSCLITE_CSOCK_NAME={daemon.socket_path}", file=sys.stderr)
+        return subprocess.run(command, env=daemon.client_env(), check=False).returncode
+    finally:
+        for proc in cards:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        daemon.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

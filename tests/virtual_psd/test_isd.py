@@ -291,3 +291,18 @@ def test_yubikit_in_process(card: VirtualCard) -> None:
 def test_card_keys_are_never_in_reprs(card: VirtualCard) -> None:
     text = repr(card.state) + repr(card.state.key_sets[0xFF])
     assert TRANSPORT.enc.hex() not in text
+
+
+def test_s16_card(tmp_path) -> None:
+    from virtual_psd.factory import create_card
+
+    path = tmp_path / "s16.json"
+    create_card(path, psd_id=PSD_ID, scp_i=0x71)
+    card = VirtualCard.open(path)
+    card.power_on()
+    # S16 takes a 16-byte host challenge and answers with 16-byte values.
+    assert send(card, gp.initialize_update_command(0xFF, bytes(8)))[1] == SW.WRONG_LENGTH
+    s = host.open_session(card.transmit, kvn=0xFF, keys=TRANSPORT, host_challenge=bytes(16))
+    assert s.channel.mac_length == 16
+    data, sw = s.send(gp.get_data_command(0x9F7F))
+    assert sw == SW.OK and psd_id_from_cplc(data) == PSD_ID
