@@ -61,6 +61,19 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies (even by SIGKILL).
+
+    PR_SET_PDEATHSIG survives the exec of unshare, sh and pcscd, so a crashed
+    or killed test run leaves no private pcscd behind.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
 def _port_pair_free(port: int) -> bool:
     for p in (port, port + 1):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -173,7 +186,7 @@ class PrivatePcscd:
                  _MOUNT_AND_RUN, "pcscd-private", str(self.run_dir), pcscd,
                  str(self.conf_dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             log.close()
 
