@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -105,7 +104,6 @@ class VirtualCard:
         self._lock = threading.Lock()
         self.register(IssuerSecurityDomain())
         self.default_aid = ISD_AID
-        self.power_loss_listeners: list[Callable[[CardPowerLost], None]] = []
 
     @classmethod
     def open(cls, state_path: str | os.PathLike[str], *,

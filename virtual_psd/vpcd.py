@@ -95,6 +95,7 @@ class VpcdCard:
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.insertions = 0
+        self.thread: threading.Thread | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -177,9 +178,8 @@ class VpcdCard:
 def run(card: VirtualCard, host: str, port: int) -> VpcdCard:
     """Start serving in a daemon thread (tests); returns the server."""
     server = VpcdCard(card, host, port)
-    thread = threading.Thread(target=server.serve_forever, name="vpcd-card", daemon=True)
-    thread.start()
-    server.thread = thread  # type: ignore[attr-defined]
+    server.thread = threading.Thread(target=server.serve_forever, name="vpcd-card", daemon=True)
+    server.thread.start()
     return server
 
 
