@@ -128,7 +128,8 @@ class CardAgent:
                     source=self.source.description, error=str(exc), in_s=round(delay, 2)))
                 if self.cancellation.sleep(delay):
                     break
-                self._reopen_source()
+                if self._reopen_source():
+                    reader_backoff.reset()
                 continue
             if status is not None:
                 return status
@@ -150,13 +151,15 @@ class CardAgent:
                 break
         return None
 
-    def _reopen_source(self) -> None:
+    def _reopen_source(self) -> bool:
         try:
             self.source.reopen()
-            log.info("reader available again", extra=fields(source=self.source.description))
         except ReaderError as exc:
             log.warning("reader still unavailable", extra=fields(
                 source=self.source.description, error=str(exc)))
+            return False
+        log.info("reader available again", extra=fields(source=self.source.description))
+        return True
 
     def serve_card(self) -> ExitStatus:
         """Sessions with the card now present until one ends in a way that settles it."""

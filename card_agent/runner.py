@@ -99,9 +99,12 @@ def run_script(transport: CardTransport, script: pb.ApduScript) -> pb.ScriptResu
 def _run_command(transport: CardTransport, script_id: int, index: int,
                  command: PreparedCommand, result: pb.ScriptResult) -> pb.ScriptResult | None:
     """Send one command; return the final result when the script must stop here."""
-    log.debug("apdu command", extra=fields(
-        script_id=script_id, index=index, sensitive=command.sensitive,
-        apdu=describe_command(command.parsed, sensitive=command.sensitive)))
+    # Checked first: rendering APDUs costs CPU that a fleet of in-process agents notices.
+    debug = log.isEnabledFor(logging.DEBUG)
+    if debug:
+        log.debug("apdu command", extra=fields(
+            script_id=script_id, index=index, sensitive=command.sensitive,
+            apdu=describe_command(command.parsed, sensitive=command.sensitive)))
     try:
         data, sw = split_response(transport.transmit(command.apdu))
     except CardRemovedError as exc:
@@ -114,9 +117,10 @@ def _run_command(transport: CardTransport, script_id: int, index: int,
         return _finish(result, pb.SCRIPT_READER_ERROR, index,
                        f"command {index}: transport failure ({type(exc).__name__})")
     result.responses.append(pb.ApduResponse(data=data, sw=sw))
-    log.debug("apdu response", extra=fields(
-        script_id=script_id, index=index, sensitive=command.sensitive,
-        response=describe_response(data, sw, sensitive=command.sensitive)))
+    if debug:
+        log.debug("apdu response", extra=fields(
+            script_id=script_id, index=index, sensitive=command.sensitive,
+            response=describe_response(data, sw, sensitive=command.sensitive)))
     if command.accepts(sw):
         return None
     return _finish(result, pb.SCRIPT_UNEXPECTED_STATUS, index,
