@@ -133,7 +133,7 @@ def test_deadline_ends_a_stalled_session(pki: Pki) -> None:
 
     with ChannelServer(pki, stall) as server:
         channel = target_for(pki, server.address).open_channel()
-        report = run_session(ScriptedCard(), channel, AgentInfo(), deadline_s=1.0)
+        report = run_session(ScriptedCard(), channel, AgentInfo(), deadline_s=2.5)
         release.set()
         channel.close()
     assert report.status is SessionStatus.BROKEN
