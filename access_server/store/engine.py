@@ -15,6 +15,8 @@ UPDATE``); reads run at REPEATABLE READ so a count and a page agree.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,9 @@ from cms.runtime.errors import InvalidArgument
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a writer waits for another writer before giving up (Aborted)."""
+
+SQLITE_WAL_RETRY_S = 0.01
+"""Pause between attempts to switch a busy new database to WAL."""
 
 WRITE_OPTION = "cms_write"
 """Execution option that marks an engine whose transactions will write."""
@@ -83,12 +88,32 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _sqlite_wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
     finally:
         cursor.close()
+
+
+def _sqlite_wal(cursor: Any) -> None:
+    """Switch the database file to WAL (a persistent setting) unless it already is.
+
+    The switch needs the database to itself, and SQLite reports "locked" at
+    once instead of waiting for the busy timeout; so while other connections
+    (e.g. several processes opening a new database) hold it, retry.
+    """
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() in ("wal", "memory"):
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(SQLITE_WAL_RETRY_S)
 
 
 def _sqlite_on_begin(connection: Connection) -> None:

@@ -98,6 +98,9 @@ EV_INTENT_DONE = "intent_done"
 EV_INTENT_ABANDONED = "intent_abandoned"
 EV_REVOKED = "revoked"
 
+_MIGRATING = threading.Lock()
+"""Alembic's ``context`` and ``op`` are process-wide: one migration at a time per process."""
+
 TRANSIENT_STATES = (PsdState.INSTALLING, PsdState.REPLACEMENT_PENDING)
 """States that exist only while an intent is open."""
 
@@ -164,7 +167,7 @@ class Store:
         """Bring the schema to the newest revision (idempotent, safe to race)."""
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
-        with self._guard(), self._writer.begin() as connection:
+        with _MIGRATING, self._guard(), self._writer.begin() as connection:
             if self._postgres:
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}

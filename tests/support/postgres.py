@@ -225,14 +225,6 @@ class PostgresServer:
         self.stop()
 
 
-def database_name(url: str) -> str:
-    """The database name in a URL made by ``PostgresServer.url``."""
-    match = re.search(r"@/([^?]+)\?", url)
-    if match is None:
-        raise ValueError("not a URL of the test server")
-    return match.group(1)
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     bindir = find_bindir()
