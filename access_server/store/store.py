@@ -25,9 +25,6 @@ update, so a lost update surfaces as Aborted rather than silently.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -44,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from access_server.migrations import MIGRATIONS_DIR
-from access_server.store import campaigns, rows
+from access_server.store import campaigns, paging, probe, rows
 from access_server.store import validate as v
 from access_server.store.dberrors import translate
 from access_server.store.engine import is_memory_sqlite, make_engine, write_engine
@@ -211,6 +208,8 @@ class Store:
     def register_psds(self, psd_ids: Iterable[str], actor: str) -> list[RegisterOutcome]:
         """Register blank cards; one outcome per given id, in order, one transaction."""
         actor = v.actor(actor)
+        if isinstance(psd_ids, str):
+            raise InvalidArgument("psd_ids must be a list of PSD ids, not a string")
         given = list(psd_ids)
         if len(given) > MAX_REGISTER_BATCH:
             raise InvalidArgument(
@@ -315,7 +314,7 @@ class Store:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
             raise InvalidArgument("page_size must be a non-negative integer")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_token(page_token, state, mk_version)
+        after = paging.decode_token(page_token, state, mk_version)
         filters = []
         if state is not None:
             filters.append(PsdRow.state == state.value)
@@ -329,7 +328,7 @@ class Store:
             found = list(session.scalars(query))
             items = [rows.psd_record(row) for row in found[:size]]
         next_token = (
-            _encode_token(items[-1].psd_id, state, mk_version) if len(found) > size else ""
+            paging.encode_token(items[-1].psd_id, state, mk_version) if len(found) > size else ""
         )
         return PsdPage(items, next_token, int(total or 0))
 
@@ -530,6 +529,7 @@ class Store:
     def complete_install(self, psd_id: str, intent_id: int, actor: str) -> PsdRecord:
         """The card now holds the MKRK and MK of the intent: it becomes active."""
         psd_id = v.psd_id(psd_id)
+        intent_id = v.intent_id(intent_id)
         actor = v.actor(actor)
         with self._write() as session:
             now = self._now()
@@ -634,6 +634,7 @@ class Store:
     def complete_replacement(self, psd_id: str, intent_id: int, actor: str) -> PsdRecord:
         """The card holds the new MK and the old one is deleted: active at the new version."""
         psd_id = v.psd_id(psd_id)
+        intent_id = v.intent_id(intent_id)
         actor = v.actor(actor)
         with self._write() as session:
             now = self._now()
@@ -681,6 +682,7 @@ class Store:
         replaces it), active at the old MK for a replacement.
         """
         psd_id = v.psd_id(psd_id)
+        intent_id = v.intent_id(intent_id)
         reason = v.text("reason", reason, v.MAX_DETAIL)
         actor = v.actor(actor)
         with self._write() as session:
@@ -711,6 +713,7 @@ class Store:
             return None if intent is None else rows.intent_record(intent)
 
     def get_intent(self, intent_id: int) -> Intent:
+        intent_id = v.intent_id(intent_id)
         with self._read() as session:
             intent = session.get(IntentRow, intent_id)
             if intent is None:
@@ -746,7 +749,7 @@ class Store:
         mk_version = v.optional_key_version("mk_version", mk_version)
         mkrk_version = v.optional_key_version("mkrk_version", mkrk_version)
         pending = v.optional_key_version("pending", pending)
-        _check_probe_shape(target, mk_version, mkrk_version, pending)
+        probe.check_shape(target, mk_version, mkrk_version, pending)
         event = v.text("event", event, v.MAX_EVENT)
         detail = v.text("detail", detail, v.MAX_DETAIL, required=False)
         actor = v.actor(actor)
@@ -756,7 +759,7 @@ class Store:
             rows.refuse_revoked(row, "reconcile")
             intent = rows.open_intent_row(session, psd_id)
             if target in TRANSIENT_STATES:
-                pending = _check_transient(row, intent, target, mk_version, pending)
+                pending = probe.check_transient(row, intent, target, mk_version, pending)
             elif target is PsdState.ACTIVE and row.cryptogram_key_label is None:
                 raise FailedPrecondition(
                     f"PSD {psd_id} has no cryptogram: the server cannot reproduce its MKRK"
@@ -848,7 +851,11 @@ class Store:
         """All campaigns (or those in ``state``), oldest first, with counts."""
         query = select(CampaignRow).order_by(CampaignRow.created, CampaignRow.campaign_id)
         if state is not None:
-            query = query.where(CampaignRow.state == CampaignState(state).value)
+            try:
+                wanted = CampaignState(state)
+            except ValueError:
+                raise InvalidArgument(f"unknown campaign state {state!r}") from None
+            query = query.where(CampaignRow.state == wanted.value)
         with self._read() as session:
             found = list(session.scalars(query))
             counts = rows.item_counts(session, (c.campaign_id for c in found))
@@ -983,74 +990,3 @@ def _listed_ids(psd_ids: Sequence[str] | None) -> list[str] | None:
     if len(psd_ids) > MAX_CAMPAIGN_IDS:
         raise InvalidArgument(f"at most {MAX_CAMPAIGN_IDS} listed PSD ids per campaign")
     return list(dict.fromkeys(v.psd_id(psd_id) for psd_id in psd_ids))
-
-
-def _check_probe_shape(
-    state: PsdState, mk_version: int | None, mkrk_version: int | None, pending: int | None
-) -> None:
-    """What a card in ``state`` can hold; anything else is a caller bug."""
-    if state is PsdState.REVOKED:
-        raise InvalidArgument("reconcile cannot revoke a card; use revoke")
-    if state is PsdState.BLANK and (mk_version, mkrk_version, pending) != (None, None, None):
-        raise InvalidArgument("a blank card holds no MK, no MKRK and nothing pending")
-    if state is PsdState.INSTALLING and mk_version is not None:
-        raise InvalidArgument("an installing card has no active MK yet (give it as pending)")
-    if state in (PsdState.ACTIVE, PsdState.REPLACEMENT_PENDING) and (
-        mk_version is None or mkrk_version is None
-    ):
-        raise InvalidArgument(f"a card in state {state.value} holds an MK and an MKRK")
-    if state is PsdState.ACTIVE and pending is not None:
-        raise InvalidArgument("an active card has nothing pending")
-    if state is PsdState.REPLACEMENT_PENDING and pending is None:
-        raise InvalidArgument("replacement_pending needs the pending MK version")
-
-
-def _check_transient(
-    row: PsdRow,
-    intent: IntentRow | None,
-    state: PsdState,
-    mk_version: int | None,
-    pending: int | None,
-) -> int:
-    """A transient state continues the open intent; returns the pending version."""
-    kind = IntentKind.INSTALL if state is PsdState.INSTALLING else IntentKind.REPLACE
-    if intent is None or intent.kind != kind.value:
-        raise FailedPrecondition(
-            f"PSD {row.psd_id} has no open {kind.value} intent; {state.value} needs one "
-            "(journal it with begin_install/begin_replacement)"
-        )
-    if pending is not None and pending != intent.to_version:
-        raise FailedPrecondition(
-            f"pending MK v{pending} is not the open intent's target v{intent.to_version}"
-        )
-    if kind is IntentKind.REPLACE and mk_version != intent.from_version:
-        raise FailedPrecondition(
-            f"MK v{mk_version} is not the open intent's starting version v{intent.from_version}"
-        )
-    return intent.to_version
-
-
-def _encode_token(after: str, state: PsdState | None, mk_version: int | None) -> str:
-    payload = {"after": after, "state": None if state is None else state.value, "mk": mk_version}
-    raw = json.dumps(payload, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str, state: PsdState | None, mk_version: int | None) -> str | None:
-    """The last id of the previous page; the token must belong to the same filter."""
-    if not token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = json.loads(raw)
-        after = payload["after"]
-        same = payload["state"] == (None if state is None else state.value) and (
-            payload["mk"] == mk_version
-        )
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        raise InvalidArgument("malformed page token") from None
-    if not same:
-        raise InvalidArgument("page token belongs to a different filter")
-    if v.psd_id_problem(after) is not None:
-        raise InvalidArgument("malformed page token")
-    return str(after)

@@ -31,6 +31,8 @@ particular a 16/24/32-byte value would be a raw random R, which must never
 reach the database.
 """
 
+MAX_ID = 2**63 - 1
+"""Intent ids are 64-bit."""
 MAX_LABEL = 64
 MAX_ACTOR = 200
 MAX_EVENT = 64
@@ -112,3 +114,8 @@ def positive(name: str, value: object, limit: int) -> int:
     if not 1 <= value <= limit:
         raise InvalidArgument(f"{name} must be between 1 and {limit}, got {value}")
     return value
+
+
+
+def intent_id(value: object) -> int:
+    return positive("intent_id", value, MAX_ID)

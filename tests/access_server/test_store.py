@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import pairwise
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from access_server.store import (
     Store,
 )
 from access_server.store.store import MAX_PAGE_SIZE
-from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tests.access_server.test_store_fixtures import (
     ACTOR,
     LABEL,
@@ -76,6 +77,21 @@ def test_get_unknown_and_malformed(store: Store) -> None:
         store.get_psd("0123")
     with pytest.raises(NotFound):
         store.history(A)
+    with pytest.raises(InvalidArgument, match="not a string"):
+        store.register_psds(A, ACTOR)
+    with pytest.raises(InvalidArgument, match="intent_id"):
+        store.complete_install(A, "1", ACTOR)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="campaign state"):
+        store.list_campaigns("bogus")  # type: ignore[arg-type]
+
+
+def test_database_trouble_is_a_domain_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unsupported database URL"):
+        Store("mysql://somewhere/db")
+    unreachable = f"postgresql+psycopg://cms@/db?host={tmp_path}&port=5432"
+    with Store(unreachable) as store, pytest.raises(Unavailable) as raised:
+        store.get_psd(A)
+    assert "SELECT" not in raised.value.message
 
 
 def test_pagination_is_stable_keyset(store: Store) -> None:

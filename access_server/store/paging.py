@@ -1,0 +1,42 @@
+"""Opaque page tokens for keyset pagination of the PSD registry.
+
+A token carries the last PSD id of the page it ends and the filter it was
+made for, so the next page starts right after that id (stable while cards
+are added) and a token is refused with another filter.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from access_server.store import validate as v
+from access_server.store.records import PsdState
+from cms.runtime.errors import InvalidArgument
+
+
+def encode_token(after: str, state: PsdState | None, mk_version: int | None) -> str:
+    payload = {"after": after, "state": None if state is None else state.value, "mk": mk_version}
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, state: PsdState | None, mk_version: int | None) -> str | None:
+    """The last id of the previous page; the token must belong to the same filter."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+        after = payload["after"]
+        same = payload["state"] == (None if state is None else state.value) and (
+            payload["mk"] == mk_version
+        )
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidArgument("malformed page token") from None
+    if not same:
+        raise InvalidArgument("page token belongs to a different filter")
+    if v.psd_id_problem(after) is not None:
+        raise InvalidArgument("malformed page token")
+    return str(after)
