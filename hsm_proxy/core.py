@@ -1,0 +1,317 @@
+"""What every RPC of the proxy goes through: identity, policy, handles, audit, metrics.
+
+``ProxyCore`` holds the shared pieces (policy, audit log, handle registry,
+worker pool, limits). ``@rpc`` wraps a servicer method: it reads the caller's
+identity from its certificate, refuses unknown identities before any work,
+gives the method a ``Call`` to authorize and record what it touches, and
+afterwards writes exactly one audit record and the metrics, whatever the
+outcome. A servicer for another contract served by the proxy (for example the
+CardKeys service with its secure channels) uses the same pieces: ``@rpc``,
+``call.authorize``, ``core.key_target``, ``core.new_handle`` and
+``core.pool``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from cms.runtime.errors import (
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+from cms.runtime.logs import fields
+from cms.runtime.tls import peer_identity
+from cms.v1 import hsm_pb2 as pb
+from hsm_proxy import messages as m
+from hsm_proxy import metrics
+from hsm_proxy.audit import AuditLog
+from hsm_proxy.config import LimitsConfig
+from hsm_proxy.errors import HandleExpired, Internal
+from hsm_proxy.handles import HandleRecord, HandleRegistry
+from hsm_proxy.policy import Policy
+from hsm_proxy.pool import Reply, WorkerPool
+
+log = logging.getLogger("hsm_proxy.core")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MAX_LABEL_CHARS = 256
+MAX_ID_BYTES = 64
+LABEL_STRIPES = 64
+
+
+@dataclass(frozen=True)
+class Target:
+    """A key reference after authorization: what to send, and to which worker."""
+
+    ref: m.KeyRef
+    worker: int | None
+    token: str
+    label: str
+    record: HandleRecord | None = None
+
+
+class Call:
+    """One RPC: its caller, and the tokens, keys and handles it touched (for the audit)."""
+
+    def __init__(self, core: ProxyCore, operation: str, identity: str | None,
+                 context: grpc.ServicerContext):
+        self.core = core
+        self.operation = operation
+        self.identity = identity
+        self.context = context
+        self.tokens: list[str] = []
+        self.keys: set[str] = set()
+        self.handles: set[str] = set()
+        self.items: int | None = None
+        self.detail: str | None = None
+
+    def touch(self, token: str | None, key: str | None = None,
+              handle: str | None = None) -> None:
+        if token and token not in self.tokens:
+            self.tokens.append(token)
+        if key:
+            self.keys.add(key)
+        if handle:
+            self.handles.add(handle)
+
+    def authorize(self, token: str | None, key: str | None = None, *,
+                  operation: str | None = None) -> None:
+        """Policy check of this caller for ``token``/``key`` (recorded for the audit first)."""
+        self.touch(token, key)
+        self.core.policy.check(self.identity, operation or self.operation, token, key)
+
+    def timeout(self) -> float | None:
+        remaining = self.context.time_remaining()
+        return None if remaining is None else max(0.0, remaining)
+
+
+class ProxyCore:
+    def __init__(self, *, policy: Policy, audit: AuditLog, handles: HandleRegistry,
+                 pool: WorkerPool, limits: LimitsConfig, tokens: tuple[str, ...]):
+        self.policy = policy
+        self.audit = audit
+        self.handles = handles
+        self.pool = pool
+        self.limits = limits
+        self.tokens = tokens
+        self.audit_failed = False
+        self._label_locks = [threading.Lock() for _ in range(LABEL_STRIPES)]
+
+    # -- names -------------------------------------------------------------------
+    def require_token(self, token: str, what: str = "token") -> str:
+        if not token:
+            raise InvalidArgument(f"{what}: required")
+        if token not in self.tokens:
+            raise NotFound(f"unknown token {token!r} (the proxy fronts: "
+                           f"{', '.join(self.tokens)})")
+        return token
+
+    def key_target(self, call: Call, ref: pb.KeyRef, what: str = "key", *,
+                   operation: str | None = None) -> Target:
+        """Authorize and resolve a KeyRef: a label on a token, or the caller's own handle."""
+        kind = ref.WhichOneof("ref")
+        if kind == "label":
+            if not ref.label:
+                raise InvalidArgument(f"{what}.label: empty")
+            call.authorize(ref.token or None, ref.label, operation=operation)
+            self.require_token(ref.token, f"{what}.token")
+            return Target(m.LabelRef(ref.token, ref.label), None, ref.token, ref.label)
+        if kind == "handle":
+            call.touch(None, handle=ref.handle)
+            if call.identity is None or not self.policy.knows(call.identity):
+                call.authorize(None, None, operation=operation)
+            record = self.handles.lookup(call.identity, ref.handle,
+                                         worker_state=self.pool.worker_state)
+            call.authorize(record.token, record.label, operation=operation)
+            return Target(m.HandleRef(ref.handle), record.worker, record.token, record.label,
+                          record)
+        raise InvalidArgument(f"{what}: give a label (with its token) or a handle")
+
+    def template(self, tpl: pb.KeyTemplate, what: str = "template") -> m.Template:
+        if not tpl.label:
+            raise InvalidArgument(f"{what}.label: required (policy patterns apply to it)")
+        if len(tpl.label) > MAX_LABEL_CHARS:
+            raise InvalidArgument(f"{what}.label: longer than {MAX_LABEL_CHARS} characters")
+        if len(tpl.id) > MAX_ID_BYTES:
+            raise InvalidArgument(f"{what}.id: longer than {MAX_ID_BYTES} bytes")
+        usages = frozenset(tpl.usages)
+        if not usages:
+            raise InvalidArgument(f"{what}.usages: at least one usage is required")
+        unknown = [u for u in usages if u not in pb.KeyUsage.values() or u == 0]
+        if unknown:
+            raise InvalidArgument(f"{what}.usages: unknown value(s) {sorted(unknown)}")
+        return m.Template(tpl.label, usages, tpl.extractable, tpl.session, bytes(tpl.id))
+
+    def data(self, value: bytes, what: str = "data", *, allow_empty: bool = True) -> bytes:
+        if len(value) > self.limits.max_data_bytes:
+            raise InvalidArgument(f"{what} is {len(value)} bytes; the limit is "
+                                  f"{self.limits.max_data_bytes}")
+        if not value and not allow_empty:
+            raise InvalidArgument(f"{what}: required")
+        return value
+
+    def batch_size(self, n: int) -> int:
+        if n == 0:
+            raise InvalidArgument("items: the batch is empty")
+        if n > self.limits.max_batch_items:
+            from cms.runtime.errors import ResourceExhausted
+
+            raise ResourceExhausted(f"the batch has {n} items; the limit is "
+                                    f"{self.limits.max_batch_items}")
+        return n
+
+    # -- handles -----------------------------------------------------------------
+    def new_handle(self, call: Call, kind: str, token: str, label: str, *,
+                   tokens: tuple[str, ...] = ()) -> HandleRecord:
+        """Reserve a handle for state a worker is about to create (chooses the worker)."""
+        assert call.identity is not None
+        worker = self.pool._choose().index
+        record = self.handles.reserve(call.identity, worker, kind, token, label, tokens)
+        call.touch(None, handle=record.handle)
+        return record
+
+    def activate(self, record: HandleRecord, reply: Reply) -> None:
+        self.handles.activate(record, reply.incarnation, reply.generation)
+        self.update_handle_gauge()
+
+    def update_handle_gauge(self) -> None:
+        counts = self.handles.counts()
+        for kind in {"key", "component-import", *counts}:
+            metrics.HANDLES.labels(kind).set(counts.get(kind, 0))
+
+    @contextmanager
+    def creating(self, pairs: list[tuple[str, str]]) -> Iterator[None]:
+        """Serialize creation of the same (token, label) across workers (duplicate check)."""
+        stripes = sorted({zlib.crc32(f"{t}\0{lbl}".encode()) % LABEL_STRIPES for t, lbl in pairs})
+        locks = [self._label_locks[i] for i in stripes]
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def expire_handles(self) -> None:
+        """Monitor tick: end handles past their TTL and free their worker state."""
+        due = self.handles.expire()
+        by_worker: dict[int, list[str]] = {}
+        for record in due:
+            by_worker.setdefault(record.worker, []).append(record.handle)
+        for worker, handles in by_worker.items():
+            self.pool.send_control(worker, "release", handles)
+        if due:
+            log.info("handles expired", extra=fields(count=len(due)))
+        self.update_handle_gauge()
+
+    def worker_reset(self, worker: int, keep: tuple[int, int] | None) -> None:
+        gone = self.handles.invalidate_worker(worker, keep)
+        if gone:
+            log.warning("handles lost with a backend restart",
+                        extra=fields(worker=worker, count=len(gone)))
+        self.update_handle_gauge()
+
+    # -- audit -------------------------------------------------------------------
+    def write_audit(self, call: Call, outcome: str, code: grpc.StatusCode) -> None:
+        token: str | list[str] | None
+        token = call.tokens[0] if len(call.tokens) == 1 else (sorted(call.tokens) or None)
+        try:
+            self.audit.record(identity=call.identity, operation=call.operation,
+                              outcome=outcome, code=code.name, token=token, keys=call.keys,
+                              handles=call.handles, items=call.items, detail=call.detail)
+            metrics.AUDIT_RECORDS.labels(outcome).inc()
+        except Exception as exc:
+            # Fail closed: no further operation runs without its audit record.
+            self.audit_failed = True
+            log.critical("audit write failed; refusing further operations",
+                         extra=fields(error=type(exc).__name__))
+
+
+def target_hint(request: Any) -> tuple[str | None, str | None]:
+    """Token and key a request names, for the denial message of an unknown identity."""
+    for name in ("key", "base_key", "wrapping_key", "unwrapping_key"):
+        if request.DESCRIPTOR.fields_by_name.get(name) is not None and request.HasField(name):
+            ref = getattr(request, name)
+            return ref.token or None, ref.label or ref.handle or None
+    token = getattr(request, "token", None) or None
+    if isinstance(token, str):
+        label = None
+        if request.DESCRIPTOR.fields_by_name.get("template") is not None:
+            label = request.template.label or None
+        return token, label or getattr(request, "label", None) or None
+    items = getattr(request, "items", None)
+    if items:
+        return target_hint(items[0])
+    tokens = getattr(request, "tokens", None)
+    if tokens:
+        return tokens[0], request.template.label or None
+    return None, None
+
+
+def rpc(fn: F) -> F:
+    """Identity, policy pre-check, errors to status codes, one audit record, metrics."""
+    operation = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        core: ProxyCore = self.core
+        started = time.perf_counter()
+        call = Call(core, operation, peer_identity(context), context)
+        code = grpc.StatusCode.OK
+        message = ""
+        try:
+            if core.audit_failed:
+                raise Unavailable("the audit log cannot be written; the proxy refuses "
+                                  "operations until an operator fixes it")
+            if not core.policy.knows(call.identity):
+                token, key = target_hint(request)
+                call.touch(token, key)
+                core.policy.check(call.identity, operation, token, key)
+            response = fn(self, request, context, call)
+        except ServiceError as exc:
+            code, message = exc.code, exc.message
+        except Exception as exc:
+            log.error("internal error", extra=fields(operation=operation,
+                                                     error=type(exc).__name__))
+            err = Internal(f"internal error ({type(exc).__name__})")
+            code, message = err.code, err.message
+        outcome = ("ok" if code == grpc.StatusCode.OK
+                   else "denied" if code == grpc.StatusCode.PERMISSION_DENIED else "error")
+        if outcome != "ok":
+            call.detail = message
+        core.write_audit(call, outcome, code)
+        metrics.OPERATIONS.labels(operation, code.name).inc()
+        metrics.LATENCY.labels(operation).observe(time.perf_counter() - started)
+        if call.items is not None:
+            metrics.BATCH_ITEMS.labels(operation).inc(call.items)
+        if outcome != "ok":
+            metrics.ERRORS.labels(operation, code.name).inc()
+            if outcome == "denied":
+                metrics.DENIED.labels(str(call.identity), operation).inc()
+                log.warning("denied", extra=fields(identity=call.identity, operation=operation,
+                                                   reason=message))
+            context.abort(code, message)
+        return response
+
+    return wrapper  # type: ignore[return-value]
+
+
+def creation_failed(exc: ServiceError) -> ServiceError:
+    """A pinned creation call whose worker died is unavailable, not an expired handle."""
+    if isinstance(exc, HandleExpired):
+        return Unavailable("the HSM worker failed while creating the key; retry")
+    return exc
+

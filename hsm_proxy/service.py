@@ -1,0 +1,677 @@
+"""The ``cms.v1.Hsm`` servicer: validate, authorize, route to workers, answer.
+
+Every method validates its request (malformed -> INVALID_ARGUMENT before any
+HSM work), authorizes each key it touches (two-key operations check both, and
+a new key's label is checked like any other), resolves handles to their
+worker, and sends a ``hsm_proxy.messages`` payload to the worker pool.
+Batches are authorized once per distinct key; a denied key denies the whole
+batch, while per-item problems (unknown key, bad data) come back per item.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from cms.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+)
+from cms.v1 import hsm_pb2 as pb
+from cms.v1 import hsm_pb2_grpc
+from hsm_proxy import messages as m
+from hsm_proxy.core import Call, ProxyCore, Target, creation_failed, rpc
+from hsm_proxy.errors import from_wire
+from hsm_proxy.handles import HandleRecord
+from hsm_proxy.pool import Reply
+from hsm_proxy.worker import Failure
+
+AES_BLOCK = 16
+ECDSA_DIGEST_SIZES = (20, 28, 32, 48, 64)
+MAX_SIGNATURE_BYTES = 1024
+MAX_SPKI_BYTES = 4096
+MAX_COMPONENTS = 16
+KCV_BYTES = 3
+AES_KEY_BYTES = {pb.AES_128: 16, pb.AES_192: 24, pb.AES_256: 32}
+PAIR_ALGORITHMS = (pb.EC_P256, pb.EC_SECP256K1, pb.RSA_2048, pb.RSA_3072)
+SECRET_ALGORITHMS = (pb.AES_128, pb.AES_192, pb.AES_256, pb.GENERIC_SECRET)
+OAEP_NOTE = "RSA-OAEP is offered with SHA-1 and MGF1-SHA1 only (what SoftHSM2 implements)"
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return str(value)
+
+
+def _check_enum(enum: Any, value: int, what: str, note: str = "") -> int:
+    if value == 0 or value not in enum.values():
+        names = ", ".join(n for n in enum.keys() if enum.Value(n) != 0)
+        extra = f"; {note}" if note else ""
+        raise InvalidArgument(f"{what}: unknown or unspecified value {value} (one of {names})"
+                              f"{extra}")
+    return value
+
+
+def _item_error(exc: ServiceError) -> pb.ItemError:
+    return pb.ItemError(code=exc.code.value[0], message=exc.message)
+
+
+def _failure_error(failure: Failure) -> pb.ItemError:
+    return _item_error(from_wire((failure.code, failure.message)))
+
+
+class HsmServicer(hsm_pb2_grpc.HsmServicer):
+    def __init__(self, core: ProxyCore):
+        self.core = core
+
+    # -- helpers --------------------------------------------------------------------
+    def _key_info(self, raw: bytes, record: HandleRecord | None = None) -> pb.KeyInfo:
+        info = pb.KeyInfo.FromString(raw)
+        if record is not None:
+            info.expires.FromNanoseconds(int(record.expires_at * 1e9))
+        return info
+
+    def _create(self, call: Call, op: str, token: str, template: m.Template,
+                payload_for: Any, *, kind: str = "key", idempotent: bool = False
+                ) -> tuple[Any, HandleRecord | None]:
+        """Run a key-creating worker operation: a session key gets a handle (and is
+        bound to its worker), a persistent key is created under the label lock."""
+        core = self.core
+        if template.session:
+            record = core.new_handle(call, kind, token, template.label)
+            try:
+                reply: Reply = core.pool.call(op, payload_for(template._replace(
+                    handle=record.handle)), worker=record.worker, idempotent=idempotent,
+                    timeout=call.timeout())
+            except ServiceError as exc:
+                core.handles.discard(record)
+                raise creation_failed(exc) from None
+            core.activate(record, reply)
+            return reply.value, record
+        with core.creating([(token, template.label)]):
+            reply = core.pool.call(op, payload_for(template), idempotent=False,
+                                   timeout=call.timeout())
+        return reply.value, None
+
+    def _call(self, call: Call, op: str, payload: Any, target: Target | None = None, *,
+              idempotent: bool = True) -> Any:
+        worker = target.worker if target is not None else None
+        return self.core.pool.call(op, payload, worker=worker, idempotent=idempotent,
+                                   timeout=call.timeout()).value
+
+    # -- tokens and listing -------------------------------------------------------------
+    @rpc
+    def ListTokens(self, request: pb.ListTokensRequest, context: grpc.ServicerContext,
+                   call: Call) -> pb.ListTokensResponse:
+        core = self.core
+        core.policy.check(call.identity, "ListTokens")
+        assert call.identity is not None
+        visible = [t for t in core.tokens if core.policy.allowed(call.identity, "ListTokens", t)]
+        for t in visible:
+            call.touch(t)
+        try:
+            infos = {i["label"]: i for i in self._call(call, "tokens", None)}
+        except Unavailable:
+            infos = {}
+        out = pb.ListTokensResponse()
+        for label in visible:
+            info = infos.get(label, {"label": label, "available": False})
+            out.tokens.add(label=label, manufacturer=info.get("manufacturer", ""),
+                           model=info.get("model", ""), serial=info.get("serial", ""),
+                           logged_in=bool(info.get("logged_in")),
+                           available=bool(info.get("available")))
+        return out
+
+    @rpc
+    def ListKeys(self, request: pb.ListKeysRequest, context: grpc.ServicerContext,
+                 call: Call) -> pb.ListKeysResponse:
+        core = self.core
+        call.authorize(request.token or None)
+        core.require_token(request.token)
+        if request.key_class and request.key_class not in pb.KeyClass.values():
+            raise InvalidArgument(f"key_class: unknown value {request.key_class}")
+        raw = self._call(call, "list_keys", m.ListKeys(request.token, request.label_pattern,
+                                                       request.key_class))
+        out = pb.ListKeysResponse()
+        assert call.identity is not None
+        for item in raw:
+            info = pb.KeyInfo.FromString(item)
+            if core.policy.allowed(call.identity, "ListKeys", request.token, info.label):
+                out.keys.append(info)
+        call.items = len(out.keys)
+        call.detail = f"pattern {request.label_pattern or '*'}"
+        return out
+
+    # -- generation -------------------------------------------------------------------
+    @rpc
+    def GenerateSecretKey(self, request: pb.GenerateSecretKeyRequest,
+                          context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
+        core = self.core
+        call.authorize(request.token or None, request.template.label or None)
+        core.require_token(request.token)
+        template = core.template(request.template)
+        algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
+        if algorithm not in SECRET_ALGORITHMS:
+            raise InvalidArgument(f"algorithm {_enum_name(pb.KeyAlgorithm, algorithm)} is not a "
+                                  f"secret key algorithm; use GenerateKeyPair")
+        raw, record = self._create(call, "generate_secret", request.token, template,
+                                   lambda t: m.GenerateSecret(request.token, algorithm,
+                                                              request.length_bytes, t))
+        return self._key_info(raw, record)
+
+    @rpc
+    def GenerateKeyPair(self, request: pb.GenerateKeyPairRequest,
+                        context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
+        core = self.core
+        call.authorize(request.token or None, request.template.label or None)
+        core.require_token(request.token)
+        template = core.template(request.template)
+        algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
+        if algorithm not in PAIR_ALGORITHMS:
+            raise InvalidArgument(f"algorithm {_enum_name(pb.KeyAlgorithm, algorithm)} is not a "
+                                  f"key pair algorithm; use GenerateSecretKey")
+        raw, record = self._create(call, "generate_pair", request.token, template,
+                                   lambda t: m.GeneratePair(request.token, algorithm, t))
+        return self._key_info(raw, record)
+
+    # -- derivation ---------------------------------------------------------------------
+    def _derive_item(self, call: Call, req: pb.DeriveKeyRequest) -> tuple[Target, m.DeriveItem]:
+        core = self.core
+        base = core.key_target(call, req.base_key, "base_key", operation="DeriveKey")
+        call.authorize(base.token, req.template.label or None, operation="DeriveKey")
+        template = core.template(req.template)
+        mechanism = _check_enum(pb.DeriveMechanism, req.mechanism, "mechanism")
+        algorithm = _check_enum(pb.KeyAlgorithm, req.algorithm, "algorithm")
+        if algorithm in AES_KEY_BYTES:
+            size = AES_KEY_BYTES[algorithm]
+        elif algorithm == pb.GENERIC_SECRET:
+            size = req.length_bytes
+        else:
+            raise InvalidArgument("algorithm: a derived key is AES_128/192/256 or GENERIC_SECRET")
+        data = core.data(req.data)
+        if not data or len(data) % AES_BLOCK:
+            raise InvalidArgument(f"data: derivation data must be a non-empty multiple of "
+                                  f"{AES_BLOCK} bytes, got {len(data)}")
+        if len(data) < size:
+            raise InvalidArgument(f"data: {len(data)} bytes cannot make a {size}-byte key")
+        if mechanism == pb.AES_CBC_ENCRYPT_DATA:
+            if len(req.iv) != AES_BLOCK:
+                raise InvalidArgument(f"iv: AES_CBC_ENCRYPT_DATA needs a {AES_BLOCK}-byte IV")
+        elif req.iv:
+            raise InvalidArgument("iv: AES_ECB_ENCRYPT_DATA takes no IV")
+        item = m.DeriveItem(base.ref, mechanism, data, bytes(req.iv), algorithm,
+                            req.length_bytes, template)
+        return base, item
+
+    @rpc
+    def DeriveKey(self, request: pb.DeriveKeyRequest, context: grpc.ServicerContext,
+                  call: Call) -> pb.KeyInfo:
+        core = self.core
+        base, item = self._derive_item(call, request)
+        t = item.template
+        if t.session:
+            # The new key lives beside its base when the base is a handle.
+            record = core.handles.reserve(call.identity or "", base.worker
+                                          if base.worker is not None
+                                          else core.pool._choose().index,
+                                          "key", base.token, t.label)
+            call.touch(None, handle=record.handle)
+            try:
+                reply = core.pool.call("derive", item._replace(
+                    template=t._replace(handle=record.handle)), worker=record.worker,
+                    idempotent=True, timeout=call.timeout())
+            except ServiceError as exc:
+                core.handles.discard(record)
+                raise creation_failed(exc) from None
+            core.activate(record, reply)
+            return self._key_info(reply.value, record)
+        with core.creating([(base.token, t.label)]):
+            raw = core.pool.call("derive", item, worker=base.worker, idempotent=False,
+                                 timeout=call.timeout()).value
+        return self._key_info(raw)
+
+    @rpc
+    def DeriveKeyBatch(self, request: pb.DeriveKeyBatchRequest, context: grpc.ServicerContext,
+                       call: Call) -> pb.DeriveKeyBatchResponse:
+        core = self.core
+        n = core.batch_size(len(request.items))
+        call.items = n
+        results: list[pb.DeriveKeyResult | None] = [None] * n
+        work: list[int] = []
+        payloads: list[m.DeriveItem] = []
+        affinity: list[int | None] = []
+        records: dict[int, HandleRecord] = {}
+        persistent: list[tuple[str, str]] = []
+        try:
+            for i, req in enumerate(request.items):
+                try:
+                    base, item = self._derive_item(call, req)
+                except ServiceError as exc:
+                    if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+                        raise
+                    results[i] = pb.DeriveKeyResult(error=_item_error(exc))
+                    continue
+                t = item.template
+                worker = base.worker
+                if t.session:
+                    if worker is None:
+                        worker = core.pool._choose().index
+                    record = core.handles.reserve(call.identity or "", worker, "key",
+                                                  base.token, t.label)
+                    records[i] = record
+                    call.touch(None, handle=record.handle)
+                    item = item._replace(template=t._replace(handle=record.handle))
+                else:
+                    persistent.append((base.token, t.label))
+                    # Persistent keys are created by one worker so duplicate labels
+                    # inside the batch are caught in order.
+                    worker = 0 if worker is None else worker
+                work.append(i)
+                payloads.append(item)
+                affinity.append(worker)
+            raw: list[Any] = []
+            if work:
+                with core.creating(persistent):
+                    raw = core.pool.batch("derive", payloads, affinity=affinity,
+                                          idempotent=not persistent, timeout=call.timeout())
+        except BaseException:
+            for record in records.values():
+                core.handles.discard(record)
+            raise
+        for i, value in zip(work, raw, strict=True):
+            record = records.get(i)
+            if isinstance(value, Failure):
+                if record is not None:
+                    core.handles.discard(record)
+                results[i] = pb.DeriveKeyResult(error=_failure_error(value))
+                continue
+            if record is not None:
+                state = core.pool.worker_state(record.worker)
+                if state is None:
+                    core.handles.discard(record)
+                    results[i] = pb.DeriveKeyResult(error=_item_error(
+                        Unavailable("the HSM worker restarted; retry")))
+                    continue
+                core.handles.activate(record, *state)
+            results[i] = pb.DeriveKeyResult(key=self._key_info(value, record))
+        core.update_handle_gauge()
+        return pb.DeriveKeyBatchResponse(results=results)
+
+    # -- wrapping ------------------------------------------------------------------------
+    @rpc
+    def WrapKey(self, request: pb.WrapKeyRequest, context: grpc.ServicerContext,
+                call: Call) -> pb.WrapKeyResponse:
+        core = self.core
+        kek = core.key_target(call, request.wrapping_key, "wrapping_key")
+        key = core.key_target(call, request.key, "key")
+        mechanism = _check_enum(pb.WrapMechanism, request.mechanism, "mechanism", OAEP_NOTE)
+        worker = self._same_worker(kek, key)
+        wrapped, kcv = core.pool.call("wrap", m.Wrap(kek.ref, key.ref, mechanism),
+                                      worker=worker, idempotent=True,
+                                      timeout=call.timeout()).value
+        return pb.WrapKeyResponse(wrapped=wrapped, kcv=kcv,
+                                  kcv_method=pb.KCV_ZERO_BLOCK if kcv else 0)
+
+    @staticmethod
+    def _same_worker(*targets: Target) -> int | None:
+        workers = {t.worker for t in targets if t.worker is not None}
+        if len(workers) > 1:
+            raise FailedPrecondition("the two handles are held by different workers; derive "
+                                     "or generate the second from the first's worker")
+        return workers.pop() if workers else None
+
+    @rpc
+    def UnwrapKey(self, request: pb.UnwrapKeyRequest, context: grpc.ServicerContext,
+                  call: Call) -> pb.KeyInfo:
+        core = self.core
+        kek = core.key_target(call, request.unwrapping_key, "unwrapping_key")
+        call.authorize(kek.token, request.template.label or None)
+        template = core.template(request.template)
+        mechanism = _check_enum(pb.WrapMechanism, request.mechanism, "mechanism", OAEP_NOTE)
+        key_class = _check_enum(pb.KeyClass, request.key_class, "key_class")
+        algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
+        wrapped = core.data(request.wrapped, "wrapped", allow_empty=False)
+        if request.expected_kcv and len(request.expected_kcv) != KCV_BYTES:
+            raise InvalidArgument(f"expected_kcv: {KCV_BYTES} bytes (KCV_ZERO_BLOCK)")
+
+        def payload(t: m.Template) -> m.Unwrap:
+            return m.Unwrap(kek.ref, wrapped, mechanism, key_class, algorithm,
+                            request.length_bytes, t, bytes(request.expected_kcv))
+
+        if template.session:
+            record = core.handles.reserve(call.identity or "", kek.worker if kek.worker
+                                          is not None else core.pool._choose().index, "key",
+                                          kek.token, template.label)
+            call.touch(None, handle=record.handle)
+            try:
+                reply = core.pool.call("unwrap", payload(template._replace(
+                    handle=record.handle)), worker=record.worker, idempotent=True,
+                    timeout=call.timeout())
+            except ServiceError as exc:
+                core.handles.discard(record)
+                raise creation_failed(exc) from None
+            core.activate(record, reply)
+            return self._key_info(reply.value, record)
+        with core.creating([(kek.token, template.label)]):
+            raw = core.pool.call("unwrap", payload(template), worker=kek.worker,
+                                 idempotent=False, timeout=call.timeout()).value
+        return self._key_info(raw)
+
+    @rpc
+    def ImportPublicKey(self, request: pb.ImportPublicKeyRequest,
+                        context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
+        core = self.core
+        call.authorize(request.token or None, request.label or None)
+        core.require_token(request.token)
+        if not request.public_key_der or len(request.public_key_der) > MAX_SPKI_BYTES:
+            raise InvalidArgument(f"public_key_der: 1 to {MAX_SPKI_BYTES} bytes of DER")
+        template = core.template(pb.KeyTemplate(label=request.label, usages=request.usages,
+                                                session=request.session))
+        raw, record = self._create(call, "import_public", request.token, template,
+                                   lambda t: m.ImportPublic(request.token,
+                                                            request.public_key_der, t))
+        return self._key_info(raw, record)
+
+    # -- ciphers ------------------------------------------------------------------------
+    def _cipher_item(self, call: Call, req: pb.CipherRequest, decrypt: bool,
+                     operation: str) -> tuple[Target, m.CipherItem]:
+        core = self.core
+        target = core.key_target(call, req.key, operation=operation)
+        mechanism = _check_enum(pb.CipherMechanism, req.mechanism, "mechanism", OAEP_NOTE)
+        data = core.data(req.data, allow_empty=False)
+        if mechanism in (pb.CIPHER_AES_ECB, pb.CIPHER_AES_CBC) and len(data) % AES_BLOCK:
+            raise InvalidArgument(f"data: {_enum_name(pb.CipherMechanism, mechanism)} takes "
+                                  f"whole {AES_BLOCK}-byte blocks (no padding), got "
+                                  f"{len(data)} bytes")
+        if mechanism == pb.CIPHER_AES_CBC:
+            if len(req.iv) != AES_BLOCK:
+                raise InvalidArgument(f"iv: CIPHER_AES_CBC needs a {AES_BLOCK}-byte IV")
+        elif req.iv:
+            raise InvalidArgument(f"iv: {_enum_name(pb.CipherMechanism, mechanism)} takes no IV")
+        return target, m.CipherItem(target.ref, mechanism, bytes(req.iv), data, decrypt)
+
+    @rpc
+    def Encrypt(self, request: pb.CipherRequest, context: grpc.ServicerContext,
+                call: Call) -> pb.CipherResponse:
+        target, item = self._cipher_item(call, request, False, "Encrypt")
+        return pb.CipherResponse(data=self._call(call, "cipher", item, target))
+
+    @rpc
+    def Decrypt(self, request: pb.CipherRequest, context: grpc.ServicerContext,
+                call: Call) -> pb.CipherResponse:
+        target, item = self._cipher_item(call, request, True, "Decrypt")
+        return pb.CipherResponse(data=self._call(call, "cipher", item, target))
+
+    @rpc
+    def EncryptBatch(self, request: pb.CipherBatchRequest, context: grpc.ServicerContext,
+                     call: Call) -> pb.CipherBatchResponse:
+        results = self._batch(call, request.items, "cipher",
+                              lambda req: self._cipher_item(call, req, False, "EncryptBatch"))
+        out = pb.CipherBatchResponse()
+        for r in results:
+            if isinstance(r, pb.ItemError):
+                out.results.add(error=r)
+            else:
+                out.results.add(data=r)
+        return out
+
+    def _batch(self, call: Call, items: Any, op: str, prepare: Any) -> list[Any]:
+        """Validate and authorize each item, run the valid ones, merge per-item errors."""
+        core = self.core
+        n = core.batch_size(len(items))
+        call.items = n
+        results: list[Any] = [None] * n
+        work: list[int] = []
+        payloads: list[Any] = []
+        affinity: list[int | None] = []
+        for i, req in enumerate(items):
+            try:
+                target, item = prepare(req)
+            except ServiceError as exc:
+                if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                results[i] = _item_error(exc)
+                continue
+            work.append(i)
+            payloads.append(item)
+            affinity.append(target.worker)
+        if work:
+            raw = core.pool.batch(op, payloads, affinity=affinity, idempotent=True,
+                                  timeout=call.timeout())
+            for i, value in zip(work, raw, strict=True):
+                results[i] = _failure_error(value) if isinstance(value, Failure) else value
+        return results
+
+    # -- signatures -------------------------------------------------------------------
+    def _sign_item(self, call: Call, req: pb.SignRequest, operation: str
+                   ) -> tuple[Target, m.SignItem]:
+        core = self.core
+        target = core.key_target(call, req.key, operation=operation)
+        mechanism = _check_enum(pb.SignMechanism, req.mechanism, "mechanism")
+        data = core.data(req.data)
+        if mechanism == pb.ECDSA and len(data) not in ECDSA_DIGEST_SIZES:
+            raise InvalidArgument(f"data: ECDSA signs a digest of {ECDSA_DIGEST_SIZES} bytes, "
+                                  f"got {len(data)} (use ECDSA_SHA256 to sign a message)")
+        return target, m.SignItem(target.ref, mechanism, data)
+
+    @rpc
+    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext,
+             call: Call) -> pb.SignResponse:
+        target, item = self._sign_item(call, request, "Sign")
+        return pb.SignResponse(signature=self._call(call, "sign", item, target))
+
+    @rpc
+    def SignBatch(self, request: pb.SignBatchRequest, context: grpc.ServicerContext,
+                  call: Call) -> pb.SignBatchResponse:
+        core = self.core
+        n = core.batch_size(len(request.items))
+        call.items = n
+        # Hot path: authorize each distinct key once, then build payloads.
+        targets: dict[tuple[str, str, str], Target | ServiceError] = {}
+        results: list[Any] = [None] * n
+        work: list[int] = []
+        payloads: list[m.SignItem] = []
+        affinity: list[int | None] = []
+        limit = core.limits.max_data_bytes
+        for i, req in enumerate(request.items):
+            ref = req.key
+            k = (ref.token, ref.label, ref.handle)
+            target = targets.get(k)
+            if target is None:
+                try:
+                    target = core.key_target(call, ref, operation="SignBatch")
+                except ServiceError as exc:
+                    if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+                        raise
+                    target = exc
+                targets[k] = target
+            if isinstance(target, ServiceError):
+                results[i] = _item_error(target)
+                continue
+            mechanism, data = req.mechanism, req.data
+            if (mechanism not in pb.SignMechanism.values() or mechanism == 0
+                    or len(data) > limit
+                    or (mechanism == pb.ECDSA and len(data) not in ECDSA_DIGEST_SIZES)):
+                try:
+                    self._sign_item(call, req, "SignBatch")
+                except ServiceError as exc:
+                    results[i] = _item_error(exc)
+                    continue
+            work.append(i)
+            payloads.append(m.SignItem(target.ref, mechanism, data))
+            affinity.append(target.worker)
+        if work:
+            raw = core.pool.batch("sign", payloads,
+                                  affinity=affinity if any(a is not None for a in affinity)
+                                  else None, idempotent=True, timeout=call.timeout())
+            for i, value in zip(work, raw, strict=True):
+                results[i] = value
+        out = pb.SignBatchResponse()
+        add = out.results.add
+        for r in results:
+            if isinstance(r, bytes):
+                add(signature=r)
+            elif isinstance(r, Failure):
+                add(error=_failure_error(r))
+            else:
+                add(error=r)
+        return out
+
+    @rpc
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext,
+               call: Call) -> pb.VerifyResponse:
+        core = self.core
+        target = core.key_target(call, request.key)
+        mechanism = _check_enum(pb.SignMechanism, request.mechanism, "mechanism")
+        data = core.data(request.data)
+        if mechanism == pb.ECDSA and len(data) not in ECDSA_DIGEST_SIZES:
+            raise InvalidArgument(f"data: ECDSA verifies a digest of {ECDSA_DIGEST_SIZES} "
+                                  f"bytes, got {len(data)}")
+        if not request.signature or len(request.signature) > MAX_SIGNATURE_BYTES:
+            raise InvalidArgument(f"signature: 1 to {MAX_SIGNATURE_BYTES} bytes")
+        valid = self._call(call, "verify", m.VerifyItem(target.ref, mechanism, data,
+                                                        request.signature), target)
+        return pb.VerifyResponse(valid=valid)
+
+    # -- misc ------------------------------------------------------------------------------
+    @rpc
+    def GenerateRandom(self, request: pb.GenerateRandomRequest, context: grpc.ServicerContext,
+                       call: Call) -> pb.GenerateRandomResponse:
+        core = self.core
+        call.authorize(request.token or None)
+        core.require_token(request.token)
+        if not 1 <= request.length <= core.limits.max_data_bytes:
+            raise InvalidArgument(f"length: 1 to {core.limits.max_data_bytes} bytes")
+        call.items = request.length
+        return pb.GenerateRandomResponse(
+            data=self._call(call, "random", m.Random(request.token, request.length)))
+
+    @rpc
+    def GetPublicKey(self, request: pb.GetPublicKeyRequest, context: grpc.ServicerContext,
+                     call: Call) -> pb.GetPublicKeyResponse:
+        target = self.core.key_target(call, request.key)
+        der, algorithm = self._call(call, "public_key", target.ref, target)
+        return pb.GetPublicKeyResponse(public_key_der=der, algorithm=algorithm)
+
+    @rpc
+    def GetKeyAttributes(self, request: pb.GetKeyAttributesRequest,
+                         context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
+        target = self.core.key_target(call, request.key)
+        if request.key_class and request.key_class not in pb.KeyClass.values():
+            raise InvalidArgument(f"key_class: unknown value {request.key_class}")
+        raw = self._call(call, "describe", m.Describe(target.ref, request.key_class), target)
+        return self._key_info(raw, target.record)
+
+    @rpc
+    def DestroyKey(self, request: pb.DestroyKeyRequest, context: grpc.ServicerContext,
+                   call: Call) -> pb.DestroyKeyResponse:
+        core = self.core
+        target = core.key_target(call, request.key)
+        if target.record is not None:
+            count = self._call(call, "destroy", m.Destroy(target.ref), target, idempotent=False)
+            core.handles.end(target.record, "was destroyed")
+            core.update_handle_gauge()
+            return pb.DestroyKeyResponse(destroyed=count)
+        with core.creating([(target.token, target.label)]):
+            count = self._call(call, "destroy", m.Destroy(target.ref), idempotent=False)
+            # Every worker forgets the label's cached handles before we answer, so
+            # no later call can reach a destroyed (or reassigned) object handle.
+            core.pool.broadcast("invalidate", [(target.token, target.label)])
+        return pb.DestroyKeyResponse(destroyed=count)
+
+    @rpc
+    def ReleaseHandles(self, request: pb.ReleaseHandlesRequest, context: grpc.ServicerContext,
+                       call: Call) -> pb.ReleaseHandlesResponse:
+        core = self.core
+        # Releasing one's own handles only gives up access: any identity the
+        # policy knows may do it (unknown identities were refused by @rpc).
+        assert call.identity is not None
+        released = core.handles.release(call.identity, list(request.handles))
+        by_worker: dict[int, list[str]] = {}
+        for record in released:
+            call.touch(record.token, record.label, record.handle)
+            by_worker.setdefault(record.worker, []).append(record.handle)
+        for worker, handles in by_worker.items():
+            # A worker that restarted has lost the state anyway.
+            core.pool.control(worker, "release", handles, timeout=call.timeout())
+        call.items = len(request.handles)
+        core.update_handle_gauge()
+        return pb.ReleaseHandlesResponse(released=len(released))
+
+    # -- key ceremony ----------------------------------------------------------------------
+    @rpc
+    def BeginComponentImport(self, request: pb.BeginComponentImportRequest,
+                             context: grpc.ServicerContext, call: Call) -> pb.ComponentImport:
+        core = self.core
+        tokens = tuple(request.tokens)
+        label = request.template.label
+        if not tokens:
+            raise InvalidArgument("tokens: at least one token")
+        for token in tokens:
+            call.authorize(token, label or None)
+        if len(set(tokens)) != len(tokens):
+            raise InvalidArgument("tokens: a token is listed twice")
+        for token in tokens:
+            core.require_token(token, "tokens")
+        template = core.template(request.template)
+        if template.session:
+            raise InvalidArgument("template.session: a ceremony key is always persistent")
+        algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
+        if algorithm not in AES_KEY_BYTES:
+            raise InvalidArgument("algorithm: component import makes AES_128, AES_192 or "
+                                  "AES_256 keys")
+        if not 2 <= request.components <= MAX_COMPONENTS:
+            raise InvalidArgument(f"components: 2 to {MAX_COMPONENTS}")
+        record = core.new_handle(call, "component-import", tokens[0], label, tokens=tokens)
+        try:
+            reply = core.pool.call("component_begin", m.ComponentBegin(
+                record.handle, tokens, algorithm, request.components, template),
+                worker=record.worker, idempotent=False, timeout=call.timeout())
+        except ServiceError as exc:
+            core.handles.discard(record)
+            raise creation_failed(exc) from None
+        core.activate(record, reply)
+        received, needed = reply.value
+        return pb.ComponentImport(handle=record.handle, received=received, needed=needed)
+
+    @rpc
+    def AddKeyComponent(self, request: pb.AddKeyComponentRequest,
+                        context: grpc.ServicerContext, call: Call) -> pb.ComponentImport:
+        core = self.core
+        call.touch(None, handle=request.handle)
+        if not request.handle:
+            raise InvalidArgument("handle: required")
+        record = core.handles.lookup(call.identity, request.handle,
+                                     worker_state=core.pool.worker_state)
+        if record.kind != "component-import":
+            raise InvalidArgument(f"handle {request.handle} is a {record.kind} handle, not a "
+                                  f"component import")
+        for token in record.tokens:
+            call.authorize(token, record.label)
+        if len(request.kcv) != KCV_BYTES:
+            raise InvalidArgument(f"kcv: the component's {KCV_BYTES}-byte check value "
+                                  f"(KCV_ZERO_BLOCK) is required")
+        if not request.component:
+            raise InvalidArgument("component: required")
+        with core.creating([(t, record.label) for t in record.tokens]):
+            received, needed, infos, error = core.pool.call(
+                "component_add", m.ComponentAdd(record.handle, request.component, request.kcv),
+                worker=record.worker, idempotent=False, timeout=call.timeout()).value
+        out = pb.ComponentImport(handle=record.handle, received=received, needed=needed)
+        call.detail = f"component {received} of {needed}"
+        if error is not None:
+            core.handles.end(record, "ended: the combined key could not be created")
+            core.update_handle_gauge()
+            raise from_wire(error)
+        if infos:
+            core.handles.end(record, "completed")
+            core.update_handle_gauge()
+            out.completed = True
+            out.keys.extend(pb.KeyInfo.FromString(raw) for raw in infos)
+        return out
+
