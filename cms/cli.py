@@ -103,4 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: handlers raise
+    # cms.cli.CliError, which must be the class main() catches.
+    from cms.cli import main as _main
+
+    sys.exit(_main())

@@ -107,10 +107,19 @@ def require_free_label(ctx: WorkerContext, token: str, label: str) -> None:
 
 
 def created(ctx: WorkerContext, token: str, template: m.Template,
-            objects: list[pkcs11.Object], key_class: int | None = None) -> bytes:
-    """KeyInfo of a new key; a session key is stored under its handle."""
+            objects: list[pkcs11.Object], key_class: int | None = None, *,
+            value_len: int = 0) -> bytes:
+    """KeyInfo of a new key; a session key is stored under its handle.
+
+    ``value_len``: the secret key's length when the token cannot say (SoftHSM
+    2.6.1 reports CKA_VALUE_LEN 0 for unwrapped keys).
+    """
     resolved = resolve_objects(token, template.label, objects, handle=template.handle)
     main = resolved.main()
+    if value_len and main == ObjectClass.SECRET_KEY \
+            and not resolved.attrs[main].get(Attribute.VALUE_LEN):
+        resolved.attrs[main][Attribute.VALUE_LEN] = value_len
+        resolved.shapes[main] = shape_of(resolved.attrs[main])
     info = describe(resolved.objects[main], key_class=key_class, attrs=resolved.attrs[main])
     if template.session:
         assert template.handle is not None
@@ -339,9 +348,10 @@ def unwrap(ctx: WorkerContext, req: m.Unwrap) -> bytes:
                          mechanism_param=param, capabilities=0, template=template)
     try:
         attrs = read_attributes(new)
-        if key_type == KeyType.AES and int(attrs.get(Attribute.VALUE_LEN) or 0) != size:
-            raise InvalidArgument(f"the wrapped key is {attrs.get(Attribute.VALUE_LEN)} bytes "
-                                  f"long, not {pb.KeyAlgorithm.Name(req.algorithm)}")
+        reported = int(attrs.get(Attribute.VALUE_LEN) or 0)
+        if key_type == KeyType.AES and reported and reported != size:
+            raise InvalidArgument(f"the wrapped key is {reported} bytes long, not "
+                                  f"{pb.KeyAlgorithm.Name(req.algorithm)}")
         if req.expected_kcv:
             if key_type != KeyType.AES:
                 raise InvalidArgument("expected_kcv applies to AES keys only")
@@ -353,7 +363,7 @@ def unwrap(ctx: WorkerContext, req: m.Unwrap) -> bytes:
     except BaseException:
         _destroy_quietly([new])
         raise
-    return created(ctx, token, t, [new])
+    return created(ctx, token, t, [new], value_len=size)
 
 
 @operation("import_public", idempotent=False)

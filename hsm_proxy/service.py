@@ -336,6 +336,16 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         key_class = _check_enum(pb.KeyClass, request.key_class, "key_class")
         algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
         wrapped = core.data(request.wrapped, "wrapped", allow_empty=False)
+        if key_class == pb.SECRET_KEY and algorithm in AES_KEY_BYTES and mechanism in (
+                pb.AES_KEY_WRAP, pb.AES_KEY_WRAP_PAD):
+            # An AES key (a multiple of 8 bytes) wraps to its length plus 8: the
+            # size is checked here because some tokens cannot report it after.
+            expected = AES_KEY_BYTES[algorithm] + 8
+            if len(wrapped) != expected:
+                name = _enum_name(pb.KeyAlgorithm, algorithm)
+                raise InvalidArgument(
+                    f"wrapped: {len(wrapped)} bytes, but an {name} key wrapped with "
+                    f"{_enum_name(pb.WrapMechanism, mechanism)} is {expected}")
         if request.expected_kcv and len(request.expected_kcv) != KCV_BYTES:
             raise InvalidArgument(f"expected_kcv: {KCV_BYTES} bytes (KCV_ZERO_BLOCK)")
 
