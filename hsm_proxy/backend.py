@@ -184,7 +184,6 @@ class Backend:
             self._down(f"cannot load the PKCS#11 module: {exc}")
             raise BackendUnavailable(f"HSM backend unavailable ({self.reason})") from None
         self._sessions = sessions
-        self.generation += 1
         self.ok = True
         self.reason = ""
         self._backoff = FIRST_BACKOFF_S
@@ -198,9 +197,14 @@ class Backend:
         self._backoff = min(self._backoff * 2, self.max_backoff)
 
     def _drop_sessions(self) -> None:
-        """Forget sessions, cached handles and per-worker state (never reuse them)."""
+        """Forget sessions, cached handles and per-worker state (never reuse them).
+
+        The generation moves on at once, so the frontend learns from the very
+        reply that reports the failure that handles of the old generation are dead.
+        """
         self._cache.clear()
         self._sessions.clear()
+        self.generation += 1
         if self.on_reset is not None:
             self.on_reset()
 

@@ -248,10 +248,12 @@ class ProxyProcess:
 
     def worker_pids(self) -> list[int]:
         """PIDs of the proxy's PKCS#11 worker processes (its Python children)."""
-        pids: list[int] = []
+        pids: set[int] = set()
+        # Children are listed under the thread that started them (workers are
+        # restarted by the proxy's monitor thread), so every thread is read.
         for task in Path(f"/proc/{self.pid}/task").iterdir():
             try:
-                pids += [int(p) for p in (task / "children").read_text().split()]
+                pids.update(int(p) for p in (task / "children").read_text().split())
             except OSError:
                 continue
         out = []

@@ -1,0 +1,203 @@
+"""Worker crashes, handle expiry and quotas, and start-up errors an operator can act on."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import yaml
+from cryptography.exceptions import InvalidSignature
+
+from cms.v1 import hsm_pb2 as pb
+from tests.hsm_proxy.helpers import (
+    TIMEOUT,
+    handle_ref,
+    label_ref,
+    public_key,
+    rpc_error,
+    template,
+    unique,
+    verify_ecdsa,
+)
+from tests.support.hsm_proxy import REPO, ProxyEnv, ProxyProcess
+
+pytestmark = pytest.mark.integration
+
+MAX_HANDLES = 6
+WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory) -> Iterator[ProxyProcess]:
+    env = ProxyEnv.create(tmp_path_factory.mktemp("lifecycle"), overrides={
+        "handles": {"ttl_seconds": 300, "max_per_identity": MAX_HANDLES},
+        "pkcs11": {"probe_interval_seconds": 0.2}})
+    with ProxyProcess(env) as running:
+        yield running
+
+
+def _session_key(hsm, label: str = "demo/s") -> pb.KeyInfo:
+    return hsm.GenerateSecretKey(pb.GenerateSecretKeyRequest(
+        token="access", algorithm=pb.AES_128, template=template(label, pb.SIGN, session=True)),
+        timeout=TIMEOUT)
+
+
+def _wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def test_a_crashed_worker_is_replaced_and_its_handles_expire(proxy):
+    hsm = proxy.hsm("access-server")
+    label = unique("demo/crash")
+    hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
+        token="access", algorithm=pb.EC_P256, template=template(label, pb.SIGN)),
+        timeout=TIMEOUT)
+    public = public_key(hsm, label_ref(label))
+    handles = [_session_key(hsm).ref.handle for _ in range(MAX_HANDLES)]
+    assert len({h.split(".")[0] for h in handles}) == 2  # spread over both workers
+    before = proxy.worker_pids()
+    assert len(before) == 2
+
+    stop = threading.Event()
+    outcomes: Counter = Counter()
+    wrong = 0
+
+    def sign_loop() -> None:
+        nonlocal wrong
+        n = 0
+        while not stop.is_set():
+            n += 1
+            digest = hashlib.sha256(str(n).encode()).digest()
+            try:
+                reply = hsm.SignBatch(pb.SignBatchRequest(items=[pb.SignRequest(
+                    key=label_ref(label), mechanism=pb.ECDSA, data=digest)] * 32), timeout=5)
+            except grpc.RpcError as exc:
+                outcomes[exc.code().name] += 1
+                continue
+            for r in reply.results:
+                try:
+                    verify_ecdsa(public, r.signature, digest, prehashed=True)
+                except InvalidSignature:
+                    wrong += 1
+            outcomes["OK"] += 1
+
+    thread = threading.Thread(target=sign_loop, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: outcomes["OK"] >= 5, "no successes before the crash")
+        os.kill(before[0], signal.SIGKILL)
+        _wait_for(lambda: len(pids := proxy.worker_pids()) == 2 and before[0] not in pids,
+                  "the worker was not replaced")
+        proxy.wait_health("SERVING", WAIT)
+        seen = outcomes["OK"]
+        _wait_for(lambda: outcomes["OK"] >= seen + 5, "no successes after the restart")
+    finally:
+        stop.set()
+        thread.join(15)
+    assert wrong == 0
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    assert before[1] in proxy.worker_pids()
+    restarts = [proxy.metric("cms_hsm_worker_restarts_total", worker=w) for w in ("0", "1")]
+    assert sum(r or 0 for r in restarts) == 1, (restarts, proxy.log_tail())
+    expired = 0
+    for handle in handles:
+        try:
+            hsm.Sign(pb.SignRequest(key=handle_ref(handle), mechanism=pb.AES_CMAC, data=b"x"),
+                     timeout=TIMEOUT)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "handle expired (backend restarted)" in exc.details()
+            expired += 1
+    assert 0 < expired < len(handles)
+    hsm.ReleaseHandles(pb.ReleaseHandlesRequest(handles=handles), timeout=TIMEOUT)
+
+
+def test_handle_quota_per_identity(proxy):
+    admin = proxy.hsm("admin")
+    made = [_session_key(admin).ref.handle for _ in range(MAX_HANDLES)]
+    err = rpc_error(admin.GenerateSecretKey, pb.GenerateSecretKeyRequest(
+        token="access", algorithm=pb.AES_128, template=template("demo/s", pb.SIGN,
+                                                                session=True)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "'admin'" in err.details()
+    # Another identity is not affected by admin's quota.
+    other = _session_key(proxy.hsm("access-server"))
+    assert admin.ReleaseHandles(pb.ReleaseHandlesRequest(handles=made[:1]),
+                                timeout=TIMEOUT).released == 1
+    again = _session_key(admin)
+    assert again.ref.handle
+    assert proxy.metric("cms_hsm_handles_live", kind="key") >= MAX_HANDLES + 1
+    admin.ReleaseHandles(pb.ReleaseHandlesRequest(handles=[*made[1:], again.ref.handle]),
+                         timeout=TIMEOUT)
+    proxy.hsm("access-server").ReleaseHandles(pb.ReleaseHandlesRequest(
+        handles=[other.ref.handle]), timeout=TIMEOUT)
+
+
+def test_handles_expire_after_their_ttl(tmp_path):
+    env = ProxyEnv.create(tmp_path, overrides={"handles": {"ttl_seconds": 1}})
+    with ProxyProcess(env) as proxy:
+        hsm = proxy.hsm("access-server")
+        info = _session_key(hsm)
+        assert info.expires.seconds > 0
+
+        def expired() -> bool:
+            try:
+                hsm.Sign(pb.SignRequest(key=handle_ref(info.ref.handle), mechanism=pb.AES_CMAC,
+                                        data=b"x"), timeout=TIMEOUT)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+                assert "expired (TTL 1 s)" in exc.details()
+                return True
+            return False
+
+        _wait_for(expired, "the handle did not expire")
+        _wait_for(lambda: proxy.metric("cms_hsm_handles_live", kind="key") == 0,
+                  "the expired handle is still counted")
+
+
+def _serve(config) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cms.cli", "hsm-proxy", "serve", "--config",
+                           str(config)], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          check=False)
+
+
+def test_start_up_errors_are_one_clear_line(tmp_path):
+    result = _serve(tmp_path / "missing.yaml")
+    assert result.returncode == 1 and "cannot read configuration" in result.stderr
+    assert "Traceback" not in result.stderr
+    env = ProxyEnv.create(tmp_path / "env")
+    config = env.config()
+    del config["pkcs11"]["tokens"][0]["pin_file"]
+    path = tmp_path / "no-pin.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _serve(path)
+    assert result.returncode == 1
+    assert "pkcs11.tokens[0]: give exactly one of pin_file and pin_env" in result.stderr
+    env.policy = {"identities": {"admin": [{"operations": ["Sing"], "tokens": ["*"],
+                                            "keys": ["*"]}]}}
+    result = _serve(env.write())
+    assert result.returncode == 1 and "unknown operation(s) Sing" in result.stderr
+    env.policy = {"identities": {}}
+    env.hsm.pin_file("kms").chmod(0)
+    try:
+        if os.geteuid() != 0:  # root reads any file; the check below needs a missing one
+            result = _serve(env.write())
+            assert result.returncode == 1 and "user PIN of token 'kms'" in result.stderr
+        env.overrides = {"pkcs11": {"tokens": [{"label": "kms", "pin_env": "NO_SUCH_PIN_VAR"}]}}
+        result = _serve(env.write())
+        assert result.returncode == 1 and "NO_SUCH_PIN_VAR is not set" in result.stderr
+    finally:
+        env.hsm.pin_file("kms").chmod(0o600)
+    assert "Traceback" not in result.stderr
