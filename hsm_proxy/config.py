@@ -27,7 +27,6 @@ crosses a process boundary; ``check_pins`` only proves they are readable.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +213,3 @@ def check_pins(config: Pkcs11Config) -> None:
     for token in config.tokens:
         token.read_pin()
 
-
-def log_level(name: str) -> int:
-    return logging.getLevelName(name.upper())

@@ -131,8 +131,6 @@ class ProxyCore:
             return Target(m.LabelRef(ref.token, ref.label), None, ref.token, ref.label)
         if kind == "handle":
             call.touch(None, handle=ref.handle)
-            if call.identity is None or not self.policy.knows(call.identity):
-                call.authorize(None, None, operation=operation)
             record = self.handles.lookup(call.identity, ref.handle,
                                          worker_state=self.pool.worker_state)
             call.authorize(record.token, record.label, operation=operation)
@@ -175,10 +173,17 @@ class ProxyCore:
 
     # -- handles -----------------------------------------------------------------
     def new_handle(self, call: Call, kind: str, token: str, label: str, *,
-                   tokens: tuple[str, ...] = ()) -> HandleRecord:
-        """Reserve a handle for state a worker is about to create (chooses the worker)."""
+                   worker: int | None = None, tokens: tuple[str, ...] = ()) -> HandleRecord:
+        """Reserve a handle for state a worker is about to create.
+
+        ``worker``: where the state must live (beside a handle it derives from);
+        by default the least busy worker. Send the creating call pinned to
+        ``record.worker`` with ``record.handle`` in its payload, then
+        ``activate`` (or ``handles.discard`` on failure).
+        """
         assert call.identity is not None
-        worker = self.pool._choose().index
+        if worker is None:
+            worker = self.pool.choose().index
         record = self.handles.reserve(call.identity, worker, kind, token, label, tokens)
         call.touch(None, handle=record.handle)
         return record

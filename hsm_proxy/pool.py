@@ -338,7 +338,8 @@ class WorkerPool:
         if not pending.event.wait(wait):
             raise DeadlineExceeded(f"the HSM did not answer {pending.op} in time")
 
-    def _choose(self, exclude: set[int] = frozenset()) -> WorkerProc:  # type: ignore[assignment]
+    def choose(self, exclude: frozenset[int] | set[int] = frozenset()) -> WorkerProc:
+        """The least busy live worker, preferring those whose backend is up."""
         candidates = [w for w in self.workers if w.alive and w.index not in exclude]
         if not candidates:
             raise Unavailable("no HSM worker is running (restarting); retry shortly")
@@ -352,7 +353,7 @@ class WorkerPool:
         """Run one operation; ``worker`` pins it (a handle's worker)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         tried: set[int] = set()
-        target = self.workers[worker] if worker is not None else self._choose()
+        target = self.workers[worker] if worker is not None else self.choose()
         for attempt in (1, 2):
             if worker is not None and not target.alive:
                 raise HandleExpired(None)
@@ -371,12 +372,12 @@ class WorkerPool:
                                       f"because {op} is not idempotent: check before repeating")
                 if attempt == 2:
                     raise Unavailable(f"the HSM worker process failed during {op}, twice")
-                target = self._choose()
+                target = self.choose()
                 continue
             error = from_wire(pending.value)
             if (isinstance(error, Unavailable) and idempotent and worker is None and attempt == 1
                     and any(w.backend_ok and w.index not in tried for w in self.workers)):
-                target = self._choose(exclude=tried)
+                target = self.choose(exclude=tried)
                 continue
             raise error
         raise AssertionError("unreachable")
@@ -431,7 +432,7 @@ class WorkerPool:
                     error = HandleExpired(None)
                 if retry and isinstance(error, Unavailable):
                     try:
-                        other = self._choose(exclude={w.index})
+                        other = self.choose(exclude={w.index})
                         if other.backend_ok or pending.value is CRASHED:
                             again = self._submit(other, BATCH, op, [items[i] for i in idx])
                             self._wait(again, None if deadline is None

@@ -17,27 +17,47 @@ handle is released or expires. When the backend restarts, states are dropped
 without ``close`` (their objects died with the sessions) and later uses of the
 handle answer "handle expired (backend restarted)".
 
-Adding a stateful operation (for example an SCP03 secure channel)::
+Adding a stateful operation (for example a GlobalPlatform SCP03 channel whose
+session keys are CMAC outputs kept in the worker that owns the channel):
 
-    class SecureChannel(State):
-        kind = "scp03-channel"
-        def __init__(self, token, label, s_enc, s_mac, s_rmac): ...
-        def close(self, ctx): destroy the session key objects
+1. Worker side, in a module listed in ``hsm_proxy.server.OPERATION_MODULES``::
 
-    @operation("scp03.open", idempotent=False)
-    def scp03_open(ctx, payload):
-        handle, token, ... = payload
-        keys = ...  # derive the session keys by CMAC in the HSM via ctx.backend
-        ctx.states.put(handle, SecureChannel(...))
-        return {...}
+       class SecureChannel(State):
+           kind = "scp03-channel"
+           def __init__(self, token, label, s_enc, s_mac, s_rmac): ...
+           def close(self, ctx):            # release or TTL expiry
+               for key in (self.s_enc, self.s_mac, self.s_rmac):
+                   key.destroy()            # session objects in ctx.backend
 
-    @operation("scp03.wrap", idempotent=False)
-    def scp03_wrap(ctx, payload):
-        channel = ctx.states.get(payload[0], SecureChannel)
-        ...
+       @operation("scp03.open", idempotent=False)
+       def scp03_open(ctx, payload):
+           handle, token, ... = payload     # the frontend chose the handle
+           ...                              # derive keys with ctx.backend.session(token)
+           ctx.states.put(handle, SecureChannel(...))
+           return {...}
 
-and on the frontend side reserve the handle with ``ProxyCore.new_handle`` and
-route follow-up calls with ``WorkerPool.call(..., worker=record.worker)``.
+       @operation("scp03.wrap", idempotent=False)
+       def scp03_wrap(ctx, payload):
+           channel = ctx.states.get(payload.handle, SecureChannel)  # HandleExpired if lost
+           ...
+
+2. Frontend side, in a servicer method decorated with ``core.rpc``::
+
+       call.authorize(token, label)
+       record = core.new_handle(call, "scp03-channel", token, label)
+       reply = core.pool.call("scp03.open", (record.handle, ...), worker=record.worker,
+                              idempotent=False, timeout=call.timeout())
+       core.activate(record, reply)         # handles.discard(record) on failure
+
+   and for follow-up calls::
+
+       record = core.handles.lookup(call.identity, handle,
+                                    worker_state=core.pool.worker_state)
+       call.authorize(record.token, record.label)
+       core.pool.call("scp03.wrap", ..., worker=record.worker, idempotent=False, ...)
+
+   Ownership, TTL, quota, ReleaseHandles and expiry after a restart then
+   work for the new kind of handle exactly as for session keys.
 """
 
 from __future__ import annotations

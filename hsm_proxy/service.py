@@ -216,11 +216,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         t = item.template
         if t.session:
             # The new key lives beside its base when the base is a handle.
-            record = core.handles.reserve(call.identity or "", base.worker
-                                          if base.worker is not None
-                                          else core.pool._choose().index,
-                                          "key", base.token, t.label)
-            call.touch(None, handle=record.handle)
+            record = core.new_handle(call, "key", base.token, t.label, worker=base.worker)
             try:
                 reply = core.pool.call("derive", item._replace(
                     template=t._replace(handle=record.handle)), worker=record.worker,
@@ -247,6 +243,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         affinity: list[int | None] = []
         records: dict[int, HandleRecord] = {}
         persistent: list[tuple[str, str]] = []
+        persistent_worker: int | None = None
         try:
             for i, req in enumerate(request.items):
                 try:
@@ -259,18 +256,18 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                 t = item.template
                 worker = base.worker
                 if t.session:
-                    if worker is None:
-                        worker = core.pool._choose().index
-                    record = core.handles.reserve(call.identity or "", worker, "key",
-                                                  base.token, t.label)
+                    record = core.new_handle(call, "key", base.token, t.label, worker=worker)
                     records[i] = record
-                    call.touch(None, handle=record.handle)
+                    worker = record.worker
                     item = item._replace(template=t._replace(handle=record.handle))
                 else:
                     persistent.append((base.token, t.label))
                     # Persistent keys are created by one worker so duplicate labels
                     # inside the batch are caught in order.
-                    worker = 0 if worker is None else worker
+                    if worker is None:
+                        if persistent_worker is None:
+                            persistent_worker = core.pool.choose().index
+                        worker = persistent_worker
                 work.append(i)
                 payloads.append(item)
                 affinity.append(worker)
@@ -354,10 +351,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                             request.length_bytes, t, bytes(request.expected_kcv))
 
         if template.session:
-            record = core.handles.reserve(call.identity or "", kek.worker if kek.worker
-                                          is not None else core.pool._choose().index, "key",
-                                          kek.token, template.label)
-            call.touch(None, handle=record.handle)
+            record = core.new_handle(call, "key", kek.token, template.label, worker=kek.worker)
             try:
                 reply = core.pool.call("unwrap", payload(template._replace(
                     handle=record.handle)), worker=record.worker, idempotent=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from pathlib import Path
 
 import grpc
 import pytest
@@ -455,3 +456,14 @@ def test_metrics_count_operations_workers_and_sessions(proxy, hsm, ec_pair):
     assert proxy.metric("cms_hsm_batch_items_total", operation="SignBatch") >= 200
     assert proxy.metric("cms_hsm_operation_errors_total", operation="Sign",
                         code="NOT_FOUND") >= 1
+
+
+def test_only_worker_processes_load_pkcs11(proxy, proxy_env):
+    """The frontend (gRPC, policy, audit) never maps the PKCS#11 module; each worker does."""
+    module = Path(proxy_env.module).name
+    frontend = Path(f"/proc/{proxy.pid}/maps").read_text()
+    assert module not in frontend and "_pkcs11" not in frontend
+    workers = proxy.worker_pids()
+    assert len(workers) == proxy_env.workers
+    for pid in workers:
+        assert module in Path(f"/proc/{pid}/maps").read_text()
