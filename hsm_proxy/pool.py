@@ -231,7 +231,9 @@ class WorkerPool:
             self.on_change()
 
     def _lost(self, w: WorkerProc, incarnation: int) -> None:
-        with w.state_lock:
+        # Holding the send lock too: a call is either already pending (and is
+        # failed below) or sees the worker dead; none can slip in unanswered.
+        with w.send_lock, w.state_lock:
             if incarnation != w.incarnation:
                 return
             w.alive = False

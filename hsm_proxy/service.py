@@ -38,6 +38,7 @@ KCV_BYTES = 3
 AES_KEY_BYTES = {pb.AES_128: 16, pb.AES_192: 24, pb.AES_256: 32}
 PAIR_ALGORITHMS = (pb.EC_P256, pb.EC_SECP256K1, pb.RSA_2048, pb.RSA_3072)
 SECRET_ALGORITHMS = (pb.AES_128, pb.AES_192, pb.AES_256, pb.GENERIC_SECRET)
+SIGN_MECHANISMS = frozenset(v for v in pb.SignMechanism.values() if v)
 OAEP_NOTE = "RSA-OAEP is offered with SHA-1 and MGF1-SHA1 only (what SoftHSM2 implements)"
 
 
@@ -498,8 +499,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                 results[i] = _item_error(target)
                 continue
             mechanism, data = req.mechanism, req.data
-            if (mechanism not in pb.SignMechanism.values() or mechanism == 0
-                    or len(data) > limit
+            if (mechanism not in SIGN_MECHANISMS or len(data) > limit
                     or (mechanism == pb.ECDSA and len(data) not in ECDSA_DIGEST_SIZES)):
                 try:
                     self._sign_item(call, req, "SignBatch")

@@ -34,13 +34,14 @@ pytestmark = pytest.mark.integration
 
 MAX_HANDLES = 6
 WAIT = 60.0
+HUNG_AFTER = 2.0
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory) -> Iterator[ProxyProcess]:
     env = ProxyEnv.create(tmp_path_factory.mktemp("lifecycle"), overrides={
         "handles": {"ttl_seconds": 300, "max_per_identity": MAX_HANDLES},
-        "pkcs11": {"probe_interval_seconds": 0.2}})
+        "pkcs11": {"probe_interval_seconds": 0.2, "call_timeout_seconds": HUNG_AFTER}})
     with ProxyProcess(env) as running:
         yield running
 
@@ -49,6 +50,10 @@ def _session_key(hsm, label: str = "demo/s") -> pb.KeyInfo:
     return hsm.GenerateSecretKey(pb.GenerateSecretKeyRequest(
         token="access", algorithm=pb.AES_128, template=template(label, pb.SIGN, session=True)),
         timeout=TIMEOUT)
+
+
+def _restarts(proxy: ProxyProcess) -> float:
+    return sum(proxy.metric("cms_hsm_worker_restarts_total", worker=w) or 0 for w in ("0", "1"))
 
 
 def _wait_for(predicate, what: str) -> None:
@@ -70,6 +75,7 @@ def test_a_crashed_worker_is_replaced_and_its_handles_expire(proxy):
     assert len({h.split(".")[0] for h in handles}) == 2  # spread over both workers
     before = proxy.worker_pids()
     assert len(before) == 2
+    restarts_before = _restarts(proxy)
 
     stop = threading.Event()
     outcomes: Counter = Counter()
@@ -110,8 +116,7 @@ def test_a_crashed_worker_is_replaced_and_its_handles_expire(proxy):
     assert wrong == 0
     assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
     assert before[1] in proxy.worker_pids()
-    restarts = [proxy.metric("cms_hsm_worker_restarts_total", worker=w) for w in ("0", "1")]
-    assert sum(r or 0 for r in restarts) == 1, (restarts, proxy.log_tail())
+    assert _restarts(proxy) == restarts_before + 1
     expired = 0
     for handle in handles:
         try:
@@ -123,6 +128,34 @@ def test_a_crashed_worker_is_replaced_and_its_handles_expire(proxy):
             expired += 1
     assert 0 < expired < len(handles)
     hsm.ReleaseHandles(pb.ReleaseHandlesRequest(handles=handles), timeout=TIMEOUT)
+
+
+def test_a_hung_worker_is_killed_and_its_calls_run_elsewhere(proxy):
+    """A worker stuck inside the module (here: stopped) is killed after the call
+    timeout; idempotent calls it held are answered by the other worker."""
+    hsm = proxy.hsm("access-server")
+    label = unique("demo/hang")
+    hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
+        token="access", algorithm=pb.EC_P256, template=template(label, pb.SIGN)),
+        timeout=TIMEOUT)
+    public = public_key(hsm, label_ref(label))
+    before = proxy.worker_pids()
+    os.kill(before[0], signal.SIGSTOP)
+    try:
+        futures = [hsm.Sign.future(pb.SignRequest(key=label_ref(label), mechanism=pb.ECDSA,
+                                                  data=bytes([i]) * 32), timeout=WAIT)
+                   for i in range(8)]
+        for i, future in enumerate(futures):
+            verify_ecdsa(public, future.result().signature, bytes([i]) * 32, prehashed=True)
+        _wait_for(lambda: len(pids := proxy.worker_pids()) == 2 and before[0] not in pids,
+                  "the hung worker was not replaced")
+    finally:
+        try:
+            os.kill(before[0], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert "worker silent past the call timeout" in proxy.log_tail(200)
+    proxy.wait_health("SERVING", WAIT)
 
 
 def test_handle_quota_per_identity(proxy):
