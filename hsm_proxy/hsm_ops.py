@@ -38,7 +38,9 @@ from hsm_proxy.keyspec import (
     EC_BY_PARAMS,
     EC_PARAMS,
     KCV_LENGTH,
+    PRIVATE_USAGES,
     PUBLIC_COUNTERPART,
+    PUBLIC_USAGES,
     RSA_BITS,
     RSA_PUBLIC_EXPONENT,
     ZERO_BLOCK,
@@ -212,9 +214,20 @@ def generate_secret(ctx: WorkerContext, req: m.GenerateSecret) -> bytes:
 
 
 def _pair_templates(t: m.Template) -> tuple[dict, dict]:
-    public_usages = frozenset(PUBLIC_COUNTERPART[u] for u in t.usages if u in PUBLIC_COUNTERPART)
+    """Private usages go to the private half, which gives the public half their
+    counterparts; public usages named as well (SIGN + VERIFY) go to the public half."""
+    unknown = t.usages - PRIVATE_USAGES - PUBLIC_USAGES
+    if unknown:
+        raise InvalidArgument("a key pair's usages are SIGN, DECRYPT, UNWRAP, DERIVE (private "
+                              "half) and VERIFY, ENCRYPT, WRAP (public half)")
+    private_usages = t.usages & PRIVATE_USAGES
+    if not private_usages:
+        raise InvalidArgument("a key pair needs at least one private usage (SIGN, DECRYPT, "
+                              "UNWRAP or DERIVE)")
+    public_usages = frozenset(PUBLIC_COUNTERPART[u] for u in private_usages
+                              if u in PUBLIC_COUNTERPART) | (t.usages & PUBLIC_USAGES)
     return (public_template(t.label, t.key_id, public_usages, t.session),
-            private_template(t.label, t.key_id, t.usages, t.extractable, t.session))
+            private_template(t.label, t.key_id, private_usages, t.extractable, t.session))
 
 
 @operation("generate_pair", idempotent=False)

@@ -467,3 +467,17 @@ def test_only_worker_processes_load_pkcs11(proxy, proxy_env):
     assert len(workers) == proxy_env.workers
     for pid in workers:
         assert module in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_pair_usages_may_name_both_halves(hsm):
+    label = unique("ops/both-halves")
+    info = hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
+        token="access", algorithm=pb.EC_P256, template=template(label, pb.SIGN, pb.VERIFY)),
+        timeout=TIMEOUT)
+    assert list(info.usages) == [pb.SIGN]
+    public = hsm.GetKeyAttributes(pb.GetKeyAttributesRequest(
+        key=label_ref(label), key_class=pb.PUBLIC_KEY), timeout=TIMEOUT)
+    assert list(public.usages) == [pb.VERIFY]
+    err = rpc_error(hsm.GenerateKeyPair, pb.GenerateKeyPairRequest(
+        token="access", algorithm=pb.EC_P256, template=template(unique("ops/v"), pb.VERIFY)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "private usage" in err.details()
