@@ -352,6 +352,10 @@ def unwrap(ctx: WorkerContext, req: m.Unwrap) -> bytes:
         object_class = ObjectClass.PRIVATE_KEY
         template = private_template(t.label, t.key_id, t.usages, t.extractable, t.session)
         template[Attribute.KEY_TYPE] = key_type
+        # python-pkcs11 adds every usage attribute to an unwrap template; the
+        # public-only ones do not exist on private keys (DEFAULT removes them).
+        for attr in (Attribute.ENCRYPT, Attribute.VERIFY, Attribute.WRAP):
+            template[attr] = pkcs11.DEFAULT
     else:
         raise InvalidArgument("key_class must be SECRET_KEY or PRIVATE_KEY")
     if not t.session:

@@ -132,12 +132,13 @@ def test_ecdsa_signatures_verify_outside_the_hsm(hsm, algorithm):
     assert ok.valid and not bad.valid
 
 
-def test_rsa_pkcs1_and_pss_signatures_verify_outside_the_hsm(hsm):
+@pytest.mark.parametrize(("algorithm", "bits"), [(pb.RSA_2048, 2048), (pb.RSA_3072, 3072)])
+def test_rsa_pkcs1_and_pss_signatures_verify_outside_the_hsm(hsm, algorithm, bits):
     label = unique("ops/rsa")
     info = hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
-        token="access", algorithm=pb.RSA_2048, template=template(label, pb.SIGN)),
+        token="access", algorithm=algorithm, template=template(label, pb.SIGN)),
         timeout=120)
-    assert info.algorithm == pb.RSA_2048 and info.size_bits == 2048
+    assert info.algorithm == algorithm and info.size_bits == bits
     public = public_key(hsm, label_ref(label))
     message = b"issuer payload"
     for mechanism, pss in ((pb.RSA_PKCS1_SHA256, False), (pb.RSA_PSS_SHA256, True)):
@@ -481,3 +482,19 @@ def test_pair_usages_may_name_both_halves(hsm):
     err = rpc_error(hsm.GenerateKeyPair, pb.GenerateKeyPairRequest(
         token="access", algorithm=pb.EC_P256, template=template(unique("ops/v"), pb.VERIFY)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "private usage" in err.details()
+
+
+def test_private_key_unwrapped_from_pkcs8_signs_for_its_public_key(hsm, known):
+    kek_label, kek = known
+    private = ec.generate_private_key(ec.SECP256R1())
+    pkcs8 = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    info = hsm.UnwrapKey(pb.UnwrapKeyRequest(
+        unwrapping_key=label_ref(kek_label), wrapped=aes_key_wrap_with_padding(kek, pkcs8),
+        mechanism=pb.AES_KEY_WRAP_PAD, key_class=pb.PRIVATE_KEY, algorithm=pb.EC_P256,
+        template=template("device/imported", pb.SIGN, session=True)), timeout=TIMEOUT)
+    assert info.key_class == pb.PRIVATE_KEY and info.sensitive and not info.extractable
+    digest = hashlib.sha256(b"device key").digest()
+    sig = hsm.Sign(pb.SignRequest(key=handle_ref(info.ref.handle), mechanism=pb.ECDSA,
+                                  data=digest), timeout=TIMEOUT).signature
+    verify_ecdsa(private.public_key(), sig, digest, prehashed=True)
