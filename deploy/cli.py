@@ -24,8 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from cms.cli import CliError
     from deploy.local import up
 
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot use {args.dir} as the stack directory: {exc.strerror}") from None
     path = up(args.dir, only=args.only)
     print(path.read_text())
     return 0
