@@ -212,9 +212,24 @@ def hsm_proxy_config(stack: Stack) -> dict:
     }
 
 
+def access_server_config(stack: Stack) -> dict:
+    return {
+        "server": {"listen": stack.listen("access_server"),
+                   "metrics_listen": stack.listen("access_server", "metrics")},
+        "tls": stack.tls("access-server"),
+        "database": {"url": f"sqlite:///{stack.path('data', 'access.db')}"},
+        "proxy": {"address": stack.address("hsm_proxy")},
+        "card_channel": {"allow_agents_without_certificate": False, "lease_seconds": 120},
+        "log": {"level": "info", "file": None},
+    }
+
+
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("hsm_proxy", "hsm-proxy", ("hsm-proxy", "serve"), "cms.v1.Hsm",
                 hsm_proxy_config, module="hsm_proxy.server"),
+    ServiceSpec("access_server", "access-server", ("access-server", "serve"),
+                "cms.v1.PsdRegistry", access_server_config, depends=("hsm_proxy",),
+                module="access_server.server"),
 )
 
 

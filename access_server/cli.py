@@ -1,0 +1,265 @@
+"""``cms access-server serve``, ``cms psd ...`` and ``cms campaign ...``.
+
+The operator commands reach the access server through endpoints.json
+(``--endpoints``, $CMS_ENDPOINTS or ./var/demo/endpoints.json) as an identity
+(default ``admin``). gRPC errors are reported as one line with their status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+SERVICE = "access_server"
+BAR_WIDTH = 30
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    server = sub.add_parser("access-server", help="the access server (HSM1 side)")
+    ssub = server.add_subparsers(dest="access_command", metavar="ACTION", required=True)
+    serve = ssub.add_parser("serve", help="serve the registry, campaigns and card channel")
+    serve.add_argument("--config", required=True, type=Path)
+    serve.add_argument("--ready-file", type=Path)
+    serve.set_defaults(func=_serve)
+
+    psd = sub.add_parser("psd", help="the PSD registry")
+    _client_options(psd)
+    psub = psd.add_subparsers(dest="psd_command", metavar="ACTION", required=True)
+    reg = psub.add_parser("register", help="register blank cards by PSD id")
+    reg.add_argument("psd_ids", nargs="*", metavar="PSD_ID")
+    reg.add_argument("--file", type=Path, help="one PSD id per line ('-': stdin)")
+    reg.set_defaults(func=_psd_register)
+    show = psub.add_parser("show", help="one card's record")
+    show.add_argument("psd_id")
+    show.set_defaults(func=_psd_show)
+    lst = psub.add_parser("list", help="cards, in PSD id order")
+    lst.add_argument("--state", choices=["blank", "installing", "active",
+                                         "replacement-pending", "revoked"])
+    lst.add_argument("--mk-version", type=int, default=0)
+    lst.set_defaults(func=_psd_list)
+    hist = psub.add_parser("history", help="one card's events")
+    hist.add_argument("psd_id")
+    hist.set_defaults(func=_psd_history)
+    revoke = psub.add_parser("revoke", help="refuse all further work on a card")
+    revoke.add_argument("psd_id")
+    revoke.add_argument("--reason", required=True)
+    revoke.set_defaults(func=_psd_revoke)
+
+    camp = sub.add_parser("campaign", help="master key replacement campaigns")
+    _client_options(camp)
+    csub = camp.add_subparsers(dest="campaign_command", metavar="ACTION", required=True)
+    start = csub.add_parser("start", help="replace MK version X with Y on cards as they connect")
+    start.add_argument("--from-version", type=int, required=True)
+    start.add_argument("--to-version", type=int, required=True)
+    start.add_argument("--psd", action="append", default=[], metavar="PSD_ID",
+                       help="only these cards (repeatable)")
+    start.add_argument("--prefix", default="", help="only cards whose PSD id starts so")
+    start.add_argument("--name", default="")
+    start.set_defaults(func=_campaign_start)
+    status = csub.add_parser("status", help="progress of one campaign, or all")
+    status.add_argument("campaign_id", nargs="?")
+    status.add_argument("--watch", action="store_true", help="follow until it ends")
+    status.set_defaults(func=_campaign_status)
+    for action in ("pause", "resume", "cancel"):
+        p = csub.add_parser(action, help=f"{action} a campaign")
+        p.add_argument("campaign_id")
+        p.set_defaults(func=_campaign_transition, action=action)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoints", help="endpoints.json (default: $CMS_ENDPOINTS or "
+                                            "var/demo/endpoints.json)")
+    parser.add_argument("--identity", default="admin", help="TLS identity (default admin)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from access_server.server import serve
+
+    return serve(args.config, args.ready_file)
+
+
+def _channel(args: argparse.Namespace) -> Any:
+    from cms.runtime.client import load_endpoints
+
+    return load_endpoints(args.endpoints).channel(SERVICE, args.identity)
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from cms.v1 import access_pb2_grpc
+
+    return access_pb2_grpc.PsdRegistryStub(_channel(args))
+
+
+def _campaigns(args: argparse.Namespace) -> Any:
+    from cms.v1 import access_pb2_grpc
+
+    return access_pb2_grpc.CampaignsStub(_channel(args))
+
+
+# -- registry -------------------------------------------------------------------
+
+def _read_ids(args: argparse.Namespace) -> list[str]:
+    from cms.cli import CliError
+
+    ids = list(args.psd_ids)
+    if args.file is not None:
+        try:
+            text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise CliError("no PSD ids given (arguments or --file)")
+    return ids
+
+
+def _psd_register(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    reply = _registry(args).RegisterPsds(pb.RegisterPsdsRequest(psd_ids=_read_ids(args)),
+                                         timeout=60)
+    for r in reply.results:
+        print(f"{r.psd_id}: {'added' if r.added else 'not added: ' + r.error}")
+    print(f"{reply.added} of {len(reply.results)} added")
+    return 0 if reply.added == len(reply.results) else 1
+
+
+def _state_name(value: int) -> str:
+    from cms.v1 import access_pb2 as pb
+
+    return pb.PsdState.Name(value).removeprefix("PSD_").lower().replace("_", "-")
+
+
+def _describe_psd(psd: Any) -> str:
+    parts = [psd.psd_id, _state_name(psd.state), f"mk={psd.mk_version or '-'}",
+             f"mkrk={psd.mkrk_version or '-'}"]
+    if psd.pending_mk_version:
+        parts.append(f"pending_mk={psd.pending_mk_version}")
+    parts.append(f"cryptogram={'yes' if psd.has_cryptogram else 'no'}")
+    if psd.HasField("last_contact"):
+        parts.append(f"last_contact={psd.last_contact.ToJsonString()}")
+    return " ".join(parts)
+
+
+def _psd_show(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    print(_describe_psd(_registry(args).GetPsd(pb.GetPsdRequest(psd_id=args.psd_id),
+                                               timeout=30)))
+    return 0
+
+
+def _psd_list(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    state = 0
+    if args.state:
+        state = pb.PsdState.Value("PSD_" + args.state.upper().replace("-", "_"))
+    stub, token, shown = _registry(args), "", 0
+    while True:
+        page = stub.ListPsds(pb.ListPsdsRequest(state=state, mk_version=args.mk_version,
+                                                page_size=500, page_token=token), timeout=60)
+        for psd in page.psds:
+            print(_describe_psd(psd))
+        shown += len(page.psds)
+        token = page.next_page_token
+        if not token:
+            break
+    print(f"{shown} card(s)")
+    return 0
+
+
+def _psd_history(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    reply = _registry(args).GetPsdHistory(pb.GetPsdRequest(psd_id=args.psd_id), timeout=30)
+    for e in reply.events:
+        detail = f" {e.detail}" if e.detail else ""
+        print(f"{e.at.ToJsonString()} {e.event} by {e.actor}{detail}")
+    return 0
+
+
+def _psd_revoke(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    psd = _registry(args).RevokePsd(pb.RevokePsdRequest(psd_id=args.psd_id, reason=args.reason),
+                                    timeout=30)
+    print(_describe_psd(psd))
+    return 0
+
+
+# -- campaigns ------------------------------------------------------------------
+
+def _campaign_start(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    request = pb.StartCampaignRequest(
+        name=args.name, from_mk_version=args.from_version, to_mk_version=args.to_version,
+        filter=pb.CampaignFilter(psd_ids=args.psd, psd_id_prefix=args.prefix))
+    campaign = _campaigns(args).StartCampaign(request, timeout=60)
+    print(describe_campaign(campaign))
+    return 0
+
+
+def describe_campaign(c: Any) -> str:
+    from cms.v1 import access_pb2 as pb
+
+    state = pb.CampaignState.Name(c.state).removeprefix("CAMPAIGN_").lower()
+    return (f"{c.campaign_id} {c.name!r} MK {c.from_mk_version} -> {c.to_mk_version} {state}: "
+            f"{c.done}/{c.total} done, {c.pending} pending, {c.failed} failed")
+
+
+def progress_bar(c: Any, width: int = BAR_WIDTH) -> str:
+    """``[#####.....]  12/40`` for a campaign (done out of total)."""
+    filled = width * c.done // c.total if c.total else width
+    return f"[{'#' * filled}{'.' * (width - filled)}] {c.done}/{c.total}"
+
+
+def _campaign_status(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    stub = _campaigns(args)
+    if not args.campaign_id:
+        if args.watch:
+            from cms.cli import CliError
+
+            raise CliError("--watch needs a campaign id")
+        campaigns = stub.ListCampaigns(pb.ListCampaignsRequest(), timeout=30).campaigns
+        for c in campaigns:
+            print(describe_campaign(c))
+        if not campaigns:
+            print("no campaigns")
+        return 0
+    request = pb.GetCampaignRequest(campaign_id=args.campaign_id)
+    if not args.watch:
+        c = stub.GetCampaign(request, timeout=30)
+        print(describe_campaign(c))
+        if sys.stdout.isatty():
+            print(progress_bar(c))
+        return 0
+    tty = sys.stdout.isatty()
+    last = None
+    for c in stub.WatchCampaign(request):
+        last = c
+        if tty:
+            print(f"\r{progress_bar(c)} {c.failed} failed", end="", flush=True)
+        else:
+            print(describe_campaign(c), flush=True)
+    if tty:
+        print()
+    if last is not None and tty:
+        print(describe_campaign(last))
+    return 0
+
+
+def _campaign_transition(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    stub = _campaigns(args)
+    method = {"pause": stub.PauseCampaign, "resume": stub.ResumeCampaign,
+              "cancel": stub.CancelCampaign}[args.action]
+    print(describe_campaign(method(pb.GetCampaignRequest(campaign_id=args.campaign_id),
+                                   timeout=30)))
+    return 0

@@ -1,0 +1,81 @@
+"""Configuration of ``cms access-server serve`` (YAML).
+
+::
+
+    server: {listen: 127.0.0.1:0, metrics_listen: 127.0.0.1:0, max_workers: 32}
+    tls: {ca: ca.pem, cert: access-server.pem, key: access-server.key}
+    database: {url: sqlite:///var/access.db}     # or postgresql+psycopg://...
+    proxy: {address: 127.0.0.1:PORT}              # the HSM proxy (mTLS with the same tls files)
+    card_channel: {allow_agents_without_certificate: false, lease_seconds: 120}
+    log: {level: info, file: null}
+
+Every value is checked at start-up and a bad one is named with its path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cms.runtime.config import ConfigError, Section, load_yaml
+from cms.runtime.tls import TlsFiles
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    path: Path
+    listen: str
+    metrics_listen: str | None
+    max_workers: int
+    tls: TlsFiles
+    database_url: str
+    proxy_address: str | None
+    allow_agents_without_certificate: bool
+    lease_seconds: float
+    log_level: str
+    log_file: Path | None
+
+
+def _tls(section: Section) -> TlsFiles:
+    files = TlsFiles(section.path("ca", required=True), section.path("cert", required=True),
+                     section.path("key", required=True))
+    for name, path in (("ca", files.ca), ("cert", files.cert), ("key", files.key)):
+        if not path.is_file():
+            raise ConfigError(f"{section.where}.{name}: no such file {path}")
+    return files
+
+
+def _database_url(section: Section) -> str:
+    url = section.str("url", required=True)
+    if not url.startswith(("sqlite://", "postgresql")):
+        raise ConfigError(f"{section.where}.url: expected sqlite:///PATH or "
+                          f"postgresql+psycopg://..., got a {url.split(':', 1)[0]!r} URL")
+    return url
+
+
+def load_config(path: Path) -> AccessConfig:
+    root = Section(load_yaml(path), str(path), path.parent)
+    server = root.section("server")
+    channel = root.section("card_channel")
+    log = root.section("log")
+    level = log.str("level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{path}.log.level: one of {', '.join(LOG_LEVELS)}")
+    lease = channel.float("lease_seconds", 120.0)
+    if lease <= 0:
+        raise ConfigError(f"{path}.card_channel.lease_seconds: must be positive")
+    return AccessConfig(
+        path=path,
+        listen=server.str("listen", "127.0.0.1:0"),
+        metrics_listen=server.str("metrics_listen", "127.0.0.1:0"),
+        max_workers=server.int("max_workers", 32, minimum=2, maximum=1024),
+        tls=_tls(root.section("tls", required=True)),
+        database_url=_database_url(root.section("database", required=True)),
+        proxy_address=root.section("proxy").str("address"),
+        allow_agents_without_certificate=channel.bool("allow_agents_without_certificate", False),
+        lease_seconds=lease,
+        log_level=level,
+        log_file=log.path("file"),
+    )

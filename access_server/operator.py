@@ -1,0 +1,202 @@
+"""Operator API of the access server: the PSD registry and campaigns.
+
+Thin servicers over ``access_server.store.Store``: they check who is calling,
+translate messages to store calls and records back to messages. Every rule
+about cards and campaigns lives in the store; errors it raises are
+``ServiceError`` subclasses that ``guard`` turns into a status with the
+store's message.
+
+Who may call: ``admin`` changes and reads; ``key-mgmt`` reads (it needs to
+know which MK versions cards use before retiring one). Any other identity,
+the card agent included, is refused: agents reach cards only through the
+card channel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from access_server.store import Campaign, CampaignState, PsdRecord, PsdState, Store
+from cms.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ServiceError,
+    guard,
+)
+from cms.runtime.tls import peer_identity
+from cms.v1 import access_pb2 as pb
+from cms.v1 import access_pb2_grpc
+
+WRITERS = frozenset({"admin"})
+READERS = WRITERS | {"key-mgmt"}
+WATCH_POLL_SECONDS = 0.5
+
+PSD_STATE_TO_PB = {
+    PsdState.BLANK: pb.PSD_BLANK,
+    PsdState.INSTALLING: pb.PSD_INSTALLING,
+    PsdState.ACTIVE: pb.PSD_ACTIVE,
+    PsdState.REPLACEMENT_PENDING: pb.PSD_REPLACEMENT_PENDING,
+    PsdState.REVOKED: pb.PSD_REVOKED,
+}
+PSD_STATE_FROM_PB = {v: k for k, v in PSD_STATE_TO_PB.items()}
+CAMPAIGN_STATE_TO_PB = {
+    CampaignState.RUNNING: pb.CAMPAIGN_RUNNING,
+    CampaignState.PAUSED: pb.CAMPAIGN_PAUSED,
+    CampaignState.CANCELLED: pb.CAMPAIGN_CANCELLED,
+    CampaignState.COMPLETED: pb.CAMPAIGN_COMPLETED,
+}
+CAMPAIGN_ENDED = frozenset({CampaignState.CANCELLED, CampaignState.COMPLETED})
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def psd_message(record: PsdRecord) -> pb.Psd:
+    return pb.Psd(
+        psd_id=record.psd_id, state=PSD_STATE_TO_PB[record.state],
+        mk_version=record.mk_version or 0, mkrk_version=record.mkrk_version or 0,
+        pending_mk_version=record.pending_mk_version or 0,
+        has_cryptogram=record.has_cryptogram, created=_timestamp(record.created),
+        updated=_timestamp(record.updated), last_contact=_timestamp(record.last_contact))
+
+
+def campaign_message(campaign: Campaign) -> pb.Campaign:
+    return pb.Campaign(
+        campaign_id=campaign.campaign_id, name=campaign.name,
+        from_mk_version=campaign.from_version, to_mk_version=campaign.to_version,
+        state=CAMPAIGN_STATE_TO_PB[campaign.state], total=campaign.total, done=campaign.done,
+        pending=campaign.pending, failed=campaign.failed,
+        created=_timestamp(campaign.created), updated=_timestamp(campaign.updated))
+
+
+def caller(context: grpc.ServicerContext, allowed: frozenset[str], what: str) -> str:
+    """The caller's identity when it may do ``what``; PermissionDenied otherwise."""
+    identity = peer_identity(context)
+    if identity not in allowed:
+        raise PermissionDenied(f"identity {identity or '(none)'} may not {what} "
+                               f"(allowed: {', '.join(sorted(allowed))})")
+    return identity
+
+
+class PsdRegistryServicer(access_pb2_grpc.PsdRegistryServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @guard
+    def RegisterPsds(self, request, context):
+        actor = caller(context, WRITERS, "register PSDs")
+        outcomes = self.store.register_psds(list(request.psd_ids), actor)
+        results = [pb.RegisterResult(psd_id=o.psd_id, added=o.added, error=o.error or "",
+                                     code=o.code.value[0]) for o in outcomes]
+        return pb.RegisterPsdsResponse(results=results, added=sum(o.added for o in outcomes))
+
+    @guard
+    def GetPsd(self, request, context):
+        caller(context, READERS, "read the registry")
+        return psd_message(self.store.get_psd(request.psd_id))
+
+    @guard
+    def ListPsds(self, request, context):
+        caller(context, READERS, "read the registry")
+        state = None
+        if request.state != pb.PSD_STATE_UNSPECIFIED:
+            if request.state not in PSD_STATE_FROM_PB:
+                raise InvalidArgument(f"unknown PSD state {request.state}")
+            state = PSD_STATE_FROM_PB[request.state]
+        page = self.store.list_psds(state=state, mk_version=request.mk_version or None,
+                                    page_size=request.page_size, page_token=request.page_token)
+        return pb.ListPsdsResponse(psds=[psd_message(r) for r in page.items],
+                                   next_page_token=page.next_page_token, total=page.total)
+
+    @guard
+    def GetPsdHistory(self, request, context):
+        caller(context, READERS, "read the registry")
+        events = self.store.history(request.psd_id)
+        return pb.PsdHistory(psd_id=request.psd_id, events=[
+            pb.PsdEvent(at=_timestamp(e.at), event=e.event, detail=e.detail, actor=e.actor)
+            for e in events])
+
+    @guard
+    def RevokePsd(self, request, context):
+        actor = caller(context, WRITERS, "revoke PSDs")
+        return psd_message(self.store.revoke(request.psd_id, request.reason, actor))
+
+
+class CampaignsServicer(access_pb2_grpc.CampaignsServicer):
+    """Campaigns; ``known_mk_versions`` says which MK versions HSM1 holds (None: unchecked)."""
+
+    def __init__(self, store: Store, known_mk_versions=None) -> None:
+        self.store = store
+        self.known_mk_versions = known_mk_versions
+
+    @guard
+    def StartCampaign(self, request, context):
+        actor = caller(context, WRITERS, "start campaigns")
+        if self.known_mk_versions is not None:
+            known = self.known_mk_versions()
+            if request.to_mk_version not in known:
+                listed = ", ".join(str(v) for v in sorted(known)) or "none"
+                raise FailedPrecondition(
+                    f"MK version {request.to_mk_version} is not in HSM1 (token access holds "
+                    f"MK versions: {listed}); create and transfer it with key management first")
+        campaign = self.store.start_campaign(
+            request.name or f"MK {request.from_mk_version} -> {request.to_mk_version}",
+            request.from_mk_version, request.to_mk_version,
+            psd_ids=list(request.filter.psd_ids) or None,
+            psd_id_prefix=request.filter.psd_id_prefix or None, actor=actor)
+        return campaign_message(campaign)
+
+    @guard
+    def GetCampaign(self, request, context):
+        caller(context, READERS, "read campaigns")
+        return campaign_message(self.store.get_campaign(request.campaign_id))
+
+    @guard
+    def ListCampaigns(self, request, context):
+        caller(context, READERS, "read campaigns")
+        return pb.ListCampaignsResponse(
+            campaigns=[campaign_message(c) for c in self.store.list_campaigns()])
+
+    @guard
+    def PauseCampaign(self, request, context):
+        caller(context, WRITERS, "pause campaigns")
+        return campaign_message(self.store.pause_campaign(request.campaign_id))
+
+    @guard
+    def ResumeCampaign(self, request, context):
+        caller(context, WRITERS, "resume campaigns")
+        return campaign_message(self.store.resume_campaign(request.campaign_id))
+
+    @guard
+    def CancelCampaign(self, request, context):
+        caller(context, WRITERS, "cancel campaigns")
+        return campaign_message(self.store.cancel_campaign(request.campaign_id))
+
+    def WatchCampaign(self, request, context) -> Iterator[pb.Campaign]:
+        """Each change of the campaign's counts or state, until it ends or the caller leaves."""
+        try:
+            caller(context, READERS, "read campaigns")
+            last = None
+            while context.is_active():
+                campaign = self.store.get_campaign(request.campaign_id)
+                message = campaign_message(campaign)
+                key = (message.state, message.done, message.pending, message.failed)
+                if key != last:
+                    last = key
+                    yield message
+                if campaign.state in CAMPAIGN_ENDED:
+                    return
+                time.sleep(WATCH_POLL_SECONDS)
+        except ServiceError as exc:
+            context.abort(exc.code, exc.message)

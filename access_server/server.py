@@ -1,0 +1,79 @@
+"""Assembling and running ``cms access-server serve --config FILE``.
+
+Start-up order: configuration (a bad value is named), logs, the database
+(migrated to the current schema), the proxy channel (mutual TLS as identity
+access-server), then the gRPC server with the operator services.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import grpc
+
+from access_server.config import AccessConfig, load_config
+from access_server.operator import CampaignsServicer, PsdRegistryServicer
+from access_server.store import Store
+from cms.runtime.errors import Unavailable
+from cms.runtime.logs import fields, setup_logging
+from cms.runtime.server import GrpcService, ServerSettings
+from cms.runtime.tls import secure_channel
+from cms.v1 import access_pb2_grpc, hsm_pb2, hsm_pb2_grpc
+
+log = logging.getLogger("access_server.server")
+
+HSM1_TOKEN = "access"
+MK_LABEL = re.compile(r"^mk/(\d+)$")
+PROXY_TIMEOUT_S = 10.0
+SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns")
+
+
+class AccessServer:
+    """The running access server: store, proxy channel and gRPC service."""
+
+    def __init__(self, cfg: AccessConfig, ready_file: Path | None = None) -> None:
+        self.cfg = cfg
+        self.store = Store.from_url(cfg.database_url)
+        self.proxy = (secure_channel(cfg.proxy_address, cfg.tls) if cfg.proxy_address
+                      else None)
+        settings = ServerSettings(
+            listen=cfg.listen, metrics_listen=cfg.metrics_listen, tls=cfg.tls,
+            max_workers=cfg.max_workers, ready_file=ready_file,
+            require_client_auth=not cfg.allow_agents_without_certificate)
+        self.service = GrpcService("access-server", settings, self._register,
+                                   on_stop=self._stop)
+
+    def mk_versions_in_hsm1(self) -> set[int]:
+        """MK versions whose block HSM1 holds (labels ``mk/<v>`` on token access)."""
+        if self.proxy is None:
+            raise Unavailable("no HSM proxy configured (proxy.address)")
+        try:
+            reply = hsm_pb2_grpc.HsmStub(self.proxy).ListKeys(
+                hsm_pb2.ListKeysRequest(token=HSM1_TOKEN, label_pattern="mk/*"),
+                timeout=PROXY_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise Unavailable(f"HSM proxy: {exc.code().name}: {exc.details()}") from None
+        return {int(m.group(1)) for key in reply.keys if (m := MK_LABEL.match(key.label))}
+
+    def _register(self, server: grpc.Server) -> list[str]:
+        access_pb2_grpc.add_PsdRegistryServicer_to_server(PsdRegistryServicer(self.store), server)
+        access_pb2_grpc.add_CampaignsServicer_to_server(
+            CampaignsServicer(self.store, self.mk_versions_in_hsm1), server)
+        return list(SERVICE_NAMES)
+
+    def _stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+        self.store.close()
+
+    def run(self) -> int:
+        return self.service.run()
+
+
+def serve(config_path: Path, ready_file: Path | None = None) -> int:
+    cfg = load_config(config_path)
+    setup_logging("access-server", cfg.log_level, cfg.log_file)
+    log.info("starting", extra=fields(config=str(cfg.path), proxy=cfg.proxy_address))
+    return AccessServer(cfg, ready_file).run()
