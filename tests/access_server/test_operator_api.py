@@ -69,7 +69,7 @@ def test_unknown_psd_and_bad_filters_get_clear_statuses(stack: Path) -> None:
 
 
 def test_only_operators_reach_the_operator_api(stack: Path) -> None:
-    registry, campaigns = _stubs(stack, "card-agent")
+    registry, _ = _stubs(stack, "card-agent")
     with pytest.raises(grpc.RpcError) as err:
         registry.ListPsds(pb.ListPsdsRequest(), timeout=30)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

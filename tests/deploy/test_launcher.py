@@ -14,7 +14,7 @@ from tests.support.launcher import cms, dev_stack, endpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-SERVICE_NAMES = {"hsm_proxy": "cms.v1.Hsm"}
+SERVICE_NAMES = {"hsm_proxy": "cms.v1.Hsm", "access_server": "cms.v1.PsdRegistry"}
 
 
 def _pid_alive(pid: int) -> bool:
