@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from pathlib import Path
 
 import grpc
 
+from access_server.card_channel import CardChannelServicer
 from access_server.config import AccessConfig, load_config
+from access_server.flows import FlowContext
 from access_server.operator import CampaignsServicer, PsdRegistryServicer
 from access_server.store import Store
-from cms.runtime.errors import Unavailable
+from cms.runtime.errors import FailedPrecondition, Unavailable
 from cms.runtime.logs import fields, setup_logging
 from cms.runtime.server import GrpcService, ServerSettings
 from cms.runtime.tls import secure_channel
-from cms.v1 import access_pb2_grpc, hsm_pb2, hsm_pb2_grpc
+from cms.v1 import access_pb2_grpc, card_channel_pb2_grpc, hsm_pb2, hsm_pb2_grpc
+from cms.v1.card_keys_pb2_grpc import CardKeysStub
 
 log = logging.getLogger("access_server.server")
 
 HSM1_TOKEN = "access"
-MK_LABEL = re.compile(r"^mk/(\d+)$")
+VERSIONED_LABEL = re.compile(r"^(mk|mkrk|cryptogram)/(\d+)$")
 PROXY_TIMEOUT_S = 10.0
-SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns")
+SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel")
 
 
 class AccessServer:
@@ -45,22 +49,46 @@ class AccessServer:
         self.service = GrpcService("access-server", settings, self._register,
                                    on_stop=self._stop)
 
-    def mk_versions_in_hsm1(self) -> set[int]:
-        """MK versions whose block HSM1 holds (labels ``mk/<v>`` on token access)."""
+    def versions_in_hsm1(self, kind: str) -> set[int]:
+        """Versions of ``kind`` (mk, mkrk, cryptogram) whose keys HSM1 holds (token access)."""
         if self.proxy is None:
             raise Unavailable("no HSM proxy configured (proxy.address)")
         try:
             reply = hsm_pb2_grpc.HsmStub(self.proxy).ListKeys(
-                hsm_pb2.ListKeysRequest(token=HSM1_TOKEN, label_pattern="mk/*"),
+                hsm_pb2.ListKeysRequest(token=HSM1_TOKEN, label_pattern=f"{kind}/*"),
                 timeout=PROXY_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise Unavailable(f"HSM proxy: {exc.code().name}: {exc.details()}") from None
-        return {int(m.group(1)) for key in reply.keys if (m := MK_LABEL.match(key.label))}
+        return {int(m.group(2)) for key in reply.keys
+                if (m := VERSIONED_LABEL.match(key.label)) and m.group(1) == kind}
+
+    def mk_versions_in_hsm1(self) -> set[int]:
+        return self.versions_in_hsm1("mk")
+
+    def install_versions(self) -> tuple[int, int, int]:
+        """Newest MK, MKRK and cryptogram key versions in HSM1, for a new installation."""
+        newest = []
+        for kind in ("mk", "mkrk", "cryptogram"):
+            found = self.versions_in_hsm1(kind)
+            if not found:
+                raise FailedPrecondition(f"HSM1 holds no {kind} key block: run key management's "
+                                         f"transfer first")
+            newest.append(max(found))
+        return newest[0], newest[1], newest[2]
+
+    def flow_context(self, actor: str) -> FlowContext:
+        return FlowContext(store=self.store, card_keys=CardKeysStub(self.proxy),
+                           install_versions=self.install_versions, actor=actor,
+                           lease_holder=f"{actor}:{uuid.uuid4().hex[:8]}",
+                           lease_seconds=self.cfg.lease_seconds)
 
     def _register(self, server: grpc.Server) -> list[str]:
         access_pb2_grpc.add_PsdRegistryServicer_to_server(PsdRegistryServicer(self.store), server)
         access_pb2_grpc.add_CampaignsServicer_to_server(
             CampaignsServicer(self.store, self.mk_versions_in_hsm1), server)
+        card_channel_pb2_grpc.add_CardChannelServicer_to_server(
+            CardChannelServicer(self.flow_context, self.cfg.allow_agents_without_certificate),
+            server)
         return list(SERVICE_NAMES)
 
     def _stop(self) -> None:

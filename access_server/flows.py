@@ -1,0 +1,405 @@
+"""One card contact of flow A (seed 000) as a generator of APDU scripts.
+
+``card_session`` yields ``ApduScript`` messages and receives the agent's
+``ScriptResult`` for each; it returns the ``SessionDone`` to send. It does no
+stream I/O, so the card channel servicer drives it over gRPC and tests can
+drive it directly. Card keys are never here: every secured command comes
+wrapped from the proxy's CardKeys service, which derives the card's key sets
+inside the HSM and keeps R and the session keys (see docs/threat-model.md).
+
+Round trips: script 1 probes the card (SELECT, CPLC, key information,
+INITIALIZE UPDATE); script 2 is the whole secured part (EXTERNAL
+AUTHENTICATE, PUT KEYs, DELETE KEY). What the server is about to do is
+journaled (``Store.begin_install`` / ``begin_replacement``) after the proxy
+has prepared script 2 and before it is sent, so the cryptogram of a new MKRK
+is durable before the card can hold that MKRK. A contact that fails midway
+leaves the intent open; the next contact's probe shows what the card holds,
+and the session finishes the intent from there.
+
+Steps are reported to the agent (``SessionDone.steps``) in the seed's words.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import grpc
+
+from access_server.store import Intent, PsdRecord, PsdState, Store
+from cardcore import gp
+from cardcore.psd import psd_id_bytes, psd_id_from_cplc
+from cms.runtime.errors import ServiceError
+from cms.runtime.logs import fields
+from cms.v1 import card_channel_pb2 as cpb
+from cms.v1 import card_keys_pb2 as kpb
+
+log = logging.getLogger("access_server.flows")
+
+HSM1_TOKEN = "access"
+KVN_TRANSPORT = 0xFF
+KVN_MKRK = 0x70
+MK_KVNS = range(0x01, 0x70)
+TAG_CPLC = 0x9F7F
+TAG_KEY_INFORMATION = 0x00E0
+SW_OK = 0x9000
+HOST_CHALLENGE_BYTES = 8
+SECURITY_LEVEL = 0x33
+PROXY_TIMEOUT_S = 30.0
+
+SessionGen = Generator[cpb.ApduScript, cpb.ScriptResult, cpb.SessionDone]
+
+
+@dataclass(frozen=True)
+class KeyLabels:
+    """Labels of the key blocks in HSM1 (placed there by key management)."""
+
+    mk: str = "mk/{v}"
+    mkrk: str = "mkrk/{v}"
+    cryptogram: str = "cryptogram/{v}"
+    transport_master: str = "factory/transport-master"
+    key_length: int = 16
+
+
+@dataclass
+class FlowContext:
+    """What one contact needs: the store, the proxy's CardKeys stub, who and which versions."""
+
+    store: Store
+    card_keys: object                 # cms.v1.card_keys_pb2_grpc.CardKeysStub or a stand-in
+    install_versions: Callable[[], tuple[int, int, int]]   # (mk, mkrk, cryptogram key) versions
+    actor: str
+    lease_holder: str
+    lease_seconds: float = 120.0
+    labels: KeyLabels = field(default_factory=KeyLabels)
+    steps: list[str] = field(default_factory=list)
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
+        log.info("step", extra=fields(step=text))
+
+
+class FlowError(Exception):
+    """The contact ends with this outcome and message (nothing half-done is hidden)."""
+
+    def __init__(self, outcome: int, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Probe:
+    psd_id: str
+    kvns: frozenset[int]
+    initialize_update: bytes | None   # the response data, when INITIALIZE UPDATE succeeded
+
+    @property
+    def mk_kvns(self) -> set[int]:
+        return {k for k in self.kvns if k in MK_KVNS}
+
+
+def _expect_ok() -> list[cpb.ExpectedStatus]:
+    return [cpb.ExpectedStatus(value=SW_OK, mask=0xFFFF)]
+
+
+def probe_script(kvn: int, host_challenge: bytes) -> cpb.ApduScript:
+    commands = [gp.select_command(), gp.get_data_command(TAG_CPLC),
+                gp.get_data_command(TAG_KEY_INFORMATION),
+                gp.initialize_update_command(kvn, host_challenge)]
+    return cpb.ApduScript(script_id=1, commands=[
+        cpb.ScriptCommand(apdu=apdu, expect=_expect_ok()) for apdu in commands])
+
+
+def parse_probe(result: cpb.ScriptResult) -> Probe:
+    """PSD id, key versions and INITIALIZE UPDATE response from script 1's result."""
+    responses = list(result.responses)
+    if len(responses) < 3 or any(r.sw != SW_OK for r in responses[:3]):
+        where = next((i for i, r in enumerate(responses[:3]) if r.sw != SW_OK), len(responses))
+        names = ("SELECT", "GET DATA CPLC", "GET DATA key information")
+        sw = f"{responses[where].sw:04X}" if where < len(responses) else "no answer"
+        raise FlowError(cpb.SessionDone.FAILED,
+                        f"card probe failed at {names[min(where, 2)]} ({sw}): "
+                        f"{result.message or 'not a card this server manages'}")
+    try:
+        psd_id = psd_id_from_cplc(gp.unwrap_get_data(TAG_CPLC, responses[1].data))
+    except (ValueError, gp.GpError) as exc:
+        raise FlowError(cpb.SessionDone.FAILED,
+                        f"the card's CPLC is malformed ({exc})") from None
+    try:
+        infos = gp.parse_key_information(responses[2].data)
+    except (ValueError, gp.GpError) as exc:
+        raise FlowError(cpb.SessionDone.FAILED,
+                        f"PSD {psd_id}: key information is malformed ({exc})") from None
+    iu = responses[3].data if len(responses) > 3 and responses[3].sw == SW_OK else None
+    return Probe(psd_id, frozenset(i.kvn for i in infos), iu)
+
+
+def _spec_diversified(labels: KeyLabels, master: str, psd_id: str) -> kpb.KeySetSpec:
+    return kpb.KeySetSpec(token=HSM1_TOKEN, key_length=labels.key_length,
+                          diversified=kpb.Diversified(master_label=master,
+                                                      element=psd_id_bytes(psd_id)))
+
+
+def _put(spec: kpb.KeySetSpec, kvn: int, replace: bool) -> kpb.ChannelCommand:
+    return kpb.ChannelCommand(put_key_set=kpb.PutKeySet(key_set=spec, new_kvn=kvn,
+                                                        replace_kvn=kvn if replace else 0),
+                              expect=_expect_ok())
+
+
+def _delete(kvn: int) -> kpb.ChannelCommand:
+    return kpb.ChannelCommand(apdu=gp.delete_key_command(kvn), expect=_expect_ok())
+
+
+def _proxy_error(exc: grpc.RpcError, what: str) -> FlowError:
+    code = exc.code() if hasattr(exc, "code") else None
+    name = code.name if code is not None else "UNKNOWN"
+    outcome = (cpb.SessionDone.RETRY_LATER
+               if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+               else cpb.SessionDone.FAILED)
+    return FlowError(outcome, f"{what}: HSM proxy answered {name}: {exc.details()}")
+
+
+def _open_channel(ctx: FlowContext, request: kpb.OpenSecureChannelRequest,
+                  what: str) -> kpb.OpenSecureChannelResponse:
+    try:
+        return ctx.card_keys.OpenSecureChannel(request, timeout=PROXY_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        raise _proxy_error(exc, what) from None
+
+
+def _secured_script(opened: kpb.OpenSecureChannelResponse) -> cpb.ApduScript:
+    return cpb.ApduScript(script_id=2, commands=[
+        cpb.ScriptCommand(apdu=c.apdu, expect=list(c.expect), sensitive=True)
+        for c in opened.commands])
+
+
+def _finish_channel(ctx: FlowContext, opened: kpb.OpenSecureChannelResponse,
+                    result: cpb.ScriptResult) -> list[cpb.ApduResponse]:
+    """Unwrap the card's answers and release the channel (the relock on our side)."""
+    try:
+        reply = ctx.card_keys.UnwrapResponses(kpb.UnwrapResponsesRequest(
+            channel=opened.channel, responses=list(result.responses), close=True),
+            timeout=PROXY_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        raise _proxy_error(exc, "checking the card's secured answers") from None
+    return list(reply.responses)
+
+
+def _check_complete(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptResult,
+                    plain: list[cpb.ApduResponse], psd_id: str) -> None:
+    """Every command answered 9000 and each PUT KEY returned the KCVs the HSM expects."""
+    if result.outcome != cpb.SCRIPT_COMPLETED or len(plain) != len(opened.commands):
+        raise FlowError(cpb.SessionDone.RETRY_LATER,
+                        f"PSD {psd_id}: the card stopped at secured command "
+                        f"{len(result.responses)} of {len(opened.commands)} "
+                        f"({result.message or 'no detail'}); the next contact finishes it")
+    for index, (wrapped, answer) in enumerate(zip(opened.commands, plain, strict=True)):
+        expected = wrapped.expected_put_key_response
+        if expected and not hmac.compare_digest(bytes(answer.data), bytes(expected)):
+            raise FlowError(cpb.SessionDone.FAILED,
+                            f"PSD {psd_id}: PUT KEY (command {index}) returned key check "
+                            f"values that differ from the HSM's")
+
+
+def _versions_text(kvns: frozenset[int]) -> str:
+    return ", ".join(f"{k:02X}" for k in sorted(kvns)) or "none"
+
+
+# -- A1: initial installation -------------------------------------------------------
+
+def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
+    """DESIGN A1 / claims 1-14, 29-34 at a personalization station."""
+    labels = ctx.labels
+    psd_id = psd.psd_id
+    intent = ctx.store.open_intent(psd_id)
+    if KVN_TRANSPORT not in probe.kvns:
+        if (intent is not None and KVN_MKRK in probe.kvns
+                and probe.mk_kvns == {intent.to_version}):
+            ctx.store.reconcile(psd_id, state=PsdState.ACTIVE, mk_version=intent.to_version,
+                                mkrk_version=intent.mkrk_version, event="reconciled",
+                                detail="the card finished the installation last contact",
+                                actor=ctx.actor)
+            ctx.step(f"A1 reconciled: PSD {psd_id} holds MKRK and MK v{intent.to_version}; "
+                     f"transport keys already retired")
+            return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
+                                   message="installation confirmed")
+        if psd.state is PsdState.ACTIVE:
+            return cpb.SessionDone(outcome=cpb.SessionDone.NOTHING_TO_DO, psd_id=psd_id,
+                                   message="card already keyed")
+        raise FlowError(cpb.SessionDone.FAILED,
+                        f"PSD {psd_id} has no transport keys and holds key versions "
+                        f"{_versions_text(probe.kvns)}, which the server did not install")
+    if probe.initialize_update is None:
+        raise FlowError(cpb.SessionDone.FAILED,
+                        f"PSD {psd_id}: the transport keys did not answer INITIALIZE UPDATE")
+    ctx.step(f"A1.1 PSD id {psd_id} read from the card (CPLC) and sent to HSM1")
+    resuming = intent is not None and (KVN_MKRK in probe.kvns or bool(probe.mk_kvns))
+    if resuming:
+        cryptogram = ctx.store.get_cryptogram(psd_id)
+        mk_version, mkrk_version = intent.to_version, intent.mkrk_version
+        mkrk_spec = kpb.KeySetSpec(
+            token=HSM1_TOKEN, key_length=labels.key_length,
+            from_cryptogram=kpb.FromCryptogram(
+                master_label=labels.mkrk.format(v=mkrk_version),
+                private_key_label=cryptogram.key_label, cryptogram=cryptogram.ciphertext))
+        ctx.step("A1 resumed: the card holds part of an earlier installation; its MKRK is "
+                 "re-derived from the stored cryptogram")
+    else:
+        mk_version, mkrk_version, cryptogram_version = ctx.install_versions()
+        mkrk_spec = kpb.KeySetSpec(
+            token=HSM1_TOKEN, key_length=labels.key_length,
+            new_random=kpb.NewRandom(master_label=labels.mkrk.format(v=mkrk_version),
+                                     public_key_label=labels.cryptogram.format(
+                                         v=cryptogram_version)))
+    mk_spec = _spec_diversified(labels, labels.mk.format(v=mk_version), psd_id)
+    request = kpb.OpenSecureChannelRequest(
+        key_set=_spec_diversified(labels, labels.transport_master, psd_id),
+        kvn=KVN_TRANSPORT, host_challenge=host_challenge,
+        initialize_update_response=probe.initialize_update, security_level=SECURITY_LEVEL,
+        commands=[_put(mkrk_spec, KVN_MKRK, KVN_MKRK in probe.kvns),
+                  _put(mk_spec, mk_version, mk_version in probe.kvns),
+                  _delete(KVN_TRANSPORT)])
+    opened = _open_channel(ctx, request, "opening the transport channel")
+    if not resuming:
+        ctx.step("A1.2 HSM1 generated R and diversified the MKRK block with it "
+                 "(R stays inside the HSM proxy)")
+        ctx.step("A1.3 HSM1 encrypted R with the public key: the cryptogram")
+        found = [c.cryptogram for c in opened.cryptograms if c.position == 1]
+        if len(found) != 1:
+            raise FlowError(cpb.SessionDone.FAILED, "the proxy returned no cryptogram")
+        intent = ctx.store.begin_install(
+            psd_id, cryptogram=found[0],
+            cryptogram_key_label=labels.cryptogram.format(v=cryptogram_version),
+            mkrk_version=mkrk_version, mk_version=mk_version, actor=ctx.actor,
+            card_holds_transport_keys=psd.state is PsdState.INSTALLING)
+        ctx.step(f"A1.4 cryptogram stored for PSD {psd_id} before anything is written "
+                 f"to the card; R deleted")
+    ctx.step(f"A1.5 HSM1 diversified MK block v{mk_version} with the PSD id")
+    ctx.step("A1.6 secure channel opened with the card's transport keys (SCP03, level 33)")
+    result = yield _secured_script(opened)
+    plain = _finish_channel(ctx, opened, result)
+    _check_complete(opened, result, plain, psd_id)
+    ctx.step(f"A1.7 MKRK installed at KVN {KVN_MKRK:02X}, MK v{mk_version} at KVN "
+             f"{mk_version:02X}; key check values match the HSM's")
+    ctx.step("A1.8 transport keys retired (KVN FF deleted); channel closed")
+    ctx.store.complete_install(psd_id, intent.intent_id, ctx.actor)
+    return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
+                           message=f"MKRK and MK v{mk_version} installed")
+
+
+# -- A2: post-issuance replacement ------------------------------------------------
+
+def _mkrk_from_cryptogram(ctx: FlowContext, psd: PsdRecord) -> kpb.KeySetSpec:
+    cryptogram = ctx.store.get_cryptogram(psd.psd_id)
+    return kpb.KeySetSpec(
+        token=HSM1_TOKEN, key_length=ctx.labels.key_length,
+        from_cryptogram=kpb.FromCryptogram(
+            master_label=ctx.labels.mkrk.format(v=psd.mkrk_version),
+            private_key_label=cryptogram.key_label, cryptogram=cryptogram.ciphertext))
+
+
+def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
+    """DESIGN A2 / claims 15-28, 35-40 through a user's PC."""
+    psd_id = psd.psd_id
+    intent: Intent | None = ctx.store.open_intent(psd_id)
+    card_mks = probe.mk_kvns
+    campaign_id = None
+    if intent is None:
+        work = ctx.store.campaign_work_for(psd_id)
+        if work is None:
+            return cpb.SessionDone(outcome=cpb.SessionDone.NOTHING_TO_DO, psd_id=psd_id,
+                                   message=f"MK v{psd.mk_version} is current")
+        if card_mks != {psd.mk_version}:
+            held = _versions_text(frozenset(card_mks))
+            raise FlowError(cpb.SessionDone.FAILED,
+                            f"PSD {psd_id} holds MK key versions {held}, "
+                            f"the registry says v{psd.mk_version}")
+        old, new, campaign_id = psd.mk_version, work.to_version, work.campaign_id
+    else:
+        old, new = intent.from_version, intent.to_version
+        if card_mks == {new}:
+            ctx.store.reconcile(psd_id, state=PsdState.ACTIVE, mk_version=new,
+                                mkrk_version=psd.mkrk_version, event="reconciled",
+                                detail="the card finished the replacement last contact",
+                                actor=ctx.actor)
+            ctx.step(f"A2 reconciled: PSD {psd_id} holds MK v{new} only")
+            return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
+                                   message=f"MK v{new} confirmed")
+        if not card_mks <= {old, new} or not card_mks:
+            raise FlowError(cpb.SessionDone.FAILED,
+                            f"PSD {psd_id} holds MK key versions "
+                            f"{_versions_text(frozenset(card_mks))}, expected v{old} and/or v{new}")
+    if probe.initialize_update is None:
+        raise FlowError(cpb.SessionDone.FAILED,
+                        f"PSD {psd_id}: the MKRK key set did not answer INITIALIZE UPDATE")
+    ctx.step(f"A2.1 PSD id {psd_id} received; its cryptogram found by PSD id")
+    ctx.step("A2.2 HSM1 decrypted the cryptogram to R with the private key and "
+             "diversified the MKRK block (R stays inside the HSM proxy)")
+    commands = []
+    if new not in card_mks:
+        commands.append(_put(_spec_diversified(ctx.labels, ctx.labels.mk.format(v=new),
+                                               psd_id), new, False))
+        ctx.step(f"A2.3 HSM1 diversified the new MK block v{new} with the PSD id")
+    if old in card_mks:
+        commands.append(_delete(old))
+    request = kpb.OpenSecureChannelRequest(
+        key_set=_mkrk_from_cryptogram(ctx, psd), kvn=KVN_MKRK, host_challenge=host_challenge,
+        initialize_update_response=probe.initialize_update, security_level=SECURITY_LEVEL,
+        commands=commands)
+    opened = _open_channel(ctx, request, "opening the MKRK channel")
+    if intent is None:
+        intent = ctx.store.begin_replacement(psd_id, from_version=old, to_version=new,
+                                             campaign_id=campaign_id, actor=ctx.actor)
+        ctx.step(f"A2 intent journaled: MK v{old} -> v{new}")
+    ctx.step("A2.4 secure channel opened with the MKRK key set: the security executive "
+             "compared it with its own and unlocked")
+    result = yield _secured_script(opened)
+    plain = _finish_channel(ctx, opened, result)
+    _check_complete(opened, result, plain, psd_id)
+    ctx.step(f"A2.5 new MK v{new} installed (key check values match), then MK v{old} deleted")
+    ctx.step("A2.6 security executive relocked: channel closed and released")
+    ctx.store.complete_replacement(psd_id, intent.intent_id, ctx.actor)
+    return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
+                           message=f"MK v{old} replaced by v{new}")
+
+
+# -- one contact ------------------------------------------------------------------
+
+def card_session(ctx: FlowContext, role: int) -> SessionGen:
+    """Probe the card, then A1 (station) or A2 (user PC); always returns SessionDone."""
+    host_challenge = os.urandom(HOST_CHALLENGE_BYTES)
+    station = role == cpb.PERSONALIZATION_STATION
+    psd_id = ""
+    leased = False
+    try:
+        result = yield probe_script(KVN_TRANSPORT if station else KVN_MKRK, host_challenge)
+        probe = parse_probe(result)
+        psd_id = probe.psd_id
+        psd = ctx.store.get_psd(psd_id)
+        if psd.state is PsdState.REVOKED:
+            raise FlowError(cpb.SessionDone.REFUSED, f"PSD {psd_id} is revoked")
+        if not ctx.store.acquire_lease(psd_id, ctx.lease_holder, ctx.lease_seconds):
+            raise FlowError(cpb.SessionDone.RETRY_LATER,
+                            f"PSD {psd_id} is in another session right now")
+        leased = True
+        ctx.store.touch_contact(psd_id)
+        flow = install if station else replace
+        done = yield from flow(ctx, psd, probe, host_challenge)
+    except FlowError as exc:
+        done = cpb.SessionDone(outcome=exc.outcome, message=exc.message, psd_id=psd_id)
+    except ServiceError as exc:
+        outcome = (cpb.SessionDone.REFUSED if exc.code == grpc.StatusCode.NOT_FOUND
+                   else cpb.SessionDone.FAILED)
+        done = cpb.SessionDone(outcome=outcome, message=exc.message, psd_id=psd_id)
+    finally:
+        if leased:
+            try:
+                ctx.store.release_lease(psd_id, ctx.lease_holder)
+            except ServiceError:
+                log.warning("lease release failed", extra=fields(psd_id=psd_id))
+    done.steps.extend(ctx.steps)
+    return done
