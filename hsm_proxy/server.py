@@ -51,8 +51,15 @@ def _register_hsm(server: grpc.Server, core: ProxyCore) -> list[str]:
 # Services the proxy serves, each a function (server, core) -> service names. A
 # later contract (e.g. CardKeys) adds its registration here and its worker
 # operations module to OPERATION_MODULES.
-SERVICE_REGISTRATIONS: list[Callable[[grpc.Server, ProxyCore], list[str]]] = [_register_hsm]
-OPERATION_MODULES: tuple[str, ...] = DEFAULT_OPERATION_MODULES
+def _register_card_keys(server: grpc.Server, core: ProxyCore) -> list[str]:
+    from hsm_proxy.card_keys_service import register
+
+    return register(server, core)
+
+
+SERVICE_REGISTRATIONS: list[Callable[[grpc.Server, ProxyCore], list[str]]] = [
+    _register_hsm, _register_card_keys]
+OPERATION_MODULES: tuple[str, ...] = (*DEFAULT_OPERATION_MODULES, "hsm_proxy.card_keys_ops")
 
 
 def worker_specs(cfg: ProxyConfig) -> list[WorkerSpec]:

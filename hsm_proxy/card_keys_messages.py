@@ -1,0 +1,68 @@
+"""Payloads of the CardKeys worker operations (plain, picklable, no PKCS#11).
+
+The frontend (``card_keys_service``) validates and authorizes a request and
+sends these; ``card_keys_ops`` runs them in the worker that owns the channel.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class KeySetSource(NamedTuple):
+    """Where a card key set comes from (one of the KeySetSpec forms)."""
+
+    kind: str                      # diversified | new_random | from_cryptogram | static | handle
+    token: str
+    key_length: int
+    master_label: str = ""
+    element: bytes = b""
+    public_label: str = ""
+    private_label: str = ""
+    cryptogram: bytes = b""
+    static_labels: tuple[str, str, str] = ("", "", "")
+    handle: str = ""
+
+
+class Command(NamedTuple):
+    """A command to wrap: a plain APDU, or a PUT KEY of a key set built in the HSM."""
+
+    apdu: bytes = b""
+    put: KeySetSource | None = None
+    new_kvn: int = 0
+    replace_kvn: int = 0
+
+
+class DeriveSet(NamedTuple):
+    handle: str
+    source: KeySetSource
+
+
+class OpenChannel(NamedTuple):
+    handle: str
+    source: KeySetSource
+    kvn: int
+    host_challenge: bytes
+    initialize_update_response: bytes
+    security_level: int
+    commands: tuple[Command, ...]
+    aid: bytes | None
+
+
+class Wrap(NamedTuple):
+    handle: str
+    commands: tuple[Command, ...]
+
+
+class Unwrap(NamedTuple):
+    handle: str
+    responses: tuple[tuple[bytes, int], ...]
+
+
+class Wrapped(NamedTuple):
+    """One wrapped command; ``put`` = (new_kvn, kcv_enc, kcv_mac, kcv_dek) for a PUT KEY."""
+
+    apdu: bytes
+    expected_put_key_response: bytes = b""
+    put: tuple[int, bytes, bytes, bytes] | None = None
+    cryptogram: bytes = b""

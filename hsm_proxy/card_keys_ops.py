@@ -1,0 +1,297 @@
+"""Worker operations of the CardKeys contract: card key sets and SCP03 channels.
+
+A card key set (ENC, MAC, DEK) is derived inside the HSM with
+CKM_AES_ECB_ENCRYPT_DATA from a master key block and a derivation element
+(``cardcore.diversify``): the PSD id for MK and transport sets, a random R for
+the MKRK set. The derived keys are session objects: sensitive, extractable
+only by wrapping, destroyed when their handle ends.
+
+What is in this worker's memory, and for how long (see docs/threat-model.md):
+
+- R: made by the HSM's generator (C_GenerateRandom) or recovered by RSA-OAEP
+  C_Decrypt of the stored cryptogram; held in a bytearray only while the
+  derivation data is computed, then zeroed. (The SHA-256 inside
+  ``derivation_data`` sees it too, in immutable buffers Python cannot wipe.)
+- SCP03 session keys: a software HSM has no SP 800-108 KDF, so they are
+  AES-CMAC outputs of the static ENC/MAC keys computed in the HSM. They live
+  in the channel's state in this worker until the channel is closed or its
+  handle expires, and never cross the process boundary.
+- PUT KEY key data: C_WrapKey(CKM_AES_CBC, zero IV) of each new key under the
+  channel's static DEK, made by the HSM: the new keys never exist in clear
+  outside it. KCVs (AES-ECB of 16 x 01, first 3 bytes) by C_Encrypt in the HSM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pkcs11
+from pkcs11 import KeyType, Mechanism, ObjectClass
+
+from cardcore import gp
+from cardcore.diversify import KEY_INDEXES, derivation_data
+from cardcore.scp03 import CryptogramError, HostChannel, MacError, Scp03Error, open_host_channel
+from cms.runtime.errors import FailedPrecondition, InvalidArgument
+from cms.v1 import hsm_pb2 as pb
+from hsm_proxy import card_keys_messages as cm
+from hsm_proxy.errors import DataLoss
+from hsm_proxy.keyspec import AES_BY_SIZE, secret_template
+from hsm_proxy.registry import State, WorkerContext, operation
+
+OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)
+GP_KCV_BLOCK = b"\x01" * 16
+KCV_LENGTH = 3
+R_BYTES = 16
+ZERO_IV = bytes(16)
+DERIVED_USAGES = frozenset({pb.ENCRYPT, pb.SIGN, pb.WRAP})
+
+
+class KeySetObjects:
+    """ENC, MAC, DEK objects of one card key set; ``owned`` ones are destroyed at the end."""
+
+    def __init__(self, token: str, key_length: int, objects: list[Any], owned: bool) -> None:
+        self.token = token
+        self.key_length = key_length
+        self.enc, self.mac, self.dek = objects
+        self.owned = owned
+
+    def destroy(self) -> None:
+        if not self.owned:
+            return
+        for obj in (self.enc, self.mac, self.dek):
+            try:
+                obj.destroy()
+            except pkcs11.PKCS11Error:
+                pass
+
+
+class KeySetState(State):
+    kind = "card-key-set"
+
+    def __init__(self, keys: KeySetObjects, label: str) -> None:
+        self.keys = keys
+        self.token = keys.token
+        self.label = label
+
+    def close(self, ctx: WorkerContext) -> None:
+        self.keys.destroy()
+
+
+class ChannelState(State):
+    """An open SCP03 channel: its static key set and the host end (session keys)."""
+
+    kind = "scp03-channel"
+
+    def __init__(self, keys: KeySetObjects, host: HostChannel, label: str) -> None:
+        self.keys = keys
+        self.host: HostChannel | None = host
+        self.pending: list = []          # checkpoints of wrapped commands not yet answered
+        self.base = host.checkpoint()    # the state before the first pending command
+        self.token = keys.token
+        self.label = label
+
+    def close(self, ctx: WorkerContext) -> None:
+        self.host = None
+        self.pending.clear()
+        self.keys.destroy()
+
+
+def _secret(ctx: WorkerContext, token: str, label: str, what: str) -> Any:
+    key = ctx.backend.key(token, label)
+    obj = key.get(ObjectClass.SECRET_KEY)
+    if obj is None:
+        raise FailedPrecondition(f"{what} {token}/{label} is not a secret key")
+    return obj[0]
+
+
+def _half(ctx: WorkerContext, token: str, label: str, cls: ObjectClass, what: str) -> Any:
+    found = ctx.backend.key(token, label).get(cls)
+    if found is None:
+        raise FailedPrecondition(f"{token}/{label} has no {what}")
+    return found[0]
+
+
+def _derive(master: Any, element: bytearray | bytes, key_length: int, token: str) -> KeySetObjects:
+    template = secret_template(AES_BY_SIZE[key_length], key_length, "card-key", b"",
+                               DERIVED_USAGES, True, True)
+    objects = []
+    try:
+        for index in KEY_INDEXES:
+            objects.append(master.derive_key(
+                KeyType.AES, key_length * 8, capabilities=0,
+                mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                mechanism_param=derivation_data(bytes(element), index, key_length),
+                template=template))
+    except pkcs11.PKCS11Error as exc:
+        for obj in objects:
+            obj.destroy()
+        raise FailedPrecondition(f"the HSM refused to derive the card key set "
+                                 f"({type(exc).__name__}); the master key needs DERIVE") from None
+    return KeySetObjects(token, key_length, objects, owned=True)
+
+
+def _wipe(secret: bytearray) -> None:
+    secret[:] = bytes(len(secret))
+
+
+def key_set(ctx: WorkerContext, src: cm.KeySetSource) -> tuple[KeySetObjects, bytes]:
+    """The key set objects of ``src`` and, for a new random MKRK set, its cryptogram."""
+    if src.kind == "handle":
+        return ctx.states.get(src.handle, KeySetState).keys, b""
+    if src.kind == "static":
+        objects = [_secret(ctx, src.token, label, "static key") for label in src.static_labels]
+        return KeySetObjects(src.token, src.key_length, objects, owned=False), b""
+    master = _secret(ctx, src.token, src.master_label, "master key")
+    if src.kind == "diversified":
+        return _derive(master, src.element, src.key_length, src.token), b""
+    session = ctx.backend.session(src.token)
+    if src.kind == "new_random":
+        public = _half(ctx, src.token, src.public_label, ObjectClass.PUBLIC_KEY, "public key")
+        r = bytearray(session.generate_random(R_BYTES * 8))
+        try:
+            cryptogram = public.encrypt(bytes(r), mechanism=Mechanism.RSA_PKCS_OAEP,
+                                        mechanism_param=OAEP_SHA1)
+            return _derive(master, r, src.key_length, src.token), cryptogram
+        finally:
+            _wipe(r)
+    # from_cryptogram
+    private = _half(ctx, src.token, src.private_label, ObjectClass.PRIVATE_KEY, "private key")
+    try:
+        r = bytearray(private.decrypt(src.cryptogram, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                      mechanism_param=OAEP_SHA1))
+    except pkcs11.PKCS11Error:
+        raise FailedPrecondition(f"the cryptogram does not decrypt with {src.private_label}: "
+                                 f"it was made with another key") from None
+    try:
+        if len(r) != R_BYTES:
+            raise FailedPrecondition("the cryptogram does not hold a derivation random")
+        return _derive(master, r, src.key_length, src.token), b""
+    finally:
+        _wipe(r)
+
+
+def _kcv(obj: Any) -> bytes:
+    return obj.encrypt(GP_KCV_BLOCK, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
+
+
+def kcvs(keys: KeySetObjects) -> tuple[bytes, bytes, bytes]:
+    try:
+        return _kcv(keys.enc), _kcv(keys.mac), _kcv(keys.dek)
+    except pkcs11.PKCS11Error:
+        return b"", b"", b""          # static keys without ENCRYPT: no KCV to show
+
+
+def _put_key(ctx: WorkerContext, dek: Any, command: cm.Command) -> cm.Wrapped:
+    """PUT KEY of a whole set, its key data wrapped under the channel's DEK by the HSM."""
+    new, cryptogram = key_set(ctx, command.put)
+    try:
+        comps = []
+        for obj in (new.enc, new.mac, new.dek):
+            encrypted = dek.wrap_key(obj, mechanism=Mechanism.AES_CBC, mechanism_param=ZERO_IV)
+            comps.append(gp.KeyComponent(encrypted, new.key_length, _kcv(obj)))
+        apdu = gp.put_key_command(command.new_kvn, comps, replace_kvn=command.replace_kvn)
+        kcv_values = tuple(c.kcv for c in comps)
+        expected = gp.put_key_response(command.new_kvn, kcv_values)
+        return cm.Wrapped(apdu, expected, (command.new_kvn, *kcv_values), cryptogram)
+    except pkcs11.PKCS11Error as exc:
+        raise FailedPrecondition(f"the HSM refused to wrap the new key set under the card's "
+                                 f"DEK ({type(exc).__name__})") from None
+    finally:
+        if command.put.kind != "handle":
+            new.destroy()
+
+
+def _wrap_commands(ctx: WorkerContext, state: ChannelState,
+                   commands: tuple[cm.Command, ...]) -> list[cm.Wrapped]:
+    assert state.host is not None
+    plain = [(_put_key(ctx, state.keys.dek, c) if c.put is not None else cm.Wrapped(c.apdu))
+             for c in commands]
+    out = []
+    if not state.pending:
+        state.base = state.host.checkpoint()
+    try:
+        for item in plain:
+            wrapped = state.host.wrap(item.apdu)
+            state.pending.append(state.host.checkpoint())
+            out.append(item._replace(apdu=wrapped))
+    except (Scp03Error, ValueError) as exc:
+        raise InvalidArgument(f"a command cannot be wrapped: {exc}") from None
+    return out
+
+
+@operation("card_keys.derive_set", idempotent=False)
+def derive_set(ctx: WorkerContext, req: cm.DeriveSet) -> tuple[bytes, bytes, bytes, bytes]:
+    keys, cryptogram = key_set(ctx, req.source)
+    ctx.states.put(req.handle, KeySetState(keys, req.source.master_label or "static"))
+    return (*kcvs(keys), cryptogram)
+
+
+@operation("card_keys.open", idempotent=False)
+def open_channel(ctx: WorkerContext, req: cm.OpenChannel) -> list[cm.Wrapped]:
+    keys, cryptogram = key_set(ctx, req.source)
+    owned_here = req.source.kind != "handle"
+    try:
+        def prf(obj: Any):
+            return lambda data: obj.sign(data, mechanism=Mechanism.AES_CMAC)
+
+        try:
+            host, ext_auth = open_host_channel(
+                prf(keys.enc), prf(keys.mac), req.host_challenge, req.initialize_update_response,
+                key_length=keys.key_length, security_level=req.security_level, kvn=req.kvn,
+                aid=req.aid)
+        except CryptogramError:
+            raise FailedPrecondition("card cryptogram mismatch: wrong key set or not this "
+                                     "card") from None
+        except (Scp03Error, ValueError) as exc:
+            raise InvalidArgument(f"initialize_update_response: {exc}") from None
+        except pkcs11.PKCS11Error as exc:
+            raise FailedPrecondition(f"the HSM refused AES-CMAC with the card's static keys "
+                                     f"({type(exc).__name__})") from None
+        state = ChannelState(keys if owned_here else KeySetObjects(
+            keys.token, keys.key_length, [keys.enc, keys.mac, keys.dek], owned=False),
+            host, req.source.master_label or "static")
+        state.pending.append(host.checkpoint())
+        wrapped = [cm.Wrapped(ext_auth, cryptogram=cryptogram)]
+        wrapped += _wrap_commands(ctx, state, req.commands)
+    except BaseException:
+        if owned_here:
+            keys.destroy()
+        raise
+    ctx.states.put(req.handle, state)
+    return wrapped
+
+
+@operation("card_keys.wrap", idempotent=False)
+def wrap(ctx: WorkerContext, req: cm.Wrap) -> list[cm.Wrapped]:
+    state = ctx.states.get(req.handle, ChannelState)
+    if state.host is None:
+        raise FailedPrecondition("the channel is closed")
+    return _wrap_commands(ctx, state, req.commands)
+
+
+@operation("card_keys.unwrap", idempotent=False)
+def unwrap(ctx: WorkerContext, req: cm.Unwrap) -> list[tuple[bytes, int]]:
+    """Check each response against the state after its command; resync to the last one."""
+    state = ctx.states.get(req.handle, ChannelState)
+    host = state.host
+    if host is None:
+        raise FailedPrecondition("the channel is closed")
+    if len(req.responses) > len(state.pending):
+        raise InvalidArgument(f"{len(req.responses)} responses for {len(state.pending)} "
+                              f"wrapped commands awaiting an answer")
+    out = []
+    for (data, sw), checkpoint in zip(req.responses, state.pending, strict=False):
+        try:
+            out.append(host.unwrap(bytes(data) + sw.to_bytes(2, "big"), checkpoint))
+        except MacError:
+            state.close(ctx)
+            raise DataLoss("a response failed its R-MAC check: the channel is closed") from None
+        except Scp03Error as exc:
+            state.close(ctx)
+            raise DataLoss(f"a response cannot be decrypted ({exc}): the channel is "
+                           f"closed") from None
+    host.resync(state.pending[len(req.responses) - 1] if req.responses else state.base)
+    # Commands after the last answered one never reached the card.
+    state.pending.clear()
+    return out
+

@@ -1,0 +1,258 @@
+"""The CardKeys servicer: card key sets and SCP03 channels held in the proxy.
+
+Each request is checked and authorized here (every token and key label it
+names, under the policy operation of the RPC), then sent to one worker: the
+one that will own the new channel, or the one that owns an existing channel
+or key set handle. What comes back to the caller is wrapped APDUs, handles,
+KCVs and cryptograms; never a card key, R or a session key (see
+``card_keys_ops`` for what the worker keeps in memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from cms.runtime.errors import FailedPrecondition, InvalidArgument, ServiceError
+from cms.v1 import card_channel_pb2 as chpb
+from cms.v1 import card_keys_pb2 as pb
+from cms.v1 import card_keys_pb2_grpc
+from hsm_proxy import card_keys_messages as cm
+from hsm_proxy.core import Call, ProxyCore, creation_failed, rpc
+
+KEY_LENGTHS = (16, 24, 32)
+SECURITY_LEVELS = (0x00, 0x01, 0x03, 0x11, 0x13, 0x33)
+MAX_ELEMENT_BYTES = 64
+MAX_CRYPTOGRAM_BYTES = 512
+MAX_COMMANDS = 32
+MAX_APDU_BYTES = 261 + 3            # extended-length headers included
+MAX_RESPONSES = 64
+CARD_KEY_SET_KIND = "card-key-set"
+CHANNEL_KIND = "scp03-channel"
+
+
+class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
+    def __init__(self, core: ProxyCore) -> None:
+        self.core = core
+
+    # -- request checks ------------------------------------------------------------
+    def _source(self, call: Call, spec: pb.KeySetSpec, what: str,
+                workers: set[int]) -> tuple[cm.KeySetSource, str]:
+        """The checked, authorized source of a key set, and the label naming it in handles."""
+        kind = spec.WhichOneof("source")
+        if kind is None:
+            raise InvalidArgument(f"{what}: give a source (diversified, new_random, "
+                                  f"from_cryptogram, static_labels or handle)")
+        if kind == "handle":
+            record = self.core.handles.lookup(call.identity, spec.handle,
+                                              worker_state=self.core.pool.worker_state)
+            if record.kind != CARD_KEY_SET_KIND:
+                raise InvalidArgument(f"{what}.handle is not a card key set")
+            call.authorize(record.token, record.label)
+            workers.add(record.worker)
+            return cm.KeySetSource("handle", record.token, 0, handle=spec.handle), record.label
+        token = spec.token
+        if spec.key_length not in KEY_LENGTHS:
+            raise InvalidArgument(f"{what}.key_length: 16, 24 or 32")
+        self.core.require_token(token, f"{what}.token")
+        if kind == "static_labels":
+            labels = (spec.static_labels.enc_label, spec.static_labels.mac_label,
+                      spec.static_labels.dek_label)
+            if not all(labels):
+                raise InvalidArgument(f"{what}.static_labels: enc, mac and dek labels")
+            for label in labels:
+                call.authorize(token, label)
+            return cm.KeySetSource("static", token, spec.key_length,
+                                   static_labels=labels), labels[0]
+        source = getattr(spec, kind)
+        if not source.master_label:
+            raise InvalidArgument(f"{what}.{kind}.master_label: required")
+        call.authorize(token, source.master_label)
+        if kind == "diversified":
+            if not 1 <= len(source.element) <= MAX_ELEMENT_BYTES:
+                raise InvalidArgument(f"{what}.diversified.element: 1 to "
+                                      f"{MAX_ELEMENT_BYTES} bytes (e.g. the 10-byte PSD id)")
+            return cm.KeySetSource("diversified", token, spec.key_length,
+                                   master_label=source.master_label,
+                                   element=bytes(source.element)), source.master_label
+        if kind == "new_random":
+            if not source.public_key_label:
+                raise InvalidArgument(f"{what}.new_random.public_key_label: required")
+            call.authorize(token, source.public_key_label)
+            return cm.KeySetSource("new_random", token, spec.key_length,
+                                   master_label=source.master_label,
+                                   public_label=source.public_key_label), source.master_label
+        if not source.private_key_label:
+            raise InvalidArgument(f"{what}.from_cryptogram.private_key_label: required")
+        if not 1 <= len(source.cryptogram) <= MAX_CRYPTOGRAM_BYTES:
+            raise InvalidArgument(f"{what}.from_cryptogram.cryptogram: 1 to "
+                                  f"{MAX_CRYPTOGRAM_BYTES} bytes")
+        call.authorize(token, source.private_key_label)
+        return cm.KeySetSource("from_cryptogram", token, spec.key_length,
+                               master_label=source.master_label,
+                               private_label=source.private_key_label,
+                               cryptogram=bytes(source.cryptogram)), source.master_label
+
+    def _commands(self, call: Call, commands: Any, workers: set[int]) -> tuple[cm.Command, ...]:
+        if len(commands) > MAX_COMMANDS:
+            raise InvalidArgument(f"commands: at most {MAX_COMMANDS} per call")
+        out = []
+        for i, c in enumerate(commands):
+            kind = c.WhichOneof("command")
+            if kind == "apdu":
+                if not 4 <= len(c.apdu) <= MAX_APDU_BYTES:
+                    raise InvalidArgument(f"commands[{i}].apdu: 4 to {MAX_APDU_BYTES} bytes")
+                out.append(cm.Command(apdu=bytes(c.apdu)))
+            elif kind == "put_key_set":
+                p = c.put_key_set
+                if not 1 <= p.new_kvn <= 0xFF or not 0 <= p.replace_kvn <= 0xFF:
+                    raise InvalidArgument(f"commands[{i}].put_key_set: KVNs are 1..255")
+                source, _ = self._source(call, p.key_set, f"commands[{i}].put_key_set.key_set",
+                                         workers)
+                out.append(cm.Command(put=source, new_kvn=p.new_kvn, replace_kvn=p.replace_kvn))
+            else:
+                raise InvalidArgument(f"commands[{i}]: an apdu or a put_key_set")
+        return tuple(out)
+
+    @staticmethod
+    def _pin(workers: set[int]) -> int | None:
+        if len(workers) > 1:
+            raise FailedPrecondition("the key set handles of one request live in different "
+                                     "proxy workers; derive them in one request")
+        return next(iter(workers), None)
+
+    def _answer(self, commands: list[Any], expect: list[list[Any]], offset: int
+                ) -> tuple[list[pb.WrappedCommand], list[pb.SpecCryptogram], list[pb.PutKeyInfo]]:
+        wrapped, cryptograms, puts = [], [], []
+        for i, w in enumerate(commands):
+            wrapped.append(pb.WrappedCommand(apdu=w.apdu, expect=expect[i],
+                                             expected_put_key_response=w.expected_put_key_response))
+            if w.cryptogram:
+                cryptograms.append(pb.SpecCryptogram(position=offset + i, cryptogram=w.cryptogram))
+            if w.put is not None:
+                kvn, enc, mac, dek = w.put
+                puts.append(pb.PutKeyInfo(index=offset + i, new_kvn=kvn, kcv_enc=enc,
+                                          kcv_mac=mac, kcv_dek=dek))
+        return wrapped, cryptograms, puts
+
+    # -- RPCs --------------------------------------------------------------------------
+    @rpc
+    def DeriveKeySet(self, request: pb.DeriveKeySetRequest, context: grpc.ServicerContext,
+                     call: Call) -> pb.KeySet:
+        core = self.core
+        workers: set[int] = set()
+        source, label = self._source(call, request.spec, "spec", workers)
+        record = core.new_handle(call, CARD_KEY_SET_KIND, source.token, label,
+                                 worker=self._pin(workers))
+        try:
+            reply = core.pool.call("card_keys.derive_set", cm.DeriveSet(record.handle, source),
+                                   worker=record.worker, idempotent=False,
+                                   timeout=call.timeout())
+        except ServiceError as exc:
+            core.handles.discard(record)
+            raise creation_failed(exc) from None
+        core.activate(record, reply)
+        enc, mac, dek, cryptogram = reply.value
+        return pb.KeySet(handle=record.handle, kcv_enc=enc, kcv_mac=mac, kcv_dek=dek,
+                         cryptogram=cryptogram)
+
+    @rpc
+    def OpenSecureChannel(self, request: pb.OpenSecureChannelRequest,
+                          context: grpc.ServicerContext,
+                          call: Call) -> pb.OpenSecureChannelResponse:
+        core = self.core
+        if request.security_level not in SECURITY_LEVELS:
+            raise InvalidArgument("security_level: one of 0x00, 0x01, 0x03, 0x11, 0x13, 0x33")
+        if not 1 <= request.kvn <= 0xFF:
+            raise InvalidArgument("kvn: 1..255")
+        if len(request.host_challenge) not in (8, 16):
+            raise InvalidArgument("host_challenge: 8 bytes (S8) or 16 bytes (S16)")
+        if not 13 <= len(request.initialize_update_response) <= 64:
+            raise InvalidArgument("initialize_update_response: the card's answer without SW")
+        workers: set[int] = set()
+        source, label = self._source(call, request.key_set, "key_set", workers)
+        commands = self._commands(call, request.commands, workers)
+        call.items = len(commands)
+        record = core.new_handle(call, CHANNEL_KIND, source.token, label,
+                                 worker=self._pin(workers))
+        payload = cm.OpenChannel(record.handle, source, request.kvn, bytes(request.host_challenge),
+                                 bytes(request.initialize_update_response),
+                                 request.security_level, commands,
+                                 bytes(request.aid) if request.aid else None)
+        try:
+            reply = core.pool.call("card_keys.open", payload, worker=record.worker,
+                                   idempotent=False, timeout=call.timeout())
+        except ServiceError as exc:
+            core.handles.discard(record)
+            raise creation_failed(exc) from None
+        core.activate(record, reply)
+        expect = [[chpb.ExpectedStatus(value=0x9000, mask=0xFFFF)]]
+        expect += [list(c.expect) for c in request.commands]
+        wrapped, cryptograms, puts = self._answer(reply.value, expect, 0)
+        return pb.OpenSecureChannelResponse(channel=record.handle, commands=wrapped,
+                                            cryptograms=cryptograms, put_keys=puts)
+
+    def _channel(self, call: Call, handle: str) -> Any:
+        record = self.core.handles.lookup(call.identity, handle,
+                                          worker_state=self.core.pool.worker_state)
+        if record.kind != CHANNEL_KIND:
+            raise InvalidArgument("channel: not a secure channel handle")
+        call.authorize(record.token, record.label)
+        return record
+
+    @rpc
+    def WrapCommands(self, request: pb.WrapCommandsRequest, context: grpc.ServicerContext,
+                     call: Call) -> pb.WrapCommandsResponse:
+        record = self._channel(call, request.channel)
+        workers = {record.worker}
+        commands = self._commands(call, request.commands, workers)
+        self._pin(workers)
+        call.items = len(commands)
+        reply = self.core.pool.call("card_keys.wrap", cm.Wrap(record.handle, commands),
+                                    worker=record.worker, idempotent=False,
+                                    timeout=call.timeout())
+        # Cryptogram positions count the commands of this call from 1 (0 is no key set).
+        wrapped, cryptograms, puts = self._answer(
+            reply.value, [list(c.expect) for c in request.commands], 1)
+        for p in puts:
+            p.index -= 1
+        return pb.WrapCommandsResponse(commands=wrapped, cryptograms=cryptograms, put_keys=puts)
+
+    @rpc
+    def UnwrapResponses(self, request: pb.UnwrapResponsesRequest, context: grpc.ServicerContext,
+                        call: Call) -> pb.UnwrapResponsesResponse:
+        core = self.core
+        record = self._channel(call, request.channel)
+        if len(request.responses) > MAX_RESPONSES:
+            raise InvalidArgument(f"responses: at most {MAX_RESPONSES}")
+        responses = []
+        for i, r in enumerate(request.responses):
+            if not 0 <= r.sw <= 0xFFFF or len(r.data) > 0x10000:
+                raise InvalidArgument(f"responses[{i}]: status word or data out of range")
+            responses.append((bytes(r.data), r.sw))
+        call.items = len(responses)
+        try:
+            reply = core.pool.call("card_keys.unwrap", cm.Unwrap(record.handle, tuple(responses)),
+                                   worker=record.worker, idempotent=False,
+                                   timeout=call.timeout())
+        except ServiceError as exc:
+            if exc.code == grpc.StatusCode.DATA_LOSS:
+                self._release(record, call)
+            raise
+        if request.close:
+            self._release(record, call)
+        return pb.UnwrapResponsesResponse(
+            responses=[chpb.ApduResponse(data=data, sw=sw) for data, sw in reply.value])
+
+    def _release(self, record: Any, call: Call) -> None:
+        core = self.core
+        for released in core.handles.release(call.identity, [record.handle]):
+            core.pool.control(released.worker, "release", [released.handle],
+                              timeout=call.timeout())
+        core.update_handle_gauge()
+
+
+def register(server: grpc.Server, core: ProxyCore) -> list[str]:
+    card_keys_pb2_grpc.add_CardKeysServicer_to_server(CardKeysServicer(core), server)
+    return ["cms.v1.CardKeys"]

@@ -1,0 +1,103 @@
+"""Flow A end to end: A1 installation then A2 replacement, through the real access server,
+the real proxy (CardKeys: keys held in SoftHSM2), mutual TLS and the card agent's session
+code with an in-process virtual card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from card_agent.session import AgentInfo, run_session
+from card_agent.virtual import VirtualTransport
+from cms.runtime.client import load_endpoints
+from cms.v1 import access_pb2 as apb
+from cms.v1 import access_pb2_grpc
+from cms.v1 import card_channel_pb2 as pb
+from tests.support.card_keys import provision
+from tests.support.launcher import dev_stack
+from virtual_psd.card import VirtualCard
+from virtual_psd.factory import create_card
+from virtual_psd.state import load_state
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+TRANSPORT_MASTER = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+STATION = AgentInfo(role=pb.PERSONALIZATION_STATION, label="station")
+USER = AgentInfo(role=pb.USER_PC, label="pc")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("flow-a")
+    with dev_stack(directory) as endpoints_path:
+        provision(endpoints_path, TRANSPORT_MASTER)
+        yield endpoints_path
+
+
+def _admin(stack: Path):
+    channel = load_endpoints(stack).channel("access_server", "admin")
+    return access_pb2_grpc.PsdRegistryStub(channel), access_pb2_grpc.CampaignsStub(channel)
+
+
+def _session(stack: Path, card: Path, info: AgentInfo):
+    channel = load_endpoints(stack).channel("access_server", "card-agent")
+    transport = VirtualTransport(VirtualCard.open(card))
+    try:
+        return run_session(transport, channel, info, deadline_s=60)
+    finally:
+        transport.close()
+        channel.close()
+
+
+def _kvns(card: Path) -> set[int]:
+    return set(load_state(card).key_sets)
+
+
+def _new_card(stack: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
+    path = tmp_path / name
+    psd_id = create_card(path, transport_master=TRANSPORT_MASTER).psd_id
+    registry, _ = _admin(stack)
+    registry.RegisterPsds(apb.RegisterPsdsRequest(psd_ids=[psd_id]), timeout=30)
+    return path, psd_id
+
+
+def test_a1_installs_mkrk_and_mk_and_retires_the_transport_keys(stack: Path,
+                                                                 tmp_path: Path) -> None:
+    card, psd_id = _new_card(stack, tmp_path, "a1.json")
+    report = _session(stack, card, STATION)
+    assert report.done is not None, report.error
+    assert report.done.outcome == pb.SessionDone.OK, report.done.message
+    assert report.scripts_run == 2                      # probe + one secured script
+    assert _kvns(card) == {0x70, 0x02}                  # MKRK + newest MK; FF gone
+    steps = "\n".join(report.done.steps)
+    assert "A1.4 cryptogram stored" in steps and "A1.8 transport keys retired" in steps
+    registry, _ = _admin(stack)
+    psd = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+    assert psd.state == apb.PSD_ACTIVE and psd.mk_version == 2 and psd.mkrk_version == 1
+    assert psd.has_cryptogram
+    # A second station contact has nothing to do.
+    assert _session(stack, card, STATION).done.outcome == pb.SessionDone.NOTHING_TO_DO
+
+
+def test_a2_replaces_the_mk_through_the_mkrk_channel_in_two_round_trips(
+        stack: Path, tmp_path: Path) -> None:
+    card, psd_id = _new_card(stack, tmp_path, "a2.json")
+    assert _session(stack, card, STATION).done.outcome == pb.SessionDone.OK
+    assert _session(stack, card, USER).done.outcome == pb.SessionDone.NOTHING_TO_DO
+    _, campaigns = _admin(stack)
+    campaign = campaigns.StartCampaign(apb.StartCampaignRequest(
+        from_mk_version=2, to_mk_version=1,
+        filter=apb.CampaignFilter(psd_ids=[psd_id])), timeout=30)
+    report = _session(stack, card, USER)
+    assert report.done.outcome == pb.SessionDone.OK, report.done.message
+    assert report.scripts_run == 2
+    assert _kvns(card) == {0x70, 0x01}
+    steps = "\n".join(report.done.steps)
+    assert "A2.4 secure channel opened with the MKRK key set" in steps
+    registry, _ = _admin(stack)
+    psd = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+    assert psd.state == apb.PSD_ACTIVE and psd.mk_version == 1
+    done = campaigns.GetCampaign(apb.GetCampaignRequest(campaign_id=campaign.campaign_id),
+                                 timeout=30)
+    assert (done.done, done.pending) == (1, 0)

@@ -1,0 +1,63 @@
+"""Key blocks for flow A in HSM1 (token access), put there through a running proxy.
+
+What key management's transfer leaves in HSM1, made directly for tests that
+exercise the access server: the card factory's transport master (imported by
+a two-component ceremony from a value the test knows, since the test also
+makes the virtual cards), MK blocks, the MKRK block and the cryptogram key
+pair (generated in the HSM).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from cms.runtime.client import load_endpoints
+from cms.v1 import hsm_pb2 as pb
+from cms.v1 import hsm_pb2_grpc
+
+TOKEN = "access"
+IDENTITY = "access-server"
+
+
+def kcv_zero(key: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 - a KCV
+    return (enc.update(bytes(16)) + enc.finalize())[:3]
+
+
+def import_transport_master(hsm: hsm_pb2_grpc.HsmStub, master: bytes,
+                            label: str = "factory/transport-master") -> None:
+    first = os.urandom(len(master))
+    second = bytes(a ^ b for a, b in zip(first, master, strict=True))
+    algorithm = {16: pb.AES_128, 24: pb.AES_192, 32: pb.AES_256}[len(master)]
+    started = hsm.BeginComponentImport(pb.BeginComponentImportRequest(
+        tokens=[TOKEN], algorithm=algorithm, components=2,
+        template=pb.KeyTemplate(label=label, usages=[pb.DERIVE])), timeout=30)
+    for component in (first, second):
+        hsm.AddKeyComponent(pb.AddKeyComponentRequest(
+            handle=started.handle, component=component, kcv=kcv_zero(component)), timeout=30)
+
+
+def generate_blocks(hsm: hsm_pb2_grpc.HsmStub, *, mk_versions: tuple[int, ...] = (1, 2),
+                    mkrk_version: int = 1, cryptogram_version: int = 1) -> None:
+    for label in [f"mk/{v}" for v in mk_versions] + [f"mkrk/{mkrk_version}"]:
+        hsm.GenerateSecretKey(pb.GenerateSecretKeyRequest(
+            token=TOKEN, algorithm=pb.AES_128,
+            template=pb.KeyTemplate(label=label, usages=[pb.DERIVE])), timeout=30)
+    hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
+        token=TOKEN, algorithm=pb.RSA_2048,
+        template=pb.KeyTemplate(label=f"cryptogram/{cryptogram_version}",
+                                usages=[pb.DECRYPT])), timeout=60)
+
+
+def provision(endpoints_path: Path, transport_master: bytes) -> None:
+    """Everything flow A needs in HSM1, as identity access-server."""
+    channel = load_endpoints(endpoints_path).channel("hsm_proxy", IDENTITY)
+    try:
+        hsm = hsm_pb2_grpc.HsmStub(channel)
+        import_transport_master(hsm, transport_master)
+        generate_blocks(hsm)
+    finally:
+        channel.close()
