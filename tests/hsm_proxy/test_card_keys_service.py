@@ -1,0 +1,231 @@
+"""The proxy's CardKeys service against an in-process virtual card: SCP03 channels whose
+keys stay in the HSM (real proxy process, SoftHSM2, mutual TLS)."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cardcore import gp
+from cardcore.diversify import diversify_key_set_software
+from cardcore.psd import psd_id_bytes
+from cardcore.scp03 import InitializeUpdateResponse, cmac_prf, derive_session_keys
+from cms.runtime.client import load_endpoints
+from cms.v1 import card_keys_pb2 as pb
+from cms.v1 import card_keys_pb2_grpc
+from tests.support.card_keys import provision
+from tests.support.launcher import dev_stack
+from virtual_psd.card import VirtualCard
+from virtual_psd.factory import create_card
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MASTER = bytes.fromhex("0F1E2D3C4B5A69788796A5B4C3D2E1F0")
+OK = 0x9000
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("card-keys")
+    with dev_stack(directory) as endpoints_path:
+        provision(endpoints_path, MASTER)
+        yield endpoints_path
+
+
+def _stub(stack: Path, identity: str = "access-server") -> card_keys_pb2_grpc.CardKeysStub:
+    return card_keys_pb2_grpc.CardKeysStub(load_endpoints(stack).channel("hsm_proxy", identity))
+
+
+def _send(card: VirtualCard, apdu: bytes) -> tuple[bytes, int]:
+    raw = card.transmit(apdu)
+    return raw[:-2], int.from_bytes(raw[-2:], "big")
+
+
+def _diversified(master_label: str, psd_id: str) -> pb.KeySetSpec:
+    return pb.KeySetSpec(token="access", key_length=16, diversified=pb.Diversified(
+        master_label=master_label, element=psd_id_bytes(psd_id)))
+
+
+def _initialize(card: VirtualCard, kvn: int) -> tuple[bytes, bytes]:
+    assert _send(card, gp.select_command())[1] == OK
+    challenge = os.urandom(8)
+    data, sw = _send(card, gp.initialize_update_command(kvn, challenge))
+    assert sw == OK
+    return challenge, data
+
+
+def _run(card: VirtualCard, opened) -> list[pb.ApduResponse]:
+    from cms.v1 import card_channel_pb2 as cpb
+
+    out = []
+    for command in opened.commands:
+        data, sw = _send(card, command.apdu)
+        out.append(cpb.ApduResponse(data=data, sw=sw))
+        if sw != OK:
+            break
+    return out
+
+
+@pytest.fixture
+def card(tmp_path: Path) -> tuple[VirtualCard, str]:
+    state = create_card(tmp_path / "card.json", transport_master=MASTER)
+    virtual = VirtualCard.open(tmp_path / "card.json")
+    virtual.power_on()
+    return virtual, state.psd_id
+
+
+def test_transport_channel_installs_key_sets_whose_kcvs_the_card_confirms(
+        stack: Path, card) -> None:
+    virtual, psd_id = card
+    stub = _stub(stack)
+    challenge, iu = _initialize(virtual, 0xFF)
+    opened = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        commands=[
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
+                token="access", key_length=16, new_random=pb.NewRandom(
+                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(
+                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
+            pb.ChannelCommand(apdu=gp.delete_key_command(0xFF)),
+        ]), timeout=60)
+    assert len(opened.commands) == 4
+    assert [c.position for c in opened.cryptograms] == [1]
+    cryptogram = opened.cryptograms[0].cryptogram
+    assert len(cryptogram) == 256
+    responses = _run(virtual, opened)
+    assert [r.sw for r in responses] == [OK] * 4
+    plain = stub.UnwrapResponses(pb.UnwrapResponsesRequest(
+        channel=opened.channel, responses=responses, close=True), timeout=30).responses
+    for index in (1, 2):                                # the card's KCVs are the HSM's
+        assert plain[index].data == opened.commands[index].expected_put_key_response
+    assert set(virtual.state.key_sets) == {0x70, 0x01}
+
+    # The MKRK set re-derived from the cryptogram opens a channel at 0x70 ...
+    challenge, iu = _initialize(virtual, 0x70)
+    reopened = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=pb.KeySetSpec(token="access", key_length=16, from_cryptogram=pb.FromCryptogram(
+            master_label="mkrk/1", private_key_label="cryptogram/1", cryptogram=cryptogram)),
+        kvn=0x70, host_challenge=challenge, initialize_update_response=iu,
+        security_level=0x33), timeout=60)
+    assert _run(virtual, reopened)[0].sw == OK
+    stub.UnwrapResponses(pb.UnwrapResponsesRequest(channel=reopened.channel, close=True),
+                         timeout=30)
+    # ... and the MK set at 0x01.
+    challenge, iu = _initialize(virtual, 0x01)
+    mk = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=_diversified("mk/1", psd_id), kvn=0x01, host_challenge=challenge,
+        initialize_update_response=iu, security_level=0x33), timeout=60)
+    assert _run(virtual, mk)[0].sw == OK
+
+
+def test_nothing_secret_crosses_the_proxy_boundary(stack: Path, card) -> None:
+    """Transport keys and session keys (computed here from the known master) appear in no
+    response, log or audit record."""
+    virtual, psd_id = card
+    stub = _stub(stack)
+    challenge, iu = _initialize(virtual, 0xFF)
+    opened = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        commands=[pb.ChannelCommand(apdu=gp.get_data_command(0x00E0))]), timeout=60)
+    responses = _run(virtual, opened)
+    plain = stub.UnwrapResponses(pb.UnwrapResponsesRequest(
+        channel=opened.channel, responses=responses, close=True), timeout=30)
+    assert plain.responses[1].sw == OK and gp.parse_key_information(plain.responses[1].data)
+
+    static = diversify_key_set_software(MASTER, psd_id_bytes(psd_id), 16)
+    card_challenge = InitializeUpdateResponse.parse(iu).card_challenge
+    session = derive_session_keys(cmac_prf(static.enc), cmac_prf(static.mac), challenge,
+                                  card_challenge, 16)
+    secrets = [*static.keys(), session.s_enc, session.s_mac, session.s_rmac, MASTER]
+    seen = [opened.SerializeToString(), plain.SerializeToString()]
+    directory = stack.parent
+    for path in [*(directory / "logs").rglob("*"), *(directory / "audit").rglob("*")]:
+        if path.is_file():
+            seen.append(path.read_bytes())
+    assert len(seen) > 2
+    for secret in secrets:
+        forms = [secret, secret.hex().encode(), secret.hex().upper().encode(),
+                 base64.b64encode(secret)]
+        for blob in seen:
+            assert not any(form in blob for form in forms)
+
+
+def test_wrong_keys_and_tampered_responses_are_refused(stack: Path, card) -> None:
+    virtual, psd_id = card
+    stub = _stub(stack)
+    challenge, iu = _initialize(virtual, 0xFF)
+    with pytest.raises(grpc.RpcError) as err:                       # not this card's keys
+        stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+            key_set=_diversified("mk/1", psd_id), kvn=0xFF, host_challenge=challenge,
+            initialize_update_response=iu, security_level=0x33), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "card cryptogram mismatch" in err.value.details()
+
+    with pytest.raises(grpc.RpcError) as err:                       # another card's cryptogram
+        stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+            key_set=pb.KeySetSpec(token="access", key_length=16, from_cryptogram=pb.FromCryptogram(
+                master_label="mkrk/1", private_key_label="cryptogram/1",
+                cryptogram=os.urandom(256))),
+            kvn=0xFF, host_challenge=challenge, initialize_update_response=iu,
+            security_level=0x33), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "does not decrypt" in err.value.details()
+
+    challenge, iu = _initialize(virtual, 0xFF)
+    opened = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        commands=[pb.ChannelCommand(apdu=gp.get_data_command(0x00E0))]), timeout=60)
+    responses = _run(virtual, opened)
+    # Another identity cannot use the channel.
+    with pytest.raises(grpc.RpcError) as err:
+        _stub(stack, "admin").UnwrapResponses(pb.UnwrapResponsesRequest(
+            channel=opened.channel, responses=responses), timeout=30)
+    assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+    # A flipped R-MAC bit: DATA_LOSS, and the channel is gone.
+    tampered = bytearray(responses[1].data)
+    tampered[-1] ^= 1
+    responses[1].data = bytes(tampered)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UnwrapResponses(pb.UnwrapResponsesRequest(channel=opened.channel,
+                                                       responses=responses), timeout=30)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UnwrapResponses(pb.UnwrapResponsesRequest(channel=opened.channel), timeout=30)
+    assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+@pytest.mark.parametrize("mutate, detail", [
+    (lambda r: r.ClearField("key_set"), "key_set: give a source"),
+    (lambda r: setattr(r, "security_level", 0x02), "security_level"),
+    (lambda r: setattr(r, "host_challenge", b"x"), "host_challenge"),
+    (lambda r: setattr(r, "initialize_update_response", b"short"), "initialize_update_response"),
+    (lambda r: r.key_set.diversified.__setattr__("master_label", "mk/99"), "mk/99"),
+    (lambda r: r.commands.add(apdu=b"\x00"), "commands[0].apdu"),
+])
+def test_bad_requests_get_clear_statuses(stack: Path, mutate, detail) -> None:
+    request = pb.OpenSecureChannelRequest(
+        key_set=_diversified("mk/1", "0102030405060708090A"), kvn=0xFF,
+        host_challenge=bytes(8), initialize_update_response=bytes(29), security_level=0x33)
+    mutate(request)
+    with pytest.raises(grpc.RpcError) as err:
+        _stub(stack).OpenSecureChannel(request, timeout=30)
+    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                grpc.StatusCode.FAILED_PRECONDITION)
+    assert detail in err.value.details()
+
+
+def test_policy_keeps_other_identities_off_card_keys(stack: Path) -> None:
+    request = pb.DeriveKeySetRequest(spec=_diversified("mk/1", "0102030405060708090A"))
+    with pytest.raises(grpc.RpcError) as err:
+        _stub(stack, "card-agent").DeriveKeySet(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    derived = _stub(stack).DeriveKeySet(request, timeout=30)
+    assert derived.handle and len(derived.kcv_enc) == 3 and not derived.cryptogram
