@@ -392,8 +392,9 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
     except FlowError as exc:
         done = cpb.SessionDone(outcome=exc.outcome, message=exc.message, psd_id=psd_id)
     except ServiceError as exc:
-        outcome = (cpb.SessionDone.REFUSED if exc.code == grpc.StatusCode.NOT_FOUND
-                   else cpb.SessionDone.FAILED)
+        outcome = {grpc.StatusCode.NOT_FOUND: cpb.SessionDone.REFUSED,
+                   grpc.StatusCode.UNAVAILABLE: cpb.SessionDone.RETRY_LATER,
+                   }.get(exc.code, cpb.SessionDone.FAILED)
         done = cpb.SessionDone(outcome=outcome, message=exc.message, psd_id=psd_id)
     finally:
         if leased:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from pathlib import Path
 
 import grpc
@@ -31,6 +30,12 @@ log = logging.getLogger("access_server.server")
 HSM1_TOKEN = "access"
 VERSIONED_LABEL = re.compile(r"^(mk|mkrk|cryptogram)/(\d+)$")
 PROXY_TIMEOUT_S = 10.0
+# A restarted proxy is found again within a second, not after gRPC's default
+# exponential backoff (up to two minutes): card contacts meanwhile end with
+# RETRY_LATER, and the next one works.
+PROXY_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
+                         ("grpc.min_reconnect_backoff_ms", 200),
+                         ("grpc.max_reconnect_backoff_ms", 1000)]
 SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel")
 
 
@@ -40,8 +45,8 @@ class AccessServer:
     def __init__(self, cfg: AccessConfig, ready_file: Path | None = None) -> None:
         self.cfg = cfg
         self.store = Store.from_url(cfg.database_url)
-        self.proxy = (secure_channel(cfg.proxy_address, cfg.tls) if cfg.proxy_address
-                      else None)
+        self.proxy = (secure_channel(cfg.proxy_address, cfg.tls, options=PROXY_CHANNEL_OPTIONS)
+                      if cfg.proxy_address else None)
         settings = ServerSettings(
             listen=cfg.listen, metrics_listen=cfg.metrics_listen, tls=cfg.tls,
             max_workers=cfg.max_workers, ready_file=ready_file,
@@ -79,7 +84,9 @@ class AccessServer:
     def flow_context(self, actor: str) -> FlowContext:
         return FlowContext(store=self.store, card_keys=CardKeysStub(self.proxy),
                            install_versions=self.install_versions, actor=actor,
-                           lease_holder=f"{actor}:{uuid.uuid4().hex[:8]}",
+                           # The same agent (identity and label) coming back after a
+                           # crash takes over its own lease; another agent waits.
+                           lease_holder=actor,
                            lease_seconds=self.cfg.lease_seconds)
 
     def _register(self, server: grpc.Server) -> list[str]:

@@ -61,3 +61,48 @@ def provision(endpoints_path: Path, transport_master: bytes) -> None:
         generate_blocks(hsm)
     finally:
         channel.close()
+
+
+def reproduces_card_keys(endpoints_path: Path, card_path: Path, psd_id: str, *,
+                         mk_version: int, cryptogram: bytes,
+                         cryptogram_label: str = "cryptogram/1", mkrk_version: int = 1) -> bool:
+    """Whether HSM1 can still open the card: its MK set (diversified by PSD id) and its MKRK
+    set (from the stored cryptogram) each authenticate a channel with the card."""
+    from cardcore import gp
+    from cardcore.psd import psd_id_bytes
+    from cms.v1 import card_keys_pb2 as kpb
+    from cms.v1 import card_keys_pb2_grpc
+    from virtual_psd.card import VirtualCard
+
+    specs = {
+        mk_version: kpb.KeySetSpec(token=TOKEN, key_length=16, diversified=kpb.Diversified(
+            master_label=f"mk/{mk_version}", element=psd_id_bytes(psd_id))),
+        0x70: kpb.KeySetSpec(token=TOKEN, key_length=16, from_cryptogram=kpb.FromCryptogram(
+            master_label=f"mkrk/{mkrk_version}", private_key_label=cryptogram_label,
+            cryptogram=cryptogram)),
+    }
+    channel = load_endpoints(endpoints_path).channel("hsm_proxy", IDENTITY)
+    stub = card_keys_pb2_grpc.CardKeysStub(channel)
+    card = VirtualCard.open(card_path)
+    card.power_on()
+    try:
+        for kvn, spec in specs.items():
+            card.transmit(gp.select_command())
+            challenge = os.urandom(8)
+            raw = card.transmit(gp.initialize_update_command(kvn, challenge))
+            if raw[-2:] != b"\x90\x00":
+                return False
+            try:
+                opened = stub.OpenSecureChannel(kpb.OpenSecureChannelRequest(
+                    key_set=spec, kvn=kvn, host_challenge=challenge,
+                    initialize_update_response=raw[:-2], security_level=0x33), timeout=30)
+            except Exception:
+                return False
+            if card.transmit(opened.commands[0].apdu)[-2:] != b"\x90\x00":
+                return False
+            stub.UnwrapResponses(kpb.UnwrapResponsesRequest(channel=opened.channel, close=True),
+                                 timeout=30)
+        return True
+    finally:
+        card.power_off()
+        channel.close()
