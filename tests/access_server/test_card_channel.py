@@ -9,13 +9,12 @@ import grpc
 import pytest
 
 from card_agent.session import AgentInfo, run_session
-from card_agent.virtual import VirtualTransport
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
 from cms.v1 import access_pb2_grpc, card_channel_pb2_grpc
 from cms.v1 import card_channel_pb2 as pb
+from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
-from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -37,14 +36,8 @@ def _card(tmp_path: Path, name: str = "card.json", **kwargs) -> tuple[Path, str]
     return path, state.psd_id
 
 
-def _session(stack: Path, card: Path, info: AgentInfo, identity: str = "card-agent"):
-    channel = load_endpoints(stack).channel("access_server", identity)
-    transport = VirtualTransport(VirtualCard.open(card))
-    try:
-        return run_session(transport, channel, info, deadline_s=60)
-    finally:
-        transport.close()
-        channel.close()
+def _session(stack: Path, card: Path, info: AgentInfo):
+    return contact(stack, card, info)
 
 
 def _key_sets(card: Path) -> dict:

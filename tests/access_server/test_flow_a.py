@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from card_agent.session import AgentInfo, run_session
-from card_agent.virtual import VirtualTransport
+from card_agent.session import AgentInfo
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
 from cms.v1 import access_pb2_grpc
 from cms.v1 import card_channel_pb2 as pb
 from tests.support.card_keys import provision
+from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
-from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 from virtual_psd.state import load_state
 
@@ -41,13 +40,7 @@ def _admin(stack: Path):
 
 
 def _session(stack: Path, card: Path, info: AgentInfo):
-    channel = load_endpoints(stack).channel("access_server", "card-agent")
-    transport = VirtualTransport(VirtualCard.open(card))
-    try:
-        return run_session(transport, channel, info, deadline_s=60)
-    finally:
-        transport.close()
-        channel.close()
+    return contact(stack, card, info)
 
 
 def _kvns(card: Path) -> set[int]:

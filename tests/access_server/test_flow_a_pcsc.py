@@ -30,17 +30,8 @@ TRANSPORT_MASTER = bytes.fromhex("A0A1A2A3A4A5A6A7A8A9AAABACADAEAF")
 
 @pytest.fixture(scope="module")
 def pcscd() -> Iterator[pcsc.PrivatePcscd]:
-    reason = pcsc.unavailable_reason()
-    if reason:
-        pytest.skip(f"private PC/SC stack unavailable: {reason}")
-    daemon = pcsc.PrivatePcscd()
-    try:
-        daemon.start()
-    except pcsc.PcscUnavailable as exc:
-        daemon.close()
-        pytest.skip(str(exc))
-    yield daemon
-    daemon.close()
+    with pcsc.started_or_skip() as daemon:
+        yield daemon
 
 
 def _agent(pcscd, endpoints: Path, role: str) -> subprocess.CompletedProcess[str]:

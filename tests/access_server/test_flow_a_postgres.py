@@ -13,8 +13,7 @@ import psycopg
 import pytest
 import yaml
 
-from card_agent.session import AgentInfo, run_session
-from card_agent.virtual import VirtualTransport
+from card_agent.session import AgentInfo
 from cardcore.diversify import diversify_key_set_software
 from cardcore.psd import psd_id_bytes
 from cms.runtime.client import load_endpoints
@@ -22,8 +21,8 @@ from cms.v1 import access_pb2 as apb
 from cms.v1 import access_pb2_grpc
 from cms.v1 import card_channel_pb2 as pb
 from tests.support.card_keys import provision
+from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
-from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 from virtual_psd.state import load_state
 
@@ -64,13 +63,7 @@ def _serve(stack: Path, url: str, tmp_path: Path) -> tuple[subprocess.Popen, Pat
 
 
 def _session(endpoints: Path, card: Path, role: int):
-    channel = load_endpoints(endpoints).channel("access_server", "card-agent")
-    transport = VirtualTransport(VirtualCard.open(card))
-    try:
-        return run_session(transport, channel, AgentInfo(role=role, label="pg"), deadline_s=60)
-    finally:
-        transport.close()
-        channel.close()
+    return contact(endpoints, card, AgentInfo(role=role, label="pg"))
 
 
 def test_a1_and_a2_with_postgresql(postgres_url: str, tmp_path: Path) -> None:

@@ -32,17 +32,8 @@ CPLC_TAG = "9f7f"
 
 @pytest.fixture(scope="module")
 def pcscd() -> Iterator[pcsc.PrivatePcscd]:
-    reason = pcsc.unavailable_reason()
-    if reason:
-        pytest.skip(f"private PC/SC stack unavailable: {reason}")
-    daemon = pcsc.PrivatePcscd()
-    try:
-        daemon.start()
-    except pcsc.PcscUnavailable as exc:
-        daemon.close()
-        pytest.skip(str(exc))
-    yield daemon
-    daemon.close()
+    with pcsc.started_or_skip() as daemon:
+        yield daemon
 
 
 class CardProcess:

@@ -20,13 +20,11 @@ from pathlib import Path
 import pytest
 
 from access_server.store import Store
-from card_agent.session import AgentInfo, run_session
-from card_agent.virtual import VirtualTransport
-from cms.runtime.client import load_endpoints
+from card_agent.session import AgentInfo
 from cms.v1 import card_channel_pb2 as pb
 from tests.support.card_keys import provision, reproduces_card_keys
+from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
-from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 from virtual_psd.state import load_state
 
@@ -87,14 +85,8 @@ def _register(stack: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
 def _install_in_process(stack: Path, card: Path) -> None:
     """A1 without a fault (a contact may meet a server just restarted by the previous case)."""
     for _ in range(MAX_RECOVERY_CONTACTS):
-        channel = load_endpoints(stack).channel("access_server", "card-agent")
-        transport = VirtualTransport(VirtualCard.open(card))
-        try:
-            report = run_session(transport, channel, AgentInfo(
-                role=pb.PERSONALIZATION_STATION, label="installer"), deadline_s=60)
-        finally:
-            transport.close()
-            channel.close()
+        report = contact(stack, card, AgentInfo(role=pb.PERSONALIZATION_STATION,
+                                                label="installer"))
         if report.done is not None and report.done.outcome == pb.SessionDone.OK:
             return
         time.sleep(0.5)

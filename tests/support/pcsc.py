@@ -322,6 +322,26 @@ def transmit_fn(connection: Any) -> Callable[[bytes], bytes]:
 
 
 @contextlib.contextmanager
+def started_or_skip() -> Iterator[PrivatePcscd]:
+    """A running private pcscd for subprocess clients, or the test skipped with the reason."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"private PC/SC stack unavailable: {reason}")
+    daemon = PrivatePcscd()
+    try:
+        daemon.start()
+    except PcscUnavailable as exc:
+        daemon.close()
+        pytest.skip(str(exc))
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+@contextlib.contextmanager
 def private_pcscd_session() -> Iterator[PrivatePcscd]:
     """Start a private pcscd and point this process at it; stop it afterwards."""
     daemon = PrivatePcscd()

@@ -1,0 +1,22 @@
+"""One card contact from a test: the card agent's session code over an in-process card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from card_agent.session import AgentInfo, SessionReport, run_session
+from card_agent.virtual import VirtualTransport
+from cms.runtime.client import load_endpoints
+from virtual_psd.card import VirtualCard
+
+
+def contact(endpoints_path: Path, card_path: Path, info: AgentInfo,
+            identity: str = "card-agent") -> SessionReport:
+    """Run one CardChannel session for the virtual card stored at ``card_path``."""
+    channel = load_endpoints(endpoints_path).channel("access_server", identity)
+    transport = VirtualTransport(VirtualCard.open(card_path))
+    try:
+        return run_session(transport, channel, info, deadline_s=60)
+    finally:
+        transport.close()
+        channel.close()
