@@ -209,6 +209,16 @@ def _versions_text(kvns: frozenset[int]) -> str:
     return ", ".join(f"{k:02X}" for k in sorted(kvns)) or "none"
 
 
+def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int) -> kpb.KeySetSpec:
+    """The card's MKRK set, re-derived in HSM1 from its stored cryptogram (claims 18-20)."""
+    cryptogram = ctx.store.get_cryptogram(psd_id)
+    return kpb.KeySetSpec(
+        token=HSM1_TOKEN, key_length=ctx.labels.key_length,
+        from_cryptogram=kpb.FromCryptogram(
+            master_label=ctx.labels.mkrk.format(v=mkrk_version),
+            private_key_label=cryptogram.key_label, cryptogram=cryptogram.ciphertext))
+
+
 # -- A1: initial installation -------------------------------------------------------
 
 def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
@@ -239,13 +249,8 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     ctx.step(f"A1.1 PSD id {psd_id} read from the card (CPLC) and sent to HSM1")
     resuming = intent is not None and (KVN_MKRK in probe.kvns or bool(probe.mk_kvns))
     if resuming:
-        cryptogram = ctx.store.get_cryptogram(psd_id)
         mk_version, mkrk_version = intent.to_version, intent.mkrk_version
-        mkrk_spec = kpb.KeySetSpec(
-            token=HSM1_TOKEN, key_length=labels.key_length,
-            from_cryptogram=kpb.FromCryptogram(
-                master_label=labels.mkrk.format(v=mkrk_version),
-                private_key_label=cryptogram.key_label, cryptogram=cryptogram.ciphertext))
+        mkrk_spec = _mkrk_from_cryptogram(ctx, psd_id, mkrk_version)
         ctx.step("A1 resumed: the card holds part of an earlier installation; its MKRK is "
                  "re-derived from the stored cryptogram")
     else:
@@ -293,13 +298,6 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
 
 # -- A2: post-issuance replacement ------------------------------------------------
 
-def _mkrk_from_cryptogram(ctx: FlowContext, psd: PsdRecord) -> kpb.KeySetSpec:
-    cryptogram = ctx.store.get_cryptogram(psd.psd_id)
-    return kpb.KeySetSpec(
-        token=HSM1_TOKEN, key_length=ctx.labels.key_length,
-        from_cryptogram=kpb.FromCryptogram(
-            master_label=ctx.labels.mkrk.format(v=psd.mkrk_version),
-            private_key_label=cryptogram.key_label, cryptogram=cryptogram.ciphertext))
 
 
 def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
@@ -347,7 +345,8 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     if old in card_mks:
         commands.append(_delete(old))
     request = kpb.OpenSecureChannelRequest(
-        key_set=_mkrk_from_cryptogram(ctx, psd), kvn=KVN_MKRK, host_challenge=host_challenge,
+        key_set=_mkrk_from_cryptogram(ctx, psd_id, psd.mkrk_version), kvn=KVN_MKRK,
+        host_challenge=host_challenge,
         initialize_update_response=probe.initialize_update, security_level=SECURITY_LEVEL,
         commands=commands)
     opened = _open_channel(ctx, request, "opening the MKRK channel")
