@@ -229,3 +229,34 @@ def test_policy_keeps_other_identities_off_card_keys(stack: Path) -> None:
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     derived = _stub(stack).DeriveKeySet(request, timeout=30)
     assert derived.handle and len(derived.kcv_enc) == 3 and not derived.cryptogram
+
+
+def test_the_card_refuses_mk_replacement_in_a_channel_opened_with_the_mk(stack: Path,
+                                                                        card) -> None:
+    """Only the MKRK unlocks the security executive: a channel authenticated with the MK
+    set (keys the HSM derives correctly) cannot install another MK."""
+    virtual, psd_id = card
+    stub = _stub(stack)
+    challenge, iu = _initialize(virtual, 0xFF)
+    opened = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        commands=[
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
+                token="access", key_length=16, new_random=pb.NewRandom(
+                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(
+                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
+        ]), timeout=60)
+    assert [r.sw for r in _run(virtual, opened)] == [OK] * 3
+
+    challenge, iu = _initialize(virtual, 0x01)
+    mk_channel = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=_diversified("mk/1", psd_id), kvn=0x01, host_challenge=challenge,
+        initialize_update_response=iu, security_level=0x33,
+        commands=[pb.ChannelCommand(put_key_set=pb.PutKeySet(
+            key_set=_diversified("mk/2", psd_id), new_kvn=0x02))]), timeout=60)
+    answers = _run(virtual, mk_channel)
+    assert answers[0].sw == OK                           # the MK set authenticates ...
+    assert answers[1].sw != OK                           # ... but may not put an MK
+    assert set(virtual.state.key_sets) == {0xFF, 0x70, 0x01}
