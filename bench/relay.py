@@ -84,6 +84,8 @@ class DelayRelay:
         try:
             await asyncio.gather(_pump(reader, up_writer, self.delay),
                                  _pump(up_reader, writer, self.delay))
+        except asyncio.CancelledError:
+            pass                    # the relay is stopping: just close both ends
         finally:
             for w in (writer, up_writer):
                 w.close()
