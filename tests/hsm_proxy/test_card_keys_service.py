@@ -70,6 +70,22 @@ def _run(card: VirtualCard, opened) -> list[pb.ApduResponse]:
     return out
 
 
+def _open_installing(stub, virtual: VirtualCard, psd_id: str, *extra: pb.ChannelCommand):
+    """A transport channel whose script puts a new MKRK (70) and MK v1 (01), then ``extra``."""
+    challenge, iu = _initialize(virtual, 0xFF)
+    return stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        commands=[
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
+                token="access", key_length=16, new_random=pb.NewRandom(
+                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(
+                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
+            *extra,
+        ]), timeout=60)
+
+
 @pytest.fixture
 def card(tmp_path: Path) -> tuple[VirtualCard, str]:
     state = create_card(tmp_path / "card.json", transport_master=MASTER)
@@ -82,18 +98,8 @@ def test_transport_channel_installs_key_sets_whose_kcvs_the_card_confirms(
         stack: Path, card) -> None:
     virtual, psd_id = card
     stub = _stub(stack)
-    challenge, iu = _initialize(virtual, 0xFF)
-    opened = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
-        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
-        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
-        commands=[
-            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
-                token="access", key_length=16, new_random=pb.NewRandom(
-                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
-            pb.ChannelCommand(put_key_set=pb.PutKeySet(
-                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
-            pb.ChannelCommand(apdu=gp.delete_key_command(0xFF)),
-        ]), timeout=60)
+    opened = _open_installing(stub, virtual, psd_id,
+                              pb.ChannelCommand(apdu=gp.delete_key_command(0xFF)))
     assert len(opened.commands) == 4
     assert [c.position for c in opened.cryptograms] == [1]
     cryptogram = opened.cryptograms[0].cryptogram
@@ -237,17 +243,7 @@ def test_the_card_refuses_mk_replacement_in_a_channel_opened_with_the_mk(stack: 
     set (keys the HSM derives correctly) cannot install another MK."""
     virtual, psd_id = card
     stub = _stub(stack)
-    challenge, iu = _initialize(virtual, 0xFF)
-    opened = stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
-        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
-        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
-        commands=[
-            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
-                token="access", key_length=16, new_random=pb.NewRandom(
-                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
-            pb.ChannelCommand(put_key_set=pb.PutKeySet(
-                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
-        ]), timeout=60)
+    opened = _open_installing(stub, virtual, psd_id)
     assert [r.sw for r in _run(virtual, opened)] == [OK] * 3
 
     challenge, iu = _initialize(virtual, 0x01)
