@@ -212,6 +212,18 @@ def hsm_proxy_config(stack: Stack) -> dict:
     }
 
 
+def key_mgmt_config(stack: Stack) -> dict:
+    return {
+        "server": {"listen": stack.listen("key_mgmt"),
+                   "metrics_listen": stack.listen("key_mgmt", "metrics")},
+        "tls": stack.tls("key-mgmt"),
+        "database": {"url": f"sqlite:///{stack.path('data', 'key-mgmt.db')}"},
+        "proxy": {"address": stack.address("hsm_proxy")},
+        "tokens": {"hsm2": "kms", "hsm1": "access"},
+        "log": {"level": "info", "file": None},
+    }
+
+
 def access_server_config(stack: Stack) -> dict:
     return {
         "server": {"listen": stack.listen("access_server"),
@@ -227,6 +239,8 @@ def access_server_config(stack: Stack) -> dict:
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("hsm_proxy", "hsm-proxy", ("hsm-proxy", "serve"), "cms.v1.Hsm",
                 hsm_proxy_config, module="hsm_proxy.server"),
+    ServiceSpec("key_mgmt", "key-mgmt", ("key-mgmt", "serve"), "cms.v1.KeyManagement",
+                key_mgmt_config, depends=("hsm_proxy",), module="key_mgmt.server"),
     ServiceSpec("access_server", "access-server", ("access-server", "serve"),
                 "cms.v1.PsdRegistry", access_server_config, depends=("hsm_proxy",),
                 module="access_server.server"),

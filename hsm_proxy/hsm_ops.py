@@ -416,10 +416,40 @@ def import_public(ctx: WorkerContext, req: m.ImportPublic) -> bytes:
         })
     else:
         raise InvalidArgument("only EC (P-256, secp256k1) and RSA public keys can be imported")
+    existing: list[pkcs11.Object] = []
     if not t.session:
-        require_free_label(ctx, req.token, t.label)
+        existing = _pair_completed_by(ctx, req.token, t.label, template)
     obj = ctx.backend.session(req.token).create_object(template)
-    return created(ctx, req.token, t, [obj])
+    return created(ctx, req.token, t, [*existing, obj],
+                   key_class=pb.KEY_PAIR if existing else None)
+
+
+def _pair_completed_by(ctx: WorkerContext, token: str, label: str,
+                       public: dict) -> list[pkcs11.Object]:
+    """The private key that an imported public key completes into a pair, if any.
+
+    A private key arrives in an HSM wrapped (key transfer) without its public
+    half; importing the matching public key under the same label makes the
+    pair that encrypts with one label and decrypts with it. Any other object
+    already holding the label keeps the label taken.
+    """
+    if not label:
+        raise InvalidArgument("a persistent key needs a label")
+    objects = ctx.backend.find_objects(token, label)
+    if not objects:
+        return []
+    taken = AlreadyExists(f"a key labelled {label!r} already exists on token {token!r}")
+    if len(objects) != 1 or objects[0][Attribute.CLASS] != ObjectClass.PRIVATE_KEY:
+        raise taken
+    private = objects[0]
+    if public.get(Attribute.KEY_TYPE) != KeyType.RSA or private[Attribute.KEY_TYPE] != KeyType.RSA:
+        raise taken
+    modulus = bytes(private[Attribute.MODULUS]).lstrip(b"\0")
+    if not hmac.compare_digest(modulus, bytes(public[Attribute.MODULUS]).lstrip(b"\0")):
+        raise InvalidArgument(f"the public key does not match the private key labelled {label!r} "
+                              f"on token {token!r}")
+    ctx.backend.forget(token, label)
+    return [private]
 
 
 # ---------------------------------------------------------------------------

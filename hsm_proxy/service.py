@@ -97,6 +97,9 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         with core.creating([(token, template.label)]):
             reply = core.pool.call(op, payload_for(template), idempotent=False,
                                    timeout=call.timeout())
+            # A worker may hold the label's objects from before (a public key that
+            # completes a pair joins a private key already cached): all forget it.
+            core.pool.broadcast("invalidate", [(token, template.label)])
         return reply.value, None
 
     def _call(self, call: Call, op: str, payload: Any, target: Target | None = None, *,
