@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import grpc
+from prometheus_client import REGISTRY
 
 from access_server.card_channel import CardChannelServicer
 from access_server.config import AccessConfig, load_config
@@ -36,7 +37,37 @@ PROXY_TIMEOUT_S = 10.0
 PROXY_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
                          ("grpc.min_reconnect_backoff_ms", 200),
                          ("grpc.max_reconnect_backoff_ms", 1000)]
+METRIC_CAMPAIGNS = 50
+"""Campaigns exported as metrics (the newest)."""
 SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel")
+
+
+class CampaignCollector:
+    """Campaign counts for Prometheus, read from the store at each scrape.
+
+    ``cms_campaign_cards{campaign, name, status, state}``: cards done, pending,
+    failed and in total for the newest campaigns, so a dashboard follows a
+    campaign the way ``cms campaign status`` does.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("cms_campaign_cards", "Cards of each campaign by state",
+                                   labels=["campaign", "name", "status", "state"])
+        try:
+            campaigns = self.store.list_campaigns()
+        except Exception:  # a scrape must not fail because the database is busy
+            campaigns = []
+        campaigns = sorted(campaigns, key=lambda c: c.created)[-METRIC_CAMPAIGNS:]
+        for c in campaigns:
+            for state, value in (("done", c.done), ("pending", c.pending),
+                                 ("failed", c.failed), ("total", c.total)):
+                family.add_metric([c.campaign_id, c.name, c.state.value, state], value)
+        yield family
 
 
 class AccessServer:
@@ -53,6 +84,8 @@ class AccessServer:
             require_client_auth=not cfg.allow_agents_without_certificate)
         self.service = GrpcService("access-server", settings, self._register,
                                    on_stop=self._stop)
+        self._collector = CampaignCollector(self.store)
+        REGISTRY.register(self._collector)
 
     def versions_in_hsm1(self, kind: str) -> set[int]:
         """Versions of ``kind`` (mk, mkrk, cryptogram) whose keys HSM1 holds (token access)."""
@@ -99,6 +132,7 @@ class AccessServer:
         return list(SERVICE_NAMES)
 
     def _stop(self) -> None:
+        REGISTRY.unregister(self._collector)
         if self.proxy is not None:
             self.proxy.close()
         self.store.close()

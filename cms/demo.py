@@ -1,24 +1,54 @@
-"""``cms demo``: the system at work on the embedded default.
+"""``cms demo``: seed 000 end to end on the embedded default.
 
-Brings the local stack up (SoftHSM2 tokens, development PKI, every service on
-loopback), then shows what an operator would: the proxy's health, a key
-generated in the HSM, a signature made and verified through the proxy, the
-key's attributes (sensitive, never extractable), and the metrics.
+What an operator and a card would live through, on one machine:
+
+1. the local stack comes up (SoftHSM2 tokens ``access`` = HSM1 and ``kms`` =
+   HSM2, development PKI, proxy, key management, access server, SQLite);
+2. key management generates the MK, MKRK and cryptogram key blocks in HSM2,
+   two custodians build a transport key from their components, and the
+   blocks travel to HSM1 wrapped under it (claims 16, 27, 28); the card
+   factory's transport master arrives by a second ceremony;
+3. a virtual card is plugged into a PC/SC reader (a private pcscd with the
+   vsmartcard reader) and a personalization station's card agent installs
+   the MKRK and MK key sets (flow A1);
+4. a new MK version is made and transferred, a campaign targets the card,
+   and a user PC's card agent replaces the MK through a channel opened with
+   the MKRK key set (flow A2), printing each seed step;
+5. a campaign replaces the MK of a few dozen in-process virtual cards whose
+   agents connect concurrently, with a progress bar.
+
+The demo can run again on the same directory: each run makes new MK versions
+and new cards, and reuses the rest.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import os
+import subprocess
+import sys
+import threading
 import time
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+# The card factory's transport master for demo cards: the GlobalPlatform test
+# key 40..4F (public, as any transport master of a demo must be).
+DEMO_TRANSPORT_MASTER = bytes(range(0x40, 0x50))
+FACTORY_MASTER_LABEL = "factory/transport-master"
+FLEET_CARDS = 30
+FLEET_AGENTS = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="run the demo on a local stack")
+    demo = sub.add_parser("demo", help="run the seed 000 demo on a local stack")
     demo.add_argument("--dir", type=Path, default=Path("var/demo"),
                       help="state directory of the local stack (default: var/demo)")
+    demo.add_argument("--cards", type=int, default=FLEET_CARDS,
+                      help=f"cards in the campaign at the end (default {FLEET_CARDS})")
+    demo.add_argument("--no-pcsc", action="store_true",
+                      help="talk to the demo card in-process instead of through PC/SC")
     demo.add_argument("--keep-running", action="store_true",
                       help="leave the services running at the end")
     demo.set_defaults(func=_run)
@@ -29,12 +59,20 @@ def _say(step: str, text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from cms.cli import CliError
     from deploy.local import down, up
 
+    if not 1 <= args.cards <= 1000:
+        raise CliError("--cards: 1 to 1000")
     _say("stack", f"bringing up the local stack in {args.dir.resolve()}")
     endpoints_path = up(args.dir)
     try:
-        _proxy_tour(endpoints_path)
+        demo = Demo(endpoints_path, args.dir.resolve())
+        demo.stack_tour()
+        demo.key_blocks()
+        demo.card_over_pcsc(use_pcsc=not args.no_pcsc)
+        demo.fleet_campaign(args.cards)
+        demo.metrics()
     finally:
         if args.keep_running:
             _say("stack", f"left running; stop with: cms dev down --dir {args.dir}")
@@ -44,77 +82,336 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _proxy_tour(endpoints_path: Path) -> None:
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+def _kcv(key: bytes) -> bytes:
+    from key_mgmt.cli import component_kcv
 
-    from cms.runtime.client import load_endpoints
-    from cms.v1 import hsm_pb2 as pb
-    from cms.v1 import hsm_pb2_grpc
+    return component_kcv(key)
 
-    endpoints = load_endpoints(endpoints_path)
-    _say("stack", f"endpoints written to {endpoints.path}")
-    for name, entry in endpoints.data["services"].items():
-        _say("stack", f"  {name}: grpc {entry['grpc']}, metrics {entry.get('metrics')}")
 
-    channel = endpoints.channel("hsm_proxy", "admin")
-    health = health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service="cms.v1.Hsm"), timeout=10)
-    _say("health", "cms.v1.Hsm is "
-         + health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
+class Demo:
+    def __init__(self, endpoints_path: Path, directory: Path) -> None:
+        from cms.runtime.client import load_endpoints
+        from cms.v1 import access_pb2_grpc, hsm_pb2_grpc, key_mgmt_pb2_grpc
 
-    hsm = hsm_pb2_grpc.HsmStub(channel)
-    for token in hsm.ListTokens(pb.ListTokensRequest(), timeout=10).tokens:
-        _say("hsm", f"token {token.label!r} ({token.manufacturer} {token.model}), "
-             f"available={token.available}")
+        self.endpoints_path = endpoints_path
+        self.directory = directory
+        self.endpoints = load_endpoints(endpoints_path)
+        self.keys = key_mgmt_pb2_grpc.KeyManagementStub(self.endpoints.channel("key_mgmt",
+                                                                               "admin"))
+        self.hsm = hsm_pb2_grpc.HsmStub(self.endpoints.channel("hsm_proxy", "admin"))
+        access = self.endpoints.channel("access_server", "admin")
+        self.registry = access_pb2_grpc.PsdRegistryStub(access)
+        self.campaigns = access_pb2_grpc.CampaignsStub(access)
+        self.cards_dir = directory / "cards"
+        self.cards_dir.mkdir(exist_ok=True)
+        self.run_id = time.strftime("%Y%m%d-%H%M%S")
 
-    label = f"demo/signing-{int(time.time())}"
-    info = hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
-        token="access", algorithm=pb.EC_P256,
-        template=pb.KeyTemplate(label=label, usages=[pb.SIGN, pb.VERIFY])), timeout=30)
-    _say("hsm", f"generated EC P-256 key pair {label!r} in token 'access' (HSM1)")
-    attrs = hsm.GetKeyAttributes(pb.GetKeyAttributesRequest(
-        key=pb.KeyRef(token="access", label=label), key_class=pb.PRIVATE_KEY), timeout=10)
-    _say("hsm", f"private key: sensitive={attrs.sensitive} extractable={attrs.extractable} "
-         f"always_sensitive={attrs.always_sensitive} never_extractable={attrs.never_extractable} "
-         f"local={attrs.local}")
-    del info
+    # -- 1. the stack ---------------------------------------------------------------
+    def stack_tour(self) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    message = b"card management demo"
-    digest = hashlib.sha256(message).digest()
-    sig = hsm.Sign(pb.SignRequest(key=pb.KeyRef(token="access", label=label),
-                                  mechanism=pb.ECDSA, data=digest), timeout=10).signature
-    _say("hsm", f"signed SHA-256({message.decode()!r}) with ECDSA inside the HSM: "
-         f"{len(sig)}-byte r||s")
-    verified = hsm.Verify(pb.VerifyRequest(key=pb.KeyRef(token="access", label=label),
-                                           mechanism=pb.ECDSA, data=digest, signature=sig),
-                          timeout=10).valid
-    _say("hsm", f"verified by the proxy: {verified}")
+        from cms.v1 import hsm_pb2 as hpb
 
-    der = hsm.GetPublicKey(pb.GetPublicKeyRequest(key=pb.KeyRef(token="access", label=label)),
-                           timeout=10).public_key_der
-    public = serialization.load_der_public_key(der)
-    assert isinstance(public, ec.EllipticCurvePublicKey)
-    half = len(sig) // 2
-    dss = encode_dss_signature(int.from_bytes(sig[:half], "big"), int.from_bytes(sig[half:], "big"))
-    try:
-        public.verify(dss, message, ec.ECDSA(hashes.SHA256()))
-        _say("verify", "verified outside the HSM with the exported public key: True")
-    except InvalidSignature:
-        _say("verify", "verified outside the HSM with the exported public key: FALSE")
-        raise SystemExit(1) from None
+        for name, entry in self.endpoints.data["services"].items():
+            status = health_pb2_grpc.HealthStub(self.endpoints.channel(name, "admin")).Check(
+                health_pb2.HealthCheckRequest(), timeout=10).status
+            _say("stack", f"{name}: grpc {entry['grpc']} (mutual TLS), "
+                 f"{health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+        for token in self.hsm.ListTokens(hpb.ListTokensRequest(), timeout=10).tokens:
+            role = {"access": "HSM1", "kms": "HSM2"}.get(token.label, "")
+            _say("hsm", f"token {token.label!r} ({role}, {token.manufacturer} {token.model})")
 
-    metrics_url = endpoints.metrics_url("hsm_proxy")
-    if metrics_url:
-        with urllib.request.urlopen(metrics_url, timeout=10) as resp:  # noqa: S310 (loopback)
+    # -- 2. key blocks, ceremonies, transfer -------------------------------------------------
+    def new_block(self, kind: int) -> Any:
+        from cms.v1 import key_mgmt_pb2 as pb
+
+        block = self.keys.CreateKeyBlock(pb.CreateKeyBlockRequest(kind=kind), timeout=120)
+        _say("HSM2", f"generated {block.label} (KCV {block.kcv.hex()}): sensitive, "
+             f"extractable only wrapped")
+        return block
+
+    def ceremony(self, label: str, key: bytes | None, purpose: int = 0) -> None:
+        """Two custodians enter components; with ``key``, they XOR to it."""
+        from cms.v1 import key_mgmt_pb2 as pb
+
+        first = os.urandom(16)
+        second = os.urandom(16) if key is None else bytes(a ^ b for a, b in zip(first, key,
+                                                                                strict=True))
+        c = self.keys.StartCeremony(pb.StartCeremonyRequest(label=label, components=2,
+                                                            purpose=purpose), timeout=30)
+        _say("ceremony", f"{label}: ceremony {c.ceremony_id} waits for 2 components")
+        for custodian, component in (("custodian-1", first), ("custodian-2", second)):
+            c = self.keys.SubmitComponent(pb.SubmitComponentRequest(
+                ceremony_id=c.ceremony_id, custodian=custodian, component=component,
+                kcv=_kcv(component)), timeout=30)
+            _say("ceremony", f"{custodian} entered a component (KCV {_kcv(component).hex()}), "
+                 f"{c.components_received}/{c.components_needed}")
+        for k in c.kcvs:
+            _say("ceremony", f"{label} combined in {k.token}: KCV {k.kcv.hex()}")
+
+    def transfer(self, transport: str, labels: list[str]) -> None:
+        from cms.v1 import key_mgmt_pb2 as pb
+
+        reply = self.keys.TransferKeyBlocks(pb.TransferKeyBlocksRequest(
+            transport_label=transport, labels=labels), timeout=300)
+        for b in reply.blocks:
+            what = "already in HSM1" if b.already_present else "wrapped in HSM2, unwrapped in HSM1"
+            _say("transfer", f"{b.label}: {what}, KCV {b.kcv_hsm1.hex()} = {b.kcv_hsm2.hex()}")
+
+    def key_blocks(self) -> None:
+        from cms.v1 import hsm_pb2 as hpb
+        from cms.v1 import key_mgmt_pb2 as pb
+
+        existing = {b.label: b for b in self.keys.ListKeyBlocks(pb.ListKeyBlocksRequest(),
+                                                                timeout=30).blocks}
+        kinds = {b.kind for b in existing.values()}
+        labels = [self.new_block(pb.MK).label]
+        for kind in (pb.MKRK, pb.CRYPTOGRAM_KEY_PAIR):
+            if kind not in kinds:
+                labels.append(self.new_block(kind).label)
+        labels += [label for label, b in existing.items() if not b.in_hsm1]
+        self.transport = f"transport/demo-{self.run_id}"
+        self.ceremony(self.transport, None)
+        self.transfer(self.transport, labels)
+        try:
+            master = self.hsm.GetKeyAttributes(hpb.GetKeyAttributesRequest(
+                key=hpb.KeyRef(token="access", label=FACTORY_MASTER_LABEL)), timeout=30)
+        except Exception:
+            master = None
+        if master is None:
+            self.ceremony(FACTORY_MASTER_LABEL, DEMO_TRANSPORT_MASTER, purpose=pb.TRANSPORT_MASTER)
+        elif master.kcv != _kcv(DEMO_TRANSPORT_MASTER):
+            from cms.cli import CliError
+
+            raise CliError(f"HSM1's {FACTORY_MASTER_LABEL} is not the demo's; run the demo in "
+                           f"a directory of its own (--dir)")
+        else:
+            _say("ceremony", f"{FACTORY_MASTER_LABEL} already in HSM1 (KCV {master.kcv.hex()})")
+        attrs = self.hsm.GetKeyAttributes(hpb.GetKeyAttributesRequest(
+            key=hpb.KeyRef(token="access", label=labels[0])), timeout=30)
+        _say("HSM1", f"{labels[0]} in HSM1: sensitive={attrs.sensitive} "
+             f"extractable={attrs.extractable} local={attrs.local}")
+
+    # -- 3 and 4. one card through PC/SC ----------------------------------------------------
+    def new_card(self, path: Path) -> str:
+        from cms.v1 import access_pb2 as apb
+        from virtual_psd.factory import create_card
+
+        psd_id = create_card(path, transport_master=DEMO_TRANSPORT_MASTER).psd_id
+        reply = self.registry.RegisterPsds(apb.RegisterPsdsRequest(psd_ids=[psd_id]), timeout=30)
+        if not reply.added:
+            raise RuntimeError(f"PSD {psd_id} was not registered: {reply.results[0].error}")
+        return psd_id
+
+    def newest_mk(self) -> int:
+        from cms.v1 import key_mgmt_pb2 as pb
+
+        listed = self.keys.ListKeyBlocks(pb.ListKeyBlocksRequest(kind=pb.MK), timeout=30).blocks
+        return max(b.version for b in listed if b.in_hsm1)
+
+    def rotate_mk(self) -> int:
+        from cms.v1 import key_mgmt_pb2 as pb
+
+        block = self.new_block(pb.MK)
+        self.transfer(self.transport, [block.label])
+        return block.version
+
+    def card_over_pcsc(self, use_pcsc: bool) -> None:
+        from cms.v1 import access_pb2 as apb
+
+        state = self.cards_dir / f"pcsc-{self.run_id}.json"
+        psd_id = self.new_card(state)
+        _say("card", f"virtual card {psd_id} made by the factory (transport keys diversified "
+             f"from {FACTORY_MASTER_LABEL}); registered blank")
+        with CardReader(state, use_pcsc) as reader:
+            _say("pc/sc", reader.description)
+            _say("A1", "personalization station: install the MKRK and MK key sets")
+            reader.agent(self.endpoints_path, "station")
+            shown = self.registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+            old = shown.mk_version
+            _say("A1", f"card {psd_id}: active, MK v{old}, MKRK v{shown.mkrk_version}")
+            new = self.rotate_mk()
+            campaign = self.campaigns.StartCampaign(apb.StartCampaignRequest(
+                name=f"demo card {self.run_id}", from_mk_version=old, to_mk_version=new,
+                filter=apb.CampaignFilter(psd_ids=[psd_id])), timeout=30)
+            _say("A2", f"campaign {campaign.campaign_id}: MK v{old} -> v{new} for this card")
+            _say("A2", "the user's PC connects: replace the MK through the MKRK channel")
+            reader.agent(self.endpoints_path, "user")
+        shown = self.registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+        _say("A2", f"card {psd_id}: MK v{shown.mk_version}, MKRK v{shown.mkrk_version}")
+        for event in self.registry.GetPsdHistory(apb.GetPsdRequest(psd_id=psd_id),
+                                                 timeout=30).events:
+            _say("history", f"{event.event}: {event.detail}")
+
+    # -- 5. a campaign over a fleet --------------------------------------------------------
+    def fleet_campaign(self, count: int) -> None:
+        from cms.v1 import access_pb2 as apb
+        from cms.v1 import card_channel_pb2 as cpb
+
+        fleet_dir = self.cards_dir / f"fleet-{self.run_id}"
+        fleet_dir.mkdir()
+        paths = [fleet_dir / f"card-{i:03d}.json" for i in range(count)]
+        ids = [self.new_card(p) for p in paths]
+        _say("fleet", f"{count} in-process virtual cards registered; stations install them "
+             f"({FLEET_AGENTS} at a time)")
+        outcomes = self._contacts(paths, cpb.PERSONALIZATION_STATION)
+        _say("fleet", f"installed: {outcomes}")
+        old = self.newest_mk()
+        new = self.rotate_mk()
+        campaign = self.campaigns.StartCampaign(apb.StartCampaignRequest(
+            name=f"fleet {self.run_id}", from_mk_version=old, to_mk_version=new,
+            filter=apb.CampaignFilter(psd_ids=ids)), timeout=60)
+        self.fleet_campaign_id = campaign.campaign_id
+        _say("campaign", f"{campaign.campaign_id}: MK v{old} -> v{new} on {campaign.total} "
+             f"cards, as their agents connect")
+        done = threading.Event()
+        results: dict[str, int] = {}
+
+        def run() -> None:
+            results.update(self._contacts(paths, cpb.USER_PC))
+            done.set()
+
+        worker = threading.Thread(target=run, daemon=True)
+        started = time.monotonic()
+        worker.start()
+        self._progress(campaign.campaign_id, done)
+        worker.join()
+        elapsed = time.monotonic() - started
+        final = self.campaigns.GetCampaign(apb.GetCampaignRequest(
+            campaign_id=campaign.campaign_id), timeout=30)
+        from access_server.cli import describe_campaign
+
+        _say("campaign", describe_campaign(final))
+        _say("campaign", f"agent sessions: {results}; {count / elapsed:.1f} cards/s")
+
+    def _contacts(self, paths: list[Path], role: int) -> dict[str, int]:
+        from card_agent.session import AgentInfo, run_session
+        from card_agent.virtual import VirtualTransport
+        from virtual_psd.card import VirtualCard
+
+        channel = self.endpoints.channel("access_server", "card-agent")
+        counts: dict[str, int] = {}
+        lock = threading.Lock()
+
+        def one(i_path: tuple[int, Path]) -> None:
+            i, path = i_path
+            transport = VirtualTransport(VirtualCard.open(path))
+            try:
+                report = run_session(transport, channel,
+                                     AgentInfo(role=role, label=f"demo-{i}"), deadline_s=60)
+            finally:
+                transport.close()
+            with lock:
+                counts[report.outcome_name.lower()] = counts.get(
+                    report.outcome_name.lower(), 0) + 1
+
+        try:
+            with ThreadPoolExecutor(FLEET_AGENTS) as pool:
+                list(pool.map(one, enumerate(paths)))
+        finally:
+            channel.close()
+        return counts
+
+    def _progress(self, campaign_id: str, done: threading.Event) -> None:
+        from access_server.cli import progress_bar
+        from cms.v1 import access_pb2 as apb
+
+        tty = sys.stdout.isatty()
+        last = None
+        while True:
+            c = self.campaigns.GetCampaign(apb.GetCampaignRequest(campaign_id=campaign_id),
+                                           timeout=30)
+            line = f"{progress_bar(c)} {c.failed} failed"
+            if line != last:
+                if tty:
+                    print(f"\r[campaign] {line}", end="", flush=True)
+                else:
+                    print(f"[campaign] {line}", flush=True)
+                last = line
+            if done.is_set() and c.done + c.failed >= c.total:
+                break
+            if done.is_set():
+                # Agents finished: whatever is left stays pending for a later contact.
+                break
+            time.sleep(0.2)
+        if tty:
+            print()
+
+    def metrics(self) -> None:
+        import urllib.request
+
+        url = self.endpoints.metrics_url("access_server")
+        if not url:
+            return
+        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback)
             text = resp.read().decode()
+        campaign = getattr(self, "fleet_campaign_id", "")
         lines = [ln for ln in text.splitlines()
-                 if ln.startswith(("cms_hsm_operations_total", "cms_grpc_server_handled_total"))
-                 and not ln.startswith("#")]
-        _say("metrics", f"{metrics_url} ({len(text.splitlines())} lines), for example:")
+                 if ln.startswith('cms_grpc_server_handled_total{code="OK",method="Connect"')
+                 or (ln.startswith("cms_campaign_cards") and campaign in ln)]
+        _say("metrics", f"{url}:")
         for ln in lines[:8]:
             print("    " + ln)
-    channel.close()
+
+
+class CardReader:
+    """The demo card in a reader: a private pcscd with the vsmartcard reader and the card
+    as a ``cms card virtual`` process, or, where PC/SC cannot run, the card in-process."""
+
+    def __init__(self, state: Path, use_pcsc: bool) -> None:
+        self.state = state
+        self.use_pcsc = use_pcsc
+        self.daemon: Any = None
+        self.card: subprocess.Popen[bytes] | None = None
+        self.description = ""
+
+    def __enter__(self) -> CardReader:
+        from deploy.pcscd import PcscUnavailable, PrivatePcscd, unavailable_reason
+
+        reason = unavailable_reason() if self.use_pcsc else "--no-pcsc"
+        if reason is None:
+            daemon = PrivatePcscd()
+            try:
+                daemon.start()
+            except PcscUnavailable as exc:
+                daemon.close()
+                reason = str(exc)
+            else:
+                self.daemon = daemon
+                self.card = subprocess.Popen(
+                    [sys.executable, "-m", "cms.cli", "card", "virtual", "--state",
+                     str(self.state), "--vpcd", daemon.vpcd_endpoint(0)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.description = (f"card inserted in reader {daemon.reader_name!r} of a "
+                                    f"private pcscd (vsmartcard vpcd, port {daemon.vpcd_port})")
+        if reason is not None:
+            self.description = (f"PC/SC unavailable ({reason}); the card agent talks to the "
+                                f"card in-process")
+        return self
+
+    def agent(self, endpoints: Path, role: str) -> None:
+        command = [sys.executable, "-m", "cms.cli", "card-agent", "--endpoints", str(endpoints),
+                   "--identity", "card-agent", "--role", role, "--label", f"demo-{role}",
+                   "--once", "--give-up-after", "30", "--log-level", "warning"]
+        env = dict(os.environ)
+        if self.daemon is not None:
+            env.update(self.daemon.env)
+        else:
+            command += ["--virtual", str(self.state)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"    agent({role}) {line.rstrip()}", flush=True)
+        if proc.wait(timeout=120) != 0:
+            raise RuntimeError(f"the {role} card agent exited with status {proc.returncode}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.card is not None:
+            self.card.terminate()
+            try:
+                self.card.wait(20)
+            except subprocess.TimeoutExpired:
+                self.card.kill()
+        if self.daemon is not None:
+            self.daemon.close()
