@@ -76,6 +76,8 @@ class FlowContext:
     lease_seconds: float = 120.0
     labels: KeyLabels = field(default_factory=KeyLabels)
     steps: list[str] = field(default_factory=list)
+    # Set when the store released the lease with the session's last write.
+    lease_released: bool = False
 
     def step(self, text: str) -> None:
         self.steps.append(text)
@@ -291,7 +293,9 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     ctx.step(f"A1.7 MKRK installed at KVN {KVN_MKRK:02X}, MK v{mk_version} at KVN "
              f"{mk_version:02X}; key check values match the HSM's")
     ctx.step("A1.8 transport keys retired (KVN FF deleted); channel closed")
-    ctx.store.complete_install(psd_id, intent.intent_id, ctx.actor)
+    ctx.store.complete_install(psd_id, intent.intent_id, ctx.actor,
+                               release_lease_of=ctx.lease_holder)
+    ctx.lease_released = True
     return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
                            message=f"MKRK and MK v{mk_version} installed")
 
@@ -361,7 +365,9 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     _check_complete(opened, result, plain, psd_id)
     ctx.step(f"A2.5 new MK v{new} installed (key check values match), then MK v{old} deleted")
     ctx.step("A2.6 security executive relocked: channel closed and released")
-    ctx.store.complete_replacement(psd_id, intent.intent_id, ctx.actor)
+    ctx.store.complete_replacement(psd_id, intent.intent_id, ctx.actor,
+                                   release_lease_of=ctx.lease_holder)
+    ctx.lease_released = True
     return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
                            message=f"MK v{old} replaced by v{new}")
 
@@ -381,11 +387,11 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
         psd = ctx.store.get_psd(psd_id)
         if psd.state is PsdState.REVOKED:
             raise FlowError(cpb.SessionDone.REFUSED, f"PSD {psd_id} is revoked")
-        if not ctx.store.acquire_lease(psd_id, ctx.lease_holder, ctx.lease_seconds):
+        if not ctx.store.acquire_lease(psd_id, ctx.lease_holder, ctx.lease_seconds,
+                                       contact=True):
             raise FlowError(cpb.SessionDone.RETRY_LATER,
                             f"PSD {psd_id} is in another session right now")
         leased = True
-        ctx.store.touch_contact(psd_id)
         flow = install if station else replace
         done = yield from flow(ctx, psd, probe, host_challenge)
     except FlowError as exc:
@@ -396,7 +402,7 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
                    }.get(exc.code, cpb.SessionDone.FAILED)
         done = cpb.SessionDone(outcome=outcome, message=exc.message, psd_id=psd_id)
     finally:
-        if leased:
+        if leased and not ctx.lease_released:
             try:
                 ctx.store.release_lease(psd_id, ctx.lease_holder)
             except ServiceError:

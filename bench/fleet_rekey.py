@@ -12,6 +12,10 @@ Prints one JSON object:
   run: RSA-OAEP decrypt of the cryptogram, 3 derives of the MKRK set, 3
   derives of the new MK set, 4 AES-CMACs for the session keys, 3 C_WrapKey of
   the new keys under the DEK, 3 KCV encryptions; and ``ratio`` of the two;
+- ``cpu_ms_per_card``: CPU time per replacement of the access server, the
+  proxy (with its worker processes) and this process (agents and virtual
+  cards), measured over the campaign; ``cpu_ceiling_cards_per_second`` is
+  what this machine's cores allow at that cost, whatever the concurrency;
 - ``round_trips_per_replacement``: agent <-> server scripts per card;
 - ``latency_ms``: one replacement at a time through a TCP relay adding
   ``--rtt-ms`` of round-trip time between agent and access server
@@ -48,6 +52,28 @@ from virtual_psd.factory import new_card_state  # noqa: E402
 
 MASTER = os.urandom(16)
 STATION = AgentInfo(role=pb.PERSONALIZATION_STATION, label="bench-station")
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _with_children(pid: int) -> list[int]:
+    found = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -166,9 +192,18 @@ def main(argv: list[str] | None = None) -> int:
             "--to-version", "1")
         fleet, latency_cards = cards[:args.cards], cards[args.cards:]
 
+        run_dir = workdir / "stack" / "run"
+        processes = {name: _with_children(int((run_dir / f"{name}.pid").read_text()))
+                     for name in ("access_server", "hsm_proxy")}
+        cpu_before = {n: sum(_cpu_seconds(p) for p in pids) for n, pids in processes.items()}
+        own_before = time.process_time()
         start = time.perf_counter()
         _, scripts = asyncio.run(_contacts(endpoints, fleet, pb.USER_PC, args.concurrency))
         rate = args.cards / (time.perf_counter() - start)
+        cpu_ms = {n: round(1000 * (sum(_cpu_seconds(p) for p in pids) - cpu_before[n])
+                           / args.cards, 2) for n, pids in processes.items()}
+        cpu_ms["agents_and_cards"] = round(1000 * (time.process_time() - own_before)
+                                           / args.cards, 2)
 
         address = load_endpoints(endpoints).grpc_address("access_server")
         host, _, port = address.rpartition(":")
@@ -184,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         "cards_per_second": round(rate, 1),
         "hsm_only_cards_per_second": round(hsm_rate, 1),
         "ratio": round(rate / hsm_rate, 3),
+        "cpu_ms_per_card": cpu_ms,
+        "cpu_ceiling_cards_per_second": round(
+            1000 * (os.cpu_count() or 1) / sum(cpu_ms.values()), 1),
         "round_trips_per_replacement": statistics.mode(scripts),
         "latency_ms": {"rtt_ms": args.rtt_ms, "p50": round(_percentile(lat, 0.5), 1),
                        "p99": round(_percentile(lat, 0.99), 1),

@@ -106,6 +106,13 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _release_with(row: PsdRow, holder: str | None) -> None:
+    """Give back ``holder``'s lease in the transaction that ends its session's work."""
+    if holder is not None and row.lease_holder == holder:
+        row.lease_holder = None
+        row.lease_expires = None
+
+
 class Store:
     """Repository of the access server. Thread safe; one instance per process.
 
@@ -125,6 +132,12 @@ class Store:
         # An in-memory SQLite database is a single shared connection: one
         # transaction at a time on it.
         self._serial = threading.RLock() if is_memory_sqlite(url) else None
+        # SQLite has one writer at a time. Threads of this process queue for it
+        # on a mutex: SQLite's own busy handler would make them poll with
+        # sleeps of up to 100 ms, which under load costs far more than the
+        # writes. Other processes still meet the busy timeout.
+        self._sqlite_writer = (threading.RLock()
+                               if not self._postgres and self._serial is None else None)
         self._clock = clock
 
     @classmethod
@@ -187,7 +200,8 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with self._guard(), Session(self._writer, expire_on_commit=False) as session:
+        writer = self._sqlite_writer if self._sqlite_writer is not None else nullcontext()
+        with writer, self._guard(), Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
                 yield session
 
@@ -400,11 +414,13 @@ class Store:
 
     # -- leases ---------------------------------------------------------------
 
-    def acquire_lease(self, psd_id: str, holder: str, ttl_seconds: float) -> bool:
+    def acquire_lease(self, psd_id: str, holder: str, ttl_seconds: float, *,
+                      contact: bool = False) -> bool:
         """Take (or renew) the card's session lease; False while another holds it.
 
         A lease whose expiry has passed is free, so a crashed agent session
-        cannot lock a card out for longer than its ttl.
+        cannot lock a card out for longer than its ttl. ``contact``: also
+        record the contact time (``touch_contact``) in the same transaction.
         """
         psd_id = v.psd_id(psd_id)
         holder = v.text("holder", holder, v.MAX_ACTOR)
@@ -419,7 +435,8 @@ class Store:
                     | (PsdRow.lease_holder == holder)
                     | (PsdRow.lease_expires <= now),
                 )
-                .values(lease_holder=holder, lease_expires=now + ttl)
+                .values(lease_holder=holder, lease_expires=now + ttl,
+                        **({"last_contact": now} if contact else {}))
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:
@@ -526,7 +543,8 @@ class Store:
             )
             session.flush()
 
-    def complete_install(self, psd_id: str, intent_id: int, actor: str) -> PsdRecord:
+    def complete_install(self, psd_id: str, intent_id: int, actor: str, *,
+                         release_lease_of: str | None = None) -> PsdRecord:
         """The card now holds the MKRK and MK of the intent: it becomes active."""
         psd_id = v.psd_id(psd_id)
         intent_id = v.intent_id(intent_id)
@@ -542,6 +560,7 @@ class Store:
             row.mkrk_version = intent.mkrk_version
             row.pending_mk_version = None
             row.updated = now
+            _release_with(row, release_lease_of)
             rows.close_intent(intent, IntentStatus.DONE, now)
             rows.add_event(
                 session, psd_id, now, EV_INSTALL_COMPLETED, _describe(intent), actor
@@ -631,7 +650,8 @@ class Store:
         item.attempts += 1
         item.updated = now
 
-    def complete_replacement(self, psd_id: str, intent_id: int, actor: str) -> PsdRecord:
+    def complete_replacement(self, psd_id: str, intent_id: int, actor: str, *,
+                         release_lease_of: str | None = None) -> PsdRecord:
         """The card holds the new MK and the old one is deleted: active at the new version."""
         psd_id = v.psd_id(psd_id)
         intent_id = v.intent_id(intent_id)
@@ -646,6 +666,7 @@ class Store:
             row.mk_version = intent.to_version
             row.pending_mk_version = None
             row.updated = now
+            _release_with(row, release_lease_of)
             rows.close_intent(intent, IntentStatus.DONE, now)
             rows.add_event(
                 session, psd_id, now, EV_REPLACEMENT_COMPLETED, _describe(intent), actor
