@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "up", help="create what is missing, start the services, write endpoints.json")
     up.add_argument("--dir", required=True, type=Path, help="state directory of the stack")
     up.add_argument("--only", action="append", help="start only this service (repeatable)")
+    up.add_argument("--access-database", metavar="URL",
+                    help="the access server's registry, e.g. postgresql+psycopg://user@host/db "
+                         "(remembered in DIR; default: SQLite in DIR/data)")
     up.set_defaults(func=_up)
     down = dsub.add_parser("down", help="stop the services started by 'up'")
     down.add_argument("--dir", required=True, type=Path)
@@ -31,7 +34,7 @@ def _up(args: argparse.Namespace) -> int:
         args.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot use {args.dir} as the stack directory: {exc.strerror}") from None
-    path = up(args.dir, only=args.only)
+    path = up(args.dir, only=args.only, access_database=args.access_database)
     print(path.read_text())
     return 0
 

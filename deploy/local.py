@@ -224,12 +224,34 @@ def key_mgmt_config(stack: Stack) -> dict:
     }
 
 
+ACCESS_DATABASE_FILE = "access-database.url"
+"""Where ``cms dev up --access-database`` leaves the registry's URL (0600: it may hold a
+password), so later ``up`` runs and restarts keep using it."""
+
+
+def access_database_url(stack: Stack) -> str:
+    saved = stack.directory / "config" / ACCESS_DATABASE_FILE
+    if saved.exists():
+        return saved.read_text().strip()
+    return f"sqlite:///{stack.path('data', 'access.db')}"
+
+
+def save_access_database_url(stack: Stack, url: str) -> None:
+    if not url.startswith(("sqlite://", "postgresql")):
+        raise LauncherError(f"--access-database: expected sqlite:///PATH or "
+                            f"postgresql+psycopg://..., got {url.split(':', 1)[0]!r}")
+    path = stack.path("config", ACCESS_DATABASE_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(url + "\n")
+
+
 def access_server_config(stack: Stack) -> dict:
     return {
         "server": {"listen": stack.listen("access_server"),
                    "metrics_listen": stack.listen("access_server", "metrics")},
         "tls": stack.tls("access-server"),
-        "database": {"url": f"sqlite:///{stack.path('data', 'access.db')}"},
+        "database": {"url": access_database_url(stack)},
         "proxy": {"address": stack.address("hsm_proxy")},
         "card_channel": {"allow_agents_without_certificate": False, "lease_seconds": 120},
         "log": {"level": "info", "file": None},
@@ -392,10 +414,18 @@ def write_endpoints(stack: Stack, pki: Pki) -> Path:
     return stack.endpoints_path
 
 
-def up(directory: Path, *, only: list[str] | None = None) -> Path:
-    """Bring the stack up (idempotent); returns the endpoints.json path."""
+def up(directory: Path, *, only: list[str] | None = None,
+       access_database: str | None = None) -> Path:
+    """Bring the stack up (idempotent); returns the endpoints.json path.
+
+    ``access_database``: a URL for the access server's registry, kept for later
+    runs; a running access server on another database is restarted.
+    """
     stack = Stack(directory)
     pki = stack.prepare()
+    if access_database is not None and access_database != access_database_url(stack):
+        save_access_database_url(stack, access_database)
+        stop_service(stack, "access_server")
     stack.ports.update(running_services(stack))
     for spec in available_services():
         if only and spec.name not in only:

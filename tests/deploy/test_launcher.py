@@ -116,3 +116,12 @@ def test_down_without_up_status_of_nothing_and_a_bad_directory_are_clear(
     bad = cms("dev", "up", "--dir", str(blocker / "stack"), check=False)
     assert bad.returncode != 0
     assert "cannot use" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dev_up_refuses_an_access_database_url_it_cannot_use(tmp_path: Path) -> None:
+    done = cms("dev", "up", "--dir", str(tmp_path), "--access-database",
+                   "mysql://x@y/z", check=False)
+    assert done.returncode == 1
+    assert "--access-database: expected sqlite:///PATH or postgresql" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "config" / "access-database.url").exists()

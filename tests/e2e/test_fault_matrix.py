@@ -5,8 +5,9 @@ flow, the registry must agree with the card, and HSM1 must still reproduce the c
 lost, and so is a case whose fault did not make its contact fail (the fault never fired).
 The matrix is printed (run with -s to see it live; it is also in the test's report).
 
-Real processes throughout: proxy and access server from `cms dev up` (SoftHSM2, SQLite,
-mutual TLS), and `cms card-agent --virtual STATE --virtual-fault SPEC --once` for each
+Real processes throughout: proxy and access server from `cms dev up` (SoftHSM2, mutual
+TLS), the registry in SQLite and, in a second round, in PostgreSQL (a real server started
+by the tests), and `cms card-agent --virtual STATE --virtual-fault SPEC --once` for each
 contact, the fault plan firing just before APDU K.
 """
 
@@ -22,12 +23,14 @@ import pytest
 from access_server.store import Store
 from card_agent.session import AgentInfo
 from cms.v1 import card_channel_pb2 as pb
+from deploy.local import Stack, access_database_url
 from tests.support.card_keys import provision, reproduces_card_keys
 from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
 from virtual_psd.factory import create_card
 from virtual_psd.state import load_state
 
+pytest_plugins = ("tests.support.postgres",)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MASTER = bytes.fromhex("5A5A5A5A5A5A5A5A5A5A5A5A5A5A5A5A")
@@ -37,12 +40,21 @@ A2_APDUS = 7      # SELECT, CPLC, KIT, INITIALIZE UPDATE | EXT AUTH, PUT new MK,
 MAX_RECOVERY_CONTACTS = 6
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("faults")
-    with dev_stack(directory) as endpoints_path:
+@pytest.fixture(scope="module", params=["sqlite",
+                                        pytest.param("postgresql", marks=pytest.mark.postgres)])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp(f"faults-{request.param}")
+    up_args: tuple[str, ...] = ()
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        up_args = ("--access-database", server.url(server.create_database()))
+    with dev_stack(directory, *up_args) as endpoints_path:
         provision(endpoints_path, MASTER)
         yield endpoints_path
+
+
+def _database_url(stack: Path) -> str:
+    return access_database_url(Stack(stack.parent))
 
 
 def _pid(stack: Path, service: str) -> int:
@@ -95,7 +107,7 @@ def _install_in_process(stack: Path, card: Path) -> None:
 
 def _recovered(stack: Path, card: Path, psd_id: str, mk_version: int) -> bool:
     """Registry and card agree on the finished flow, and HSM1 reproduces the card's keys."""
-    with Store.from_url(f"sqlite:///{stack.parent / 'data' / 'access.db'}") as store:
+    with Store.from_url(_database_url(stack)) as store:
         record = store.get_psd(psd_id)
         cryptogram = store.get_cryptogram(psd_id) if record.has_cryptogram else None
     kvns = set(load_state(card).key_sets)
@@ -129,7 +141,8 @@ def test_a1_fault_matrix(stack: Path, tmp_path: Path, record_property) -> None:
             faulted = _agent(stack, card, "station", _spec(stack, kind, k))
             _recover(stack, card, "station")
             cells[(k, kind)] = faulted != 0 and _recovered(stack, card, psd_id, mk_version=2)
-    text = _print_matrix("A1 (initial installation)", A1_APDUS, cells)
+    backend = _database_url(stack).split(":", 1)[0].split("+", 1)[0]
+    text = _print_matrix(f"A1 (initial installation), registry in {backend}", A1_APDUS, cells)
     record_property("a1_fault_matrix", text)
     assert len(cells) == A1_APDUS * len(FAULTS)
     assert all(cells.values()), text
@@ -146,7 +159,9 @@ def test_a2_fault_matrix(stack: Path, tmp_path: Path, record_property) -> None:
             faulted = _agent(stack, card, "user", _spec(stack, kind, k))
             _recover(stack, card, "user")
             cells[(k, kind)] = faulted != 0 and _recovered(stack, card, psd_id, mk_version=1)
-    text = _print_matrix("A2 (post-issuance replacement)", A2_APDUS, cells)
+    backend = _database_url(stack).split(":", 1)[0].split("+", 1)[0]
+    text = _print_matrix(f"A2 (post-issuance replacement), registry in {backend}", A2_APDUS,
+                         cells)
     record_property("a2_fault_matrix", text)
     assert len(cells) == A2_APDUS * len(FAULTS)
     assert all(cells.values()), text

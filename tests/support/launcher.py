@@ -30,10 +30,10 @@ def endpoints(directory: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def dev_stack(directory: Path) -> Iterator[Path]:
+def dev_stack(directory: Path, *up_args: str) -> Iterator[Path]:
     """`cms dev up` in ``directory``; `cms dev down` afterwards, whatever happened."""
     try:
-        cms("dev", "up", "--dir", str(directory))
+        cms("dev", "up", "--dir", str(directory), *up_args)
         yield directory / "endpoints.json"
     finally:
         cms("dev", "down", "--dir", str(directory), check=False)
