@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cms.runtime.config import ConfigError, Section, load_yaml
-from cms.runtime.tls import TlsFiles
+from cms.runtime.tls import TlsFiles, tls_from_section
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,15 +36,6 @@ class AccessConfig:
     lease_seconds: float
     log_level: str
     log_file: Path | None
-
-
-def _tls(section: Section) -> TlsFiles:
-    files = TlsFiles(section.path("ca", required=True), section.path("cert", required=True),
-                     section.path("key", required=True))
-    for name, path in (("ca", files.ca), ("cert", files.cert), ("key", files.key)):
-        if not path.is_file():
-            raise ConfigError(f"{section.where}.{name}: no such file {path}")
-    return files
 
 
 def _database_url(section: Section) -> str:
@@ -71,7 +62,7 @@ def load_config(path: Path) -> AccessConfig:
         listen=server.str("listen", "127.0.0.1:0"),
         metrics_listen=server.str("metrics_listen", "127.0.0.1:0"),
         max_workers=server.int("max_workers", 32, minimum=2, maximum=1024),
-        tls=_tls(root.section("tls", required=True)),
+        tls=tls_from_section(root.section("tls", required=True)),
         database_url=_database_url(root.section("database", required=True)),
         proxy_address=root.section("proxy").str("address"),
         allow_agents_without_certificate=channel.bool("allow_agents_without_certificate", False),

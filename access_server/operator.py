@@ -18,18 +18,16 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from access_server.store import Campaign, CampaignState, PsdRecord, PsdState, Store
 from cms.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
-    PermissionDenied,
     ServiceError,
     guard,
 )
-from cms.runtime.tls import peer_identity
+from cms.runtime.tls import caller
 from cms.v1 import access_pb2 as pb
 from cms.v1 import access_pb2_grpc
 
@@ -78,15 +76,6 @@ def campaign_message(campaign: Campaign) -> pb.Campaign:
         state=CAMPAIGN_STATE_TO_PB[campaign.state], total=campaign.total, done=campaign.done,
         pending=campaign.pending, failed=campaign.failed,
         created=_timestamp(campaign.created), updated=_timestamp(campaign.updated))
-
-
-def caller(context: grpc.ServicerContext, allowed: frozenset[str], what: str) -> str:
-    """The caller's identity when it may do ``what``; PermissionDenied otherwise."""
-    identity = peer_identity(context)
-    if identity not in allowed:
-        raise PermissionDenied(f"identity {identity or '(none)'} may not {what} "
-                               f"(allowed: {', '.join(sorted(allowed))})")
-    return identity
 
 
 class PsdRegistryServicer(access_pb2_grpc.PsdRegistryServicer):

@@ -83,9 +83,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _kcv(key: bytes) -> bytes:
-    from key_mgmt.cli import component_kcv
+    from cardcore.kcv import kcv_zero_block
 
-    return component_kcv(key)
+    return kcv_zero_block(key)
 
 
 class Demo:

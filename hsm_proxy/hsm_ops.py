@@ -22,6 +22,7 @@ from typing import Any
 import pkcs11
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
+from cardcore.kcv import kcv_zero_block
 from cms.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -37,13 +38,11 @@ from hsm_proxy.keyspec import (
     AES_SIZES,
     EC_BY_PARAMS,
     EC_PARAMS,
-    KCV_LENGTH,
     PRIVATE_USAGES,
     PUBLIC_COUNTERPART,
     PUBLIC_USAGES,
     RSA_BITS,
     RSA_PUBLIC_EXPONENT,
-    ZERO_BLOCK,
     KeyShape,
     compute_kcv,
     describe,
@@ -645,14 +644,6 @@ class ComponentImport(State):
         self.wipe()
 
 
-def _software_kcv(component: bytes) -> bytes:
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    # ECB of one zero block is the definition of the check value.
-    encryptor = Cipher(algorithms.AES(component), modes.ECB()).encryptor()  # noqa: S305
-    return (encryptor.update(ZERO_BLOCK) + encryptor.finalize())[:KCV_LENGTH]
-
-
 @operation("component_begin", idempotent=False)
 def component_begin(ctx: WorkerContext, req: m.ComponentBegin) -> tuple[int, int]:
     for token in req.tokens:
@@ -679,7 +670,7 @@ def component_add(ctx: WorkerContext, req: m.ComponentAdd
         raise InvalidArgument(f"a component of {pb.KeyAlgorithm.Name(state.algorithm)} is "
                               f"{size} bytes, got {len(req.component)}")
     position = state.received + 1
-    if not hmac.compare_digest(_software_kcv(req.component), req.kcv):
+    if not hmac.compare_digest(kcv_zero_block(req.component), req.kcv):
         raise InvalidArgument(f"component {position} of {state.needed}: its check value does "
                               f"not match; the component was not accepted, enter it again")
     for i, byte in enumerate(req.component):

@@ -208,15 +208,8 @@ def _ceremony_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def component_kcv(component: bytes) -> bytes:
-    """KCV of a component as the proxy checks it: AES-ECB(component, 16 x 00), 3 bytes."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    encryptor = Cipher(algorithms.AES(component), modes.ECB()).encryptor()  # noqa: S305
-    return (encryptor.update(bytes(16)) + encryptor.finalize())[:3]
-
-
 def _new_component(args: argparse.Namespace) -> int:
+    from cardcore.kcv import kcv_zero_block
     from cms.cli import CliError
 
     component = os.urandom(COMPONENT_BYTES[args.algorithm])
@@ -228,7 +221,7 @@ def _new_component(args: argparse.Namespace) -> int:
         raise CliError(f"cannot create {args.out}: {exc.strerror}") from None
     with os.fdopen(fd, "w") as out:
         out.write(component.hex() + "\n")
-    print(f"component written to {args.out} (0600); check value {component_kcv(component).hex()}")
+    print(f"component written to {args.out} (0600); check value {kcv_zero_block(component).hex()}")
     return 0
 
 

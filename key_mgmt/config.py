@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cms.runtime.config import ConfigError, Section, load_yaml
-from cms.runtime.tls import TlsFiles
+from cms.runtime.tls import TlsFiles, tls_from_section
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -38,12 +38,7 @@ class KeyMgmtConfig:
 def load_config(path: Path) -> KeyMgmtConfig:
     root = Section(load_yaml(path), str(path), path.parent)
     server = root.section("server")
-    tls = root.section("tls", required=True)
-    files = TlsFiles(tls.path("ca", required=True), tls.path("cert", required=True),
-                     tls.path("key", required=True))
-    for name, file in (("ca", files.ca), ("cert", files.cert), ("key", files.key)):
-        if not file.is_file():
-            raise ConfigError(f"{path}.tls.{name}: no such file {file}")
+    files = tls_from_section(root.section("tls", required=True))
     url = root.section("database", required=True).str("url", required=True)
     if not url.startswith(("sqlite://", "postgresql")):
         raise ConfigError(f"{path}.database.url: expected sqlite:///PATH or "

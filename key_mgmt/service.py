@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cms.runtime.errors import InvalidArgument, PermissionDenied, guard
-from cms.runtime.tls import peer_identity
+from cms.runtime.errors import InvalidArgument, guard
+from cms.runtime.tls import caller
 from cms.v1 import key_mgmt_pb2 as pb
 from cms.v1 import key_mgmt_pb2_grpc
 from key_mgmt.core import CRYPTOGRAM, FACTORY_MASTER, MK, MKRK, TRANSPORT, KeyManager
@@ -37,14 +36,6 @@ ALGORITHM_TO_PB = {v: k for k, v in ALGORITHM_FROM_PB.items()}
 CEREMONY_STATE_TO_PB = {CEREMONY_AWAITING: pb.CEREMONY_AWAITING_COMPONENTS,
                         CEREMONY_COMPLETED: pb.CEREMONY_COMPLETED,
                         CEREMONY_CANCELLED: pb.CEREMONY_CANCELLED}
-
-
-def caller(context: grpc.ServicerContext, allowed: frozenset[str], what: str) -> str:
-    identity = peer_identity(context)
-    if identity not in allowed:
-        raise PermissionDenied(f"identity {identity or '(none)'} may not {what} "
-                               f"(allowed: {', '.join(sorted(allowed))})")
-    return identity
 
 
 def _timestamp(value: datetime) -> Timestamp:

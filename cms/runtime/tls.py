@@ -112,3 +112,27 @@ def peer_identity(context: grpc.ServicerContext) -> str | None:
     if pems:
         return _identity_from_pem(pems[0])
     return None
+
+
+def caller(context: grpc.ServicerContext, allowed: frozenset[str], what: str) -> str:
+    """The caller's identity when it may do ``what``; PermissionDenied otherwise."""
+    from cms.runtime.errors import PermissionDenied
+
+    identity = peer_identity(context)
+    if identity not in allowed:
+        raise PermissionDenied(f"identity {identity or '(none)'} may not {what} "
+                               f"(allowed: {', '.join(sorted(allowed))})")
+    return identity
+
+
+def tls_from_section(section) -> TlsFiles:
+    """``ca``, ``cert`` and ``key`` of a service's ``tls:`` configuration section, each
+    checked to exist (a missing file is named with its configuration path)."""
+    from cms.runtime.config import ConfigError
+
+    files = TlsFiles(section.path("ca", required=True), section.path("cert", required=True),
+                     section.path("key", required=True))
+    for name, path in (("ca", files.ca), ("cert", files.cert), ("key", files.key)):
+        if not path.is_file():
+            raise ConfigError(f"{section.where}.{name}: no such file {path}")
+    return files

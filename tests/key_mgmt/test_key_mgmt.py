@@ -14,13 +14,13 @@ import pytest
 
 from access_server.store import Store
 from card_agent.session import AgentInfo
+from cardcore.kcv import kcv_zero_block
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
 from cms.v1 import access_pb2_grpc, hsm_pb2_grpc, key_mgmt_pb2_grpc
 from cms.v1 import card_channel_pb2 as cpb
 from cms.v1 import hsm_pb2 as hpb
 from cms.v1 import key_mgmt_pb2 as pb
-from key_mgmt.cli import component_kcv
 from tests.support.card_keys import reproduces_card_keys
 from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
@@ -65,7 +65,7 @@ class Stack:
         for name, part in zip(custodians, parts, strict=True):
             c = self.keys.SubmitComponent(pb.SubmitComponentRequest(
                 ceremony_id=c.ceremony_id, custodian=name, component=part,
-                kcv=component_kcv(part)), timeout=30)
+                kcv=kcv_zero_block(part)), timeout=30)
         return c
 
 
@@ -120,26 +120,26 @@ def test_ceremony_checks_each_component_and_each_custodian(stack: Stack) -> None
     with pytest.raises(grpc.RpcError) as wrong:
         stack.keys.SubmitComponent(pb.SubmitComponentRequest(
             ceremony_id=c.ceremony_id, custodian="alice", component=first,
-            kcv=component_kcv(second)), timeout=30)
+            kcv=kcv_zero_block(second)), timeout=30)
     assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "check value" in wrong.value.details()
     c = stack.keys.SubmitComponent(pb.SubmitComponentRequest(
         ceremony_id=c.ceremony_id, custodian="alice", component=first,
-        kcv=component_kcv(first)), timeout=30)
+        kcv=kcv_zero_block(first)), timeout=30)
     assert c.components_received == 1 and list(c.custodians) == ["alice"]
     with pytest.raises(grpc.RpcError) as twice:
         stack.keys.SubmitComponent(pb.SubmitComponentRequest(
             ceremony_id=c.ceremony_id, custodian="alice", component=second,
-            kcv=component_kcv(second)), timeout=30)
+            kcv=kcv_zero_block(second)), timeout=30)
     assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     c = stack.keys.SubmitComponent(pb.SubmitComponentRequest(
         ceremony_id=c.ceremony_id, custodian="bob", component=second,
-        kcv=component_kcv(second)), timeout=30)
+        kcv=kcv_zero_block(second)), timeout=30)
     stack.components += [first, second]
     assert c.state == pb.CEREMONY_COMPLETED
     # The same key in both HSMs, and it is the XOR of the components.
-    assert {k.token: k.kcv for k in c.kcvs} == {"kms": component_kcv(key),
-                                                 "access": component_kcv(key)}
+    assert {k.token: k.kcv for k in c.kcvs} == {"kms": kcv_zero_block(key),
+                                                 "access": kcv_zero_block(key)}
     for token in ("kms", "access"):
         info = stack.attrs(token, "transport/checked")
         assert info.sensitive and not info.extractable
@@ -150,7 +150,7 @@ def test_ceremony_checks_each_component_and_each_custodian(stack: Stack) -> None
     with pytest.raises(grpc.RpcError) as done:
         stack.keys.SubmitComponent(pb.SubmitComponentRequest(
             ceremony_id=c.ceremony_id, custodian="carol", component=first,
-            kcv=component_kcv(first)), timeout=30)
+            kcv=kcv_zero_block(first)), timeout=30)
     assert done.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -215,7 +215,7 @@ def test_flow_a_runs_on_transferred_blocks_and_a_factory_master_from_a_ceremony(
     c = stack.ceremony("factory/transport-master", TRANSPORT_MASTER, ["dora", "eve"],
                        purpose=pb.TRANSPORT_MASTER)
     assert [k.token for k in c.kcvs] == ["access"]
-    assert c.kcvs[0].kcv == component_kcv(TRANSPORT_MASTER)
+    assert c.kcvs[0].kcv == kcv_zero_block(TRANSPORT_MASTER)
     card = tmp_path / "card.json"
     psd_id = create_card(card, transport_master=TRANSPORT_MASTER).psd_id
     stack.registry.RegisterPsds(apb.RegisterPsdsRequest(psd_ids=[psd_id]), timeout=30)

@@ -12,19 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
+from cardcore.kcv import kcv_zero_block
 from cms.runtime.client import load_endpoints
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import hsm_pb2_grpc
 
 TOKEN = "access"
 IDENTITY = "access-server"
-
-
-def kcv_zero(key: bytes) -> bytes:
-    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 - a KCV
-    return (enc.update(bytes(16)) + enc.finalize())[:3]
 
 
 def import_transport_master(hsm: hsm_pb2_grpc.HsmStub, master: bytes,
@@ -37,7 +31,7 @@ def import_transport_master(hsm: hsm_pb2_grpc.HsmStub, master: bytes,
         template=pb.KeyTemplate(label=label, usages=[pb.DERIVE])), timeout=30)
     for component in (first, second):
         hsm.AddKeyComponent(pb.AddKeyComponentRequest(
-            handle=started.handle, component=component, kcv=kcv_zero(component)), timeout=30)
+            handle=started.handle, component=component, kcv=kcv_zero_block(component)), timeout=30)
 
 
 def generate_blocks(hsm: hsm_pb2_grpc.HsmStub, *, mk_versions: tuple[int, ...] = (1, 2),
