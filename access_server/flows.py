@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from access_server.store import Intent, PsdRecord, PsdState, Store
+from access_server.store import ContactStart, Intent, PsdRecord, PsdState, Store
 from cardcore import gp
 from cardcore.psd import psd_id_bytes, psd_id_from_cplc
 from cms.runtime.errors import ServiceError
@@ -78,6 +78,8 @@ class FlowContext:
     steps: list[str] = field(default_factory=list)
     # Set when the store released the lease with the session's last write.
     lease_released: bool = False
+    # What the registry said when this contact took the card's lease.
+    contact: ContactStart | None = None
 
     def step(self, text: str) -> None:
         self.steps.append(text)
@@ -211,9 +213,14 @@ def _versions_text(kvns: frozenset[int]) -> str:
     return ", ".join(f"{k:02X}" for k in sorted(kvns)) or "none"
 
 
+def _open_intent(ctx: FlowContext, psd_id: str) -> Intent | None:
+    return ctx.contact.intent if ctx.contact is not None else ctx.store.open_intent(psd_id)
+
+
 def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int) -> kpb.KeySetSpec:
     """The card's MKRK set, re-derived in HSM1 from its stored cryptogram (claims 18-20)."""
-    cryptogram = ctx.store.get_cryptogram(psd_id)
+    known = ctx.contact.cryptogram if ctx.contact is not None else None
+    cryptogram = known if known is not None else ctx.store.get_cryptogram(psd_id)
     return kpb.KeySetSpec(
         token=HSM1_TOKEN, key_length=ctx.labels.key_length,
         from_cryptogram=kpb.FromCryptogram(
@@ -227,7 +234,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     """DESIGN A1 / claims 1-14, 29-34 at a personalization station."""
     labels = ctx.labels
     psd_id = psd.psd_id
-    intent = ctx.store.open_intent(psd_id)
+    intent = _open_intent(ctx, psd_id)
     if KVN_TRANSPORT not in probe.kvns:
         if (intent is not None and KVN_MKRK in probe.kvns
                 and probe.mk_kvns == {intent.to_version}):
@@ -307,11 +314,12 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
 def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
     """DESIGN A2 / claims 15-28, 35-40 through a user's PC."""
     psd_id = psd.psd_id
-    intent: Intent | None = ctx.store.open_intent(psd_id)
+    intent = _open_intent(ctx, psd_id)
     card_mks = probe.mk_kvns
     campaign_id = None
     if intent is None:
-        work = ctx.store.campaign_work_for(psd_id)
+        work = (ctx.contact.work if ctx.contact is not None
+                else ctx.store.campaign_work_for(psd_id))
         if work is None:
             return cpb.SessionDone(outcome=cpb.SessionDone.NOTHING_TO_DO, psd_id=psd_id,
                                    message=f"MK v{psd.mk_version} is current")
@@ -384,14 +392,15 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
         result = yield probe_script(KVN_TRANSPORT if station else KVN_MKRK, host_challenge)
         probe = parse_probe(result)
         psd_id = probe.psd_id
-        psd = ctx.store.get_psd(psd_id)
+        start = ctx.store.start_contact(psd_id, ctx.lease_holder, ctx.lease_seconds)
+        psd = start.psd
         if psd.state is PsdState.REVOKED:
             raise FlowError(cpb.SessionDone.REFUSED, f"PSD {psd_id} is revoked")
-        if not ctx.store.acquire_lease(psd_id, ctx.lease_holder, ctx.lease_seconds,
-                                       contact=True):
+        if not start.leased:
             raise FlowError(cpb.SessionDone.RETRY_LATER,
                             f"PSD {psd_id} is in another session right now")
         leased = True
+        ctx.contact = start
         flow = install if station else replace
         done = yield from flow(ctx, psd, probe, host_challenge)
     except FlowError as exc:

@@ -19,7 +19,9 @@ Prints one JSON object:
 - ``round_trips_per_replacement``: agent <-> server scripts per card;
 - ``latency_ms``: one replacement at a time through a TCP relay adding
   ``--rtt-ms`` of round-trip time between agent and access server
-  (bench/relay.py; the kernel here has no netem), p50 and p99.
+  (bench/relay.py; the kernel here has no netem), p50 and p99: ``warm`` on
+  an agent's open connection (the replacement itself), ``cold`` with a new
+  connection per replacement (adding the TCP and TLS handshakes).
 
 Usage: .venv/bin/python bench/fleet_rekey.py [--cards 1000] [--concurrency 32]
 """
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cms-bench-fleet-"))
     with dev_stack(workdir / "stack") as endpoints:
         provision(endpoints, MASTER)
-        total = args.cards + args.latency_samples
+        total = args.cards + 2 * args.latency_samples + 1
         cards = [VirtualCard(new_card_state(transport_master=MASTER)) for _ in range(total)]
         channel = load_endpoints(endpoints).channel("access_server", "admin")
         registry = access_pb2_grpc.PsdRegistryStub(channel)
@@ -190,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_contacts(endpoints, cards, pb.PERSONALIZATION_STATION, args.concurrency))
         cms("campaign", "--endpoints", str(endpoints), "start", "--from-version", "2",
             "--to-version", "1")
-        fleet, latency_cards = cards[:args.cards], cards[args.cards:]
+        fleet = cards[:args.cards]
+        warm_cards = cards[args.cards:args.cards + args.latency_samples + 1]
+        cold_cards = cards[args.cards + args.latency_samples + 1:]
 
         run_dir = workdir / "stack" / "run"
         processes = {name: _with_children(int((run_dir / f"{name}.pid").read_text()))
@@ -208,12 +212,23 @@ def main(argv: list[str] | None = None) -> int:
         address = load_endpoints(endpoints).grpc_address("access_server")
         host, _, port = address.rpartition(":")
         with DelayRelay((host, int(port)), args.rtt_ms / 2000) as relay:
-            durations, _ = asyncio.run(_contacts(
-                endpoints, latency_cards, pb.USER_PC, 1,
-                target=f"127.0.0.1:{relay.address[1]}"))
+            target = f"127.0.0.1:{relay.address[1]}"
+            # One connection for all: the first contact opens it, the rest are warm.
+            warm, _ = asyncio.run(_contacts(endpoints, warm_cards, pb.USER_PC, 1,
+                                            target=target))
+            warm = warm[1:]
+            cold = []
+            for card in cold_cards:
+                once, _ = asyncio.run(_contacts(endpoints, [card], pb.USER_PC, 1,
+                                                target=target))
+                cold += once
         channel.close()
     hsm_rate = hsm_only(5.0, workdir)
-    lat = [d * 1000 for d in durations]
+
+    def summary(samples: list[float]) -> dict[str, float]:
+        ms = [d * 1000 for d in samples]
+        return {"p50": round(_percentile(ms, 0.5), 1), "p99": round(_percentile(ms, 0.99), 1)}
+
     print(json.dumps({
         "cards": args.cards, "concurrency": args.concurrency, "cores": os.cpu_count(),
         "cards_per_second": round(rate, 1),
@@ -223,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_ceiling_cards_per_second": round(
             1000 * (os.cpu_count() or 1) / sum(cpu_ms.values()), 1),
         "round_trips_per_replacement": statistics.mode(scripts),
-        "latency_ms": {"rtt_ms": args.rtt_ms, "p50": round(_percentile(lat, 0.5), 1),
-                       "p99": round(_percentile(lat, 0.99), 1),
+        "latency_ms": {"rtt_ms": args.rtt_ms, "warm": summary(warm), "cold": summary(cold),
                        "target": round(3 * args.rtt_ms + 50, 1)},
     }, indent=2))
     return 0

@@ -170,3 +170,18 @@ class PsdPage(NamedTuple):
     items: list[PsdRecord]
     next_page_token: str
     total: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContactStart:
+    """What one card contact needs from the registry, read as its lease is taken.
+
+    ``leased`` is False while another session holds the card (nothing else
+    was changed then) and for a revoked card (no lease is taken for it).
+    """
+
+    psd: PsdRecord
+    leased: bool
+    intent: Intent | None
+    work: CampaignItem | None
+    cryptogram: Cryptogram | None

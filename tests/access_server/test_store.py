@@ -504,3 +504,31 @@ def test_reconcile_without_intent_follows_the_card(store: Store) -> None:
     assert store.get_psd(A) == record
     assert store.get_psd(A).mk_version == 4
     assert store.history(A)[-1].event == "probe"
+
+
+def test_start_contact_takes_the_lease_and_reads_what_the_contact_needs(
+        store: Store, clock: FakeClock) -> None:
+    register(store, A)
+    blank = store.start_contact(A, "agent-1", 30)
+    assert blank.leased and blank.intent is None and blank.cryptogram is None
+    assert blank.psd.lease_holder == "agent-1" and blank.psd.last_contact is not None
+    # Another agent meets the lease and changes nothing.
+    other = store.start_contact(A, "agent-2", 30)
+    assert not other.leased and other.psd.lease_holder == "agent-1"
+    intent = store.begin_install(A, cryptogram=b"c" * 256, cryptogram_key_label=LABEL,
+                                 mkrk_version=1, mk_version=2, actor=ACTOR)
+    again = store.start_contact(A, "agent-1", 30)
+    assert again.leased and again.intent is not None
+    assert again.intent.intent_id == intent.intent_id
+    assert again.cryptogram is not None and again.cryptogram.ciphertext == b"c" * 256
+    assert again.cryptogram.key_label == LABEL
+    # Past the lease's end, another agent takes the card over.
+    clock.advance(31)
+    assert store.start_contact(A, "agent-2", 30).leased
+    assert store.start_contact(A, "agent-1", 30).leased is False
+    intent = store.open_intent(A)
+    assert intent is not None
+    store.complete_install(A, intent.intent_id, ACTOR, release_lease_of="agent-1")
+    assert store.get_psd(A).lease_holder == "agent-2"      # not agent-1's to give back
+    with pytest.raises(NotFound):
+        store.start_contact(B, "agent-1", 30)
