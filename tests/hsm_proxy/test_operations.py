@@ -498,3 +498,48 @@ def test_private_key_unwrapped_from_pkcs8_signs_for_its_public_key(hsm, known):
     sig = hsm.Sign(pb.SignRequest(key=handle_ref(info.ref.handle), mechanism=pb.ECDSA,
                                   data=digest), timeout=TIMEOUT).signature
     verify_ecdsa(private.public_key(), sig, digest, prehashed=True)
+
+
+def test_imported_public_key_completes_an_unwrapped_private_key_into_a_pair(hsm, known):
+    """Key transfer brings an RSA private key alone; its public half joins it by label."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    kek_label, kek = known
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pkcs8 = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    label = unique("ops/transferred")
+    hsm.UnwrapKey(pb.UnwrapKeyRequest(
+        unwrapping_key=label_ref(kek_label), wrapped=aes_key_wrap_with_padding(kek, pkcs8),
+        mechanism=pb.AES_KEY_WRAP_PAD, key_class=pb.PRIVATE_KEY, algorithm=pb.RSA_2048,
+        template=template(label, pb.DECRYPT)), timeout=TIMEOUT)
+
+    def der(key) -> bytes:
+        return key.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    # Every worker resolves (and caches) the label while it names the private key alone.
+    for _ in range(6):
+        alone = hsm.GetPublicKey(pb.GetPublicKeyRequest(key=label_ref(label)), timeout=TIMEOUT)
+        assert alone.public_key_der == der(private.public_key())
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    err = rpc_error(hsm.ImportPublicKey, pb.ImportPublicKeyRequest(
+        token="access", public_key_der=der(stranger), label=label, usages=[pb.ENCRYPT]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not match" in err.details()
+    info = hsm.ImportPublicKey(pb.ImportPublicKeyRequest(
+        token="access", public_key_der=der(private.public_key()), label=label,
+        usages=[pb.ENCRYPT]), timeout=TIMEOUT)
+    assert info.key_class == pb.KEY_PAIR
+    # One label now encrypts (public half) and decrypts (private half), in any worker.
+    secret = secrets.token_bytes(16)
+    for _ in range(4):
+        sealed = hsm.Encrypt(pb.CipherRequest(key=label_ref(label),
+                                              mechanism=pb.CIPHER_RSA_OAEP_SHA1, data=secret),
+                             timeout=TIMEOUT).data
+        assert hsm.Decrypt(pb.CipherRequest(key=label_ref(label),
+                                            mechanism=pb.CIPHER_RSA_OAEP_SHA1, data=sealed),
+                           timeout=TIMEOUT).data == secret
+    again = rpc_error(hsm.ImportPublicKey, pb.ImportPublicKeyRequest(
+        token="access", public_key_der=der(private.public_key()), label=label,
+        usages=[pb.ENCRYPT]))
+    assert again.code() == grpc.StatusCode.ALREADY_EXISTS
