@@ -64,9 +64,14 @@ class CardChannelServicer(card_channel_pb2_grpc.CardChannelServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "hello.role must be USER_PC or PERSONALIZATION_STATION")
         actor = f"{identity or 'agent'}:{hello.agent_label[:40] or context.peer()}"
-        session = card_session(self.make_context(actor), hello.role)
+        ctx = self.make_context(actor)
+        session = card_session(ctx, hello.role)
         script = next(session)
+        shown = 0
         while True:
+            # The steps taken before this script go out with it, as they happen.
+            script.steps.extend(ctx.steps[shown:])
+            shown = len(ctx.steps)
             yield pb.ServerMessage(script=script)
             message = next(request_iterator, None)
             if message is None:

@@ -31,6 +31,7 @@ from card_agent.session import (
     AgentInfo,
     SessionReport,
     SessionStatus,
+    StepsHook,
     run_session,
 )
 from card_agent.transport import CardRemovedError, CardTransport, ReaderError
@@ -94,12 +95,14 @@ class CardAgent:
     def __init__(self, source: CardSource, channel_factory: ChannelFactory,
                  settings: AgentSettings, cancellation: Cancellation | None = None,
                  on_session: SessionHook | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_steps: StepsHook | None = None):
         self.source = source
         self.channel_factory = channel_factory
         self.settings = settings
         self.cancellation = cancellation or Cancellation()
         self.on_session = on_session
+        self.on_steps = on_steps
         self.clock = clock
         # Why the last card contact failed, for the one-line summary of the CLI.
         self.last_error = ""
@@ -213,7 +216,7 @@ class CardAgent:
                 server=self.settings.server))
             return run_session(transport, channel, self.settings.info,
                                deadline_s=self.settings.session_deadline_s,
-                               cancellation=self.cancellation)
+                               cancellation=self.cancellation, on_steps=self.on_steps)
         finally:
             channel.close()
             _close_quietly(transport)

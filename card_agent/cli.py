@@ -180,8 +180,9 @@ def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource) -
     cancellation = Cancellation()
     restore = _install_signal_handlers(cancellation)
     try:
+        printer = StepPrinter()
         agent = CardAgent(source, target.open_channel, settings, cancellation,
-                          on_session=_print_session)
+                          on_session=printer.session, on_steps=printer.steps)
         status = agent.run()
     finally:
         restore()
@@ -190,24 +191,36 @@ def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource) -
     return status
 
 
-def _print_session(report: SessionReport) -> None:
-    """What a person at the PC (and the demo) reads: outcome, PSD id, message, steps."""
-    from card_agent.session import SessionStatus
+class StepPrinter:
+    """What a person at the PC (and the demo) reads: each seed step as the server reports
+    it, then the session's outcome, PSD id and message."""
 
-    if report.status is not SessionStatus.DONE or report.done is None:
-        if report.status is SessionStatus.NOT_CONNECTED:
-            return  # the retry log line says it; a line per attempt would be noise
-        print(f"session {report.outcome_name.lower()}: {report.error}", flush=True)
-        return
-    done = report.done
-    line = f"session {report.outcome_name}"
-    if done.psd_id:
-        line += f" psd={done.psd_id}"
-    if done.message:
-        line += f": {done.message}"
-    print(line, flush=True)
-    for step in done.steps:
-        print(f"  - {step}", flush=True)
+    def __init__(self) -> None:
+        self.shown = 0
+
+    def steps(self, steps: list[str]) -> None:
+        for step in steps:
+            print(f"  - {step}", flush=True)
+        self.shown += len(steps)
+
+    def session(self, report: SessionReport) -> None:
+        from card_agent.session import SessionStatus
+
+        shown, self.shown = self.shown, 0
+        if report.status is not SessionStatus.DONE or report.done is None:
+            if report.status is SessionStatus.NOT_CONNECTED:
+                return  # the retry log line says it; a line per attempt would be noise
+            print(f"session {report.outcome_name.lower()}: {report.error}", flush=True)
+            return
+        done = report.done
+        for step in done.steps[shown:]:
+            print(f"  - {step}", flush=True)
+        line = f"session {report.outcome_name}"
+        if done.psd_id:
+            line += f" psd={done.psd_id}"
+        if done.message:
+            line += f": {done.message}"
+        print(line, flush=True)
 
 
 def _install_signal_handlers(cancellation: Cancellation):

@@ -58,6 +58,8 @@ ROLE_NAMES = {"user": pb.USER_PC, "station": pb.PERSONALIZATION_STATION}
 SUCCESS_OUTCOMES = frozenset({pb.SessionDone.OK, pb.SessionDone.NOTHING_TO_DO})
 
 Metadata = Sequence[tuple[str, str]]
+StepsHook = Callable[[list[str]], None]
+"""Called with the seed steps that arrive with a script, before the script runs."""
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,11 @@ class SessionProtocol:
     AgentMessage to send back (None when there is nothing to send).
     """
 
-    def __init__(self, transport: CardTransport, info: AgentInfo):
+    def __init__(self, transport: CardTransport, info: AgentInfo,
+                 on_steps: StepsHook | None = None):
         self.transport = transport
         self.info = info
+        self.on_steps = on_steps
         self.done: pb.SessionDone | None = None
         self.results: list[pb.ScriptResult] = []
         self.messages_received = 0
@@ -141,6 +145,8 @@ class SessionProtocol:
                 return None
             log.info("script received", extra=fields(
                 script_id=message.script.script_id, commands=len(message.script.commands)))
+            if message.script.steps and self.on_steps is not None:
+                self.on_steps(list(message.script.steps))
             result = run_script(self.transport, message.script)
             self.results.append(result)
             return pb.AgentMessage(result=result)
@@ -189,14 +195,15 @@ def _requests(outbox: queue.SimpleQueue) -> Iterator[pb.AgentMessage]:
 def run_session(transport: CardTransport, channel: grpc.Channel, info: AgentInfo, *,
                 deadline_s: float = DEFAULT_SESSION_DEADLINE_S,
                 cancellation: Cancellation | None = None,
-                metadata: Metadata | None = None) -> SessionReport:
+                metadata: Metadata | None = None,
+                on_steps: StepsHook | None = None) -> SessionReport:
     """Run one session over a blocking gRPC channel; never raises for stream failures.
 
     The caller owns ``channel`` and ``transport`` (neither is closed here), so
     many sessions can share one channel. ``cancellation`` cancels the stream
     from another thread or a signal handler.
     """
-    protocol = SessionProtocol(transport, info)
+    protocol = SessionProtocol(transport, info, on_steps)
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     outbox.put(protocol.hello())
     stub = pb_grpc.CardChannelStub(channel)
@@ -250,13 +257,14 @@ async def _drain_async(call: grpc.aio.StreamStreamCall) -> None:
 async def run_session_async(transport: CardTransport, channel: grpc.aio.Channel,
                             info: AgentInfo, *,
                             deadline_s: float = DEFAULT_SESSION_DEADLINE_S,
-                            metadata: Metadata | None = None) -> SessionReport:
+                            metadata: Metadata | None = None,
+                            on_steps: StepsHook | None = None) -> SessionReport:
     """``run_session`` over a ``grpc.aio`` channel; cancel the task to stop it.
 
     The transport is called synchronously from the event loop: right for
     in-process virtual cards, whose commands take microseconds of CPU.
     """
-    protocol = SessionProtocol(transport, info)
+    protocol = SessionProtocol(transport, info, on_steps)
     stub = pb_grpc.CardChannelStub(channel)
     call = stub.Connect(timeout=deadline_s, metadata=metadata, wait_for_ready=False)
     try:

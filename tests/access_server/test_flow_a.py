@@ -82,12 +82,17 @@ def test_a2_replaces_the_mk_through_the_mkrk_channel_in_two_round_trips(
     campaign = campaigns.StartCampaign(apb.StartCampaignRequest(
         from_mk_version=2, to_mk_version=1,
         filter=apb.CampaignFilter(psd_ids=[psd_id])), timeout=30)
-    report = _session(stack, card, USER)
+    live: list[str] = []
+    report = contact(stack, card, USER, on_steps=live.extend)
     assert report.done.outcome == pb.SessionDone.OK, report.done.message
     assert report.scripts_run == 2
     assert _kvns(card) == {0x70, 0x01}
     steps = "\n".join(report.done.steps)
     assert "A2.4 secure channel opened with the MKRK key set" in steps
+    # Steps reach the agent as they happen: those up to the opening of the MKRK channel
+    # come with the secured script, before the card is changed; the rest with the end.
+    assert live == list(report.done.steps[:len(live)])
+    assert live[-1].startswith("A2.4 ") and not any(s.startswith("A2.5 ") for s in live)
     registry, _ = _admin(stack)
     psd = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
     assert psd.state == apb.PSD_ACTIVE and psd.mk_version == 1

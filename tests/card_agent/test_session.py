@@ -25,7 +25,9 @@ STATION = AgentInfo(role=pb.PERSONALIZATION_STATION, label="station-7")
 def two_scripts_then_ok(hello, receive, context):
     yield script_message(1, command(SELECT), command(GET_DATA))
     first = receive().result
-    yield script_message(2, command(GET_DATA, 0x6A88, 0x9000))
+    second = script_message(2, command(GET_DATA, 0x6A88, 0x9000))
+    second.script.steps.append("read PSD id")
+    yield second
     receive()
     yield done_message(pb.SessionDone.OK, message="keys installed", psd_id=first.responses[1]
                        .data.hex(), steps=("read PSD id", "installed MK v1"))
@@ -35,10 +37,15 @@ def test_full_session(pki: Pki) -> None:
     card = ScriptedCard(lambda apdu: b"\x01\x02\x90\x00")
     with ChannelServer(pki, two_scripts_then_ok) as server:
         channel = target_for(pki, server.address).open_channel()
-        report = run_session(card, channel, STATION)
+        live: list[tuple[int, str]] = []
+        report = run_session(card, channel, STATION,
+                             on_steps=lambda steps: live.extend((len(card.sent), s)
+                                                                for s in steps))
         channel.close()
     assert report.status is SessionStatus.DONE and report.ok
     assert report.done.psd_id == "0102"
+    # The step came with script 2 and was shown before its command reached the card.
+    assert live == [(2, "read PSD id")]
     assert list(report.done.steps) == ["read PSD id", "installed MK v1"]
     assert report.scripts_run == 2
     hello = server.record.hellos[0]

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from card_agent.session import AgentInfo, SessionReport, run_session
+from card_agent.session import AgentInfo, SessionReport, StepsHook, run_session
 from card_agent.virtual import VirtualTransport
 from cms.runtime.client import load_endpoints
 from virtual_psd.card import VirtualCard
 
 
 def contact(endpoints_path: Path, card_path: Path, info: AgentInfo,
-            identity: str = "card-agent") -> SessionReport:
+            identity: str = "card-agent", on_steps: StepsHook | None = None) -> SessionReport:
     """Run one CardChannel session for the virtual card stored at ``card_path``."""
     channel = load_endpoints(endpoints_path).channel("access_server", identity)
     transport = VirtualTransport(VirtualCard.open(card_path))
     try:
-        return run_session(transport, channel, info, deadline_s=60)
+        return run_session(transport, channel, info, deadline_s=60, on_steps=on_steps)
     finally:
         transport.close()
         channel.close()
