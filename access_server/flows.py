@@ -82,8 +82,11 @@ class FlowContext:
     contact: ContactStart | None = None
 
     def step(self, text: str) -> None:
+        # The agent receives the steps, and the registry's history records each
+        # card's begun and completed intents; at info level, one line per step
+        # of every contact would cost the fleet more than it tells the operator.
         self.steps.append(text)
-        log.info("step", extra=fields(step=text))
+        log.debug("step", extra=fields(step=text))
 
 
 class FlowError(Exception):
