@@ -309,6 +309,33 @@ def test_cli_reports_bad_input_in_one_line(stack: Stack, tmp_path: Path) -> None
     assert "mk/1" in listed.stdout and "LABEL" in listed.stdout
 
 
+def test_custodians_run_a_ceremony_with_the_cli(stack: Stack, tmp_path: Path) -> None:
+    eps = ["keys", "--endpoints", str(stack.path)]
+    sheets = []
+    for name in ("c1", "c2"):
+        sheet = tmp_path / f"{name}.hex"
+        made = cms(*eps, "ceremony", "new-component", "--out", str(sheet))
+        assert oct(sheet.stat().st_mode & 0o777) == "0o600"
+        component = bytes.fromhex(sheet.read_text().strip())
+        assert len(component) == 16 and kcv_zero_block(component).hex() in made.stdout
+        assert component.hex() not in made.stdout
+        sheets.append((sheet, component))
+    again = cms(*eps, "ceremony", "new-component", "--out", str(sheets[0][0]), check=False)
+    assert again.returncode == 1 and "never overwritten" in again.stderr
+    started = cms(*eps, "ceremony", "start", "transport/by-cli", "--components", "2").stdout
+    ceremony_id = started.split()[1]
+    for custodian, (sheet, component) in zip(("ann", "ben"), sheets, strict=True):
+        out = cms(*eps, "ceremony", "submit", ceremony_id, "--custodian", custodian,
+                  "--component-file", str(sheet), "--kcv", kcv_zero_block(component).hex())
+    key = _xor(sheets[0][1], sheets[1][1])
+    assert "completed  2/2 components" in out.stdout and "custodians: ann, ben" in out.stdout
+    assert f"kcv in kms: {kcv_zero_block(key).hex()}" in out.stdout
+    assert f"kcv in access: {kcv_zero_block(key).hex()}" in out.stdout
+    listed = cms(*eps, "transports").stdout
+    assert "transport/by-cli  components" in listed
+    stack.components += [component for _, component in sheets]
+
+
 def test_no_component_or_key_appears_in_records_or_logs(
         stack: Stack, blocks: dict[str, pb.KeyBlock], transport: str) -> None:
     secrets = [c for c in stack.components if c] + [TRANSPORT_MASTER]
@@ -325,3 +352,4 @@ def test_no_component_or_key_appears_in_records_or_logs(
     for secret in secrets:
         for form in (secret, secret.hex().encode(), secret.hex().upper().encode()):
             assert not any(form in h for h in haystacks)
+
