@@ -415,13 +415,11 @@ class Store:
 
     # -- leases ---------------------------------------------------------------
 
-    def acquire_lease(self, psd_id: str, holder: str, ttl_seconds: float, *,
-                      contact: bool = False) -> bool:
+    def acquire_lease(self, psd_id: str, holder: str, ttl_seconds: float) -> bool:
         """Take (or renew) the card's session lease; False while another holds it.
 
         A lease whose expiry has passed is free, so a crashed agent session
-        cannot lock a card out for longer than its ttl. ``contact``: also
-        record the contact time (``touch_contact``) in the same transaction.
+        cannot lock a card out for longer than its ttl.
         """
         psd_id = v.psd_id(psd_id)
         holder = v.text("holder", holder, v.MAX_ACTOR)
@@ -436,8 +434,7 @@ class Store:
                     | (PsdRow.lease_holder == holder)
                     | (PsdRow.lease_expires <= now),
                 )
-                .values(lease_holder=holder, lease_expires=now + ttl,
-                        **({"last_contact": now} if contact else {}))
+                .values(lease_holder=holder, lease_expires=now + ttl)
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:
@@ -448,11 +445,11 @@ class Store:
     def start_contact(self, psd_id: str, holder: str, ttl_seconds: float) -> ContactStart:
         """Take the card's session lease and read what the contact needs, in one transaction.
 
-        The same as ``get_psd``, ``acquire_lease(contact=True)``,
+        The same as ``get_psd``, ``acquire_lease``, ``touch_contact``,
         ``open_intent``, ``campaign_work_for`` and ``get_cryptogram`` one after
         the other, but with the card's row locked throughout: what is read is
         what the lease holder works from, and a contact costs one round trip to
-        the database instead of five.
+        the database instead of six.
         """
         psd_id = v.psd_id(psd_id)
         holder = v.text("holder", holder, v.MAX_ACTOR)
