@@ -328,8 +328,6 @@ class Demo:
                 else:
                     print(f"[campaign] {line}", flush=True)
                 last = line
-            if done.is_set() and c.done + c.failed >= c.total:
-                break
             if done.is_set():
                 # Agents finished: whatever is left stays pending for a later contact.
                 break
