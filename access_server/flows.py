@@ -10,9 +10,11 @@ inside the HSM and keeps R and the session keys (see docs/threat-model.md).
 Round trips: script 1 probes the card (SELECT, CPLC, key information,
 INITIALIZE UPDATE); script 2 is the whole secured part (EXTERNAL
 AUTHENTICATE, PUT KEYs, DELETE KEY). What the server is about to do is
-journaled (``Store.begin_install`` / ``begin_replacement``) after the proxy
-has prepared script 2 and before it is sent, so the cryptogram of a new MKRK
-is durable before the card can hold that MKRK. A contact that fails midway
+journaled before script 2 is sent: an installation (``Store.begin_install``)
+after the proxy has prepared script 2, so the cryptogram of a new MKRK is
+durable before the card can hold that MKRK; a campaign replacement already
+in the transaction that takes the card's lease (``Store.start_contact``),
+other replacements by ``begin_replacement``. A contact that fails midway
 leaves the intent open; the next contact's probe shows what the card holds,
 and the session finishes the intent from there.
 
@@ -350,6 +352,8 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         raise FlowError(cpb.SessionDone.FAILED,
                         f"PSD {psd_id}: the MKRK key set did not answer INITIALIZE UPDATE")
     ctx.step(f"A2.1 PSD id {psd_id} received; its cryptogram found by PSD id")
+    if ctx.contact is not None and ctx.contact.intent_begun:
+        ctx.step(f"A2 intent journaled: MK v{old} -> v{new}")
     ctx.step("A2.2 HSM1 decrypted the cryptogram to R with the private key and "
              "diversified the MKRK block (R stays inside the HSM proxy)")
     commands = []
@@ -395,7 +399,12 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
         result = yield probe_script(KVN_TRANSPORT if station else KVN_MKRK, host_challenge)
         probe = parse_probe(result)
         psd_id = probe.psd_id
-        start = ctx.store.start_contact(psd_id, ctx.lease_holder, ctx.lease_seconds)
+        # A user PC's contact also journals a campaign replacement the card is
+        # ready for, in the transaction that takes its lease.
+        start = ctx.store.start_contact(
+            psd_id, ctx.lease_holder, ctx.lease_seconds,
+            card_mk_versions=(probe.mk_kvns if not station and probe.initialize_update
+                              else None), actor=ctx.actor)
         psd = start.psd
         if psd.state is PsdState.REVOKED:
             raise FlowError(cpb.SessionDone.REFUSED, f"PSD {psd_id} is revoked")

@@ -178,6 +178,8 @@ class ContactStart:
 
     ``leased`` is False while another session holds the card (nothing else
     was changed then) and for a revoked card (no lease is taken for it).
+    ``intent_begun`` is True when this same transaction journaled ``intent``
+    (a campaign replacement the card was ready for).
     """
 
     psd: PsdRecord
@@ -185,3 +187,4 @@ class ContactStart:
     intent: Intent | None
     work: CampaignItem | None
     cryptogram: Cryptogram | None
+    intent_begun: bool = False

@@ -19,15 +19,19 @@ leave an installed MKRK without the value that reproduces it.
 
 Concurrency: a write transaction on SQLite starts with BEGIN IMMEDIATE (one
 writer at a time); on PostgreSQL it locks the card's row FOR UPDATE before
-reading it. Card rows also carry a row version that the ORM checks on every
-update, so a lost update surfaces as Aborted rather than silently.
+reading it. Card rows also carry a row version that every update checks and
+bumps (the ORM's version counter; ``contact`` does the same in Core for the
+per-contact transactions), so a lost update surfaces as Aborted rather than
+silently.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -41,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from access_server.migrations import MIGRATIONS_DIR
-from access_server.store import campaigns, paging, probe, rows
+from access_server.store import campaigns, contact, paging, probe, rows
 from access_server.store import validate as v
 from access_server.store.dberrors import translate
 from access_server.store.engine import is_memory_sqlite, make_engine, write_engine
@@ -90,8 +94,8 @@ LISTED_TWICE = "already registered (listed more than once in this request)"
 EV_REGISTERED = "registered"
 EV_INSTALL_BEGUN = "install_begun"
 EV_INSTALL_COMPLETED = "install_completed"
-EV_REPLACEMENT_BEGUN = "replacement_begun"
-EV_REPLACEMENT_COMPLETED = "replacement_completed"
+EV_REPLACEMENT_BEGUN = contact.EV_REPLACEMENT_BEGUN
+EV_REPLACEMENT_COMPLETED = contact.EV_REPLACEMENT_COMPLETED
 EV_INTENT_DONE = "intent_done"
 EV_INTENT_ABANDONED = "intent_abandoned"
 EV_REVOKED = "revoked"
@@ -442,7 +446,9 @@ class Store:
             rows.get_psd(session, psd_id)
             return False
 
-    def start_contact(self, psd_id: str, holder: str, ttl_seconds: float) -> ContactStart:
+    def start_contact(self, psd_id: str, holder: str, ttl_seconds: float, *,
+                      card_mk_versions: AbstractSet[int] | None = None,
+                      actor: str | None = None) -> ContactStart:
         """Take the card's session lease and read what the contact needs, in one transaction.
 
         The same as ``get_psd``, ``acquire_lease``, ``touch_contact``,
@@ -450,32 +456,54 @@ class Store:
         the other, but with the card's row locked throughout: what is read is
         what the lease holder works from, and a contact costs one round trip to
         the database instead of six.
+
+        ``card_mk_versions`` are the MK versions a user-PC contact's probe
+        found on the card. When they are exactly the version the registry
+        holds, the lease is taken, no intent is open and a running campaign
+        has the card pending, the replacement is journaled here too (what
+        ``begin_replacement`` does), so it is durable before the contact asks
+        the proxy for anything: ``ContactStart.intent_begun`` says so.
         """
         psd_id = v.psd_id(psd_id)
         holder = v.text("holder", holder, v.MAX_ACTOR)
         ttl = _ttl(ttl_seconds)
+        if card_mk_versions is not None:
+            if actor is None:
+                raise InvalidArgument("actor is required with card_mk_versions")
+            actor = v.actor(actor)
+            card_mk_versions = frozenset(card_mk_versions)
         with self._write() as session:
+            conn = session.connection()
             now = self._now()
-            row = rows.lock_psd(session, psd_id)
-            leased = False
-            if row.state != PsdState.REVOKED.value and (
-                    row.lease_holder is None or row.lease_holder == holder
-                    or row.lease_expires is None or row.lease_expires <= now):
-                row.lease_holder = holder
-                row.lease_expires = now + ttl
-                row.last_contact = now
-                leased = True
-            intent = rows.open_intent_row(session, psd_id)
-            work = campaigns.work_for(session, psd_id)
+            card = contact.lock_card(conn, psd_id, with_cryptogram=True)
+            record = rows.psd_record(card)
+            leased = card.state != PsdState.REVOKED.value and (
+                card.lease_holder is None or card.lease_holder == holder
+                or card.lease_expires is None or card.lease_expires <= now)
+            intent_row = contact.open_intent(conn, psd_id)
+            intent = None if intent_row is None else rows.intent_record(intent_row)
+            work = contact.pending_work(conn, card)
+            begun = False
+            if leased:
+                values: dict[str, Any] = {"lease_holder": holder, "lease_expires": now + ttl,
+                                          "last_contact": now}
+                if (intent is None and work is not None and card_mk_versions is not None
+                        and card_mk_versions == {card.mk_version}):
+                    journaled = contact.journal_replacement(
+                        conn, card, from_version=work.from_version,
+                        to_version=work.to_version, campaign_id=work.campaign_id,
+                        actor=actor, now=now)
+                    values.update(journaled.card_values)
+                    intent, begun = journaled.intent, True
+                version = contact.update_card(conn, card, values)
+                record = replace(record, row_version=version, **{
+                    k: PsdState(x) if k == "state" else x for k, x in values.items()})
             cryptogram = None
-            if row.cryptogram_key_label is not None:
-                cryptogram = Cryptogram(psd_id=psd_id, ciphertext=bytes(row.cryptogram),
-                                        key_label=row.cryptogram_key_label)
-            return ContactStart(
-                psd=_flushed_record(session, row), leased=leased,
-                intent=None if intent is None else rows.intent_record(intent),
-                work=None if work is None else rows.item_record(*work),
-                cryptogram=cryptogram)
+            if card.cryptogram_key_label is not None:
+                cryptogram = Cryptogram(psd_id=psd_id, ciphertext=bytes(card.cryptogram),
+                                        key_label=card.cryptogram_key_label)
+            return ContactStart(psd=record, leased=leased, intent=intent, work=work,
+                                cryptogram=cryptogram, intent_begun=begun)
 
     def release_lease(self, psd_id: str, holder: str) -> bool:
         """Give the lease back; False (and no change) if ``holder`` does not hold it."""
@@ -625,89 +653,46 @@ class Store:
             campaign_id = v.text("campaign_id", campaign_id, 64)
         actor = v.actor(actor)
         with self._write() as session:
+            conn = session.connection()
             now = self._now()
-            row = rows.lock_psd(session, psd_id)
-            rows.refuse_revoked(row, "replacement")
-            _expect_state(row, PsdState.ACTIVE)
-            if row.mk_version != from_version:
-                raise FailedPrecondition(
-                    f"PSD {psd_id} holds MK v{row.mk_version}, not v{from_version}"
-                )
-            if campaign_id is not None:
-                self._count_campaign_attempt(
-                    session, campaign_id, psd_id, from_version, to_version, now
-                )
-            row.state = PsdState.REPLACEMENT_PENDING.value
-            row.pending_mk_version = to_version
-            row.updated = now
-            intent = IntentRow(
-                psd_id=psd_id,
-                kind=IntentKind.REPLACE.value,
-                from_version=from_version,
-                to_version=to_version,
-                mkrk_version=None,
-                status=IntentStatus.OPEN.value,
-                campaign_id=campaign_id,
-                created=now,
-                updated=now,
-            )
-            session.add(intent)
-            session.flush()
-            rows.add_event(
-                session, psd_id, now, EV_REPLACEMENT_BEGUN, _describe(intent), actor
-            )
-            return rows.intent_record(intent)
-
-    def _count_campaign_attempt(
-        self,
-        session: Session,
-        campaign_id: str,
-        psd_id: str,
-        from_version: int,
-        to_version: int,
-        now: datetime,
-    ) -> None:
-        campaign = rows.lock_campaign(session, campaign_id, shared=True)
-        if campaign.state != CampaignState.RUNNING.value:
-            raise FailedPrecondition(f"campaign {campaign_id} is {campaign.state}, not running")
-        if (campaign.from_version, campaign.to_version) != (from_version, to_version):
-            raise FailedPrecondition(
-                f"campaign {campaign_id} replaces v{campaign.from_version} by "
-                f"v{campaign.to_version}, not v{from_version} by v{to_version}"
-            )
-        item = rows.lock_item(session, campaign_id, psd_id)
-        if item.status != ItemStatus.PENDING.value:
-            raise FailedPrecondition(
-                f"PSD {psd_id} is {item.status} in campaign {campaign_id}, not pending"
-            )
-        item.attempts += 1
-        item.updated = now
+            card = contact.lock_card(conn, psd_id)
+            journaled = contact.journal_replacement(
+                conn, card, from_version=from_version, to_version=to_version,
+                campaign_id=campaign_id, actor=actor, now=now)
+            contact.update_card(conn, card, journaled.card_values)
+            return journaled.intent
 
     def complete_replacement(self, psd_id: str, intent_id: int, actor: str, *,
-                         release_lease_of: str | None = None) -> PsdRecord:
+                             release_lease_of: str | None = None) -> PsdRecord:
         """The card holds the new MK and the old one is deleted: active at the new version."""
         psd_id = v.psd_id(psd_id)
         intent_id = v.intent_id(intent_id)
         actor = v.actor(actor)
         with self._write() as session:
+            conn = session.connection()
             now = self._now()
-            row = rows.lock_psd(session, psd_id)
-            rows.refuse_revoked(row, "complete replacement")
-            intent = rows.checked_open_intent(session, psd_id, intent_id, IntentKind.REPLACE)
-            _expect_state(row, PsdState.REPLACEMENT_PENDING)
-            row.state = PsdState.ACTIVE.value
-            row.mk_version = intent.to_version
-            row.pending_mk_version = None
-            row.updated = now
-            _release_with(row, release_lease_of)
-            rows.close_intent(intent, IntentStatus.DONE, now)
-            rows.add_event(
-                session, psd_id, now, EV_REPLACEMENT_COMPLETED, _describe(intent), actor
-            )
-            self._finish_campaign_item(session, intent, now)
-            session.flush()
-            rows.settle_items(session, row, now)
-            return _flushed_record(session, row)
+            card = contact.lock_card(conn, psd_id)
+            rows.refuse_revoked(card, "complete replacement")
+            intent = contact.checked_open_intent(conn, psd_id, intent_id, IntentKind.REPLACE)
+            _expect_state(card, PsdState.REPLACEMENT_PENDING)
+            values: dict[str, Any] = {"state": PsdState.ACTIVE.value,
+                                      "mk_version": intent.to_version,
+                                      "pending_mk_version": None, "updated": now}
+            if release_lease_of is not None and card.lease_holder == release_lease_of:
+                values.update(lease_holder=None, lease_expires=None)
+            version = contact.update_card(conn, card, values)
+            contact.close_intent(conn, intent_id, IntentStatus.DONE, now)
+            contact.add_event(
+                conn, psd_id, now, EV_REPLACEMENT_COMPLETED,
+                contact.describe_replacement(intent_id, intent.from_version,
+                                             intent.to_version, intent.campaign_id), actor)
+            if intent.campaign_id is not None:
+                contact.finish_campaign_item(conn, intent.campaign_id, psd_id, now)
+            if contact.has_pending_items(conn, psd_id):
+                # Rare: the card waits in another campaign its new version settles.
+                rows.settle_items(session, rows.get_psd(session, psd_id), now)
+            return replace(rows.psd_record(card), row_version=version, **{
+                k: PsdState(x) if k == "state" else x for k, x in values.items()})
 
     def _finish_campaign_item(self, session: Session, intent: IntentRow, now: datetime) -> None:
         """A completed campaign replacement counts as done, even if cancelled meanwhile."""
@@ -1008,11 +993,8 @@ def _describe(intent: IntentRow) -> str:
             f"intent {intent.intent_id}: install MKRK v{intent.mkrk_version} "
             f"and MK v{intent.to_version}"
         )
-    via = f" (campaign {intent.campaign_id})" if intent.campaign_id else ""
-    return (
-        f"intent {intent.intent_id}: replace MK v{intent.from_version} "
-        f"by v{intent.to_version}{via}"
-    )
+    return contact.describe_replacement(intent.intent_id, intent.from_version,
+                                        intent.to_version, intent.campaign_id)
 
 
 def _psd_state(value: object) -> PsdState:

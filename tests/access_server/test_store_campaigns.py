@@ -320,3 +320,68 @@ def test_counts_in_listing(store: Store) -> None:
     assert (listed.total, listed.done, listed.failed, listed.skipped, listed.pending) == (
         5, 1, 1, 1, 2,
     )
+
+
+def test_start_contact_journals_the_campaign_replacement_the_card_is_ready_for(
+        store: Store) -> None:
+    cards = _fleet(store)
+    campaign_id = store.start_campaign("v1 to v2", 1, 2, psd_id_prefix=BATCH,
+                                       actor=ACTOR).campaign_id
+
+    start = store.start_contact(cards["batch1"], "agent-1", 30, card_mk_versions={1},
+                                actor=ACTOR)
+
+    assert start.leased and start.intent_begun
+    intent = start.intent
+    assert intent is not None and intent == store.open_intent(cards["batch1"])
+    assert (intent.from_version, intent.to_version, intent.campaign_id) == (1, 2, campaign_id)
+    assert start.psd == store.get_psd(cards["batch1"])
+    assert (start.psd.state, start.psd.pending_mk_version) == (PsdState.REPLACEMENT_PENDING, 2)
+    assert store.get_campaign_item(campaign_id, cards["batch1"]).attempts == 1
+    assert store.history(cards["batch1"])[-1].event == "replacement_begun"
+    # The next contact finds the intent open and journals nothing more.
+    again = store.start_contact(cards["batch1"], "agent-1", 30, card_mk_versions={1, 2},
+                                actor=ACTOR)
+    assert not again.intent_begun and again.intent == intent
+    assert store.get_campaign_item(campaign_id, cards["batch1"]).attempts == 1
+    done = store.complete_replacement(cards["batch1"], intent.intent_id, ACTOR,
+                                      release_lease_of="agent-1")
+    assert done == store.get_psd(cards["batch1"])
+    assert (done.state, done.mk_version, done.lease_holder) == (PsdState.ACTIVE, 2, None)
+    assert store.get_campaign_item(campaign_id, cards["batch1"]).status is ItemStatus.DONE
+
+
+@pytest.mark.parametrize("situation", ["card_differs", "no_versions", "leased_elsewhere",
+                                       "paused", "not_in_campaign"])
+def test_start_contact_journals_nothing_unless_the_card_is_ready(
+        store: Store, situation: str) -> None:
+    cards = _fleet(store)
+    campaign_id = store.start_campaign("v1 to v2", 1, 2, psd_id_prefix=BATCH,
+                                       actor=ACTOR).campaign_id
+    card, versions = cards["batch2"], {1}
+    if situation == "card_differs":
+        versions = {1, 3}                       # the card holds what the registry did not
+    elif situation == "no_versions":
+        versions = None
+    elif situation == "leased_elsewhere":
+        store.start_contact(card, "agent-2", 30)
+    elif situation == "paused":
+        store.pause_campaign(campaign_id)
+    else:
+        card = cards["other"]
+    before = store.history(card)
+
+    start = store.start_contact(card, "agent-1", 30, card_mk_versions=versions, actor=ACTOR)
+
+    assert not start.intent_begun and start.intent is None
+    assert store.open_intent(card) is None
+    assert store.get_psd(card).state is PsdState.ACTIVE
+    assert [e.event for e in store.history(card)] == [e.event for e in before]
+    if situation != "not_in_campaign":
+        assert store.get_campaign_item(campaign_id, card).attempts == 0
+
+
+def test_start_contact_with_card_versions_needs_an_actor(store: Store) -> None:
+    cards = _fleet(store)
+    with pytest.raises(InvalidArgument, match="actor"):
+        store.start_contact(cards["batch1"], "agent-1", 30, card_mk_versions={1})
