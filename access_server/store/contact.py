@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, insert, select, update
 
 from access_server.store import rows
 from access_server.store.models import (
@@ -50,16 +50,54 @@ ITEM = CampaignItemRow.__table__
 EV_REPLACEMENT_BEGUN = "replacement_begun"
 EV_REPLACEMENT_COMPLETED = "replacement_completed"
 
-_CARD_COLUMNS = tuple(c for c in PSD.c if c.name != "cryptogram")
-"""A card row without its ciphertext, which only the contact's start reads."""
+# The statements are built once, here: building one per call (operators,
+# cache keys) cost about as much as running it. Parameters in WHERE clauses
+# are named ``w_*`` so they never clash with the columns an UPDATE sets from
+# its parameters.
+_PSD_ID = bindparam("w_psd_id")
+_LOCK_CARD = select(*(c for c in PSD.c if c.name != "cryptogram")).where(
+    PSD.c.psd_id == _PSD_ID).with_for_update()
+_LOCK_CARD_WITH_CRYPTOGRAM = select(PSD).where(PSD.c.psd_id == _PSD_ID).with_for_update()
+_UPDATE_CARD = update(PSD).where(PSD.c.psd_id == _PSD_ID,
+                                 PSD.c.row_version == bindparam("w_row_version"))
+_INSERT_EVENT = insert(EVENT)
+_INSERT_INTENT = insert(INTENT)
+_OPEN_INTENT = select(INTENT).where(INTENT.c.psd_id == _PSD_ID,
+                                    INTENT.c.status == IntentStatus.OPEN.value)
+_INTENT = select(INTENT).where(INTENT.c.intent_id == bindparam("w_intent_id"))
+_CLOSE_INTENT = update(INTENT).where(INTENT.c.intent_id == bindparam("w_intent_id"))
+_PENDING_WORK = (
+    select(ITEM.c.campaign_id, ITEM.c.status, ITEM.c.attempts, ITEM.c.last_error,
+           ITEM.c.updated, CAMPAIGN.c.from_version, CAMPAIGN.c.to_version)
+    .join(CAMPAIGN, CAMPAIGN.c.campaign_id == ITEM.c.campaign_id)
+    .where(ITEM.c.psd_id == _PSD_ID, ITEM.c.status == ItemStatus.PENDING.value,
+           CAMPAIGN.c.state == CampaignState.RUNNING.value,
+           CAMPAIGN.c.from_version == bindparam("w_mk_version"))
+    .with_for_update(read=True, of=CAMPAIGN)
+)
+_CAMPAIGN_ID = bindparam("w_campaign_id")
+_SHARE_CAMPAIGN = select(CAMPAIGN.c.state, CAMPAIGN.c.from_version, CAMPAIGN.c.to_version).where(
+    CAMPAIGN.c.campaign_id == _CAMPAIGN_ID).with_for_update(read=True)
+_LOCK_CAMPAIGN_STATE = select(CAMPAIGN.c.state).where(
+    CAMPAIGN.c.campaign_id == _CAMPAIGN_ID).with_for_update()
+_COUNT_ATTEMPT = update(ITEM).where(
+    ITEM.c.campaign_id == _CAMPAIGN_ID, ITEM.c.psd_id == _PSD_ID,
+    ITEM.c.status == ItemStatus.PENDING.value,
+).values(attempts=ITEM.c.attempts + 1, updated=bindparam("w_now"))
+_ITEM_STATUS = select(ITEM.c.status).where(ITEM.c.campaign_id == _CAMPAIGN_ID,
+                                           ITEM.c.psd_id == _PSD_ID)
+_UPDATE_ITEM = update(ITEM).where(ITEM.c.campaign_id == _CAMPAIGN_ID, ITEM.c.psd_id == _PSD_ID)
+_ANY_PENDING_IN_CAMPAIGN = select(ITEM.c.psd_id).where(
+    ITEM.c.campaign_id == _CAMPAIGN_ID, ITEM.c.status == ItemStatus.PENDING.value).limit(1)
+_UPDATE_CAMPAIGN = update(CAMPAIGN).where(CAMPAIGN.c.campaign_id == _CAMPAIGN_ID)
+_ANY_PENDING_OF_CARD = select(ITEM.c.campaign_id).where(
+    ITEM.c.psd_id == _PSD_ID, ITEM.c.status == ItemStatus.PENDING.value).limit(1)
 
 
 def lock_card(conn: Connection, psd_id: str, *, with_cryptogram: bool = False) -> Row[Any]:
     """The card's row, locked for the rest of the transaction; NotFound if absent."""
-    columns = tuple(PSD.c) if with_cryptogram else _CARD_COLUMNS
-    card = conn.execute(
-        select(*columns).where(PSD.c.psd_id == psd_id).with_for_update()
-    ).one_or_none()
+    card = conn.execute(_LOCK_CARD_WITH_CRYPTOGRAM if with_cryptogram else _LOCK_CARD,
+                        {"w_psd_id": psd_id}).one_or_none()
     if card is None:
         raise rows.not_registered(psd_id)
     return card
@@ -68,11 +106,9 @@ def lock_card(conn: Connection, psd_id: str, *, with_cryptogram: bool = False) -
 def update_card(conn: Connection, card: Row[Any], values: dict[str, Any]) -> int:
     """Write ``values`` to the locked card if its row version is unchanged; the new version."""
     version = card.row_version + 1
-    result = conn.execute(
-        update(PSD)
-        .where(PSD.c.psd_id == card.psd_id, PSD.c.row_version == card.row_version)
-        .values(row_version=version, **values)
-    )
+    result = conn.execute(_UPDATE_CARD, {"w_psd_id": card.psd_id,
+                                         "w_row_version": card.row_version,
+                                         "row_version": version, **values})
     if result.rowcount != 1:
         raise Aborted("the record changed concurrently; retry the operation")
     return version
@@ -80,15 +116,12 @@ def update_card(conn: Connection, card: Row[Any], values: dict[str, Any]) -> int
 
 def add_event(conn: Connection, psd_id: str, at: datetime, event: str, detail: str,
               actor: str) -> None:
-    conn.execute(insert(EVENT).values(psd_id=psd_id, at=at, event=event, detail=detail,
-                                      actor=actor))
+    conn.execute(_INSERT_EVENT, {"psd_id": psd_id, "at": at, "event": event,
+                                 "detail": detail, "actor": actor})
 
 
 def open_intent(conn: Connection, psd_id: str) -> Row[Any] | None:
-    return conn.execute(
-        select(INTENT).where(INTENT.c.psd_id == psd_id,
-                             INTENT.c.status == IntentStatus.OPEN.value)
-    ).one_or_none()
+    return conn.execute(_OPEN_INTENT, {"w_psd_id": psd_id}).one_or_none()
 
 
 def pending_work(conn: Connection, card: Row[Any]) -> CampaignItem | None:
@@ -100,16 +133,8 @@ def pending_work(conn: Connection, card: Row[Any]) -> CampaignItem | None:
     """
     if card.state != PsdState.ACTIVE.value:
         return None
-    found = conn.execute(
-        select(ITEM.c.campaign_id, ITEM.c.status, ITEM.c.attempts, ITEM.c.last_error,
-               ITEM.c.updated, CAMPAIGN.c.from_version, CAMPAIGN.c.to_version)
-        .join(CAMPAIGN, CAMPAIGN.c.campaign_id == ITEM.c.campaign_id)
-        .where(ITEM.c.psd_id == card.psd_id,
-               ITEM.c.status == ItemStatus.PENDING.value,
-               CAMPAIGN.c.state == CampaignState.RUNNING.value,
-               CAMPAIGN.c.from_version == card.mk_version)
-        .with_for_update(read=True, of=CAMPAIGN)
-    ).first()
+    found = conn.execute(_PENDING_WORK, {"w_psd_id": card.psd_id,
+                                         "w_mk_version": card.mk_version}).first()
     if found is None:
         return None
     return CampaignItem(
@@ -150,11 +175,12 @@ def journal_replacement(conn: Connection, card: Row[Any], *, from_version: int,
             f"PSD {card.psd_id} holds MK v{card.mk_version}, not v{from_version}")
     if campaign_id is not None:
         _count_attempt(conn, campaign_id, card.psd_id, from_version, to_version, now)
-    intent_id = conn.execute(insert(INTENT).values(
-        psd_id=card.psd_id, kind=IntentKind.REPLACE.value, from_version=from_version,
-        to_version=to_version, mkrk_version=None, status=IntentStatus.OPEN.value,
-        campaign_id=campaign_id, created=now, updated=now,
-    )).inserted_primary_key[0]
+    intent_id = conn.execute(_INSERT_INTENT, {
+        "psd_id": card.psd_id, "kind": IntentKind.REPLACE.value,
+        "from_version": from_version, "to_version": to_version, "mkrk_version": None,
+        "status": IntentStatus.OPEN.value, "campaign_id": campaign_id,
+        "created": now, "updated": now,
+    }).inserted_primary_key[0]
     add_event(conn, card.psd_id, now, EV_REPLACEMENT_BEGUN,
               describe_replacement(intent_id, from_version, to_version, campaign_id), actor)
     intent = Intent(intent_id=intent_id, psd_id=card.psd_id, kind=IntentKind.REPLACE,
@@ -167,11 +193,7 @@ def journal_replacement(conn: Connection, card: Row[Any], *, from_version: int,
 
 def _count_attempt(conn: Connection, campaign_id: str, psd_id: str, from_version: int,
                    to_version: int, now: datetime) -> None:
-    campaign = conn.execute(
-        select(CAMPAIGN.c.state, CAMPAIGN.c.from_version, CAMPAIGN.c.to_version)
-        .where(CAMPAIGN.c.campaign_id == campaign_id)
-        .with_for_update(read=True)
-    ).one_or_none()
+    campaign = conn.execute(_SHARE_CAMPAIGN, {"w_campaign_id": campaign_id}).one_or_none()
     if campaign is None:
         raise NotFound(f"campaign {campaign_id} not found")
     if campaign.state != CampaignState.RUNNING.value:
@@ -180,17 +202,10 @@ def _count_attempt(conn: Connection, campaign_id: str, psd_id: str, from_version
         raise FailedPrecondition(
             f"campaign {campaign_id} replaces v{campaign.from_version} by "
             f"v{campaign.to_version}, not v{from_version} by v{to_version}")
-    counted = conn.execute(
-        update(ITEM)
-        .where(ITEM.c.campaign_id == campaign_id, ITEM.c.psd_id == psd_id,
-               ITEM.c.status == ItemStatus.PENDING.value)
-        .values(attempts=ITEM.c.attempts + 1, updated=now)
-    )
-    if counted.rowcount == 1:
+    where = {"w_campaign_id": campaign_id, "w_psd_id": psd_id}
+    if conn.execute(_COUNT_ATTEMPT, {**where, "w_now": now}).rowcount == 1:
         return
-    status = conn.execute(
-        select(ITEM.c.status).where(ITEM.c.campaign_id == campaign_id, ITEM.c.psd_id == psd_id)
-    ).scalar_one_or_none()
+    status = conn.execute(_ITEM_STATUS, where).scalar_one_or_none()
     if status is None:
         raise NotFound(f"PSD {psd_id} is not part of campaign {campaign_id}")
     raise FailedPrecondition(
@@ -200,7 +215,7 @@ def _count_attempt(conn: Connection, campaign_id: str, psd_id: str, from_version
 def checked_open_intent(conn: Connection, psd_id: str, intent_id: int,
                         kind: IntentKind) -> Row[Any]:
     """The open intent ``intent_id`` of this card, of ``kind``, or why not."""
-    intent = conn.execute(select(INTENT).where(INTENT.c.intent_id == intent_id)).one_or_none()
+    intent = conn.execute(_INTENT, {"w_intent_id": intent_id}).one_or_none()
     if intent is None or intent.psd_id != psd_id:
         raise NotFound(f"intent {intent_id} of PSD {psd_id} not found")
     if intent.status != IntentStatus.OPEN.value:
@@ -214,8 +229,8 @@ def checked_open_intent(conn: Connection, psd_id: str, intent_id: int,
 
 def close_intent(conn: Connection, intent_id: int, status: IntentStatus,
                  now: datetime) -> None:
-    conn.execute(update(INTENT).where(INTENT.c.intent_id == intent_id)
-                 .values(status=status.value, updated=now))
+    conn.execute(_CLOSE_INTENT, {"w_intent_id": intent_id, "status": status.value,
+                                 "updated": now})
 
 
 def finish_campaign_item(conn: Connection, campaign_id: str, psd_id: str,
@@ -225,29 +240,21 @@ def finish_campaign_item(conn: Connection, campaign_id: str, psd_id: str,
     The campaign row is locked first, so two cards finishing the last two
     items cannot both miss that the campaign has drained.
     """
-    state = conn.execute(
-        select(CAMPAIGN.c.state).where(CAMPAIGN.c.campaign_id == campaign_id).with_for_update()
-    ).scalar_one_or_none()
+    campaign = {"w_campaign_id": campaign_id}
+    state = conn.execute(_LOCK_CAMPAIGN_STATE, campaign).scalar_one_or_none()
     if state is None:
         raise NotFound(f"campaign {campaign_id} not found")
-    done = conn.execute(
-        update(ITEM).where(ITEM.c.campaign_id == campaign_id, ITEM.c.psd_id == psd_id)
-        .values(status=ItemStatus.DONE.value, last_error=None, updated=now))
+    done = conn.execute(_UPDATE_ITEM, {**campaign, "w_psd_id": psd_id,
+                                       "status": ItemStatus.DONE.value, "last_error": None,
+                                       "updated": now})
     if done.rowcount != 1:
         raise NotFound(f"PSD {psd_id} is not part of campaign {campaign_id}")
     if state not in rows.LIVE_CAMPAIGN_STATES:
         return
-    pending = conn.execute(
-        select(func.count()).select_from(ITEM)
-        .where(ITEM.c.campaign_id == campaign_id, ITEM.c.status == ItemStatus.PENDING.value)
-    ).scalar_one()
-    if not pending:
-        conn.execute(update(CAMPAIGN).where(CAMPAIGN.c.campaign_id == campaign_id)
-                     .values(state=CampaignState.COMPLETED.value, updated=now))
+    if conn.execute(_ANY_PENDING_IN_CAMPAIGN, campaign).first() is None:
+        conn.execute(_UPDATE_CAMPAIGN, {**campaign, "state": CampaignState.COMPLETED.value,
+                                        "updated": now})
 
 
 def has_pending_items(conn: Connection, psd_id: str) -> bool:
-    return conn.execute(
-        select(ITEM.c.campaign_id)
-        .where(ITEM.c.psd_id == psd_id, ITEM.c.status == ItemStatus.PENDING.value).limit(1)
-    ).first() is not None
+    return conn.execute(_ANY_PENDING_OF_CARD, {"w_psd_id": psd_id}).first() is not None
