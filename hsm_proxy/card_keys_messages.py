@@ -57,6 +57,7 @@ class Wrap(NamedTuple):
 class Unwrap(NamedTuple):
     handle: str
     responses: tuple[tuple[bytes, int], ...]
+    close: bool = False          # free the channel's state once the answers are checked
 
 
 class Wrapped(NamedTuple):

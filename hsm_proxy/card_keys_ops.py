@@ -293,5 +293,10 @@ def unwrap(ctx: WorkerContext, req: cm.Unwrap) -> list[tuple[bytes, int]]:
     host.resync(state.pending[len(req.responses) - 1] if req.responses else state.base)
     # Commands after the last answered one never reached the card.
     state.pending.clear()
+    if req.close:
+        # In this same call, not a release message after it: a card contact
+        # then costs the frontend one worker round trip less.
+        ctx.states.pop(req.handle)
+        state.close(ctx)
     return out
 

@@ -233,7 +233,8 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
             responses.append((bytes(r.data), r.sw))
         call.items = len(responses)
         try:
-            reply = core.pool.call("card_keys.unwrap", cm.Unwrap(record.handle, tuple(responses)),
+            reply = core.pool.call("card_keys.unwrap",
+                                   cm.Unwrap(record.handle, tuple(responses), request.close),
                                    worker=record.worker, idempotent=False,
                                    timeout=call.timeout())
         except ServiceError as exc:
@@ -241,7 +242,9 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
                 self._release(record, call)
             raise
         if request.close:
-            self._release(record, call)
+            # The worker freed the state with the answers; the handle goes too.
+            core.handles.release(call.identity, [record.handle])
+            core.update_handle_gauge()
         return pb.UnwrapResponsesResponse(
             responses=[chpb.ApduResponse(data=data, sw=sw) for data, sw in reply.value])
 

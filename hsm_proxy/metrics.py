@@ -35,6 +35,8 @@ WORKERS_CONFIGURED = Gauge("cms_hsm_workers_configured", "PKCS#11 worker process
 WORKERS_UP = Gauge("cms_hsm_workers_up", "Worker processes alive with a working backend")
 WORKERS_ALIVE = Gauge("cms_hsm_workers_alive", "Worker processes alive (backend up or not)")
 SESSIONS = Gauge("cms_hsm_sessions_in_use", "Open PKCS#11 sessions across the workers")
+WORKER_STATES = Gauge("cms_hsm_worker_states", "Channel and key set states held in the workers "
+                      "(each holds session keys or derived key objects until released)")
 HANDLES = Gauge("cms_hsm_handles_live", "Live handles (session keys and other worker state)",
                 ["kind"])
 BACKEND_FAILURES = Counter(

@@ -128,6 +128,8 @@ class WorkerPool:
         self._monitor: threading.Thread | None = None
         self._rr = itertools.count()
         metrics.WORKERS_CONFIGURED.set(len(self.workers))
+        # Each reply carries its worker's state count: read at scrape time.
+        metrics.WORKER_STATES.set_function(self._worker_states)
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -306,6 +308,10 @@ class WorkerPool:
         metrics.WORKERS_ALIVE.set(len(alive))
         metrics.WORKERS_UP.set(sum(1 for w in alive if w.backend_ok))
         metrics.SESSIONS.set(sum(w.status.sessions for w in alive if w.status is not None))
+
+    def _worker_states(self) -> int:
+        return sum(w.status.states for w in self.workers
+                   if w.alive and w.status is not None)
 
     # -- state --------------------------------------------------------------------------
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -256,3 +257,29 @@ def test_the_card_refuses_mk_replacement_in_a_channel_opened_with_the_mk(stack: 
     assert answers[0].sw == OK                           # the MK set authenticates ...
     assert answers[1].sw != OK                           # ... but may not put an MK
     assert set(virtual.state.key_sets) == {0xFF, 0x70, 0x01}
+
+
+def _worker_states(stack: Path) -> float:
+    url = load_endpoints(stack).metrics_url("hsm_proxy")
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (local test stack)
+        for line in resp.read().decode().splitlines():
+            if line.startswith("cms_hsm_worker_states "):
+                return float(line.split()[1])
+    raise AssertionError("cms_hsm_worker_states is not exported")
+
+
+def test_closing_with_the_last_answers_frees_the_channel_in_the_worker(
+        stack: Path, card) -> None:
+    virtual, psd_id = card
+    stub = _stub(stack)
+    before = _worker_states(stack)
+    opened = _open_installing(stub, virtual, psd_id)
+    assert _worker_states(stack) == before + 1          # session keys held for the answers
+
+    stub.UnwrapResponses(pb.UnwrapResponsesRequest(
+        channel=opened.channel, responses=_run(virtual, opened), close=True), timeout=30)
+
+    assert _worker_states(stack) == before
+    with pytest.raises(grpc.RpcError) as closed:
+        stub.UnwrapResponses(pb.UnwrapResponsesRequest(channel=opened.channel), timeout=30)
+    assert closed.value.code() == grpc.StatusCode.NOT_FOUND
