@@ -111,11 +111,25 @@ class CardState:
             raise StateError(f"malformed state file: {exc}") from exc
 
     def copy(self) -> CardState:
-        """A working copy: a command changes it, and it is committed only at the end."""
-        return CardState.from_json(self.to_json())
+        """A working copy: a command changes it, and it is committed only at the end.
+
+        Built field by field (bytes are immutable; the containers and key sets
+        are new), not through JSON: the card copies its state for every APDU.
+        """
+        return CardState(
+            psd_id=self.psd_id, cplc=bytes(self.cplc),
+            key_sets={kvn: KeySet(ks.enc, ks.mac, ks.dek) for kvn, ks in self.key_sets.items()},
+            sequence_counter=self.sequence_counter, scp_i=self.scp_i,
+            life_cycle=self.life_cycle, stored_ber=dict(self.stored_ber),
+            stored_dgi=dict(self.stored_dgi), applications=copy.deepcopy(self.applications))
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.psd_id, bytes(self.cplc), self.key_sets, self.sequence_counter,
+                self.scp_i, self.life_cycle, self.stored_ber, self.stored_dgi,
+                self.applications)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CardState) and self.to_json() == other.to_json()
+        return isinstance(other, CardState) and self._fields() == other._fields()
 
     __hash__ = None  # type: ignore[assignment]
 
