@@ -352,8 +352,11 @@ class WorkerPool:
         if not candidates:
             raise Unavailable("no HSM worker is running (restarting); retry shortly")
         up = [w for w in candidates if w.backend_ok] or candidates
-        least = min(w.load for w in up)
-        best = [w for w in up if w.load == least]
+        # One reading of each load: other threads change them meanwhile, and
+        # reading twice could leave no worker at the minimum.
+        loads = [(w.load, w) for w in up]
+        least = min(load for load, _ in loads)
+        best = [w for load, w in loads if load == least]
         return best[next(self._rr) % len(best)]
 
     def call(self, op: str, payload: Any, *, worker: int | None = None, idempotent: bool,
