@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -70,6 +71,15 @@ class CampaignCollector:
         yield family
 
 
+class _NoProxy:
+    """CardKeys without a proxy configured: every call is Unavailable (a clear outcome)."""
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        def unavailable(*_args: object, **_kwargs: object) -> object:
+            raise Unavailable("no HSM proxy configured (proxy.address)")
+        return unavailable
+
+
 class AccessServer:
     """The running access server: store, proxy channel and gRPC service."""
 
@@ -78,6 +88,8 @@ class AccessServer:
         self.store = Store.from_url(cfg.database_url)
         self.proxy = (secure_channel(cfg.proxy_address, cfg.tls, options=PROXY_CHANNEL_OPTIONS)
                       if cfg.proxy_address else None)
+        # One stub for every contact: making one builds a callable per method.
+        self._card_keys = CardKeysStub(self.proxy) if self.proxy is not None else _NoProxy()
         settings = ServerSettings(
             listen=cfg.listen, metrics_listen=cfg.metrics_listen, tls=cfg.tls,
             max_workers=cfg.max_workers, ready_file=ready_file,
@@ -115,7 +127,7 @@ class AccessServer:
         return newest[0], newest[1], newest[2]
 
     def flow_context(self, actor: str) -> FlowContext:
-        return FlowContext(store=self.store, card_keys=CardKeysStub(self.proxy),
+        return FlowContext(store=self.store, card_keys=self._card_keys,
                            install_versions=self.install_versions, actor=actor,
                            # The same agent (identity and label) coming back after a
                            # crash takes over its own lease; another agent waits.

@@ -159,12 +159,14 @@ def describe_replacement(intent_id: int, from_version: int | None, to_version: i
 
 def journal_replacement(conn: Connection, card: Row[Any], *, from_version: int,
                         to_version: int, campaign_id: str | None, actor: str,
-                        now: datetime) -> Journaled:
+                        now: datetime, campaign_checked: bool = False) -> Journaled:
     """Journal MK ``from_version`` -> ``to_version`` on the locked card.
 
     The caller writes ``card_values`` to the card's row in the same
     transaction (with whatever else it changes there). With a campaign, the
-    card's pending item in it (running, same versions) counts an attempt.
+    card's pending item in it (running, same versions) counts an attempt;
+    ``campaign_checked`` says this transaction already read (and share-locked)
+    the campaign as running with these versions, through ``pending_work``.
     """
     rows.refuse_revoked(card, "replacement")
     if card.state != PsdState.ACTIVE.value:
@@ -174,7 +176,9 @@ def journal_replacement(conn: Connection, card: Row[Any], *, from_version: int,
         raise FailedPrecondition(
             f"PSD {card.psd_id} holds MK v{card.mk_version}, not v{from_version}")
     if campaign_id is not None:
-        _count_attempt(conn, campaign_id, card.psd_id, from_version, to_version, now)
+        if not campaign_checked:
+            _check_campaign(conn, campaign_id, from_version, to_version)
+        _count_attempt(conn, campaign_id, card.psd_id, now)
     intent_id = conn.execute(_INSERT_INTENT, {
         "psd_id": card.psd_id, "kind": IntentKind.REPLACE.value,
         "from_version": from_version, "to_version": to_version, "mkrk_version": None,
@@ -191,8 +195,8 @@ def journal_replacement(conn: Connection, card: Row[Any], *, from_version: int,
                               "pending_mk_version": to_version, "updated": now})
 
 
-def _count_attempt(conn: Connection, campaign_id: str, psd_id: str, from_version: int,
-                   to_version: int, now: datetime) -> None:
+def _check_campaign(conn: Connection, campaign_id: str, from_version: int,
+                    to_version: int) -> None:
     campaign = conn.execute(_SHARE_CAMPAIGN, {"w_campaign_id": campaign_id}).one_or_none()
     if campaign is None:
         raise NotFound(f"campaign {campaign_id} not found")
@@ -202,6 +206,9 @@ def _count_attempt(conn: Connection, campaign_id: str, psd_id: str, from_version
         raise FailedPrecondition(
             f"campaign {campaign_id} replaces v{campaign.from_version} by "
             f"v{campaign.to_version}, not v{from_version} by v{to_version}")
+
+
+def _count_attempt(conn: Connection, campaign_id: str, psd_id: str, now: datetime) -> None:
     where = {"w_campaign_id": campaign_id, "w_psd_id": psd_id}
     if conn.execute(_COUNT_ATTEMPT, {**where, "w_now": now}).rowcount == 1:
         return

@@ -492,7 +492,7 @@ class Store:
                     journaled = contact.journal_replacement(
                         conn, card, from_version=work.from_version,
                         to_version=work.to_version, campaign_id=work.campaign_id,
-                        actor=actor, now=now)
+                        actor=actor, now=now, campaign_checked=True)
                     values.update(journaled.card_values)
                     intent, begun = journaled.intent, True
                 version = contact.update_card(conn, card, values)
