@@ -131,9 +131,14 @@ def hsm_only(seconds: float, workdir: Path) -> float:
     os.environ.update(hsm.env())        # this process loads SoftHSM2 only here
     token = pkcs11.lib(find_module()).get_token(token_label="bench")
     with token.open(user_pin=hsm.pin_file("bench").read_text().strip(), rw=True) as session:
-        block = session.generate_key(KeyType.AES, 128, template={Attribute.DERIVE: True,
-                                                                Attribute.SENSITIVE: True})
-        public, private = session.generate_keypair(KeyType.RSA, 2048)
+        # Like HSM1's key blocks: persistent token objects, sensitive and not extractable.
+        block = session.generate_key(KeyType.AES, 128, store=True, label="mk-block",
+                                     template={Attribute.DERIVE: True,
+                                               Attribute.SENSITIVE: True,
+                                               Attribute.EXTRACTABLE: False})
+        public, private = session.generate_keypair(
+            KeyType.RSA, 2048, store=True, label="cryptogram",
+            private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
         r = os.urandom(16)
         cryptogram = public.encrypt(r, mechanism=Mechanism.RSA_PKCS_OAEP,
                                     mechanism_param=(Mechanism.SHA_1, pkcs11.MGF.SHA1, None))
