@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 PROG = "cms card-agent"
 DEFAULT_GIVE_UP_ONCE_S = 60.0
+EXIT_GRACE_S = 10.0
+"""After its last card the agent process ends within this, whatever gRPC's teardown does."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 EPILOG = """\
@@ -100,9 +102,37 @@ def _run(args: argparse.Namespace) -> int:
     except ReaderError as exc:
         return _fail(str(exc), ExitStatus.READER)
     try:
-        return int(_serve(args, target, source))
+        status = int(_serve(args, target, source))
     finally:
         source.close()
+    bound_exit(status)
+    return status
+
+
+def bound_exit(status: int, grace_s: float = EXIT_GRACE_S) -> None:
+    """End the process with ``status`` if its normal exit has not within ``grace_s``.
+
+    Everything the agent owes is settled when this is called: a card's state
+    is written with each command, the outcome is printed. The interpreter's
+    exit then still runs gRPC's teardown, which was once seen to hang after a
+    stream broke (fault matrix: the agent had printed its last line and never
+    exited); an agent that never exits holds its reader and its caller. So a
+    daemon timer forces the exit, with the same status, only if it comes to that.
+    """
+    import os
+    import threading
+
+    def force() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+
+    timer = threading.Timer(grace_s, force)
+    timer.daemon = True
+    timer.start()
 
 
 def _list_readers(args: argparse.Namespace) -> int:

@@ -307,3 +307,31 @@ def test_refused_stream_is_its_own_exit_status(pki: Pki, card_state: Path) -> No
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("cms card-agent: access server refused the session")
     assert "PERMISSION_DENIED" in last and "Traceback" not in done.stderr
+
+
+def test_the_agent_process_ends_even_when_its_teardown_would_hang() -> None:
+    """A thread that never ends stands in for a teardown that hangs: the process still
+    exits, with the agent's status, soon after ``bound_exit``."""
+    import subprocess
+    import sys
+
+    code = ("import threading, card_agent.cli as cli\n"
+            "threading.Thread(target=threading.Event().wait).start()  # never ends\n"
+            "print('outcome printed', flush=True)\n"
+            "cli.bound_exit(4, grace_s=0.5)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 4
+    assert done.stdout == "outcome printed\n"
+
+
+def test_a_normal_exit_is_not_delayed_by_the_exit_bound() -> None:
+    import subprocess
+    import sys
+
+    code = ("import card_agent.cli as cli\n"
+            "cli.bound_exit(3, grace_s=600)\n"
+            "raise SystemExit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0       # the interpreter's own exit, long before the bound
