@@ -236,25 +236,6 @@ def transition(session: Session, campaign_id: str, action: str, now: datetime) -
             item.updated = now
 
 
-def work_for(session: Session, psd_id: str) -> tuple[CampaignItemRow, CampaignRow] | None:
-    """The pending item of a running campaign this card can act on now, if any."""
-    found = session.execute(
-        select(CampaignItemRow, CampaignRow)
-        .join(CampaignRow, CampaignRow.campaign_id == CampaignItemRow.campaign_id)
-        .join(PsdRow, PsdRow.psd_id == CampaignItemRow.psd_id)
-        .where(
-            CampaignItemRow.psd_id == psd_id,
-            CampaignItemRow.status == ItemStatus.PENDING.value,
-            CampaignRow.state == CampaignState.RUNNING.value,
-            PsdRow.state == PsdState.ACTIVE.value,
-            PsdRow.mk_version == CampaignRow.from_version,
-        )
-    ).first()
-    if found is None:
-        return None
-    return found[0], found[1]
-
-
 def mark(
     session: Session,
     campaign_id: str,

@@ -16,7 +16,7 @@ never silent. Lock order as in ``rows``: card, campaign, campaign items.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ from access_server.store.records import (
     IntentKind,
     IntentStatus,
     ItemStatus,
+    PsdRecord,
     PsdState,
 )
 from cms.runtime.errors import Aborted, FailedPrecondition, NotFound
@@ -58,6 +59,7 @@ _PSD_ID = bindparam("w_psd_id")
 _LOCK_CARD = select(*(c for c in PSD.c if c.name != "cryptogram")).where(
     PSD.c.psd_id == _PSD_ID).with_for_update()
 _LOCK_CARD_WITH_CRYPTOGRAM = select(PSD).where(PSD.c.psd_id == _PSD_ID).with_for_update()
+_READ_CARD = select(*(c for c in PSD.c if c.name != "cryptogram")).where(PSD.c.psd_id == _PSD_ID)
 _UPDATE_CARD = update(PSD).where(PSD.c.psd_id == _PSD_ID,
                                  PSD.c.row_version == bindparam("w_row_version"))
 _INSERT_EVENT = insert(EVENT)
@@ -66,15 +68,15 @@ _OPEN_INTENT = select(INTENT).where(INTENT.c.psd_id == _PSD_ID,
                                     INTENT.c.status == IntentStatus.OPEN.value)
 _INTENT = select(INTENT).where(INTENT.c.intent_id == bindparam("w_intent_id"))
 _CLOSE_INTENT = update(INTENT).where(INTENT.c.intent_id == bindparam("w_intent_id"))
-_PENDING_WORK = (
+_READ_WORK = (
     select(ITEM.c.campaign_id, ITEM.c.status, ITEM.c.attempts, ITEM.c.last_error,
            ITEM.c.updated, CAMPAIGN.c.from_version, CAMPAIGN.c.to_version)
     .join(CAMPAIGN, CAMPAIGN.c.campaign_id == ITEM.c.campaign_id)
     .where(ITEM.c.psd_id == _PSD_ID, ITEM.c.status == ItemStatus.PENDING.value,
            CAMPAIGN.c.state == CampaignState.RUNNING.value,
            CAMPAIGN.c.from_version == bindparam("w_mk_version"))
-    .with_for_update(read=True, of=CAMPAIGN)
 )
+_SHARE_WORK = _READ_WORK.with_for_update(read=True, of=CAMPAIGN)
 _CAMPAIGN_ID = bindparam("w_campaign_id")
 _SHARE_CAMPAIGN = select(CAMPAIGN.c.state, CAMPAIGN.c.from_version, CAMPAIGN.c.to_version).where(
     CAMPAIGN.c.campaign_id == _CAMPAIGN_ID).with_for_update(read=True)
@@ -96,11 +98,25 @@ _ANY_PENDING_OF_CARD = select(ITEM.c.campaign_id).where(
 
 def lock_card(conn: Connection, psd_id: str, *, with_cryptogram: bool = False) -> Row[Any]:
     """The card's row, locked for the rest of the transaction; NotFound if absent."""
-    card = conn.execute(_LOCK_CARD_WITH_CRYPTOGRAM if with_cryptogram else _LOCK_CARD,
-                        {"w_psd_id": psd_id}).one_or_none()
+    return _card(conn, _LOCK_CARD_WITH_CRYPTOGRAM if with_cryptogram else _LOCK_CARD, psd_id)
+
+
+def read_card(conn: Connection, psd_id: str) -> Row[Any]:
+    """The card's row, without its cryptogram and without a lock; NotFound if absent."""
+    return _card(conn, _READ_CARD, psd_id)
+
+
+def _card(conn: Connection, statement: Any, psd_id: str) -> Row[Any]:
+    card = conn.execute(statement, {"w_psd_id": psd_id}).one_or_none()
     if card is None:
         raise rows.not_registered(psd_id)
     return card
+
+
+def record_after(card: Row[Any], version: int, values: dict[str, Any]) -> PsdRecord:
+    """The card's record once ``update_card`` has written ``values`` as ``version``."""
+    changed = {k: PsdState(x) if k == "state" else x for k, x in values.items()}
+    return replace(rows.psd_record(card), row_version=version, **changed)
 
 
 def update_card(conn: Connection, card: Row[Any], values: dict[str, Any]) -> int:
@@ -124,17 +140,17 @@ def open_intent(conn: Connection, psd_id: str) -> Row[Any] | None:
     return conn.execute(_OPEN_INTENT, {"w_psd_id": psd_id}).one_or_none()
 
 
-def pending_work(conn: Connection, card: Row[Any]) -> CampaignItem | None:
+def pending_work(conn: Connection, card: Row[Any], *, lock: bool = True) -> CampaignItem | None:
     """The card's pending item in a running campaign it can act on now, if any.
 
-    On PostgreSQL the campaign row is share-locked, so a pause or cancel
-    waits for this transaction rather than slipping between the read and the
-    journal entry made from it.
+    With ``lock`` (a write transaction), on PostgreSQL the campaign row is
+    share-locked, so a pause or cancel waits for this transaction rather than
+    slipping between the read and the journal entry made from it.
     """
     if card.state != PsdState.ACTIVE.value:
         return None
-    found = conn.execute(_PENDING_WORK, {"w_psd_id": card.psd_id,
-                                         "w_mk_version": card.mk_version}).first()
+    found = conn.execute(_SHARE_WORK if lock else _READ_WORK,
+                         {"w_psd_id": card.psd_id, "w_mk_version": card.mk_version}).first()
     if found is None:
         return None
     return CampaignItem(

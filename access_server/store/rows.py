@@ -189,11 +189,11 @@ def item_counts(session: Session, campaign_ids: Iterable[str]) -> dict[str, Coun
     return counts
 
 
-def lock_campaign(session: Session, campaign_id: str, *, shared: bool = False) -> CampaignRow:
+def lock_campaign(session: Session, campaign_id: str) -> CampaignRow:
     row = session.scalars(
         select(CampaignRow)
         .where(CampaignRow.campaign_id == campaign_id)
-        .with_for_update(read=shared)
+        .with_for_update()
     ).one_or_none()
     if row is None:
         raise NotFound(f"campaign {campaign_id} not found")

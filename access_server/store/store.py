@@ -31,7 +31,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -496,8 +495,7 @@ class Store:
                     values.update(journaled.card_values)
                     intent, begun = journaled.intent, True
                 version = contact.update_card(conn, card, values)
-                record = replace(record, row_version=version, **{
-                    k: PsdState(x) if k == "state" else x for k, x in values.items()})
+                record = contact.record_after(card, version, values)
             cryptogram = None
             if card.cryptogram_key_label is not None:
                 cryptogram = Cryptogram(psd_id=psd_id, ciphertext=bytes(card.cryptogram),
@@ -691,8 +689,7 @@ class Store:
             if contact.has_pending_items(conn, psd_id):
                 # Rare: the card waits in another campaign its new version settles.
                 rows.settle_items(session, rows.get_psd(session, psd_id), now)
-            return replace(rows.psd_record(card), row_version=version, **{
-                k: PsdState(x) if k == "state" else x for k, x in values.items()})
+            return contact.record_after(card, version, values)
 
     def _finish_campaign_item(self, session: Session, intent: IntentRow, now: datetime) -> None:
         """A completed campaign replacement counts as done, even if cancelled meanwhile."""
@@ -927,11 +924,8 @@ class Store:
         """The card's pending item in a running campaign, if the card can act on it now."""
         psd_id = v.psd_id(psd_id)
         with self._read() as session:
-            found = campaigns.work_for(session, psd_id)
-            if found is None:
-                rows.get_psd(session, psd_id)
-                return None
-            return rows.item_record(*found)
+            conn = session.connection()
+            return contact.pending_work(conn, contact.read_card(conn, psd_id), lock=False)
 
     def get_campaign_item(self, campaign_id: str, psd_id: str) -> CampaignItem:
         psd_id = v.psd_id(psd_id)
