@@ -296,7 +296,6 @@ def unwrap(ctx: WorkerContext, req: cm.Unwrap) -> list[tuple[bytes, int]]:
     if req.close:
         # In this same call, not a release message after it: a card contact
         # then costs the frontend one worker round trip less.
-        ctx.states.pop(req.handle)
-        state.close(ctx)
+        ctx.release([req.handle])
     return out
 

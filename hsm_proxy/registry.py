@@ -78,6 +78,10 @@ class WorkerContext(Protocol):
     states: StateStore
     index: int
 
+    def release(self, handles: list[str]) -> int:
+        """Free the states of ``handles`` (as the frontend's release message does)."""
+        ...
+
 
 OperationFn = Callable[[WorkerContext, Any], Any]
 
