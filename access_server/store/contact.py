@@ -185,9 +185,7 @@ def journal_replacement(conn: Connection, card: Row[Any], *, from_version: int,
     the campaign as running with these versions, through ``pending_work``.
     """
     rows.refuse_revoked(card, "replacement")
-    if card.state != PsdState.ACTIVE.value:
-        raise FailedPrecondition(
-            f"PSD {card.psd_id} is {card.state}, not {PsdState.ACTIVE.value}")
+    rows.expect_state(card, PsdState.ACTIVE)
     if card.mk_version != from_version:
         raise FailedPrecondition(
             f"PSD {card.psd_id} holds MK v{card.mk_version}, not v{from_version}")
@@ -239,15 +237,7 @@ def checked_open_intent(conn: Connection, psd_id: str, intent_id: int,
                         kind: IntentKind) -> Row[Any]:
     """The open intent ``intent_id`` of this card, of ``kind``, or why not."""
     intent = conn.execute(_INTENT, {"w_intent_id": intent_id}).one_or_none()
-    if intent is None or intent.psd_id != psd_id:
-        raise NotFound(f"intent {intent_id} of PSD {psd_id} not found")
-    if intent.status != IntentStatus.OPEN.value:
-        raise FailedPrecondition(
-            f"intent {intent_id} of PSD {psd_id} is {intent.status}, not open")
-    if intent.kind != kind.value:
-        raise FailedPrecondition(
-            f"intent {intent_id} of PSD {psd_id} is an {intent.kind} intent, not {kind.value}")
-    return intent
+    return rows.check_open_intent(intent, psd_id, intent_id, kind)
 
 
 def close_intent(conn: Connection, intent_id: int, status: IntentStatus,

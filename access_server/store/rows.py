@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -136,6 +137,12 @@ def refuse_revoked(row: PsdRow, action: str) -> None:
         )
 
 
+def expect_state(row: Any, state: PsdState) -> None:
+    """FailedPrecondition unless the card's row (ORM or Core) is in ``state``."""
+    if row.state != state.value:
+        raise FailedPrecondition(f"PSD {row.psd_id} is {row.state}, not {state.value}")
+
+
 def add_event(
     session: Session, psd_id: str, at: datetime, event: str, detail: str, actor: str
 ) -> None:
@@ -154,7 +161,11 @@ def checked_open_intent(
     session: Session, psd_id: str, intent_id: int, kind: IntentKind | None
 ) -> IntentRow:
     """The open intent ``intent_id`` of this card (of ``kind`` if given), or why not."""
-    intent = session.get(IntentRow, intent_id)
+    return check_open_intent(session.get(IntentRow, intent_id), psd_id, intent_id, kind)
+
+
+def check_open_intent(intent: Any, psd_id: str, intent_id: int, kind: IntentKind | None) -> Any:
+    """``intent`` (an ORM or a Core row, or None) if it is the open intent asked for, or why not."""
     if intent is None or intent.psd_id != psd_id:
         raise NotFound(f"intent {intent_id} of PSD {psd_id} not found")
     if intent.status != IntentStatus.OPEN.value:

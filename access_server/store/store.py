@@ -613,7 +613,7 @@ class Store:
             row = rows.lock_psd(session, psd_id)
             rows.refuse_revoked(row, "complete installation")
             intent = rows.checked_open_intent(session, psd_id, intent_id, IntentKind.INSTALL)
-            _expect_state(row, PsdState.INSTALLING)
+            rows.expect_state(row, PsdState.INSTALLING)
             row.state = PsdState.ACTIVE.value
             row.mk_version = intent.to_version
             row.mkrk_version = intent.mkrk_version
@@ -672,7 +672,7 @@ class Store:
             card = contact.lock_card(conn, psd_id)
             rows.refuse_revoked(card, "complete replacement")
             intent = contact.checked_open_intent(conn, psd_id, intent_id, IntentKind.REPLACE)
-            _expect_state(card, PsdState.REPLACEMENT_PENDING)
+            rows.expect_state(card, PsdState.REPLACEMENT_PENDING)
             values: dict[str, Any] = {"state": PsdState.ACTIVE.value,
                                       "mk_version": intent.to_version,
                                       "pending_mk_version": None, "updated": now}
@@ -695,9 +695,9 @@ class Store:
         """A completed campaign replacement counts as done, even if cancelled meanwhile."""
         if intent.campaign_id is None:
             return
-        campaign = rows.lock_campaign(session, intent.campaign_id)
-        item = rows.lock_item(session, intent.campaign_id, intent.psd_id)
-        rows.set_item(session, campaign, item, ItemStatus.DONE, None, now)
+        session.flush()
+        contact.finish_campaign_item(session.connection(), intent.campaign_id, intent.psd_id,
+                                     now)
 
     def _abandon_campaign_attempt(
         self, session: Session, intent: IntentRow, reason: str, now: datetime
@@ -996,11 +996,6 @@ def _psd_state(value: object) -> PsdState:
         return PsdState(value)
     except ValueError:
         raise InvalidArgument(f"unknown PSD state {value!r}") from None
-
-
-def _expect_state(row: PsdRow, state: PsdState) -> None:
-    if row.state != state.value:
-        raise FailedPrecondition(f"PSD {row.psd_id} is {row.state}, not {state.value}")
 
 
 def _ttl(ttl_seconds: object) -> timedelta:
