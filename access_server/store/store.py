@@ -475,7 +475,6 @@ class Store:
             conn = session.connection()
             now = self._now()
             card = contact.lock_card(conn, psd_id, with_cryptogram=True)
-            record = rows.psd_record(card)
             leased = card.state != PsdState.REVOKED.value and (
                 card.lease_holder is None or card.lease_holder == holder
                 or card.lease_expires is None or card.lease_expires <= now)
@@ -496,6 +495,8 @@ class Store:
                     intent, begun = journaled.intent, True
                 version = contact.update_card(conn, card, values)
                 record = contact.record_after(card, version, values)
+            else:
+                record = rows.psd_record(card)            # nothing was written
             cryptogram = None
             if card.cryptogram_key_label is not None:
                 cryptogram = Cryptogram(psd_id=psd_id, ciphertext=bytes(card.cryptogram),
