@@ -33,6 +33,7 @@ import grpc
 
 from access_server.store import ContactStart, Intent, PsdRecord, PsdState, Store
 from cardcore import gp
+from cardcore import sw as SW
 from cardcore.psd import psd_id_bytes, psd_id_from_cplc
 from cms.runtime.errors import ServiceError
 from cms.runtime.logs import fields
@@ -174,6 +175,14 @@ def _proxy_error(exc: grpc.RpcError, what: str) -> FlowError:
 
 def _open_channel(ctx: FlowContext, request: kpb.OpenSecureChannelRequest,
                   what: str) -> kpb.OpenSecureChannelResponse:
+    """Open the channel in the proxy with its answers foreseen (predict_responses).
+
+    These scripts only ever expect 9000, so the HSM knows every successful
+    answer in advance: the session keys then live for this one call, and the
+    card's answers are checked here by comparison (``_check_answers``) instead
+    of a second proxy call that would also have to release the channel.
+    """
+    request.predict_responses = True
     try:
         return ctx.card_keys.OpenSecureChannel(request, timeout=PROXY_TIMEOUT_S)
     except grpc.RpcError as exc:
@@ -186,32 +195,45 @@ def _secured_script(opened: kpb.OpenSecureChannelResponse) -> cpb.ApduScript:
         for c in opened.commands])
 
 
-def _finish_channel(ctx: FlowContext, opened: kpb.OpenSecureChannelResponse,
-                    result: cpb.ScriptResult) -> list[cpb.ApduResponse]:
-    """Unwrap the card's answers and release the channel (the relock on our side)."""
-    try:
-        reply = ctx.card_keys.UnwrapResponses(kpb.UnwrapResponsesRequest(
-            channel=opened.channel, responses=list(result.responses), close=True),
-            timeout=PROXY_TIMEOUT_S)
-    except grpc.RpcError as exc:
-        raise _proxy_error(exc, "checking the card's secured answers") from None
-    return list(reply.responses)
+def _check_answers(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptResult,
+                   psd_id: str) -> list[cpb.ApduResponse]:
+    """The card's answers against those the HSM foresaw; returns them in plain form.
+
+    An answer equal to its foreseen bytes (constant-time comparison) is the
+    success the HSM computed, R-MAC included, with the plain data it knew (a
+    PUT KEY's KVN and KCVs). A bare error status is where the card stopped.
+    Anything else did not come from a card holding the channel's keys, or the
+    card installed keys with other KCVs: the contact fails.
+    """
+    plain = []
+    for index, (wrapped, answer) in enumerate(zip(opened.commands, result.responses,
+                                                  strict=False)):
+        if not 0 <= answer.sw <= 0xFFFF:
+            raise FlowError(cpb.SessionDone.FAILED,
+                            f"PSD {psd_id}: secured command {index} got status word "
+                            f"{answer.sw:#x}, which is not 16 bits")
+        got = bytes(answer.data) + answer.sw.to_bytes(2, "big")
+        if hmac.compare_digest(got, bytes(wrapped.expected_response)):
+            plain.append(cpb.ApduResponse(data=wrapped.expected_put_key_response, sw=answer.sw))
+        elif not SW.is_protected(answer.sw) and not answer.data:
+            plain.append(cpb.ApduResponse(sw=answer.sw))
+        else:
+            raise FlowError(cpb.SessionDone.FAILED,
+                            f"PSD {psd_id}: the answer to secured command {index} is not the "
+                            f"one the HSM foresaw (its R-MAC does not verify, or a PUT KEY "
+                            f"returned other key check values)")
+    return plain
 
 
 def _check_complete(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptResult,
                     plain: list[cpb.ApduResponse], psd_id: str) -> None:
-    """Every command answered 9000 and each PUT KEY returned the KCVs the HSM expects."""
-    if result.outcome != cpb.SCRIPT_COMPLETED or len(plain) != len(opened.commands):
+    """Every command answered 9000 (each PUT KEY with the KCVs the HSM expects)."""
+    if result.outcome != cpb.SCRIPT_COMPLETED or len(plain) != len(opened.commands) or any(
+            p.sw != SW_OK for p in plain):
         raise FlowError(cpb.SessionDone.RETRY_LATER,
                         f"PSD {psd_id}: the card stopped at secured command "
                         f"{len(result.responses)} of {len(opened.commands)} "
                         f"({result.message or 'no detail'}); the next contact finishes it")
-    for index, (wrapped, answer) in enumerate(zip(opened.commands, plain, strict=True)):
-        expected = wrapped.expected_put_key_response
-        if expected and not hmac.compare_digest(bytes(answer.data), bytes(expected)):
-            raise FlowError(cpb.SessionDone.FAILED,
-                            f"PSD {psd_id}: PUT KEY (command {index}) returned key check "
-                            f"values that differ from the HSM's")
 
 
 def _versions_text(kvns: frozenset[int]) -> str:
@@ -300,7 +322,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     ctx.step(f"A1.5 HSM1 diversified MK block v{mk_version} with the PSD id")
     ctx.step("A1.6 secure channel opened with the card's transport keys (SCP03, level 33)")
     result = yield _secured_script(opened)
-    plain = _finish_channel(ctx, opened, result)
+    plain = _check_answers(opened, result, psd_id)
     _check_complete(opened, result, plain, psd_id)
     ctx.step(f"A1.7 MKRK installed at KVN {KVN_MKRK:02X}, MK v{mk_version} at KVN "
              f"{mk_version:02X}; key check values match the HSM's")
@@ -376,7 +398,7 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     ctx.step("A2.4 secure channel opened with the MKRK key set: the security executive "
              "compared it with its own and unlocked")
     result = yield _secured_script(opened)
-    plain = _finish_channel(ctx, opened, result)
+    plain = _check_answers(opened, result, psd_id)
     _check_complete(opened, result, plain, psd_id)
     ctx.step(f"A2.5 new MK v{new} installed (key check values match), then MK v{old} deleted")
     ctx.step("A2.6 security executive relocked: channel closed and released")

@@ -29,6 +29,9 @@ INS_DELETE: Final = 0xE4
 INS_GET_STATUS: Final = 0xF2
 INS_STORE_DATA: Final = 0xE2
 
+# The whole response data of a successful DELETE (Card Specification v2.3 §11.2.3.1).
+DELETE_CONFIRMATION: Final = b"\x00"
+
 TAG_CPLC: Final = 0x9F7F
 TAG_CARD_DATA: Final = 0x66
 TAG_CARD_RECOGNITION: Final = 0x73
@@ -337,6 +340,18 @@ def delete_key_command(kvn: int, kid: int | None = None) -> bytes:
     if kid is not None:
         data = T.tlv(TAG_DELETE_KID, bytes((kid,))) + data
     return encode_command(CLA_GP, INS_DELETE, 0x00, 0x00, data, ne=256)
+
+
+def foreseen_answer(apdu: bytes) -> bytes | None:
+    """The response data a successful command always returns, when it is fixed.
+
+    DELETE answers a single byte '00' (Card Specification v2.3 §11.2.3.1);
+    a PUT KEY's answer depends on its keys (:func:`put_key_response`) and
+    other commands' on the card's content: ``None``.
+    """
+    if len(apdu) >= 4 and apdu[1] == INS_DELETE:
+        return DELETE_CONFIRMATION
+    return None
 
 
 def parse_delete_data(data: bytes) -> tuple[int | None, int | None, bytes | None]:

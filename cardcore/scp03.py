@@ -329,6 +329,28 @@ class ChannelCheckpoint:
     responses_protected: bool = True
 
 
+def protect_response(keys: SessionKeys, security_level: int, mac_length: int,
+                     checkpoint: ChannelCheckpoint, data: bytes, sw: int) -> bytes:
+    """A response as the card sends it at ``checkpoint``: R-ENCRYPTION, then R-MAC.
+
+    One function for both ends: the card protects its answers with it, and a
+    host that knows what the card must answer (a PUT KEY's KCVs, an empty
+    9000) foresees the exact bytes, so the answers can be checked later by
+    comparison, without the session keys. Error status words go back bare,
+    and so does the answer to EXTERNAL AUTHENTICATE itself (Amendment D).
+    """
+    status = sw.to_bytes(2, "big")
+    if not SW.is_protected(sw) or not checkpoint.responses_protected:
+        return status
+    body = bytes(data)
+    if security_level & SecurityLevel.R_ENCRYPTION and body:
+        icv = _icv(keys.s_enc, checkpoint.enc_counter - 1, response=True)
+        body = _aes_cbc(keys.s_enc, icv, pad80(body))
+    if security_level & SecurityLevel.R_MAC:
+        body += _mac(keys.s_rmac, checkpoint.mac_chain, body + status)[:mac_length]
+    return body + status
+
+
 class HostChannel:
     """The host end of an open SCP03 session (after EXTERNAL AUTHENTICATE).
 
@@ -446,6 +468,12 @@ class HostChannel:
             icv = _icv(self._keys.s_enc, cp.enc_counter - 1, response=True)
             data = unpad80(_aes_cbc(self._keys.s_enc, icv, data, decrypt=True))
         return data, sw
+
+    def expected_response(self, data: bytes, sw: int, checkpoint: ChannelCheckpoint) -> bytes:
+        """The exact secured response the card must send for plain ``data`` and ``sw``
+        to the command whose checkpoint is ``checkpoint`` (see :func:`protect_response`)."""
+        return protect_response(self._keys, self.security_level, self.mac_length, checkpoint,
+                                data, sw)
 
     def unwrap_script(self, responses: Sequence[bytes],
                       checkpoints: Sequence[ChannelCheckpoint]) -> list[tuple[bytes, int]]:
@@ -652,17 +680,10 @@ class CardChannel:
 
     def wrap_response(self, data: bytes, sw: int) -> bytes:
         """Protect a response (R-ENCRYPTION, R-MAC); error SWs go back bare."""
-        level = self.security_level or SecurityLevel.NONE
-        if not SW.is_protected(sw):
-            return sw.to_bytes(2, "big")
-        body = bytes(data)
-        if level & SecurityLevel.R_ENCRYPTION and body:
-            icv = _icv(self.keys.s_enc, self.enc_counter - 1, response=True)
-            body = _aes_cbc(self.keys.s_enc, icv, pad80(body))
-        if level & SecurityLevel.R_MAC:
-            body += _mac(self.keys.s_rmac, self.mac_chain,
-                         body + sw.to_bytes(2, "big"))[:self.mac_length]
-        return body + sw.to_bytes(2, "big")
+        return protect_response(self.keys, self.security_level or SecurityLevel.NONE,
+                                self.mac_length, ChannelCheckpoint(self.mac_chain,
+                                                                   self.enc_counter),
+                                data, sw)
 
     def copy(self) -> CardChannel:
         return dataclasses.replace(self)

@@ -47,6 +47,8 @@ class OpenChannel(NamedTuple):
     security_level: int
     commands: tuple[Command, ...]
     aid: bytes | None
+    # Foresee every answer instead of keeping the channel: no state stays behind.
+    predict: bool = False
 
 
 class Wrap(NamedTuple):
@@ -67,3 +69,4 @@ class Wrapped(NamedTuple):
     expected_put_key_response: bytes = b""
     put: tuple[int, bytes, bytes, bytes] | None = None
     cryptogram: bytes = b""
+    expected_response: bytes = b""   # with OpenChannel.predict: the card's exact answer

@@ -29,6 +29,7 @@ import pkcs11
 from pkcs11 import KeyType, Mechanism, ObjectClass
 
 from cardcore import gp
+from cardcore import sw as SW
 from cardcore.diversify import KEY_INDEXES, derivation_data
 from cardcore.scp03 import CryptogramError, HostChannel, MacError, Scp03Error, open_host_channel
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
@@ -257,8 +258,40 @@ def open_channel(ctx: WorkerContext, req: cm.OpenChannel) -> list[cm.Wrapped]:
         if owned_here:
             keys.destroy()
         raise
+    if req.predict:
+        return _predicted(ctx, state, req.commands, wrapped)
     ctx.states.put(req.handle, state)
     return wrapped
+
+
+def _predicted(ctx: WorkerContext, state: ChannelState, commands: tuple[cm.Command, ...],
+               wrapped: list[cm.Wrapped]) -> list[cm.Wrapped]:
+    """Each command with the exact answer the card must send, and the channel closed.
+
+    What a successful card answers is known here: EXTERNAL AUTHENTICATE a bare
+    9000, a PUT KEY its KVN and KCVs, a DELETE its confirmation byte
+    (``gp.foreseen_answer``); a channel with any other command is refused.
+    The answers can then be checked by comparison, and the session keys live
+    only for this call.
+    """
+    host = state.host
+    assert host is not None
+    try:
+        out = [wrapped[0]._replace(expected_response=host.expected_response(
+            b"", SW.OK, state.pending[0]))]
+        for index, (item, command, checkpoint) in enumerate(
+                zip(wrapped[1:], commands, state.pending[1:], strict=True)):
+            answer = (item.expected_put_key_response if command.put is not None
+                      else gp.foreseen_answer(command.apdu))
+            if answer is None:
+                raise InvalidArgument(f"commands[{index}]: the answer to this command cannot "
+                                      f"be foreseen; open the channel without "
+                                      f"predict_responses")
+            out.append(item._replace(expected_response=host.expected_response(
+                answer, SW.OK, checkpoint)))
+        return out
+    finally:
+        state.close(ctx)
 
 
 @operation("card_keys.wrap", idempotent=False)

@@ -22,6 +22,7 @@ from hsm_proxy import card_keys_messages as cm
 from hsm_proxy.core import Call, ProxyCore, creation_failed, rpc
 
 KEY_LENGTHS = (16, 24, 32)
+SW_OK = 0x9000
 SECURITY_LEVELS = (0x00, 0x01, 0x03, 0x11, 0x13, 0x33)
 MAX_ELEMENT_BYTES = 64
 MAX_CRYPTOGRAM_BYTES = 512
@@ -174,6 +175,8 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         source, label = self._source(call, request.key_set, "key_set", workers)
         commands = self._commands(call, request.commands, workers)
         call.items = len(commands)
+        if request.predict_responses:
+            return self._open_predicted(request, call, source, commands, self._pin(workers))
         record = core.new_handle(call, CHANNEL_KIND, source.token, label,
                                  worker=self._pin(workers))
         payload = cm.OpenChannel(record.handle, source, request.kvn, bytes(request.host_challenge),
@@ -187,11 +190,34 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
             core.handles.discard(record)
             raise creation_failed(exc) from None
         core.activate(record, reply)
-        expect = [[chpb.ExpectedStatus(value=0x9000, mask=0xFFFF)]]
+        expect = [[chpb.ExpectedStatus(value=SW_OK, mask=0xFFFF)]]
         expect += [list(c.expect) for c in request.commands]
         wrapped, cryptograms, puts = self._answer(reply.value, expect, 0)
         return pb.OpenSecureChannelResponse(channel=record.handle, commands=wrapped,
                                             cryptograms=cryptograms, put_keys=puts)
+
+    def _open_predicted(self, request: pb.OpenSecureChannelRequest, call: Call, source: Any,
+                        commands: tuple[Any, ...], worker: int | None
+                        ) -> pb.OpenSecureChannelResponse:
+        """OpenSecureChannel that foresees the answers: one worker call, no handle."""
+        for i, c in enumerate(request.commands):
+            # A zero mask compares all 16 bits (the card channel's rule).
+            if any(e.value != SW_OK or e.mask not in (0, 0xFFFF) for e in c.expect):
+                raise InvalidArgument(f"commands[{i}]: predict_responses needs commands that "
+                                      f"expect 9000 only (other answers cannot be foreseen)")
+        payload = cm.OpenChannel("", source, request.kvn, bytes(request.host_challenge),
+                                 bytes(request.initialize_update_response),
+                                 request.security_level, commands,
+                                 bytes(request.aid) if request.aid else None, predict=True)
+        reply = self.core.pool.call("card_keys.open", payload, worker=worker, idempotent=False,
+                                    timeout=call.timeout())
+        expect = [[chpb.ExpectedStatus(value=SW_OK, mask=0xFFFF)]]
+        expect += [list(c.expect) for c in request.commands]
+        wrapped, cryptograms, puts = self._answer(reply.value, expect, 0)
+        for out, item in zip(wrapped, reply.value, strict=True):
+            out.expected_response = item.expected_response
+        return pb.OpenSecureChannelResponse(commands=wrapped, cryptograms=cryptograms,
+                                            put_keys=puts)
 
     def _channel(self, call: Call, handle: str) -> Any:
         record = self.core.handles.lookup(call.identity, handle,

@@ -340,7 +340,7 @@ class IssuerSecurityDomain:
         if role is KeySetRole.TRANSPORT and not any(is_mk_kvn(k) for k in remaining):
             raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "no MK set installed yet")
         del state.key_sets[kvn]
-        return b"\x00"
+        return gp.DELETE_CONFIRMATION
 
     # GET STATUS ---------------------------------------------------------------
 

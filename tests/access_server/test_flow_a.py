@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from card_agent.session import AgentInfo
+from card_agent.session import AgentInfo, run_session
+from card_agent.virtual import VirtualTransport
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
 from cms.v1 import access_pb2_grpc
@@ -16,6 +17,7 @@ from cms.v1 import card_channel_pb2 as pb
 from tests.support.card_keys import provision
 from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
+from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 from virtual_psd.state import load_state
 
@@ -99,3 +101,33 @@ def test_a2_replaces_the_mk_through_the_mkrk_channel_in_two_round_trips(
     done = campaigns.GetCampaign(apb.GetCampaignRequest(campaign_id=campaign.campaign_id),
                                  timeout=30)
     assert (done.done, done.pending) == (1, 0)
+
+
+class AlteredAnswers(VirtualTransport):
+    """The real card, but the data of its answers to PUT KEY (INS D8) is altered on
+    the way back, as a man in the middle or a card returning other KCVs would."""
+
+    def transmit(self, apdu: bytes) -> bytes:
+        raw = super().transmit(apdu)
+        if len(apdu) > 1 and apdu[1] == 0xD8 and len(raw) > 2:
+            return bytes((raw[0] ^ 0x01,)) + raw[1:]
+        return raw
+
+
+def test_an_altered_secured_answer_fails_the_contact_and_the_next_one_finishes(
+        stack: Path, tmp_path: Path) -> None:
+    """The answers are checked against the ones the HSM foresaw: an altered PUT KEY
+    answer fails the contact (the key data reached the card, the server cannot
+    vouch for it), the intent stays open, and the next honest contact settles it."""
+    card, _ = _new_card(stack, tmp_path, "altered.json")
+    channel = load_endpoints(stack).channel("access_server", "card-agent")
+    transport = AlteredAnswers(VirtualCard.open(card))
+    try:
+        report = run_session(transport, channel, STATION, deadline_s=60)
+    finally:
+        transport.close()
+        channel.close()
+    assert report.done is not None and report.done.outcome == pb.SessionDone.FAILED
+    assert "not the one the HSM foresaw" in report.done.message
+    assert _session(stack, card, STATION).done.outcome == pb.SessionDone.OK
+    assert 0xFF not in _kvns(card) and 0x70 in _kvns(card)

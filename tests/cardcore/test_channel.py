@@ -184,3 +184,21 @@ def test_yubikit_host_against_our_card_channel() -> None:
         data, sw = processor.send_apdu(0x80, 0xCA, 0x9F, 0x7F, b"", 0)
         assert (data, sw) == (b"\x9f\x7f\x01\x42", 0x9000)
     assert all(a[0] == 0x84 for a in seen)
+
+
+@pytest.mark.parametrize("level", [0x01, 0x03, 0x11, 0x13, 0x33])
+def test_the_host_foresees_the_cards_exact_answers(level: int) -> None:
+    """expected_response at a command's checkpoint is byte for byte what the card
+    sends: the answers of a pre-wrapped script can be checked by comparison."""
+    host, card = _pair(level)
+    opened = host.checkpoint()
+    script = host.wrap_script([GET_DATA, GET_DATA, GET_DATA])
+    assert host.expected_response(b"", 0x9000, opened) == b"\x90\x00"   # EXTERNAL AUTHENTICATE
+    for (wrapped, checkpoint), data in zip(script, (b"\x00", bytes(16), b""), strict=True):
+        answer = _card_run(card, wrapped, data=data)
+        assert host.expected_response(data, 0x9000, checkpoint) == answer
+        assert host.unwrap(answer, checkpoint) == (data, 0x9000)
+        # Other data (a PUT KEY's other KCVs) gives other bytes.
+        assert host.expected_response(data + b"\x01", 0x9000, checkpoint) != answer
+    # An error status word is foreseen bare, as the card sends it.
+    assert host.expected_response(b"", 0x6A88, script[0][1]) == b"\x6a\x88"

@@ -16,6 +16,7 @@ from cardcore.diversify import diversify_key_set_software
 from cardcore.psd import psd_id_bytes
 from cardcore.scp03 import InitializeUpdateResponse, cmac_prf, derive_session_keys
 from cms.runtime.client import load_endpoints
+from cms.v1 import card_channel_pb2 as chpb
 from cms.v1 import card_keys_pb2 as pb
 from cms.v1 import card_keys_pb2_grpc
 from tests.support.card_keys import provision
@@ -283,3 +284,64 @@ def test_closing_with_the_last_answers_frees_the_channel_in_the_worker(
     with pytest.raises(grpc.RpcError) as closed:
         stub.UnwrapResponses(pb.UnwrapResponsesRequest(channel=opened.channel), timeout=30)
     assert closed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_foreseen_answers_are_exactly_what_the_card_sends_and_nothing_stays_behind(
+        stack: Path, card, tmp_path: Path) -> None:
+    virtual, psd_id = card
+    stub = _stub(stack)
+    before = _worker_states(stack)
+    challenge, iu = _initialize(virtual, 0xFF)
+    request = pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        predict_responses=True, commands=[
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
+                token="access", key_length=16, new_random=pb.NewRandom(
+                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(
+                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
+            pb.ChannelCommand(apdu=gp.delete_key_command(0xFF))])
+    opened = stub.OpenSecureChannel(request, timeout=60)
+
+    assert opened.channel == ""                         # no handle: nothing to release
+    assert _worker_states(stack) == before              # the session keys are already gone
+    answers = [bytes(r.data) + r.sw.to_bytes(2, "big") for r in _run(virtual, opened)]
+    assert answers == [c.expected_response for c in opened.commands]
+    assert answers[0] == b"\x90\x00"                    # EXTERNAL AUTHENTICATE: bare
+    assert all(len(a) > 2 for a in answers[1:])         # R-MAC (and R-ENC data) on the rest
+    assert set(virtual.state.key_sets) == {0x70, 0x01}
+
+    # Another card's answers (other session keys) never match.
+    other_state = create_card(tmp_path / "other.json", transport_master=MASTER)
+    other = VirtualCard.open(tmp_path / "other.json")
+    other.power_on()
+    challenge, iu = _initialize(other, 0xFF)
+    request.key_set.CopyFrom(_diversified("factory/transport-master", other_state.psd_id))
+    request.commands[1].put_key_set.key_set.CopyFrom(_diversified("mk/1", other_state.psd_id))
+    request.host_challenge, request.initialize_update_response = challenge, iu
+    second = stub.OpenSecureChannel(request, timeout=60)
+    assert [c.expected_response for c in second.commands[1:]] != \
+        [c.expected_response for c in opened.commands[1:]]
+
+
+@pytest.mark.parametrize("command, detail", [
+    (pb.ChannelCommand(apdu=gp.delete_key_command(0x01),
+                       expect=[chpb.ExpectedStatus(value=0x6A88, mask=0xFFFF)]),
+     "expect 9000 only"),
+    (pb.ChannelCommand(apdu=bytes.fromhex("80F24000024F0000")), "cannot be foreseen"),
+])
+def test_answers_that_cannot_be_foreseen_are_refused(stack: Path, card, command,
+                                                     detail: str) -> None:
+    virtual, psd_id = card
+    stub = _stub(stack)
+    before = _worker_states(stack)
+    challenge, iu = _initialize(virtual, 0xFF)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.OpenSecureChannel(pb.OpenSecureChannelRequest(
+            key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+            host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+            predict_responses=True, commands=[command]), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail in refused.value.details()
+    assert _worker_states(stack) == before
