@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, func, insert, select, text, update
+from sqlalchemy import Engine, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -208,18 +208,6 @@ class Store:
         with writer, self._guard(), Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
                 yield session
-
-    @contextmanager
-    def _write_core(self) -> Iterator[Connection]:
-        """A write transaction on a bare Core connection, for the per-contact statements.
-
-        Same serialization, lock (BEGIN IMMEDIATE on SQLite) and error mapping
-        as :meth:`_write`, without the ORM session's own bookkeeping, which
-        costs about as much CPU as the statements of a contact themselves.
-        """
-        writer = self._sqlite_writer if self._sqlite_writer is not None else nullcontext()
-        with writer, self._guard(), self._writer.begin() as connection:
-            yield connection
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -483,7 +471,8 @@ class Store:
                 raise InvalidArgument("actor is required with card_mk_versions")
             actor = v.actor(actor)
             card_mk_versions = frozenset(card_mk_versions)
-        with self._write_core() as conn:
+        with self._write() as session:
+            conn = session.connection()
             now = self._now()
             card = contact.lock_card(conn, psd_id, with_cryptogram=True)
             leased = card.state != PsdState.REVOKED.value and (
@@ -662,7 +651,8 @@ class Store:
         if campaign_id is not None:
             campaign_id = v.text("campaign_id", campaign_id, 64)
         actor = v.actor(actor)
-        with self._write_core() as conn:
+        with self._write() as session:
+            conn = session.connection()
             now = self._now()
             card = contact.lock_card(conn, psd_id)
             journaled = contact.journal_replacement(
@@ -677,7 +667,8 @@ class Store:
         psd_id = v.psd_id(psd_id)
         intent_id = v.intent_id(intent_id)
         actor = v.actor(actor)
-        with self._write_core() as conn:
+        with self._write() as session:
+            conn = session.connection()
             now = self._now()
             card = contact.lock_card(conn, psd_id)
             rows.refuse_revoked(card, "complete replacement")
@@ -698,11 +689,7 @@ class Store:
                 contact.finish_campaign_item(conn, intent.campaign_id, psd_id, now)
             if contact.has_pending_items(conn, psd_id):
                 # Rare: the card waits in another campaign its new version settles.
-                # An ORM session joins this transaction for it; its commit only
-                # flushes, the transaction commits with the block.
-                with Session(bind=conn, expire_on_commit=False) as session:
-                    rows.settle_items(session, rows.get_psd(session, psd_id), now)
-                    session.commit()
+                rows.settle_items(session, rows.get_psd(session, psd_id), now)
             return contact.record_after(card, version, values)
 
     def _finish_campaign_item(self, session: Session, intent: IntentRow, now: datetime) -> None:
