@@ -206,7 +206,8 @@ def hsm_proxy_config(stack: Stack) -> dict:
         },
         "policy": str(stack.config_path("policy")),
         "audit": {"file": str(stack.path("audit", "hsm-proxy.jsonl"))},
-        "handles": {"ttl_seconds": 300, "max_per_identity": 100000},
+        "handles": {"ttl_seconds": 300, "max_per_identity": 100000,
+                    "ceremony_ttl_seconds": 3600},
         "limits": {"max_batch_items": 4096, "max_data_bytes": 65536},
         "log": {"level": "info", "file": None},
     }

@@ -15,7 +15,8 @@ Schema (every path absolute, or relative to the file's directory)::
       max_backoff_seconds: 2.0              # optional: cap of the reconnection backoff
     policy: policy.yaml
     audit: {file: audit/hsm-proxy.jsonl, sync_interval_seconds: 1.0}
-    handles: {ttl_seconds: 300, max_per_identity: 10000}
+    handles: {ttl_seconds: 300, max_per_identity: 10000,
+              ceremony_ttl_seconds: 3600}   # optional: a key ceremony's component import
     limits: {max_batch_items: 4096, max_data_bytes: 65536}
     log: {level: info, file: null}
 
@@ -79,6 +80,8 @@ class AuditConfig:
 class HandlesConfig:
     ttl_seconds: int = 300
     max_per_identity: int = 10000
+    # A ceremony waits for its custodians, who may come one after the other.
+    ceremony_ttl_seconds: int = 3600
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,9 @@ def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
 
     hs = root.section("handles")
     handles = HandlesConfig(ttl_seconds=hs.int("ttl_seconds", 300, minimum=1),
-                            max_per_identity=hs.int("max_per_identity", 10000, minimum=1))
+                            max_per_identity=hs.int("max_per_identity", 10000, minimum=1),
+                            ceremony_ttl_seconds=hs.int("ceremony_ttl_seconds", 3600,
+                                                        minimum=1))
 
     ls = root.section("limits")
     limits = LimitsConfig(max_batch_items=ls.int("max_batch_items", 4096, minimum=1),

@@ -39,7 +39,7 @@ from hsm_proxy import metrics
 from hsm_proxy.audit import AuditLog
 from hsm_proxy.config import LimitsConfig
 from hsm_proxy.errors import HandleExpired, Internal
-from hsm_proxy.handles import HandleRecord, HandleRegistry
+from hsm_proxy.handles import COMPONENT_IMPORT_KIND, HandleRecord, HandleRegistry
 from hsm_proxy.policy import Policy
 from hsm_proxy.pool import Reply, WorkerPool
 
@@ -194,7 +194,7 @@ class ProxyCore:
 
     def update_handle_gauge(self) -> None:
         counts = self.handles.counts()
-        for kind in {"key", "component-import", *counts}:
+        for kind in {"key", COMPONENT_IMPORT_KIND, *counts}:
             metrics.HANDLES.labels(kind).set(counts.get(kind, 0))
 
     @contextmanager

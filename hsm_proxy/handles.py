@@ -27,6 +27,8 @@ from hsm_proxy.errors import HANDLE_EXPIRED_RESTART, HandleExpired
 
 TOMBSTONES = 100_000
 HANDLE_PREFIX = "h"
+# The handle (and worker state) of a key ceremony's component import.
+COMPONENT_IMPORT_KIND = "component-import"
 
 
 def new_handle_id(worker: int) -> str:
@@ -46,12 +48,19 @@ class HandleRecord:
     generation: int = 0
     active: bool = False
     tokens: tuple[str, ...] = ()
+    ttl: float = 0.0           # seconds this handle lives (its kind's TTL)
 
 
 class HandleRegistry:
+    """The live handles. ``kind_ttl`` gives some kinds their own lifetime: a key
+    ceremony's component import waits for custodians who may come one after
+    the other, far longer than a card contact's channel should live."""
+
     def __init__(self, ttl_seconds: float, max_per_identity: int,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 kind_ttl: dict[str, float] | None = None):
         self.ttl = ttl_seconds
+        self.kind_ttl = dict(kind_ttl or {})
         self.max_per_identity = max_per_identity
         self.clock = clock
         self._lock = threading.Lock()
@@ -66,8 +75,9 @@ class HandleRegistry:
                 raise ResourceExhausted(
                     f"identity {identity!r} holds {self._per_identity[identity]} handles, the "
                     f"maximum; release some (ReleaseHandles) or wait for them to expire")
+            ttl = self.kind_ttl.get(kind, self.ttl)
             record = HandleRecord(new_handle_id(worker), identity, worker, kind, token, label,
-                                  self.clock() + self.ttl, tokens=tokens or (token,))
+                                  self.clock() + ttl, tokens=tokens or (token,), ttl=ttl)
             self._records[record.handle] = record
             self._per_identity[identity] += 1
             return record
@@ -113,8 +123,8 @@ class HandleRegistry:
                 raise PermissionDenied(f"handle {handle} belongs to another identity; identity "
                                        f"{identity!r} may not use it")
             if record.expires_at <= self.clock():
-                self._remove(handle, f"expired (TTL {self.ttl:g} s)")
-                raise NotFound(f"handle {handle} expired (TTL {self.ttl:g} s)")
+                self._remove(handle, f"expired (TTL {record.ttl:g} s)")
+                raise NotFound(f"handle {handle} expired (TTL {record.ttl:g} s)")
         if worker_state is not None:
             current = worker_state(record.worker)
             if current is None or current != (record.incarnation, record.generation):
@@ -146,7 +156,7 @@ class HandleRegistry:
         with self._lock:
             due = [r for r in self._records.values() if r.active and r.expires_at <= now]
             for r in due:
-                self._remove(r.handle, f"expired (TTL {self.ttl:g} s)")
+                self._remove(r.handle, f"expired (TTL {r.ttl:g} s)")
         return due
 
     def invalidate(self, records: list[HandleRecord]) -> None:

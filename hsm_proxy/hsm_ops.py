@@ -34,6 +34,7 @@ from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import messages as m
 from hsm_proxy.backend import ResolvedKey, resolve_objects
 from hsm_proxy.errors import BackendUnavailable, WireError, to_wire
+from hsm_proxy.handles import COMPONENT_IMPORT_KIND
 from hsm_proxy.keyspec import (
     AES_SIZES,
     EC_BY_PARAMS,
@@ -625,7 +626,7 @@ class ComponentImport(State):
     once and the threat model records this.
     """
 
-    kind = "component-import"
+    kind = COMPONENT_IMPORT_KIND
 
     def __init__(self, tokens: tuple[str, ...], algorithm: int, needed: int, template: m.Template):
         self.tokens = tokens

@@ -26,7 +26,7 @@ from cms.runtime.server import GrpcService, ServerSettings
 from hsm_proxy.audit import AuditError, AuditLog
 from hsm_proxy.config import ProxyConfig, check_pins, load_config
 from hsm_proxy.core import ProxyCore
-from hsm_proxy.handles import HandleRegistry
+from hsm_proxy.handles import COMPONENT_IMPORT_KIND, HandleRegistry
 from hsm_proxy.policy import load_policy
 from hsm_proxy.pool import WorkerPool
 from hsm_proxy.worker import DEFAULT_OPERATION_MODULES, WorkerSpec
@@ -91,7 +91,9 @@ class Proxy:
             on_change=self.update_health, on_reset=self._reset, on_tick=self._tick)
         self.core = ProxyCore(
             policy=policy, audit=self.audit,
-            handles=HandleRegistry(cfg.handles.ttl_seconds, cfg.handles.max_per_identity),
+            handles=HandleRegistry(
+                cfg.handles.ttl_seconds, cfg.handles.max_per_identity,
+                kind_ttl={COMPONENT_IMPORT_KIND: cfg.handles.ceremony_ttl_seconds}),
             pool=self.pool, limits=cfg.limits, tokens=cfg.pkcs11.token_labels)
         settings = ServerSettings(
             listen=cfg.server.listen, metrics_listen=cfg.server.metrics_listen, tls=cfg.tls,

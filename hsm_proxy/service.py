@@ -25,7 +25,7 @@ from cms.v1 import hsm_pb2_grpc
 from hsm_proxy import messages as m
 from hsm_proxy.core import Call, ProxyCore, Target, creation_failed, rpc
 from hsm_proxy.errors import from_wire
-from hsm_proxy.handles import HandleRecord
+from hsm_proxy.handles import COMPONENT_IMPORT_KIND, HandleRecord
 from hsm_proxy.pool import Reply
 from hsm_proxy.worker import Failure
 
@@ -634,7 +634,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                                   "AES_256 keys")
         if not 2 <= request.components <= MAX_COMPONENTS:
             raise InvalidArgument(f"components: 2 to {MAX_COMPONENTS}")
-        record = core.new_handle(call, "component-import", tokens[0], label, tokens=tokens)
+        record = core.new_handle(call, COMPONENT_IMPORT_KIND, tokens[0], label, tokens=tokens)
         try:
             reply = core.pool.call("component_begin", m.ComponentBegin(
                 record.handle, tokens, algorithm, request.components, template),
@@ -655,7 +655,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
             raise InvalidArgument("handle: required")
         record = core.handles.lookup(call.identity, request.handle,
                                      worker_state=core.pool.worker_state)
-        if record.kind != "component-import":
+        if record.kind != COMPONENT_IMPORT_KIND:
             raise InvalidArgument(f"handle {request.handle} is a {record.kind} handle, not a "
                                   f"component import")
         for token in record.tokens:

@@ -21,6 +21,7 @@ from cms.v1 import hsm_pb2 as pb
 from tests.hsm_proxy.helpers import (
     TIMEOUT,
     handle_ref,
+    kcv,
     label_ref,
     public_key,
     rpc_error,
@@ -198,6 +199,43 @@ def test_handles_expire_after_their_ttl(tmp_path):
         _wait_for(expired, "the handle did not expire")
         _wait_for(lambda: proxy.metric("cms_hsm_handles_live", kind="key") == 0,
                   "the expired handle is still counted")
+
+
+def test_a_key_ceremony_outlives_the_handle_ttl_until_its_own(tmp_path):
+    """Custodians may come one after the other: a component import lives for
+    handles.ceremony_ttl_seconds, not for the TTL of a contact's handles."""
+    env = ProxyEnv.create(tmp_path, overrides={
+        "handles": {"ttl_seconds": 1, "ceremony_ttl_seconds": 4}})
+    with ProxyProcess(env) as proxy:
+        hsm = proxy.hsm("access-server")
+        first, second = os.urandom(16), os.urandom(16)
+
+        def begin() -> pb.ComponentImport:
+            return hsm.BeginComponentImport(pb.BeginComponentImportRequest(
+                tokens=["access"], algorithm=pb.AES_128, components=2,
+                template=template(unique("ceremony"), pb.ENCRYPT)), timeout=TIMEOUT)
+
+        begun = begin()
+        hsm.AddKeyComponent(pb.AddKeyComponentRequest(
+            handle=begun.handle, component=first, kcv=kcv(first)), timeout=TIMEOUT)
+        key = _session_key(hsm)
+        time.sleep(1.5)                                   # past the ordinary TTL
+        with pytest.raises(grpc.RpcError) as gone:
+            hsm.Sign(pb.SignRequest(key=handle_ref(key.ref.handle), mechanism=pb.AES_CMAC,
+                                    data=b"x"), timeout=TIMEOUT)
+        assert "expired (TTL 1 s)" in gone.value.details()
+        done = hsm.AddKeyComponent(pb.AddKeyComponentRequest(
+            handle=begun.handle, component=second, kcv=kcv(second)), timeout=TIMEOUT)
+        assert done.completed
+
+        # ... and it does end at its own TTL.
+        late = begin()
+        time.sleep(4.5)
+        with pytest.raises(grpc.RpcError) as expired:
+            hsm.AddKeyComponent(pb.AddKeyComponentRequest(
+                handle=late.handle, component=first, kcv=kcv(first)), timeout=TIMEOUT)
+        assert expired.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "expired (TTL 4 s)" in expired.value.details()
 
 
 def _serve(config) -> subprocess.CompletedProcess:
