@@ -89,9 +89,6 @@ _COUNT_ATTEMPT = update(ITEM).where(
 _ITEM_STATUS = select(ITEM.c.status).where(ITEM.c.campaign_id == _CAMPAIGN_ID,
                                            ITEM.c.psd_id == _PSD_ID)
 _UPDATE_ITEM = update(ITEM).where(ITEM.c.campaign_id == _CAMPAIGN_ID, ITEM.c.psd_id == _PSD_ID)
-_ANY_PENDING_IN_CAMPAIGN = select(ITEM.c.psd_id).where(
-    ITEM.c.campaign_id == _CAMPAIGN_ID, ITEM.c.status == ItemStatus.PENDING.value).limit(1)
-_UPDATE_CAMPAIGN = update(CAMPAIGN).where(CAMPAIGN.c.campaign_id == _CAMPAIGN_ID)
 _ANY_PENDING_OF_CARD = select(ITEM.c.campaign_id).where(
     ITEM.c.psd_id == _PSD_ID, ITEM.c.status == ItemStatus.PENDING.value).limit(1)
 
@@ -262,11 +259,7 @@ def finish_campaign_item(conn: Connection, campaign_id: str, psd_id: str,
                                        "updated": now})
     if done.rowcount != 1:
         raise NotFound(f"PSD {psd_id} is not part of campaign {campaign_id}")
-    if state not in rows.LIVE_CAMPAIGN_STATES:
-        return
-    if conn.execute(_ANY_PENDING_IN_CAMPAIGN, campaign).first() is None:
-        conn.execute(_UPDATE_CAMPAIGN, {**campaign, "state": CampaignState.COMPLETED.value,
-                                        "updated": now})
+    rows.complete_campaign_if_drained(conn, campaign_id, state, now)
 
 
 def has_pending_items(conn: Connection, psd_id: str) -> bool:

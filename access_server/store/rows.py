@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from access_server.store.models import (
     CampaignItemRow,
@@ -223,25 +224,40 @@ def lock_item(session: Session, campaign_id: str, psd_id: str) -> CampaignItemRo
     return item
 
 
-def complete_if_drained(session: Session, campaign: CampaignRow, now: datetime) -> None:
-    """A live campaign with no pending item left is completed.
+_CAMPAIGN_ID = bindparam("w_campaign_id")
+_ANY_PENDING_IN_CAMPAIGN = select(CampaignItemRow.__table__.c.psd_id).where(
+    CampaignItemRow.__table__.c.campaign_id == _CAMPAIGN_ID,
+    CampaignItemRow.__table__.c.status == ItemStatus.PENDING.value).limit(1)
+_COMPLETE_CAMPAIGN = update(CampaignRow.__table__).where(
+    CampaignRow.__table__.c.campaign_id == _CAMPAIGN_ID).values(
+    state=CampaignState.COMPLETED.value, updated=bindparam("w_now"))
 
-    The caller holds the campaign row lock, so two transactions finishing
-    the last two items cannot both miss each other's update.
+
+def complete_campaign_if_drained(conn: Connection, campaign_id: str, state: str,
+                                 now: datetime) -> bool:
+    """A live campaign with no pending item left is completed; True if it just was.
+
+    The one statement of the rule, for the ORM paths and the per-contact Core
+    ones alike. The caller holds the campaign row lock and has written its
+    item changes, so two transactions finishing the last two items cannot
+    both miss each other's update.
     """
-    if campaign.state not in LIVE_CAMPAIGN_STATES:
-        return
-    pending = session.scalar(
-        select(func.count())
-        .select_from(CampaignItemRow)
-        .where(
-            CampaignItemRow.campaign_id == campaign.campaign_id,
-            CampaignItemRow.status == ItemStatus.PENDING.value,
-        )
-    )
-    if not pending:
-        campaign.state = CampaignState.COMPLETED.value
-        campaign.updated = now
+    if state not in LIVE_CAMPAIGN_STATES:
+        return False
+    if conn.execute(_ANY_PENDING_IN_CAMPAIGN, {"w_campaign_id": campaign_id}).first() is not None:
+        return False
+    conn.execute(_COMPLETE_CAMPAIGN, {"w_campaign_id": campaign_id, "w_now": now})
+    return True
+
+
+def complete_if_drained(session: Session, campaign: CampaignRow, now: datetime) -> None:
+    """``complete_campaign_if_drained`` for a locked ORM campaign row (kept in step)."""
+    session.flush()
+    if complete_campaign_if_drained(session.connection(), campaign.campaign_id,
+                                    campaign.state, now):
+        # Already written: the session learns it without flushing it again.
+        set_committed_value(campaign, "state", CampaignState.COMPLETED.value)
+        set_committed_value(campaign, "updated", now)
 
 
 def set_item(
@@ -255,7 +271,6 @@ def set_item(
     item.status = status.value
     item.last_error = error
     item.updated = now
-    session.flush()
     complete_if_drained(session, campaign, now)
 
 
