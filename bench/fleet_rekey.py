@@ -21,7 +21,8 @@ Prints one JSON object:
 - ``round_trips_per_replacement``: agent <-> server scripts per card;
 - ``latency_ms``: one replacement at a time through a TCP relay adding
   ``--rtt-ms`` of round-trip time between agent and access server
-  (bench/relay.py; the kernel here has no netem), p50 and p99: ``warm`` on
+  (bench/relay.py, in a process of its own; the kernel here has no netem),
+  p50 and p99: ``warm`` on
   an agent's open connection (the replacement itself), ``cold`` with a new
   connection per replacement (adding the TCP and TLS handshakes).
 
@@ -43,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.relay import DelayRelay  # noqa: E402
+from bench.relay import RelayProcess  # noqa: E402
 from card_agent.session import AgentInfo, run_session_async  # noqa: E402
 from card_agent.virtual import VirtualTransport  # noqa: E402
 from cms.runtime.client import load_endpoints  # noqa: E402
@@ -224,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
 
         address = load_endpoints(endpoints).grpc_address("access_server")
         host, _, port = address.rpartition(":")
-        with DelayRelay((host, int(port)), args.rtt_ms / 2000) as relay:
+        # The relay runs in a process of its own, like a network between the
+        # agent and the server: not competing for this process's interpreter.
+        with RelayProcess((host, int(port)), args.rtt_ms / 1000) as relay:
             target = f"127.0.0.1:{relay.address[1]}"
             # One connection for all: the first contact opens it, the rest are warm.
             warm, _ = asyncio.run(_contacts(endpoints, warm_cards, pb.USER_PC, 1,

@@ -21,9 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 READ_CHUNK = 65536
 
@@ -128,6 +133,63 @@ def delayed(target: tuple[str, int], rtt_seconds: float) -> Iterator[tuple[str, 
     """The address of a relay adding ``rtt_seconds`` of round-trip time."""
     with DelayRelay(target, rtt_seconds / 2) as relay:
         yield relay.address
+
+
+class RelayProcess:
+    """The same relay in a process of its own.
+
+    A relay thread inside the process it measures competes with it for the
+    interpreter lock: each delayed chunk may wait for the other thread's time
+    slice (up to 5 ms) before it is written, which the measurement would
+    count as latency of the system under test. This runs ``python -m
+    bench.relay`` instead and reads the address it listens on.
+    """
+
+    def __init__(self, target: tuple[str, int], rtt_seconds: float,
+                 start_timeout: float = 10.0) -> None:
+        if rtt_seconds < 0:
+            raise ValueError("the delay cannot be negative")
+        self.target = target
+        self.rtt_seconds = rtt_seconds
+        self.start_timeout = start_timeout
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+        self._process: subprocess.Popen[str] | None = None
+
+    def start(self) -> RelayProcess:
+        repo = Path(__file__).resolve().parents[1]
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bench.relay", "--target", f"{self.target[0]}:{self.target[1]}",
+             "--rtt-ms", f"{self.rtt_seconds * 1000:g}"],
+            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self._process.stdout is not None
+        ready = select.select([self._process.stdout], [], [], self.start_timeout)[0]
+        line = self._process.stdout.readline() if ready else ""
+        if not line.startswith("relaying 127.0.0.1:"):
+            self.stop()
+            raise RuntimeError(f"the relay process did not start ({line.strip() or 'no output'})")
+        self.address = ("127.0.0.1", int(line.split()[1].rsplit(":", 1)[1]))
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.send_signal(signal.SIGINT)
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> RelayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 
 import pytest
 
-from bench.relay import DelayRelay
+from bench.relay import DelayRelay, RelayProcess
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,3 +76,22 @@ def test_unreachable_target_closes_the_client_connection() -> None:
         with socket.create_connection(relay.address) as sock:
             sock.settimeout(5)
             assert sock.recv(1) == b""
+
+
+def test_the_relay_process_delays_like_the_relay_and_stops_with_its_context() -> None:
+    listener, thread = _echo_server()
+    with RelayProcess(listener.getsockname()[:2], rtt_seconds=0.06) as relay:
+        pid = relay.pid
+        with socket.create_connection(relay.address) as sock:
+            start = time.monotonic()
+            sock.sendall(b"ping")
+            assert _recv_exactly(sock, 4) == b"ping"
+            assert time.monotonic() - start >= 0.06
+    thread.join(timeout=5)
+    listener.close()
+    assert relay.pid is None and not os.path.exists(f"/proc/{pid}")   # stopped and reaped
+
+
+def test_the_relay_process_refuses_a_negative_delay() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        RelayProcess(("127.0.0.1", 1), rtt_seconds=-1)
