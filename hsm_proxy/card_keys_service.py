@@ -33,6 +33,15 @@ CARD_KEY_SET_KIND = "card-key-set"
 CHANNEL_KIND = "scp03-channel"
 
 
+def _check_foreseeable(commands: Any) -> None:
+    """predict_responses foresees successes only: every command must expect 9000 alone."""
+    for i, c in enumerate(commands):
+        # A zero mask compares all 16 bits (the card channel's rule).
+        if any(e.value != SW_OK or e.mask not in (0, 0xFFFF) for e in c.expect):
+            raise InvalidArgument(f"commands[{i}]: predict_responses needs commands that "
+                                  f"expect 9000 only (other answers cannot be foreseen)")
+
+
 class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
@@ -128,7 +137,8 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         wrapped, cryptograms, puts = [], [], []
         for i, w in enumerate(commands):
             wrapped.append(pb.WrappedCommand(apdu=w.apdu, expect=expect[i],
-                                             expected_put_key_response=w.expected_put_key_response))
+                                             expected_put_key_response=w.expected_put_key_response,
+                                             expected_response=w.expected_response))
             if w.cryptogram:
                 cryptograms.append(pb.SpecCryptogram(position=offset + i, cryptogram=w.cryptogram))
             if w.put is not None:
@@ -176,47 +186,34 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         commands = self._commands(call, request.commands, workers)
         call.items = len(commands)
         if request.predict_responses:
-            return self._open_predicted(request, call, source, commands, self._pin(workers))
-        record = core.new_handle(call, CHANNEL_KIND, source.token, label,
-                                 worker=self._pin(workers))
-        payload = cm.OpenChannel(record.handle, source, request.kvn, bytes(request.host_challenge),
+            _check_foreseeable(request.commands)
+            # Nothing stays behind in the worker: no handle to reserve.
+            record, worker = None, self._pin(workers)
+        else:
+            record = core.new_handle(call, CHANNEL_KIND, source.token, label,
+                                     worker=self._pin(workers))
+            worker = record.worker
+        payload = cm.OpenChannel("" if record is None else record.handle, source, request.kvn,
+                                 bytes(request.host_challenge),
                                  bytes(request.initialize_update_response),
                                  request.security_level, commands,
-                                 bytes(request.aid) if request.aid else None)
+                                 bytes(request.aid) if request.aid else None,
+                                 predict=request.predict_responses)
         try:
-            reply = core.pool.call("card_keys.open", payload, worker=record.worker,
+            reply = core.pool.call("card_keys.open", payload, worker=worker,
                                    idempotent=False, timeout=call.timeout())
         except ServiceError as exc:
+            if record is None:
+                raise
             core.handles.discard(record)
             raise creation_failed(exc) from None
-        core.activate(record, reply)
+        if record is not None:
+            core.activate(record, reply)
         expect = [[chpb.ExpectedStatus(value=SW_OK, mask=0xFFFF)]]
         expect += [list(c.expect) for c in request.commands]
         wrapped, cryptograms, puts = self._answer(reply.value, expect, 0)
-        return pb.OpenSecureChannelResponse(channel=record.handle, commands=wrapped,
-                                            cryptograms=cryptograms, put_keys=puts)
-
-    def _open_predicted(self, request: pb.OpenSecureChannelRequest, call: Call, source: Any,
-                        commands: tuple[Any, ...], worker: int | None
-                        ) -> pb.OpenSecureChannelResponse:
-        """OpenSecureChannel that foresees the answers: one worker call, no handle."""
-        for i, c in enumerate(request.commands):
-            # A zero mask compares all 16 bits (the card channel's rule).
-            if any(e.value != SW_OK or e.mask not in (0, 0xFFFF) for e in c.expect):
-                raise InvalidArgument(f"commands[{i}]: predict_responses needs commands that "
-                                      f"expect 9000 only (other answers cannot be foreseen)")
-        payload = cm.OpenChannel("", source, request.kvn, bytes(request.host_challenge),
-                                 bytes(request.initialize_update_response),
-                                 request.security_level, commands,
-                                 bytes(request.aid) if request.aid else None, predict=True)
-        reply = self.core.pool.call("card_keys.open", payload, worker=worker, idempotent=False,
-                                    timeout=call.timeout())
-        expect = [[chpb.ExpectedStatus(value=SW_OK, mask=0xFFFF)]]
-        expect += [list(c.expect) for c in request.commands]
-        wrapped, cryptograms, puts = self._answer(reply.value, expect, 0)
-        for out, item in zip(wrapped, reply.value, strict=True):
-            out.expected_response = item.expected_response
-        return pb.OpenSecureChannelResponse(commands=wrapped, cryptograms=cryptograms,
+        return pb.OpenSecureChannelResponse(channel="" if record is None else record.handle,
+                                            commands=wrapped, cryptograms=cryptograms,
                                             put_keys=puts)
 
     def _channel(self, call: Call, handle: str) -> Any:
