@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 READ_CHUNK = 65536
@@ -126,13 +125,6 @@ class DelayRelay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def delayed(target: tuple[str, int], rtt_seconds: float) -> Iterator[tuple[str, int]]:
-    """The address of a relay adding ``rtt_seconds`` of round-trip time."""
-    with DelayRelay(target, rtt_seconds / 2) as relay:
-        yield relay.address
 
 
 class RelayProcess:
