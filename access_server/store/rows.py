@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from access_server.store.driver import Sql, execute
 from access_server.store.models import (
     CampaignItemRow,
     CampaignRow,
@@ -224,29 +225,29 @@ def lock_item(session: Session, campaign_id: str, psd_id: str) -> CampaignItemRo
     return item
 
 
-_CAMPAIGN_ID = bindparam("w_campaign_id")
-_ANY_PENDING_IN_CAMPAIGN = select(CampaignItemRow.__table__.c.psd_id).where(
-    CampaignItemRow.__table__.c.campaign_id == _CAMPAIGN_ID,
-    CampaignItemRow.__table__.c.status == ItemStatus.PENDING.value).limit(1)
-_COMPLETE_CAMPAIGN = update(CampaignRow.__table__).where(
-    CampaignRow.__table__.c.campaign_id == _CAMPAIGN_ID).values(
-    state=CampaignState.COMPLETED.value, updated=bindparam("w_now"))
+_ANY_PENDING_IN_CAMPAIGN = Sql(
+    "SELECT psd_id FROM campaign_item WHERE campaign_id = :campaign_id "
+    "AND status = {pending} LIMIT 1", literals={"pending": ItemStatus.PENDING.value})
+_COMPLETE_CAMPAIGN = Sql(
+    "UPDATE campaign SET state = {completed}, updated = :updated "
+    "WHERE campaign_id = :campaign_id", literals={"completed": CampaignState.COMPLETED.value})
 
 
 def complete_campaign_if_drained(conn: Connection, campaign_id: str, state: str,
                                  now: datetime) -> bool:
     """A live campaign with no pending item left is completed; True if it just was.
 
-    The one statement of the rule, for the ORM paths and the per-contact Core
-    ones alike. The caller holds the campaign row lock and has written its
+    The one statement of the rule, for the ORM paths and the per-contact
+    driver ones alike. The caller holds the campaign row lock and has written its
     item changes, so two transactions finishing the last two items cannot
     both miss each other's update.
     """
     if state not in LIVE_CAMPAIGN_STATES:
         return False
-    if conn.execute(_ANY_PENDING_IN_CAMPAIGN, {"w_campaign_id": campaign_id}).first() is not None:
+    campaign = {"campaign_id": campaign_id}
+    if execute(conn, _ANY_PENDING_IN_CAMPAIGN, campaign).one_or_none() is not None:
         return False
-    conn.execute(_COMPLETE_CAMPAIGN, {"w_campaign_id": campaign_id, "w_now": now})
+    execute(conn, _COMPLETE_CAMPAIGN, {**campaign, "updated": now})
     return True
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -208,6 +208,17 @@ class Store:
         with writer, self._guard(), Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
                 yield session
+
+    @contextmanager
+    def _write_connection(self) -> Iterator[Connection]:
+        """A write transaction without a unit of work, for the per-contact paths.
+
+        They run driver statements only (``contact``); a Session around them
+        cost about 0.2 ms of CPU per transaction and did nothing.
+        """
+        writer = self._sqlite_writer if self._sqlite_writer is not None else nullcontext()
+        with writer, self._guard(), self._writer.begin() as connection:
+            yield connection
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -471,8 +482,7 @@ class Store:
                 raise InvalidArgument("actor is required with card_mk_versions")
             actor = v.actor(actor)
             card_mk_versions = frozenset(card_mk_versions)
-        with self._write() as session:
-            conn = session.connection()
+        with self._write_connection() as conn:
             now = self._now()
             card = contact.lock_card(conn, psd_id, with_cryptogram=True)
             leased = card.state != PsdState.REVOKED.value and (
@@ -651,8 +661,7 @@ class Store:
         if campaign_id is not None:
             campaign_id = v.text("campaign_id", campaign_id, 64)
         actor = v.actor(actor)
-        with self._write() as session:
-            conn = session.connection()
+        with self._write_connection() as conn:
             now = self._now()
             card = contact.lock_card(conn, psd_id)
             journaled = contact.journal_replacement(
@@ -667,8 +676,7 @@ class Store:
         psd_id = v.psd_id(psd_id)
         intent_id = v.intent_id(intent_id)
         actor = v.actor(actor)
-        with self._write() as session:
-            conn = session.connection()
+        with self._write_connection() as conn:
             now = self._now()
             card = contact.lock_card(conn, psd_id)
             rows.refuse_revoked(card, "complete replacement")
@@ -688,8 +696,14 @@ class Store:
             if intent.campaign_id is not None:
                 contact.finish_campaign_item(conn, intent.campaign_id, psd_id, now)
             if contact.has_pending_items(conn, psd_id):
-                # Rare: the card waits in another campaign its new version settles.
-                rows.settle_items(session, rows.get_psd(session, psd_id), now)
+                # Rare: the card waits in another campaign its new version
+                # settles. The ORM joins this transaction for it (its own
+                # rollback would roll this one back; its commit would not
+                # commit it).
+                with Session(bind=conn, expire_on_commit=False,
+                             join_transaction_mode="rollback_only") as session:
+                    rows.settle_items(session, rows.get_psd(session, psd_id), now)
+                    session.flush()
             return contact.record_after(card, version, values)
 
     def _finish_campaign_item(self, session: Session, intent: IntentRow, now: datetime) -> None:
