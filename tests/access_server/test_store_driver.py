@@ -12,11 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
 
 from access_server.store import Store, contact
 from access_server.store.dberrors import translate
-from access_server.store.driver import Sql, execute
+from access_server.store.driver import Sql, execute, sqlite_time
 from access_server.store.models import PsdEventRow
 from cms.runtime.errors import Aborted
 from tests.access_server.test_store_fixtures import ACTOR, psd, register
@@ -92,3 +93,14 @@ def test_an_update_of_a_changed_row_is_aborted(store: Store) -> None:
             contact.update_card(conn, stale, {"lease_holder": "second"})
         assert execute(conn, Sql("SELECT lease_holder FROM psd WHERE psd_id = :psd_id"),
                        {"psd_id": card}).scalar() == "first"
+
+
+@pytest.mark.parametrize("at", [datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC),
+                                datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+                                datetime(2031, 1, 2, 3, 4, 5, 7).astimezone()])
+def test_sqlite_text_is_sqlalchemys_storage_format(at: datetime) -> None:
+    naive = at.astimezone(UTC).replace(tzinfo=None)
+    sqlalchemy_text = sqlite_dialect.DATETIME().bind_processor(sqlite_dialect.dialect())
+    assert sqlite_time(at) == sqlalchemy_text(naive)
+    with pytest.raises(ValueError, match="naive"):
+        sqlite_time(naive)
