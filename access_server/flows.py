@@ -72,7 +72,7 @@ class FlowContext:
     """What one contact needs: the store, the proxy's CardKeys stub, who and which versions."""
 
     store: Store
-    card_keys: object                 # cms.v1.card_keys_pb2_grpc.CardKeysStub or a stand-in
+    card_keys: object                 # channel_opener.ChannelOpener or a stand-in
     install_versions: Callable[[], tuple[int, int, int]]   # (mk, mkrk, cryptogram key) versions
     actor: str
     lease_holder: str

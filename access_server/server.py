@@ -16,6 +16,7 @@ import grpc
 from prometheus_client import REGISTRY
 
 from access_server.card_channel import CardChannelServicer
+from access_server.channel_opener import ChannelOpener
 from access_server.config import AccessConfig, load_config
 from access_server.flows import FlowContext
 from access_server.operator import CampaignsServicer, PsdRegistryServicer
@@ -89,7 +90,9 @@ class AccessServer:
         self.proxy = (secure_channel(cfg.proxy_address, cfg.tls, options=PROXY_CHANNEL_OPTIONS)
                       if cfg.proxy_address else None)
         # One stub for every contact: making one builds a callable per method.
-        self._card_keys = CardKeysStub(self.proxy) if self.proxy is not None else _NoProxy()
+        # The contacts' channels travel together to the proxy (channel_opener).
+        self._card_keys = (ChannelOpener(CardKeysStub(self.proxy)) if self.proxy is not None
+                           else _NoProxy())
         settings = ServerSettings(
             listen=cfg.listen, metrics_listen=cfg.metrics_listen, tls=cfg.tls,
             max_workers=cfg.max_workers, ready_file=ready_file,

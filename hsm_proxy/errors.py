@@ -24,6 +24,7 @@ from cms.runtime.errors import (
     Unavailable,
     Unimplemented,
 )
+from cms.v1 import hsm_pb2
 
 HANDLE_EXPIRED_RESTART = "handle expired (backend restarted)"
 
@@ -69,3 +70,13 @@ def from_wire(error: WireError) -> ServiceError:
 
 def status_code(name: str) -> grpc.StatusCode:
     return _BY_CODE.get(name, Internal).code
+
+
+def item_error(exc: ServiceError) -> hsm_pb2.ItemError:
+    """A per-item failure of a batch, with the status code the item would have had alone."""
+    return hsm_pb2.ItemError(code=exc.code.value[0], message=exc.message)
+
+
+def failure_item_error(failure: tuple[str, str]) -> hsm_pb2.ItemError:
+    """``item_error`` of an item failure reported by a worker (``worker.Failure``)."""
+    return item_error(from_wire(failure))

@@ -394,8 +394,13 @@ class WorkerPool:
         raise AssertionError("unreachable")
 
     def batch(self, op: str, items: Sequence[Any], *, affinity: Sequence[int | None] | None = None,
-              idempotent: bool, timeout: float | None = None) -> list[Any]:
+              idempotent: bool, timeout: float | None = None,
+              min_chunk: int = MIN_CHUNK) -> list[Any]:
         """Run ``op`` on every item across the workers; results in item order.
+
+        Free items are split over the workers in chunks of at least
+        ``min_chunk``: signatures are cheap next to a message, while an item
+        that costs milliseconds of HSM work is worth a worker of its own.
 
         Item failures come back as ``worker.Failure`` tuples; a worker that
         crashes or whose backend is down fails the call (after one retry of the
@@ -423,7 +428,7 @@ class WorkerPool:
                 raise Unavailable("no HSM worker is running (restarting); retry shortly")
             up = [w for w in workers if w.backend_ok] or workers
             up.sort(key=lambda w: w.load)
-            n = max(1, min(len(up), len(free) // MIN_CHUNK))
+            n = max(1, min(len(up), len(free) // max(1, min_chunk)))
             size = -(-len(free) // n)
             for k in range(n):
                 part = free[k * size:(k + 1) * size]

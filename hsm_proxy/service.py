@@ -24,7 +24,7 @@ from cms.v1 import hsm_pb2 as pb
 from cms.v1 import hsm_pb2_grpc
 from hsm_proxy import messages as m
 from hsm_proxy.core import Call, ProxyCore, Target, creation_failed, rpc
-from hsm_proxy.errors import from_wire
+from hsm_proxy.errors import failure_item_error, from_wire, item_error
 from hsm_proxy.handles import COMPONENT_IMPORT_KIND, HandleRecord
 from hsm_proxy.pool import Reply
 from hsm_proxy.worker import Failure
@@ -56,14 +56,6 @@ def _check_enum(enum: Any, value: int, what: str, note: str = "") -> int:
         raise InvalidArgument(f"{what}: unknown or unspecified value {value} (one of {names})"
                               f"{extra}")
     return value
-
-
-def _item_error(exc: ServiceError) -> pb.ItemError:
-    return pb.ItemError(code=exc.code.value[0], message=exc.message)
-
-
-def _failure_error(failure: Failure) -> pb.ItemError:
-    return _item_error(from_wire((failure.code, failure.message)))
 
 
 class HsmServicer(hsm_pb2_grpc.HsmServicer):
@@ -255,7 +247,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                 except ServiceError as exc:
                     if exc.code == grpc.StatusCode.PERMISSION_DENIED:
                         raise
-                    results[i] = pb.DeriveKeyResult(error=_item_error(exc))
+                    results[i] = pb.DeriveKeyResult(error=item_error(exc))
                     continue
                 t = item.template
                 worker = base.worker
@@ -289,13 +281,13 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
             if isinstance(value, Failure):
                 if record is not None:
                     core.handles.discard(record)
-                results[i] = pb.DeriveKeyResult(error=_failure_error(value))
+                results[i] = pb.DeriveKeyResult(error=failure_item_error(value))
                 continue
             if record is not None:
                 state = core.pool.worker_state(record.worker)
                 if state is None:
                     core.handles.discard(record)
-                    results[i] = pb.DeriveKeyResult(error=_item_error(
+                    results[i] = pb.DeriveKeyResult(error=item_error(
                         Unavailable("the HSM worker restarted; retry")))
                     continue
                 core.handles.activate(record, *state)
@@ -443,7 +435,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
             except ServiceError as exc:
                 if exc.code == grpc.StatusCode.PERMISSION_DENIED:
                     raise
-                results[i] = _item_error(exc)
+                results[i] = item_error(exc)
                 continue
             work.append(i)
             payloads.append(item)
@@ -452,7 +444,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
             raw = core.pool.batch(op, payloads, affinity=affinity, idempotent=True,
                                   timeout=call.timeout())
             for i, value in zip(work, raw, strict=True):
-                results[i] = _failure_error(value) if isinstance(value, Failure) else value
+                results[i] = failure_item_error(value) if isinstance(value, Failure) else value
         return results
 
     # -- signatures -------------------------------------------------------------------
@@ -499,7 +491,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                     target = exc
                 targets[k] = target
             if isinstance(target, ServiceError):
-                results[i] = _item_error(target)
+                results[i] = item_error(target)
                 continue
             mechanism, data = req.mechanism, req.data
             if (mechanism not in SIGN_MECHANISMS or len(data) > limit
@@ -507,7 +499,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                 try:
                     self._sign_item(call, req, "SignBatch")
                 except ServiceError as exc:
-                    results[i] = _item_error(exc)
+                    results[i] = item_error(exc)
                     continue
             work.append(i)
             payloads.append(m.SignItem(target.ref, mechanism, data))
@@ -524,7 +516,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
             if isinstance(r, bytes):
                 add(signature=r)
             elif isinstance(r, Failure):
-                add(error=_failure_error(r))
+                add(error=failure_item_error(r))
             else:
                 add(error=r)
         return out

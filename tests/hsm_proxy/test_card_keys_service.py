@@ -345,3 +345,61 @@ def test_answers_that_cannot_be_foreseen_are_refused(stack: Path, card, command,
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert detail in refused.value.details()
     assert _worker_states(stack) == before
+
+
+def _new_card(tmp_path: Path, name: str) -> tuple[VirtualCard, str]:
+    state = create_card(tmp_path / f"{name}.json", transport_master=MASTER)
+    virtual = VirtualCard.open(tmp_path / f"{name}.json")
+    virtual.power_on()
+    return virtual, state.psd_id
+
+
+def _foreseen_install(virtual: VirtualCard, psd_id: str) -> pb.OpenSecureChannelRequest:
+    challenge, iu = _initialize(virtual, 0xFF)
+    return pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        predict_responses=True, commands=[pb.ChannelCommand(put_key_set=pb.PutKeySet(
+            key_set=_diversified("mk/1", psd_id), new_kvn=0x01))])
+
+
+def test_a_batch_opens_each_cards_channel_and_fails_items_alone(stack: Path,
+                                                                tmp_path: Path) -> None:
+    cards = [_new_card(tmp_path, f"card{i}") for i in range(3)]
+    items = [_foreseen_install(virtual, psd_id) for virtual, psd_id in cards]
+    # The third card's INITIALIZE UPDATE answer with the first card's keys: not this card.
+    items[2].key_set.CopyFrom(items[0].key_set)
+    unforeseen = pb.OpenSecureChannelRequest()
+    unforeseen.CopyFrom(items[1])
+    unforeseen.predict_responses = False
+    before = _worker_states(stack)
+
+    reply = _stub(stack).OpenSecureChannelBatch(
+        pb.OpenSecureChannelBatchRequest(items=[*items, unforeseen]), timeout=60)
+
+    kinds = [r.WhichOneof("result") for r in reply.results]
+    assert kinds == ["opened", "opened", "error", "error"]
+    assert reply.results[2].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "card cryptogram mismatch" in reply.results[2].error.message
+    assert reply.results[3].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "predict_responses" in reply.results[3].error.message
+    for (virtual, _), result in zip(cards[:2], reply.results[:2], strict=True):
+        answers = [bytes(r.data) + r.sw.to_bytes(2, "big") for r in _run(virtual, result.opened)]
+        assert answers == [c.expected_response for c in result.opened.commands]
+        assert 0x01 in virtual.state.key_sets
+    assert _worker_states(stack) == before              # nothing stays behind
+
+
+def test_a_batch_with_a_denied_key_is_refused_whole(stack: Path, tmp_path: Path) -> None:
+    virtual, psd_id = _new_card(tmp_path, "denied")
+    allowed = _foreseen_install(virtual, psd_id)
+    denied = pb.OpenSecureChannelRequest()
+    denied.CopyFrom(allowed)
+    denied.commands[0].put_key_set.key_set.diversified.master_label = "other/1"
+    with pytest.raises(grpc.RpcError) as err:
+        _stub(stack).OpenSecureChannelBatch(
+            pb.OpenSecureChannelBatchRequest(items=[allowed, denied]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as empty:
+        _stub(stack).OpenSecureChannelBatch(pb.OpenSecureChannelBatchRequest(), timeout=60)
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
