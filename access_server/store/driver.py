@@ -119,16 +119,16 @@ def _time_from_postgres(value: datetime | None) -> datetime | None:
 
 
 def _bind(params: Mapping[str, Any], sqlite: bool) -> Mapping[str, Any]:
-    if not any(isinstance(x, datetime) for x in params.values()):
-        return params
-    out = dict(params)
+    out = None
     for name, x in params.items():
         if isinstance(x, datetime):
+            if out is None:
+                out = dict(params)
             if sqlite:
                 out[name] = sqlite_time(x)
             elif x.tzinfo is None:
                 raise ValueError("naive datetime given to a UTC column")
-    return out
+    return params if out is None else out
 
 
 class Result:

@@ -24,6 +24,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import StaticPool
 
+from access_server.store.driver import Sql, execute
 from cms.runtime.errors import InvalidArgument
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -116,11 +117,17 @@ def _sqlite_wal(cursor: Any) -> None:
             time.sleep(SQLITE_WAL_RETRY_S)
 
 
+_BEGIN_WRITE = Sql("BEGIN IMMEDIATE")
+_BEGIN_READ = Sql("BEGIN")
+
+
 def _sqlite_on_begin(connection: Connection) -> None:
+    # On the driver connection (``driver``): every contact opens two write
+    # transactions, and SQLAlchemy's statement path cost more than the BEGIN.
     if connection.get_execution_options().get(WRITE_OPTION):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        execute(connection, _BEGIN_WRITE, {})
     else:
-        connection.exec_driver_sql("BEGIN")
+        execute(connection, _BEGIN_READ, {})
 
 
 def _postgres_engine(url: str) -> Engine:
