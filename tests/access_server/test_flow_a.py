@@ -4,6 +4,7 @@ code with an in-process virtual card."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,14 @@ def test_a2_replaces_the_mk_through_the_mkrk_channel_in_two_round_trips(
     done = campaigns.GetCampaign(apb.GetCampaignRequest(campaign_id=campaign.campaign_id),
                                  timeout=30)
     assert (done.done, done.pending) == (1, 0)
+    # The contacts' channels went to the proxy as batch calls (channel_opener): alone
+    # here, each in a batch of its own, never as a unary OpenSecureChannel.
+    audit = [json.loads(line) for line in
+             (stack.parent / "audit" / "hsm-proxy.jsonl").read_text().splitlines()]
+    opened = [r for r in audit if r["identity"] == "access-server"
+              and r["operation"].startswith("OpenSecureChannel")]
+    assert opened and {(r["operation"], r["items"], r["outcome"]) for r in opened} == {
+        ("OpenSecureChannelBatch", 1, "ok")}
 
 
 class AlteredAnswers(VirtualTransport):
