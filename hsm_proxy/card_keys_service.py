@@ -218,8 +218,8 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
                           context: grpc.ServicerContext,
                           call: Call) -> pb.OpenSecureChannelResponse:
         core = self.core
+        call.items = len(request.commands)
         payload, worker, record = self._open_payload(call, request)
-        call.items = len(payload.commands)
         try:
             reply = core.pool.call("card_keys.open", payload, worker=worker,
                                    idempotent=False, timeout=call.timeout())

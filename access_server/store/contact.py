@@ -25,7 +25,7 @@ from sqlalchemy import Connection
 
 from access_server.store import rows
 from access_server.store.driver import Sql, execute
-from access_server.store.models import PsdRow
+from access_server.store.models import IntentRow, PsdRow, UtcDateTime
 from access_server.store.records import (
     CampaignItem,
     CampaignState,
@@ -89,8 +89,14 @@ class CampaignVersions(NamedTuple):
     to_version: int
 
 
-_CARD_TIMES = ("created", "updated", "last_contact", "lease_expires")
-_INTENT_TIMES = ("created", "updated")
+def _times(table: Any, row: type[NamedTuple]) -> tuple[str, ...]:
+    """The fields of ``row`` that ``table`` declares as times (read back as aware UTC)."""
+    return tuple(c.name for c in table.c
+                 if isinstance(c.type, UtcDateTime) and c.name in row._fields)
+
+
+_CARD_TIMES = _times(PsdRow.__table__, CardRow)
+_INTENT_TIMES = _times(IntentRow.__table__, IntentColumns)
 _STATES = {"open": IntentStatus.OPEN.value, "pending": ItemStatus.PENDING.value,
            "done": ItemStatus.DONE.value, "running": CampaignState.RUNNING.value}
 UPDATABLE_CARD_COLUMNS = frozenset(c.name for c in PsdRow.__table__.c) - {"psd_id",
