@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from prometheus_client import Histogram
 
+from cms.runtime.errors import status_from_number
 from cms.v1 import card_keys_pb2 as kpb
 
 DEFAULT_MAX_IN_FLIGHT = 2
@@ -57,9 +58,6 @@ class OpenError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class _Waiting:
@@ -168,5 +166,5 @@ class ChannelOpener:
             if result.HasField("opened"):
                 waiting.response = result.opened
             else:
-                waiting.error = OpenError(_CODES.get(result.error.code, grpc.StatusCode.UNKNOWN),
-                                          result.error.message)
+                waiting.error = OpenError(status_from_number(result.error.code)
+                                          or grpc.StatusCode.UNKNOWN, result.error.message)

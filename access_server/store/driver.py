@@ -144,7 +144,7 @@ class Result:
         return int(self._cursor.rowcount)
 
     def one_or_none(self) -> Any:
-        """The first row, or None (the statements here select by key or LIMIT 1)."""
+        """The first row, or None (as SQLAlchemy's ``first()``: any further rows are left)."""
         found = self._cursor.fetchone()
         if found is None:
             return None

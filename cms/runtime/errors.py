@@ -21,6 +21,13 @@ log = logging.getLogger("cms.errors")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_from_number(number: int) -> grpc.StatusCode | None:
+    """The gRPC status with this wire number (as in ``ItemError.code``), or None."""
+    return _STATUS_BY_NUMBER.get(number)
+
 
 class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL

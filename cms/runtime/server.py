@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
+from cms.runtime.errors import status_from_number
 from cms.runtime.logs import fields
 from cms.runtime.tls import TlsFiles, server_credentials
 
@@ -54,9 +55,9 @@ def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):
-        for c in grpc.StatusCode:
-            if c.value[0] == code:
-                return c.name
+        known = status_from_number(code)
+        if known is not None:
+            return known.name
     return "UNKNOWN" if failed else "OK"
 
 
