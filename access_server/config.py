@@ -6,6 +6,7 @@
     tls: {ca: ca.pem, cert: access-server.pem, key: access-server.key}
     database: {url: sqlite:///var/access.db}     # or postgresql+psycopg://...
     proxy: {address: 127.0.0.1:PORT}              # the HSM proxy (mTLS with the same tls files)
+    key_mgmt: {address: 127.0.0.1:PORT, cache_seconds: 10}   # which master versions it transferred
     card_channel: {allow_agents_without_certificate: false, lease_seconds: 120}
     log: {level: info, file: null}
 
@@ -32,6 +33,8 @@ class AccessConfig:
     tls: TlsFiles
     database_url: str
     proxy_address: str | None
+    key_mgmt_address: str | None
+    masters_cache_seconds: float
     allow_agents_without_certificate: bool
     lease_seconds: float
     log_level: str
@@ -57,6 +60,10 @@ def load_config(path: Path) -> AccessConfig:
     lease = channel.float("lease_seconds", 120.0)
     if lease <= 0:
         raise ConfigError(f"{path}.card_channel.lease_seconds: must be positive")
+    key_mgmt = root.section("key_mgmt")
+    cache = key_mgmt.float("cache_seconds", 10.0)
+    if cache < 0:
+        raise ConfigError(f"{path}.key_mgmt.cache_seconds: must not be negative")
     return AccessConfig(
         path=path,
         listen=server.str("listen", "127.0.0.1:0"),
@@ -65,6 +72,8 @@ def load_config(path: Path) -> AccessConfig:
         tls=tls_from_section(root.section("tls", required=True)),
         database_url=_database_url(root.section("database", required=True)),
         proxy_address=root.section("proxy").str("address"),
+        key_mgmt_address=key_mgmt.str("address"),
+        masters_cache_seconds=cache,
         allow_agents_without_certificate=channel.bool("allow_agents_without_certificate", False),
         lease_seconds=lease,
         log_level=level,

@@ -77,6 +77,9 @@ class FlowContext:
     actor: str
     lease_holder: str
     lease_seconds: float = 120.0
+    # (kind, version) -> None, or FailedPrecondition when key management did not
+    # transfer that version to HSM1 (access_server.masters); None: not checked.
+    require_usable: Callable[[str, int], None] | None = None
     labels: KeyLabels = field(default_factory=KeyLabels)
     steps: list[str] = field(default_factory=list)
     # Set when the store released the lease with the session's last write.
@@ -377,6 +380,9 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
              "diversified the MKRK block (R stays inside the HSM proxy)")
     commands = []
     if new not in card_mks:
+        if ctx.require_usable is not None:
+            ctx.require_usable("mk", new)
+            ctx.require_usable("mkrk", psd.mkrk_version)
         commands.append(_put(_spec_diversified(ctx.labels, ctx.labels.mk.format(v=new),
                                                psd_id), new, False))
         ctx.step(f"A2.3 HSM1 diversified the new MK block v{new} with the PSD id")

@@ -8,7 +8,6 @@ access-server), then the gRPC server with the operator services.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,19 +18,19 @@ from access_server.card_channel import CardChannelServicer
 from access_server.channel_opener import ChannelOpener
 from access_server.config import AccessConfig, load_config
 from access_server.flows import FlowContext
+from access_server.masters import UsableMasters
 from access_server.operator import CampaignsServicer, PsdRegistryServicer
 from access_server.store import Store
-from cms.runtime.errors import FailedPrecondition, Unavailable
+from cms import keynames
+from cms.runtime.errors import Unavailable
 from cms.runtime.logs import fields, setup_logging
 from cms.runtime.server import GrpcService, ServerSettings
 from cms.runtime.tls import secure_channel
-from cms.v1 import access_pb2_grpc, card_channel_pb2_grpc, hsm_pb2, hsm_pb2_grpc
+from cms.v1 import access_pb2_grpc, card_channel_pb2_grpc, key_blocks_pb2_grpc, key_mgmt_pb2_grpc
 from cms.v1.card_keys_pb2_grpc import CardKeysStub
 
 log = logging.getLogger("access_server.server")
 
-HSM1_TOKEN = "access"
-VERSIONED_LABEL = re.compile(r"^(mk|mkrk|cryptogram)/(\d+)$")
 PROXY_TIMEOUT_S = 10.0
 # A restarted proxy is found again within a second, not after gRPC's default
 # exponential backoff (up to two minutes): card contacts meanwhile end with
@@ -93,6 +92,14 @@ class AccessServer:
         # The contacts' channels travel together to the proxy (channel_opener).
         self._card_keys = (ChannelOpener(CardKeysStub(self.proxy)) if self.proxy is not None
                            else _NoProxy())
+        self.key_mgmt = (secure_channel(cfg.key_mgmt_address, cfg.tls,
+                                        options=PROXY_CHANNEL_OPTIONS)
+                         if cfg.key_mgmt_address else None)
+        self.masters = UsableMasters(
+            key_blocks_pb2_grpc.KeyBlocksStub(self.proxy) if self.proxy is not None
+            else _NoProxy(),
+            key_mgmt_pb2_grpc.KeyManagementStub(self.key_mgmt) if self.key_mgmt is not None
+            else None, ttl=cfg.masters_cache_seconds)
         settings = ServerSettings(
             listen=cfg.listen, metrics_listen=cfg.metrics_listen, tls=cfg.tls,
             max_workers=cfg.max_workers, ready_file=ready_file,
@@ -102,36 +109,23 @@ class AccessServer:
         self._collector = CampaignCollector(self.store)
         REGISTRY.register(self._collector)
 
-    def versions_in_hsm1(self, kind: str) -> set[int]:
-        """Versions of ``kind`` (mk, mkrk, cryptogram) whose keys HSM1 holds (token access)."""
+    def mk_versions_in_hsm1(self) -> set[int]:
+        """MK versions key management transferred to HSM1 (see access_server.masters)."""
         if self.proxy is None:
             raise Unavailable("no HSM proxy configured (proxy.address)")
-        try:
-            reply = hsm_pb2_grpc.HsmStub(self.proxy).ListKeys(
-                hsm_pb2.ListKeysRequest(token=HSM1_TOKEN, label_pattern=f"{kind}/*"),
-                timeout=PROXY_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise Unavailable(f"HSM proxy: {exc.code().name}: {exc.details()}") from None
-        return {int(m.group(2)) for key in reply.keys
-                if (m := VERSIONED_LABEL.match(key.label)) and m.group(1) == kind}
-
-    def mk_versions_in_hsm1(self) -> set[int]:
-        return self.versions_in_hsm1("mk")
+        return self.masters.versions(keynames.MK, fresh=True)
 
     def install_versions(self) -> tuple[int, int, int]:
-        """Newest MK, MKRK and cryptogram key versions in HSM1, for a new installation."""
-        newest = []
-        for kind in ("mk", "mkrk", "cryptogram"):
-            found = self.versions_in_hsm1(kind)
-            if not found:
-                raise FailedPrecondition(f"HSM1 holds no {kind} key block: run key management's "
-                                         f"transfer first")
-            newest.append(max(found))
-        return newest[0], newest[1], newest[2]
+        """Newest usable MK, MKRK and cryptogram key versions, for a new installation."""
+        if self.proxy is None:
+            raise Unavailable("no HSM proxy configured (proxy.address)")
+        return (self.masters.newest(keynames.MK), self.masters.newest(keynames.MKRK),
+                self.masters.newest(keynames.CRYPTOGRAM))
 
     def flow_context(self, actor: str) -> FlowContext:
         return FlowContext(store=self.store, card_keys=self._card_keys,
                            install_versions=self.install_versions, actor=actor,
+                           require_usable=self.masters.require,
                            # The same agent (identity and label) coming back after a
                            # crash takes over its own lease; another agent waits.
                            lease_holder=actor,
@@ -150,6 +144,8 @@ class AccessServer:
         REGISTRY.unregister(self._collector)
         if self.proxy is not None:
             self.proxy.close()
+        if self.key_mgmt is not None:
+            self.key_mgmt.close()
         self.store.close()
 
     def run(self) -> int:

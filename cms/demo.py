@@ -127,11 +127,15 @@ class Demo:
 
         block = self.keys.CreateKeyBlock(pb.CreateKeyBlockRequest(kind=kind), timeout=120)
         _say("HSM2", f"generated {block.label} (KCV {block.kcv.hex()}): sensitive, "
-             f"extractable only wrapped")
+             f"extractable only under a trusted transport key")
         return block
 
     def ceremony(self, label: str, key: bytes | None, purpose: int = 0) -> None:
-        """Two custodians enter components; with ``key``, they XOR to it."""
+        """Key management begins a ceremony; two custodians, each under a certificate of
+        their own, enter one component each straight to the HSM proxy (key management never
+        sees one). With ``key``, the components XOR to it."""
+        from cms.v1 import key_blocks_pb2 as bpb
+        from cms.v1 import key_blocks_pb2_grpc
         from cms.v1 import key_mgmt_pb2 as pb
 
         first = os.urandom(16)
@@ -139,13 +143,19 @@ class Demo:
                                                                                 strict=True))
         c = self.keys.StartCeremony(pb.StartCeremonyRequest(label=label, components=2,
                                                             purpose=purpose), timeout=30)
-        _say("ceremony", f"{label}: ceremony {c.ceremony_id} waits for 2 components")
+        _say("ceremony", f"{label}: key management began ceremony {c.ceremony_id} in the HSM "
+             f"proxy; it waits for 2 components")
         for custodian, component in (("custodian-1", first), ("custodian-2", second)):
-            c = self.keys.SubmitComponent(pb.SubmitComponentRequest(
-                ceremony_id=c.ceremony_id, custodian=custodian, component=component,
-                kcv=_kcv(component)), timeout=30)
-            _say("ceremony", f"{custodian} entered a component (KCV {_kcv(component).hex()}), "
-                 f"{c.components_received}/{c.components_needed}")
+            channel = self.endpoints.channel("hsm_proxy", custodian)
+            try:
+                done = key_blocks_pb2_grpc.KeyBlocksStub(channel).AddComponent(
+                    bpb.AddComponentRequest(ceremony_id=c.ceremony_id, component=component,
+                                            kcv=_kcv(component)), timeout=30)
+            finally:
+                channel.close()
+            _say("ceremony", f"{custodian} entered a component straight to the proxy (KCV "
+                 f"{_kcv(component).hex()}), {done.received}/{done.needed}")
+        c = self.keys.GetCeremony(pb.GetCeremonyRequest(ceremony_id=c.ceremony_id), timeout=30)
         for k in c.kcvs:
             _say("ceremony", f"{label} combined in {k.token}: KCV {k.kcv.hex()}")
 
@@ -189,8 +199,9 @@ class Demo:
             _say("ceremony", f"{FACTORY_MASTER_LABEL} already in HSM1 (KCV {master.kcv.hex()})")
         attrs = self.hsm.GetKeyAttributes(hpb.GetKeyAttributesRequest(
             key=hpb.KeyRef(token="access", label=labels[0])), timeout=30)
-        _say("HSM1", f"{labels[0]} in HSM1: sensitive={attrs.sensitive} "
-             f"extractable={attrs.extractable} local={attrs.local}")
+        _say("HSM1", f"{labels[0]} in HSM1: class {hpb.KeyRole.Name(attrs.role)}, origin "
+             f"{hpb.KeyOrigin.Name(attrs.origin)}, sensitive={attrs.sensitive} "
+             f"extractable={attrs.extractable} modifiable={attrs.modifiable}")
 
     # -- 3 and 4. one card through PC/SC ----------------------------------------------------
     def new_card(self, path: Path) -> str:

@@ -25,7 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SPIFFE_PREFIX = "spiffe://cms/"
-DEFAULT_IDENTITIES = ("hsm-proxy", "access-server", "key-mgmt", "card-agent", "admin")
+CUSTODIANS = ("custodian-1", "custodian-2", "custodian-3")
+"""Key custodians: each enters one component of a key ceremony, straight to the proxy."""
+DEFAULT_IDENTITIES = ("hsm-proxy", "access-server", "key-mgmt", "card-agent", "admin",
+                      *CUSTODIANS)
 # Identities that also serve (server certificates carry localhost names).
 SERVER_IDENTITIES = frozenset({"hsm-proxy", "access-server", "key-mgmt"})
 CA_FILE = "ca.pem"

@@ -70,6 +70,10 @@ class SoftHsm:
     def pin_file(self, label: str) -> Path:
         return self.secrets_dir / f"{label}.pin"
 
+    def so_pin_file(self, label: str) -> Path:
+        """The token's security officer PIN (the proxy's officer worker sets CKA_TRUSTED)."""
+        return self.secrets_dir / f"{label}.so-pin"
+
     def ensure(self) -> SoftHsm:
         self.tokens_dir.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,7 @@ class SoftHsm:
             return pin_file
         user_pin = secrets.token_hex(12)
         so_pin = secrets.token_hex(12)
-        for path, value in ((pin_file, user_pin), (self.secrets_dir / f"{label}.so-pin", so_pin)):
+        for path, value in ((pin_file, user_pin), (self.so_pin_file(label), so_pin)):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(value + "\n")

@@ -34,13 +34,16 @@ from pathlib import Path
 
 import yaml
 
-from cms.pki import DEFAULT_IDENTITIES, Pki, init_pki
+from cms import keynames as kn
+from cms.pki import CUSTODIANS, DEFAULT_IDENTITIES, Pki, init_pki
 from cms.runtime.config import ConfigError
 from cms.runtime.tls import TlsFiles, secure_channel
 from cms.softhsm import SoftHsm, find_module
 
-TOKENS = ("access", "kms")
+TOKENS = kn.TOKENS
 READY_TIMEOUT_S = 60.0
+POLICY_MARK = ("# Written by 'cms dev up' and rewritten by each 'up'; delete this line to keep "
+               "your edits.\n")
 STOP_TIMEOUT_S = 15.0
 
 
@@ -110,8 +113,10 @@ class Stack:
         for label in TOKENS:
             hsm.init_token(label)
         policy = self.config_path("policy")
-        if not policy.exists():
-            policy.write_text(yaml.safe_dump(default_policy(), sort_keys=False))
+        if not policy.exists() or policy.read_text().startswith(POLICY_MARK):
+            # The launcher's own policy follows the release; one an operator
+            # edited (the first line removed) is left alone.
+            policy.write_text(POLICY_MARK + yaml.safe_dump(default_policy(), sort_keys=False))
         return pki
 
     def tls(self, identity: str) -> dict[str, str]:
@@ -160,36 +165,58 @@ class Stack:
 # ---------------------------------------------------------------------------
 # Policy and configuration of each service
 
-def default_policy() -> dict:
-    """Least privilege for the embedded default.
+CARD_CHANNEL_OPERATIONS = ["DeriveKeySet", "OpenSecureChannel", "OpenSecureChannelBatch",
+                           "WrapCommands", "UnwrapResponses"]
+OPERATOR_KEY_OPERATIONS = ["GenerateSecretKey", "GenerateKeyPair", "DeriveKey", "DeriveKeyBatch",
+                           "ImportPublicKey", "Encrypt", "Decrypt", "EncryptBatch", "Sign",
+                           "SignBatch", "Verify", "DestroyKey"]
+INSPECT_OPERATIONS = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey",
+                      "GenerateRandom", "ListBlocks", "GetCeremony"]
 
-    The access server works on HSM1's card keys; key management owns HSM2 and
-    may only place transferred key blocks into HSM1; the operator (admin) may
-    inspect everything and use only demo keys.
+
+def default_policy() -> dict:
+    """Least privilege for the embedded default: each identity gets its purposes.
+
+    No service identity has a wildcard operation or the generic Hsm service:
+    the access server opens card channels in HSM1 with the masters key
+    management put there; key management generates blocks in HSM2, moves
+    them to HSM1 under transport keys and begins ceremonies, whose components
+    only custodians enter; the operator (admin) inspects everything and uses
+    only its own demo keys. The key classes bound what each purpose can do
+    whatever this file says (docs/threat-model.md).
     """
-    card_key_labels = ["mk/*", "mkrk/*", "cryptogram/*", "factory/*", "card/*"]
-    inspect = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey"]
-    return {
-        "identities": {
-            "access-server": [
-                {"operations": ["*"], "tokens": ["access"], "keys": card_key_labels},
-                {"operations": ["GenerateRandom", "ListTokens"], "tokens": ["access"],
-                 "keys": ["*"]},
-            ],
-            "key-mgmt": [
-                {"operations": ["*"], "tokens": ["kms"], "keys": ["*"]},
-                {"operations": [*inspect, "UnwrapKey", "ImportPublicKey", "GenerateKeyPair",
-                                "DestroyKey", "BeginComponentImport", "AddKeyComponent",
-                                "GenerateRandom"],
-                 "tokens": ["access"],
-                 "keys": ["mk/*", "mkrk/*", "cryptogram/*", "transport/*", "factory/*"]},
-            ],
-            "admin": [
-                {"operations": [*inspect, "GenerateRandom"], "tokens": ["*"], "keys": ["*"]},
-                {"operations": ["*"], "tokens": ["*"], "keys": ["demo/*"]},
-            ],
-        }
+    masters = [f"{kn.MK}/*", f"{kn.MKRK}/*", f"{kn.CRYPTOGRAM}/*", kn.FACTORY_TRANSPORT_MASTER]
+    blocks = [f"{kn.MK}/*", f"{kn.MKRK}/*", f"{kn.CRYPTOGRAM}/*"]
+    ceremony_keys = [f"{kn.TRANSPORT}/*", kn.FACTORY_TRANSPORT_MASTER]
+    both = [kn.HSM2_TOKEN, kn.HSM1_TOKEN]
+    identities: dict[str, list[dict]] = {
+        "access-server": [
+            {"operations": [*CARD_CHANNEL_OPERATIONS, "ListBlocks"], "tokens": [kn.HSM1_TOKEN],
+             "keys": masters},
+        ],
+        "key-mgmt": [
+            {"operations": ["GenerateBlock"], "tokens": [kn.HSM2_TOKEN], "keys": blocks},
+            {"operations": ["ListBlocks"], "tokens": both,
+             "keys": [*blocks, *ceremony_keys]},
+            {"operations": ["TransferBlocks"], "tokens": both,
+             "keys": [*blocks, f"{kn.TRANSPORT}/*"]},
+            {"operations": ["EstablishTransportKey"], "tokens": both,
+             "keys": [f"{kn.TRANSPORT}/*"]},
+            {"operations": ["BeginCeremony", "GetCeremony", "CancelCeremony"], "tokens": both,
+             "keys": ceremony_keys},
+        ],
+        "admin": [
+            {"operations": INSPECT_OPERATIONS, "tokens": ["*"], "keys": ["*"]},
+            {"operations": OPERATOR_KEY_OPERATIONS, "tokens": ["*"],
+             "keys": [f"{kn.OPERATOR_PREFIX}*"]},
+        ],
     }
+    for custodian in CUSTODIANS:
+        identities[custodian] = [
+            {"operations": ["AddComponent", "GetCeremony"], "tokens": both,
+             "keys": ceremony_keys},
+        ]
+    return {"identities": identities}
 
 
 def hsm_proxy_config(stack: Stack) -> dict:
@@ -202,7 +229,10 @@ def hsm_proxy_config(stack: Stack) -> dict:
             "module": find_module(),
             "env": hsm.env(),
             "workers": max(2, min(4, os.cpu_count() or 2)),
-            "tokens": [{"label": t, "pin_file": str(hsm.pin_file(t))} for t in TOKENS],
+            # The SO PIN only where the trusted halves of transport keys are made.
+            "tokens": [{"label": t, "pin_file": str(hsm.pin_file(t)),
+                        **({"so_pin_file": str(hsm.so_pin_file(t))} if t == kn.HSM2_TOKEN
+                           else {})} for t in TOKENS],
         },
         "policy": str(stack.config_path("policy")),
         "audit": {"file": str(stack.path("audit", "hsm-proxy.jsonl"))},
@@ -254,6 +284,9 @@ def access_server_config(stack: Stack) -> dict:
         "tls": stack.tls("access-server"),
         "database": {"url": access_database_url(stack)},
         "proxy": {"address": stack.address("hsm_proxy")},
+        # Which master versions key management transferred (access_server.masters).
+        **({"key_mgmt": {"address": stack.ports["key_mgmt"]["grpc"]}}
+           if "key_mgmt" in stack.ports else {}),
         "card_channel": {"allow_agents_without_certificate": False, "lease_seconds": 120},
         "log": {"level": "info", "file": None},
     }
@@ -265,7 +298,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("key_mgmt", "key-mgmt", ("key-mgmt", "serve"), "cms.v1.KeyManagement",
                 key_mgmt_config, depends=("hsm_proxy",), module="key_mgmt.server"),
     ServiceSpec("access_server", "access-server", ("access-server", "serve"),
-                "cms.v1.PsdRegistry", access_server_config, depends=("hsm_proxy",),
+                "cms.v1.PsdRegistry", access_server_config, depends=("hsm_proxy", "key_mgmt"),
                 module="access_server.server"),
 )
 

@@ -15,13 +15,21 @@ number can name another object, and a stale cache could sign with the wrong
 key) and the owner's per-worker state is dropped through ``on_reset``.
 Reconnection is attempted at once and then with exponential backoff capped at
 ``max_backoff``; until it succeeds every call fails fast with UNAVAILABLE.
+
+The officer worker (``officer=True``) keeps no session and no login: PKCS#11
+login state is per application and per token, a user login and a security
+officer login exclude each other, and logging out destroys private session
+objects. So the one worker that must set CKA_TRUSTED (ceremonies, transport
+keys) opens a session with the login it needs for each step and closes it
+(``login_session``), and holds nothing else in the token.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +40,7 @@ from cms.runtime.errors import FailedPrecondition, NotFound
 from cms.runtime.logs import fields
 from hsm_proxy.config import TokenConfig
 from hsm_proxy.errors import BackendUnavailable
-from hsm_proxy.keyspec import KEY_CLASSES, KeyShape, read_attributes, shape_of
+from hsm_proxy.keyspec import KEY_CLASSES, KeyShape, conformance, read_attributes, shape_of
 
 log = logging.getLogger("hsm_proxy.backend")
 
@@ -69,6 +77,7 @@ class ResolvedKey:
     attrs: dict[ObjectClass, dict[Attribute, Any]]
     shapes: dict[ObjectClass, KeyShape]
     handle: str | None = None
+    _conformance: str | None = None
 
     @property
     def name(self) -> str:
@@ -92,6 +101,13 @@ class ResolvedKey:
 
     def all_objects(self) -> list[pkcs11.Object]:
         return list(self.objects.values())
+
+    @property
+    def conformance(self) -> str:
+        """Empty when this token key matches its class's template (computed once)."""
+        if self._conformance is None:
+            self._conformance = conformance(self.label, self.attrs)
+        return self._conformance
 
 
 def resolve_objects(token: str, label: str, found: list[pkcs11.Object],
@@ -127,7 +143,8 @@ class Backend:
 
     def __init__(self, module: str, tokens: tuple[TokenConfig, ...], *,
                  max_backoff: float = 2.0, on_reset: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, officer: bool = False):
+        self.officer = officer
         self.module = module
         self.tokens = {t.label: t for t in tokens}
         self.max_backoff = max_backoff
@@ -162,6 +179,10 @@ class Backend:
                     token = self._lib.get_token(token_label=label)
                 except pkcs11.NoSuchToken:
                     raise BackendUnavailable(f"token {label!r} is not present") from None
+                mechanisms = frozenset(int(m) for m in token.slot.get_mechanisms())
+                if self.officer:
+                    sessions[label] = _TokenSession(cfg, token, None, mechanisms)
+                    continue
                 pin = cfg.read_pin()
                 try:
                     session = token.open(rw=True, user_pin=pin)
@@ -169,7 +190,6 @@ class Backend:
                     session = token.open(rw=True)
                 finally:
                     del pin
-                mechanisms = frozenset(int(m) for m in token.slot.get_mechanisms())
                 sessions[label] = _TokenSession(cfg, token, session, mechanisms)
         except BackendUnavailable as exc:
             self._down(exc.message)
@@ -233,7 +253,11 @@ class Backend:
             return
         try:
             for ts in self._sessions.values():
-                ts.session.generate_random(8)
+                if ts.session is None:
+                    with ts.token.open() as public:
+                        public.generate_random(8)
+                else:
+                    ts.session.generate_random(8)
         except pkcs11.PKCS11Error as exc:
             if not is_backend_failure(exc):
                 raise
@@ -243,6 +267,8 @@ class Backend:
     def close(self) -> None:
         self._cache.clear()
         for ts in self._sessions.values():
+            if ts.session is None:
+                continue
             try:
                 ts.session.close()
             except pkcs11.PKCS11Error:
@@ -258,7 +284,9 @@ class Backend:
     # -- access -----------------------------------------------------------------
     @property
     def open_sessions(self) -> int:
-        return len(self._sessions) if self.ok else 0
+        if not self.ok:
+            return 0
+        return sum(1 for ts in self._sessions.values() if ts.session is not None)
 
     def _token(self, token: str) -> _TokenSession:
         if token not in self.tokens:
@@ -268,7 +296,41 @@ class Backend:
         return self._sessions[token]
 
     def session(self, token: str) -> Any:
-        return self._token(token).session
+        ts = self._token(token)
+        if ts.session is None:
+            raise FailedPrecondition("the officer worker keeps no session; this operation "
+                                     "runs in the other workers")
+        return ts.session
+
+    @contextmanager
+    def login_session(self, token: str, *, security_officer: bool = False) -> Iterator[Any]:
+        """A session of the officer worker logged in for one step, closed (and so
+        logged out) at the end. Private session objects die with it."""
+        ts = self._token(token)
+        if not self.officer:
+            raise FailedPrecondition("only the officer worker opens sessions per step")
+        cfg = ts.config
+        if security_officer and not cfg.has_so_pin:
+            raise FailedPrecondition(
+                f"token {token!r} has no security officer PIN in the proxy configuration "
+                f"(pkcs11.tokens[].so_pin_file): the trusted half of a transport key can be "
+                f"made only in an SO session")
+        pin = cfg.read_so_pin() if security_officer else cfg.read_pin()
+        try:
+            session = (ts.token.open(rw=True, so_pin=pin) if security_officer
+                       else ts.token.open(rw=True, user_pin=pin))
+        except pkcs11.PinIncorrect:
+            raise FailedPrecondition(f"the {'security officer' if security_officer else 'user'}"
+                                     f" PIN of token {token!r} is incorrect") from None
+        finally:
+            del pin
+        try:
+            yield session
+        finally:
+            try:
+                session.close()
+            except pkcs11.PKCS11Error:
+                pass
 
     def supports(self, token: str, mechanism: int) -> bool:
         return mechanism in self._token(token).mechanisms

@@ -12,7 +12,7 @@ from typing import NamedTuple
 class KeySetSource(NamedTuple):
     """Where a card key set comes from (one of the KeySetSpec forms)."""
 
-    kind: str                      # diversified | new_random | from_cryptogram | static | handle
+    kind: str                      # diversified | new_random | from_cryptogram | handle
     token: str
     key_length: int
     master_label: str = ""
@@ -20,7 +20,6 @@ class KeySetSource(NamedTuple):
     public_label: str = ""
     private_label: str = ""
     cryptogram: bytes = b""
-    static_labels: tuple[str, str, str] = ("", "", "")
     handle: str = ""
 
 

@@ -19,6 +19,16 @@ What is in this worker's memory, and for how long (see docs/threat-model.md):
 - PUT KEY key data: C_WrapKey(CKM_AES_CBC, zero IV) of each new key under the
   channel's static DEK, made by the HSM: the new keys never exist in clear
   outside it. KCVs (AES-ECB of 16 x 01, first 3 bytes) by C_Encrypt in the HSM.
+
+Masters (``hsm_proxy.key_classes``): a card key set is derived only from a
+master of the class its source names (an MK block or the factory transport
+master diversified by the PSD id; an MKRK block with a cryptogram key pair
+for R), which reached this token the way its class does (transferred under
+a trusted transport key, or from a custodians' ceremony) and matches its
+template. Derived keys are session objects that never leave this worker's
+operation: those of the channel are not extractable; those a PUT KEY
+installs are extractable only so the card's DEK can wrap them, inside the
+same operation, and are destroyed straight after.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 import pkcs11
-from pkcs11 import KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from cardcore import gp
 from cardcore import sw as SW
@@ -35,8 +45,9 @@ from cardcore.scp03 import CryptogramError, HostChannel, MacError, Scp03Error, o
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import card_keys_messages as cm
+from hsm_proxy import key_classes as kc
 from hsm_proxy.errors import DataLoss
-from hsm_proxy.keyspec import AES_BY_SIZE, secret_template
+from hsm_proxy.keyspec import session_secret_template
 from hsm_proxy.registry import State, WorkerContext, operation
 
 OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)
@@ -44,7 +55,10 @@ GP_KCV_BLOCK = b"\x01" * 16
 KCV_LENGTH = 3
 R_BYTES = 16
 ZERO_IV = bytes(16)
-DERIVED_USAGES = frozenset({pb.ENCRYPT, pb.SIGN, pb.WRAP})
+# A channel's static keys: CMAC (session keys), WRAP (the DEK wraps PUT KEY data),
+# ENCRYPT (check values). A PUT KEY's new keys: ENCRYPT for their check values.
+CHANNEL_USAGES = frozenset({pb.ENCRYPT, pb.SIGN, pb.WRAP})
+PUT_USAGES = frozenset({pb.ENCRYPT})
 
 
 class KeySetObjects:
@@ -97,24 +111,32 @@ class ChannelState(State):
         self.keys.destroy()
 
 
-def _secret(ctx: WorkerContext, token: str, label: str, what: str) -> Any:
+def _master(ctx: WorkerContext, token: str, label: str, roles: set[int],
+            cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
+    """The object of a master of ``roles`` that CardKeys may use (see the module docstring);
+    KeyClassError (PERMISSION_DENIED, audited) for any other key under that label."""
     key = ctx.backend.key(token, label)
-    obj = key.get(ObjectClass.SECRET_KEY)
-    if obj is None:
-        raise FailedPrecondition(f"{what} {token}/{label} is not a secret key")
-    return obj[0]
-
-
-def _half(ctx: WorkerContext, token: str, label: str, cls: ObjectClass, what: str) -> Any:
-    found = ctx.backend.key(token, label).get(cls)
+    role = kc.require_role(label, roles, "master")
+    if key.conformance:
+        raise kc.KeyClassError(f"{token}/{label} does not match its class, CardKeys will "
+                               f"not use it: {key.conformance}")
+    tag = kc.decode_tag(bytes(key.attrs[key.main()].get(Attribute.ID) or b""))
+    origins = kc.CARD_MASTER_ORIGINS[role]
+    if tag is None or tag.origin not in origins:
+        made = kc.origin_name(tag.origin) if tag is not None else "unknown"
+        allowed = " or ".join(sorted(kc.origin_name(o) for o in origins))
+        raise kc.KeyClassError(f"{token}/{label} was {made}; CardKeys uses a "
+                               f"{kc.role_name(role)} only when {allowed}")
+    found = key.get(cls)
     if found is None:
-        raise FailedPrecondition(f"{token}/{label} has no {what}")
+        raise FailedPrecondition(f"{token}/{label} has no {cls.name.lower().replace('_', ' ')}")
     return found[0]
 
 
-def _derive(master: Any, element: bytearray | bytes, key_length: int, token: str) -> KeySetObjects:
-    template = secret_template(AES_BY_SIZE[key_length], key_length, "card-key", b"",
-                               DERIVED_USAGES, True, True)
+def _derive(master: Any, element: bytearray | bytes, key_length: int, token: str, *,
+            for_put: bool) -> KeySetObjects:
+    template = session_secret_template(PUT_USAGES if for_put else CHANNEL_USAGES,
+                                       extractable=for_put, value_len=key_length)
     objects = []
     try:
         for index in KEY_INDEXES:
@@ -135,28 +157,39 @@ def _wipe(secret: bytearray) -> None:
     secret[:] = bytes(len(secret))
 
 
-def key_set(ctx: WorkerContext, src: cm.KeySetSource) -> tuple[KeySetObjects, bytes]:
-    """The key set objects of ``src`` and, for a new random MKRK set, its cryptogram."""
+MK_SOURCES = {pb.MK_BLOCK, pb.FACTORY_TRANSPORT_MASTER}
+MKRK_SOURCES = {pb.MKRK_BLOCK}
+CRYPTOGRAM = {pb.CRYPTOGRAM_PAIR}
+
+
+def key_set(ctx: WorkerContext, src: cm.KeySetSource, *, for_put: bool = False
+            ) -> tuple[KeySetObjects, bytes]:
+    """The key set objects of ``src`` and, for a new random MKRK set, its cryptogram.
+
+    ``for_put``: the set is to be installed by a PUT KEY (its keys are then
+    extractable for the DEK wrap, in this operation only).
+    """
     if src.kind == "handle":
+        if for_put:
+            raise InvalidArgument("a key set handle opens channels; a PUT KEY derives the set "
+                                  "it installs inside the call (give its source)")
         return ctx.states.get(src.handle, KeySetState).keys, b""
-    if src.kind == "static":
-        objects = [_secret(ctx, src.token, label, "static key") for label in src.static_labels]
-        return KeySetObjects(src.token, src.key_length, objects, owned=False), b""
-    master = _secret(ctx, src.token, src.master_label, "master key")
     if src.kind == "diversified":
-        return _derive(master, src.element, src.key_length, src.token), b""
+        master = _master(ctx, src.token, src.master_label, MK_SOURCES)
+        return _derive(master, src.element, src.key_length, src.token, for_put=for_put), b""
+    master = _master(ctx, src.token, src.master_label, MKRK_SOURCES)
     session = ctx.backend.session(src.token)
     if src.kind == "new_random":
-        public = _half(ctx, src.token, src.public_label, ObjectClass.PUBLIC_KEY, "public key")
+        public = _master(ctx, src.token, src.public_label, CRYPTOGRAM, ObjectClass.PUBLIC_KEY)
         r = bytearray(session.generate_random(R_BYTES * 8))
         try:
             cryptogram = public.encrypt(bytes(r), mechanism=Mechanism.RSA_PKCS_OAEP,
                                         mechanism_param=OAEP_SHA1)
-            return _derive(master, r, src.key_length, src.token), cryptogram
+            return _derive(master, r, src.key_length, src.token, for_put=for_put), cryptogram
         finally:
             _wipe(r)
     # from_cryptogram
-    private = _half(ctx, src.token, src.private_label, ObjectClass.PRIVATE_KEY, "private key")
+    private = _master(ctx, src.token, src.private_label, CRYPTOGRAM, ObjectClass.PRIVATE_KEY)
     try:
         r = bytearray(private.decrypt(src.cryptogram, mechanism=Mechanism.RSA_PKCS_OAEP,
                                       mechanism_param=OAEP_SHA1))
@@ -166,7 +199,7 @@ def key_set(ctx: WorkerContext, src: cm.KeySetSource) -> tuple[KeySetObjects, by
     try:
         if len(r) != R_BYTES:
             raise FailedPrecondition("the cryptogram does not hold a derivation random")
-        return _derive(master, r, src.key_length, src.token), b""
+        return _derive(master, r, src.key_length, src.token, for_put=for_put), b""
     finally:
         _wipe(r)
 
@@ -179,12 +212,12 @@ def kcvs(keys: KeySetObjects) -> tuple[bytes, bytes, bytes]:
     try:
         return _kcv(keys.enc), _kcv(keys.mac), _kcv(keys.dek)
     except pkcs11.PKCS11Error:
-        return b"", b"", b""          # static keys without ENCRYPT: no KCV to show
+        return b"", b"", b""
 
 
 def _put_key(ctx: WorkerContext, dek: Any, command: cm.Command) -> cm.Wrapped:
     """PUT KEY of a whole set, its key data wrapped under the channel's DEK by the HSM."""
-    new, cryptogram = key_set(ctx, command.put)
+    new, cryptogram = key_set(ctx, command.put, for_put=True)
     try:
         comps = []
         for obj in (new.enc, new.mac, new.dek):
@@ -198,8 +231,7 @@ def _put_key(ctx: WorkerContext, dek: Any, command: cm.Command) -> cm.Wrapped:
         raise FailedPrecondition(f"the HSM refused to wrap the new key set under the card's "
                                  f"DEK ({type(exc).__name__})") from None
     finally:
-        if command.put.kind != "handle":
-            new.destroy()
+        new.destroy()
 
 
 def _wrap_commands(ctx: WorkerContext, state: ChannelState,
@@ -223,7 +255,7 @@ def _wrap_commands(ctx: WorkerContext, state: ChannelState,
 @operation("card_keys.derive_set", idempotent=False)
 def derive_set(ctx: WorkerContext, req: cm.DeriveSet) -> tuple[bytes, bytes, bytes, bytes]:
     keys, cryptogram = key_set(ctx, req.source)
-    ctx.states.put(req.handle, KeySetState(keys, req.source.master_label or "static"))
+    ctx.states.put(req.handle, KeySetState(keys, req.source.master_label))
     return (*kcvs(keys), cryptogram)
 
 
@@ -250,7 +282,7 @@ def open_channel(ctx: WorkerContext, req: cm.OpenChannel) -> list[cm.Wrapped]:
                                      f"({type(exc).__name__})") from None
         state = ChannelState(keys if owned_here else KeySetObjects(
             keys.token, keys.key_length, [keys.enc, keys.mac, keys.dek], owned=False),
-            host, req.source.master_label or "static")
+            host, req.source.master_label)
         state.pending.append(host.checkpoint())
         wrapped = [cm.Wrapped(ext_auth, cryptogram=cryptogram)]
         wrapped += _wrap_commands(ctx, state, req.commands)

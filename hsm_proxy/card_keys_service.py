@@ -18,7 +18,9 @@ from cms.runtime.errors import FailedPrecondition, InvalidArgument, ServiceError
 from cms.v1 import card_channel_pb2 as chpb
 from cms.v1 import card_keys_pb2 as pb
 from cms.v1 import card_keys_pb2_grpc
+from cms.v1 import hsm_pb2 as hpb
 from hsm_proxy import card_keys_messages as cm
+from hsm_proxy import key_classes as kc
 from hsm_proxy.core import Call, ProxyCore, creation_failed, rpc
 from hsm_proxy.errors import failure_item_error, item_error
 from hsm_proxy.worker import Failure
@@ -33,6 +35,9 @@ MAX_APDU_BYTES = 261 + 3            # extended-length headers included
 MAX_RESPONSES = 64
 CARD_KEY_SET_KIND = "card-key-set"
 CHANNEL_KIND = "scp03-channel"
+DIVERSIFIED_MASTERS = frozenset({hpb.MK_BLOCK, hpb.FACTORY_TRANSPORT_MASTER})
+RANDOM_MASTERS = frozenset({hpb.MKRK_BLOCK})
+CRYPTOGRAM_KEYS = frozenset({hpb.CRYPTOGRAM_PAIR})
 
 
 def _check_foreseeable(commands: Any) -> None:
@@ -51,11 +56,16 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
     # -- request checks ------------------------------------------------------------
     def _source(self, call: Call, spec: pb.KeySetSpec, what: str,
                 workers: set[int]) -> tuple[cm.KeySetSource, str]:
-        """The checked, authorized source of a key set, and the label naming it in handles."""
+        """The checked, authorized source of a key set, and the label naming it in handles.
+
+        Each source takes masters of fixed classes (card_keys.proto): a label
+        of another class is refused here (PERMISSION_DENIED), before any HSM
+        work; the worker checks the key itself (its origin and template).
+        """
         kind = spec.WhichOneof("source")
         if kind is None:
             raise InvalidArgument(f"{what}: give a source (diversified, new_random, "
-                                  f"from_cryptogram, static_labels or handle)")
+                                  f"from_cryptogram or handle)")
         if kind == "handle":
             record = self.core.handles.lookup(call.identity, spec.handle,
                                               worker_state=self.core.pool.worker_state)
@@ -68,18 +78,11 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         if spec.key_length not in KEY_LENGTHS:
             raise InvalidArgument(f"{what}.key_length: 16, 24 or 32")
         self.core.require_token(token, f"{what}.token")
-        if kind == "static_labels":
-            labels = (spec.static_labels.enc_label, spec.static_labels.mac_label,
-                      spec.static_labels.dek_label)
-            if not all(labels):
-                raise InvalidArgument(f"{what}.static_labels: enc, mac and dek labels")
-            for label in labels:
-                call.authorize(token, label)
-            return cm.KeySetSource("static", token, spec.key_length,
-                                   static_labels=labels), labels[0]
         source = getattr(spec, kind)
         if not source.master_label:
             raise InvalidArgument(f"{what}.{kind}.master_label: required")
+        masters = DIVERSIFIED_MASTERS if kind == "diversified" else RANDOM_MASTERS
+        kc.require_role(source.master_label, masters, f"{what}.{kind}.master_label")
         call.authorize(token, source.master_label)
         if kind == "diversified":
             if not 1 <= len(source.element) <= MAX_ELEMENT_BYTES:
@@ -91,12 +94,16 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         if kind == "new_random":
             if not source.public_key_label:
                 raise InvalidArgument(f"{what}.new_random.public_key_label: required")
+            kc.require_role(source.public_key_label, CRYPTOGRAM_KEYS,
+                            f"{what}.new_random.public_key_label")
             call.authorize(token, source.public_key_label)
             return cm.KeySetSource("new_random", token, spec.key_length,
                                    master_label=source.master_label,
                                    public_label=source.public_key_label), source.master_label
         if not source.private_key_label:
             raise InvalidArgument(f"{what}.from_cryptogram.private_key_label: required")
+        kc.require_role(source.private_key_label, CRYPTOGRAM_KEYS,
+                        f"{what}.from_cryptogram.private_key_label")
         if not 1 <= len(source.cryptogram) <= MAX_CRYPTOGRAM_BYTES:
             raise InvalidArgument(f"{what}.from_cryptogram.cryptogram: 1 to "
                                   f"{MAX_CRYPTOGRAM_BYTES} bytes")
@@ -120,6 +127,10 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
                 p = c.put_key_set
                 if not 1 <= p.new_kvn <= 0xFF or not 0 <= p.replace_kvn <= 0xFF:
                     raise InvalidArgument(f"commands[{i}].put_key_set: KVNs are 1..255")
+                if p.key_set.WhichOneof("source") == "handle":
+                    raise InvalidArgument(f"commands[{i}].put_key_set.key_set: a key set handle "
+                                          f"opens channels; a PUT KEY derives the set it "
+                                          f"installs inside the call (give its source)")
                 source, _ = self._source(call, p.key_set, f"commands[{i}].put_key_set.key_set",
                                          workers)
                 out.append(cm.Command(put=source, new_kvn=p.new_kvn, replace_kvn=p.replace_kvn))

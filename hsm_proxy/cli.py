@@ -93,14 +93,14 @@ def _register_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="key_class", choices=sorted(KEY_CLASSES))
     p.set_defaults(func=_keys)
 
-    p = hsub.add_parser("generate", help="generate a key (secret or key pair) in the HSM")
+    p = hsub.add_parser("generate", help="generate an operator key (secret or key pair): "
+                                         "never extractable; blocks come from 'cms keys'")
     p.add_argument("--token", required=True)
     p.add_argument("--label", required=True)
     p.add_argument("--algorithm", required=True, choices=sorted(ALGORITHMS))
     p.add_argument("--length", type=int, default=0, help="bytes (generic-secret only)")
     p.add_argument("--usage", action="append", choices=USAGES,
                    help="repeatable (default: sign+verify for pairs, encrypt+decrypt for AES)")
-    p.add_argument("--extractable", action="store_true", help="may be wrapped under another key")
     p.add_argument("--session", action="store_true", help="session key (returns a handle)")
     p.set_defaults(func=_generate)
 
@@ -203,14 +203,20 @@ def _describe(info: Any) -> str:
     usages = ",".join(pb.KeyUsage.Name(u).lower() for u in info.usages) or "-"
     parts = [
         ref, pb.KeyClass.Name(info.key_class).lower(), pb.KeyAlgorithm.Name(info.algorithm),
+        f"class={pb.KeyRole.Name(info.role).lower()}",
+        f"origin={pb.KeyOrigin.Name(info.origin).lower()}",
         f"usages={usages}", f"sensitive={info.sensitive}", f"extractable={info.extractable}",
         f"always_sensitive={info.always_sensitive}",
         f"never_extractable={info.never_extractable}", f"local={info.local}",
+        f"trusted={info.trusted}", f"wrap_with_trusted={info.wrap_with_trusted}",
+        f"modifiable={info.modifiable}",
     ]
     if info.kcv:
         parts.append(f"kcv={info.kcv.hex()}")
     if info.HasField("expires"):
         parts.append(f"expires={info.expires.ToJsonString()}")
+    if info.conformance:
+        parts.append(f"NOT-CONFORMING({info.conformance})")
     return " ".join(parts)
 
 
@@ -243,7 +249,7 @@ def _generate(args: argparse.Namespace) -> int:
     usages = args.usage or (["sign"] if pair else ["encrypt", "decrypt"])
     template = pb.KeyTemplate(label=args.label, usages=[pb.KeyUsage.Value(u.upper())
                                                         for u in usages],
-                              extractable=args.extractable, session=args.session)
+                              session=args.session)
     stub = _stub(args)
     if pair:
         info = stub.GenerateKeyPair(pb.GenerateKeyPairRequest(

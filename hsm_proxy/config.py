@@ -10,6 +10,8 @@ Schema (every path absolute, or relative to the file's directory)::
       workers: 2                            # default: CPU count
       tokens:
         - {label: access, pin_file: secrets/access.pin}   # or pin_env: VAR
+        - {label: kms, pin_file: secrets/kms.pin,
+           so_pin_file: secrets/kms.so-pin}                # or so_pin_env: VAR
       call_timeout_seconds: 30              # optional: a worker silent this long is restarted
       probe_interval_seconds: 1.0           # optional: backend liveness probe period
       max_backoff_seconds: 2.0              # optional: cap of the reconnection backoff
@@ -44,15 +46,30 @@ DEFAULT_AUDIT_SYNC_S = 1.0
 
 @dataclass(frozen=True)
 class TokenConfig:
-    """One token the proxy fronts, and where its user PIN is."""
+    """One token the proxy fronts, and where its user PIN (and SO PIN) are.
+
+    The security officer's PIN is needed only on a token that receives the
+    trusted half of a transport key: CKA_TRUSTED can be set only in an SO
+    session. Only the proxy's officer worker reads it, for that one step.
+    """
 
     label: str
     pin_file: Path | None = None
     pin_env: str | None = None
+    so_pin_file: Path | None = None
+    so_pin_env: str | None = None
 
     def read_pin(self) -> str:
         return read_secret(file=self.pin_file, env=self.pin_env,
                            what=f"user PIN of token {self.label!r}")
+
+    @property
+    def has_so_pin(self) -> bool:
+        return self.so_pin_file is not None or self.so_pin_env is not None
+
+    def read_so_pin(self) -> str:
+        return read_secret(file=self.so_pin_file, env=self.so_pin_env,
+                           what=f"security officer PIN of token {self.label!r}")
 
 
 @dataclass(frozen=True)
@@ -196,7 +213,11 @@ def _pkcs11(sec: Section) -> Pkcs11Config:
         pin_env = ts.str("pin_env")
         if (pin_file is None) == (pin_env is None):
             raise ConfigError(f"{ts.where}: give exactly one of pin_file and pin_env")
-        tokens.append(TokenConfig(label, pin_file, pin_env))
+        so_pin_file = ts.path("so_pin_file")
+        so_pin_env = ts.str("so_pin_env")
+        if so_pin_file is not None and so_pin_env is not None:
+            raise ConfigError(f"{ts.where}: give at most one of so_pin_file and so_pin_env")
+        tokens.append(TokenConfig(label, pin_file, pin_env, so_pin_file, so_pin_env))
 
     return Pkcs11Config(
         module=str(module),
@@ -217,4 +238,6 @@ def check_pins(config: Pkcs11Config) -> None:
     """
     for token in config.tokens:
         token.read_pin()
+        if token.has_so_pin:
+            token.read_so_pin()
 

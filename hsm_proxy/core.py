@@ -34,12 +34,14 @@ from cms.runtime.errors import (
 from cms.runtime.logs import fields
 from cms.runtime.tls import peer_identity
 from cms.v1 import hsm_pb2 as pb
+from hsm_proxy import key_classes as kc
 from hsm_proxy import messages as m
 from hsm_proxy import metrics
 from hsm_proxy.audit import AuditLog
+from hsm_proxy.ceremonies import CeremonyRegistry
 from hsm_proxy.config import LimitsConfig
 from hsm_proxy.errors import HandleExpired, Internal
-from hsm_proxy.handles import COMPONENT_IMPORT_KIND, HandleRecord, HandleRegistry
+from hsm_proxy.handles import HandleRecord, HandleRegistry
 from hsm_proxy.policy import Policy
 from hsm_proxy.pool import Reply, WorkerPool
 
@@ -48,7 +50,6 @@ log = logging.getLogger("hsm_proxy.core")
 F = TypeVar("F", bound=Callable[..., Any])
 
 MAX_LABEL_CHARS = 256
-MAX_ID_BYTES = 64
 LABEL_STRIPES = 64
 
 
@@ -100,10 +101,12 @@ class Call:
 
 class ProxyCore:
     def __init__(self, *, policy: Policy, audit: AuditLog, handles: HandleRegistry,
-                 pool: WorkerPool, limits: LimitsConfig, tokens: tuple[str, ...]):
+                 pool: WorkerPool, limits: LimitsConfig, tokens: tuple[str, ...],
+                 ceremonies: CeremonyRegistry | None = None):
         self.policy = policy
         self.audit = audit
         self.handles = handles
+        self.ceremonies = ceremonies if ceremonies is not None else CeremonyRegistry(3600)
         self.pool = pool
         self.limits = limits
         self.tokens = tokens
@@ -139,12 +142,20 @@ class ProxyCore:
         raise InvalidArgument(f"{what}: give a label (with its token) or a handle")
 
     def template(self, tpl: pb.KeyTemplate, what: str = "template") -> m.Template:
+        """An operator key's template: the label must be an operator label, the usages one
+        group of the class; extractable and CKA_ID are the proxy's, never the caller's."""
         if not tpl.label:
             raise InvalidArgument(f"{what}.label: required (policy patterns apply to it)")
+        kc.require_role(tpl.label, {pb.OPERATOR_KEY}, f"{what}.label")
+        if tpl.extractable:
+            raise kc.KeyClassError(f"{what}.extractable: this service makes no extractable key; "
+                                   f"key blocks leave an HSM only through KeyBlocks, wrapped "
+                                   f"under a trusted transport key")
+        if tpl.id:
+            raise InvalidArgument(f"{what}.id: the proxy writes CKA_ID (the key's class and "
+                                  f"origin); leave it empty")
         if len(tpl.label) > MAX_LABEL_CHARS:
             raise InvalidArgument(f"{what}.label: longer than {MAX_LABEL_CHARS} characters")
-        if len(tpl.id) > MAX_ID_BYTES:
-            raise InvalidArgument(f"{what}.id: longer than {MAX_ID_BYTES} bytes")
         usages = frozenset(tpl.usages)
         if not usages:
             raise InvalidArgument(f"{what}.usages: at least one usage is required")
@@ -194,7 +205,7 @@ class ProxyCore:
 
     def update_handle_gauge(self) -> None:
         counts = self.handles.counts()
-        for kind in {"key", COMPONENT_IMPORT_KIND, *counts}:
+        for kind in {"key", *counts}:
             metrics.HANDLES.labels(kind).set(counts.get(kind, 0))
 
     @contextmanager
@@ -211,11 +222,13 @@ class ProxyCore:
                 lock.release()
 
     def expire_handles(self) -> None:
-        """Monitor tick: end handles past their TTL and free their worker state."""
+        """Monitor tick: end handles and ceremonies past their TTL and free their state."""
         due = self.handles.expire()
         by_worker: dict[int, list[str]] = {}
         for record in due:
             by_worker.setdefault(record.worker, []).append(record.handle)
+        for ceremony in self.ceremonies.expire():
+            by_worker.setdefault(ceremony.worker, []).append(ceremony.ceremony_id)
         for worker, handles in by_worker.items():
             self.pool.send_control(worker, "release", handles)
         if due:
@@ -223,6 +236,10 @@ class ProxyCore:
         self.update_handle_gauge()
 
     def worker_reset(self, worker: int, keep: tuple[int, int] | None) -> None:
+        ceremonies = self.ceremonies.invalidate_worker(worker, keep)
+        if ceremonies:
+            log.warning("ceremonies lost with a worker restart",
+                        extra=fields(worker=worker, count=len(ceremonies)))
         gone = self.handles.invalidate_worker(worker, keep)
         if gone:
             log.warning("handles lost with a backend restart",
@@ -247,7 +264,7 @@ class ProxyCore:
 
 def target_hint(request: Any) -> tuple[str | None, str | None]:
     """Token and key a request names, for the denial message of an unknown identity."""
-    for name in ("key", "base_key", "wrapping_key", "unwrapping_key"):
+    for name in ("key", "base_key"):
         if request.DESCRIPTOR.fields_by_name.get(name) is not None and request.HasField(name):
             ref = getattr(request, name)
             return ref.token or None, ref.label or ref.handle or None
@@ -260,9 +277,11 @@ def target_hint(request: Any) -> tuple[str | None, str | None]:
     items = getattr(request, "items", None)
     if items:
         return target_hint(items[0])
-    tokens = getattr(request, "tokens", None)
-    if tokens:
-        return tokens[0], request.template.label or None
+    for name in ("source_token", "target_token"):
+        token = getattr(request, name, None)
+        if token:
+            return token, getattr(request, "label", None) or getattr(
+                request, "transport_label", None) or None
     return None, None
 
 

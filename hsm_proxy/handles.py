@@ -27,8 +27,6 @@ from hsm_proxy.errors import HANDLE_EXPIRED_RESTART, HandleExpired
 
 TOMBSTONES = 100_000
 HANDLE_PREFIX = "h"
-# The handle (and worker state) of a key ceremony's component import.
-COMPONENT_IMPORT_KIND = "component-import"
 
 
 def new_handle_id(worker: int) -> str:
@@ -52,9 +50,7 @@ class HandleRecord:
 
 
 class HandleRegistry:
-    """The live handles. ``kind_ttl`` gives some kinds their own lifetime: a key
-    ceremony's component import waits for custodians who may come one after
-    the other, far longer than a card contact's channel should live."""
+    """The live handles. ``kind_ttl`` gives some kinds their own lifetime."""
 
     def __init__(self, ttl_seconds: float, max_per_identity: int,
                  clock: Callable[[], float] = time.time,

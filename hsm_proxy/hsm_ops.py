@@ -1,11 +1,17 @@
-"""Worker operations of the ``cms.v1.Hsm`` contract, on python-pkcs11.
+"""Worker operations of the ``cms.v1.Hsm`` contract (operator keys), on python-pkcs11.
 
 Each operation receives a payload from ``hsm_proxy.messages`` already
 validated and authorized by the frontend, checks what only the HSM side can
-know (key class, type, usages, extractability, duplicate labels) and returns
+know (key class and its tag, type, usages, duplicate labels) and returns
 plain values or serialized ``KeyInfo`` messages. Errors are
 ``cms.runtime.errors`` classes with messages that name keys by label or handle
 and never carry key material or data.
+
+This service makes and uses OPERATOR_KEY keys only (``hsm_proxy.key_classes``):
+never extractable, never wrapping or unwrapping, neither modifiable nor
+copyable. Keys of every other class are reached through their purposes
+(``key_blocks_ops``, ``card_keys_ops``); here they may only be described and
+their public halves read.
 
 Session keys live in the worker that made them as ``KeyState`` objects, named
 by the handle the frontend chose.
@@ -15,43 +21,34 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import hmac
 from collections import defaultdict
 from typing import Any
 
 import pkcs11
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
-from cardcore.kcv import kcv_zero_block
 from cms.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ServiceError,
 )
 from cms.v1 import hsm_pb2 as pb
+from hsm_proxy import key_classes as kc
 from hsm_proxy import messages as m
 from hsm_proxy.backend import ResolvedKey, resolve_objects
-from hsm_proxy.errors import BackendUnavailable, WireError, to_wire
-from hsm_proxy.handles import COMPONENT_IMPORT_KIND
 from hsm_proxy.keyspec import (
-    AES_SIZES,
     EC_BY_PARAMS,
     EC_PARAMS,
     PRIVATE_USAGES,
-    PUBLIC_COUNTERPART,
     PUBLIC_USAGES,
     RSA_BITS,
     RSA_PUBLIC_EXPONENT,
     KeyShape,
-    compute_kcv,
     describe,
-    private_template,
-    public_template,
+    object_template,
     read_attributes,
     require_usage,
-    secret_template,
     secret_type,
     shape_of,
 )
@@ -89,6 +86,19 @@ def resolve(ctx: WorkerContext, ref: m.KeyRef) -> ResolvedKey:
     return ctx.backend.key(ref.token, ref.label)
 
 
+def resolve_operator(ctx: WorkerContext, ref: m.KeyRef) -> ResolvedKey:
+    """A key this service may use: an operator key that matches its class."""
+    key = resolve(ctx, ref)
+    kc.require_role(key.label, {pb.OPERATOR_KEY}, "key")
+    if key.handle is None and key.conformance:
+        raise kc.KeyClassError(f"key {key.name} does not match its class: {key.conformance}")
+    return key
+
+
+def operator_tag(origin: int) -> kc.Tag:
+    return kc.Tag(pb.OPERATOR_KEY, origin)
+
+
 def need(key: ResolvedKey, cls: ObjectClass, what: str) -> tuple[pkcs11.Object, KeyShape]:
     found = key.get(cls)
     if found is None:
@@ -122,7 +132,8 @@ def created(ctx: WorkerContext, token: str, template: m.Template,
             and not resolved.attrs[main].get(Attribute.VALUE_LEN):
         resolved.attrs[main][Attribute.VALUE_LEN] = value_len
         resolved.shapes[main] = shape_of(resolved.attrs[main])
-    info = describe(resolved.objects[main], key_class=key_class, attrs=resolved.attrs[main])
+    info = describe(resolved.objects[main], key_class=key_class, attrs=resolved.attrs[main],
+                    objects=resolved.attrs)
     if template.session:
         assert template.handle is not None
         ctx.states.put(template.handle, KeyState(resolved))
@@ -191,7 +202,8 @@ def list_keys(ctx: WorkerContext, req: m.ListKeys) -> list[bytes]:
         if chosen is None:
             continue
         obj, attrs = objs[chosen[0]]
-        info = describe(obj, key_class=chosen[1], attrs=attrs)
+        info = describe(obj, key_class=chosen[1], attrs=attrs,
+                        objects={cls: a for cls, (_, a) in objs.items()})
         info.ref.token, info.ref.label = req.token, label
         out.append(info.SerializeToString())
     return out
@@ -204,30 +216,37 @@ def list_keys(ctx: WorkerContext, req: m.ListKeys) -> list[bytes]:
 def generate_secret(ctx: WorkerContext, req: m.GenerateSecret) -> bytes:
     t = req.template
     key_type, size = secret_type(req.algorithm, req.length_bytes)
+    usages = kc.operator_usages(kc.SECRET, t.usages)
     if not t.session:
         require_free_label(ctx, req.token, t.label)
-    template = secret_template(req.algorithm, req.length_bytes, t.label, t.key_id, t.usages,
-                               t.extractable, t.session)
+    template = object_template(kc.ObjectTemplate(kc.SECRET, usages), label=t.label,
+                               tag=operator_tag(pb.GENERATED), token_object=not t.session,
+                               key_type=key_type, value_len=size)
     key = ctx.backend.session(req.token).generate_key(
         key_type, size * 8, capabilities=0, template=template)
     return created(ctx, req.token, t, [key])
 
 
 def _pair_templates(t: m.Template) -> tuple[dict, dict]:
-    """Private usages go to the private half, which gives the public half their
-    counterparts; public usages named as well (SIGN + VERIFY) go to the public half."""
+    """The private half takes the private usages and gives the public half their
+    counterparts (SIGN -> VERIFY, DECRYPT -> ENCRYPT); one usage group only."""
     unknown = t.usages - PRIVATE_USAGES - PUBLIC_USAGES
     if unknown:
-        raise InvalidArgument("a key pair's usages are SIGN, DECRYPT, UNWRAP, DERIVE (private "
-                              "half) and VERIFY, ENCRYPT, WRAP (public half)")
-    private_usages = t.usages & PRIVATE_USAGES
-    if not private_usages:
-        raise InvalidArgument("a key pair needs at least one private usage (SIGN, DECRYPT, "
-                              "UNWRAP or DERIVE)")
-    public_usages = frozenset(PUBLIC_COUNTERPART[u] for u in private_usages
-                              if u in PUBLIC_COUNTERPART) | (t.usages & PUBLIC_USAGES)
-    return (public_template(t.label, t.key_id, public_usages, t.session),
-            private_template(t.label, t.key_id, private_usages, t.extractable, t.session))
+        raise InvalidArgument("a key pair's usages are SIGN, DECRYPT, DERIVE (private half) "
+                              "and VERIFY, ENCRYPT (public half)")
+    private_usages = kc.operator_usages(kc.PRIVATE, t.usages & PRIVATE_USAGES)
+    public_usages = frozenset(kc.PUBLIC_COUNTERPART[u] for u in private_usages
+                              if u in kc.PUBLIC_COUNTERPART)
+    extra = (t.usages & PUBLIC_USAGES) - public_usages
+    if extra:
+        allowed = ", ".join(pb.KeyUsage.Name(u) for u in sorted(public_usages)) or "none"
+        raise kc.KeyClassError(f"the public half of this pair has the counterpart of the "
+                               f"private usage only ({allowed})")
+    tag = operator_tag(pb.GENERATED)
+    common = {"label": t.label, "tag": tag, "token_object": not t.session}
+    return (object_template(kc.ObjectTemplate(kc.PUBLIC, public_usages, private=False),
+                            **common),
+            object_template(kc.ObjectTemplate(kc.PRIVATE, private_usages), **common))
 
 
 @operation("generate_pair", idempotent=False)
@@ -239,6 +258,8 @@ def generate_pair(ctx: WorkerContext, req: m.GeneratePair) -> bytes:
         public[Attribute.EC_PARAMS] = EC_PARAMS[req.algorithm]
     elif req.algorithm in RSA_BITS:
         key_type, bits = KeyType.RSA, RSA_BITS[req.algorithm]
+        if pb.DERIVE in t.usages:
+            raise kc.KeyClassError("an RSA key does not derive")
     else:
         raise InvalidArgument(f"{pb.KeyAlgorithm.Name(req.algorithm)} is not a key pair "
                               f"algorithm (use EC_P256, EC_SECP256K1, RSA_2048 or RSA_3072)")
@@ -254,12 +275,14 @@ def generate_pair(ctx: WorkerContext, req: m.GeneratePair) -> bytes:
 
 @operation("derive", idempotent=True)
 def derive(ctx: WorkerContext, req: m.DeriveItem) -> bytes:
-    base = resolve(ctx, req.base)
+    """An operator key derived from another: of the operator class too, never extractable."""
+    base = resolve_operator(ctx, req.base)
     obj, shape = need(base, ObjectClass.SECRET_KEY, "secret key to derive from")
     need_type(shape, base, KeyType.AES, "an AES key")
     require_usage(shape, pb.DERIVE, base.name)
     key_type, size = secret_type(req.algorithm, req.length_bytes)
     t = req.template
+    usages = kc.operator_usages(kc.SECRET, t.usages)
     token = base.token
     if not t.session:
         require_free_label(ctx, token, t.label)
@@ -267,121 +290,16 @@ def derive(ctx: WorkerContext, req: m.DeriveItem) -> bytes:
         mechanism, param = Mechanism.AES_ECB_ENCRYPT_DATA, req.data
     else:
         mechanism, param = Mechanism.AES_CBC_ENCRYPT_DATA, (req.iv, req.data)
-    template = secret_template(req.algorithm, size, t.label, t.key_id, t.usages,
-                               t.extractable, t.session)
+    template = object_template(kc.ObjectTemplate(kc.SECRET, usages), label=t.label,
+                               tag=operator_tag(pb.DERIVED), token_object=not t.session,
+                               key_type=key_type, value_len=size)
     new = obj.derive_key(key_type, size * 8, capabilities=0, mechanism=mechanism,
                          mechanism_param=param, template=template)
     return created(ctx, token, t, [new])
 
 
 # ---------------------------------------------------------------------------
-# Wrapping
-
-def _wrap_mechanism(mechanism: int) -> tuple[Mechanism, Any]:
-    return {
-        pb.AES_KEY_WRAP_PAD: (Mechanism.AES_KEY_WRAP_PAD, None),
-        pb.AES_KEY_WRAP: (Mechanism.AES_KEY_WRAP, None),
-        pb.RSA_OAEP_SHA1: (Mechanism.RSA_PKCS_OAEP, OAEP_SHA1),
-        pb.AES_CBC_ZERO_IV: (Mechanism.AES_CBC, bytes(AES_BLOCK)),
-    }[mechanism]
-
-
-def _kek(key: ResolvedKey, mechanism: int, usage: int) -> pkcs11.Object:
-    """The object of ``key`` that wraps (``usage`` WRAP) or unwraps under ``mechanism``."""
-    if mechanism == pb.RSA_OAEP_SHA1:
-        cls = ObjectClass.PUBLIC_KEY if usage == pb.WRAP else ObjectClass.PRIVATE_KEY
-        what = "an RSA public key" if usage == pb.WRAP else "an RSA private key"
-        obj, shape = need(key, cls, what)
-        need_type(shape, key, KeyType.RSA, what)
-    else:
-        obj, shape = need(key, ObjectClass.SECRET_KEY, "AES key-encryption key")
-        need_type(shape, key, KeyType.AES, "an AES key")
-    require_usage(shape, usage, key.name)
-    return obj
-
-
-@operation("wrap", idempotent=True)
-def wrap(ctx: WorkerContext, req: m.Wrap) -> tuple[bytes, bytes]:
-    kek_key = resolve(ctx, req.wrapping)
-    target = resolve(ctx, req.key)
-    kek = _kek(kek_key, req.mechanism, pb.WRAP)
-    main = target.main()
-    if main == ObjectClass.PUBLIC_KEY:
-        raise FailedPrecondition(f"key {target.name} is a public key: read it with GetPublicKey")
-    obj, shape = target.objects[main], target.shapes[main]
-    attrs = target.attrs[main]
-    if not attrs.get(Attribute.EXTRACTABLE):
-        raise FailedPrecondition(f"key {target.name} is not extractable: it may not leave the "
-                                 f"HSM, not even wrapped")
-    if main == ObjectClass.PRIVATE_KEY and req.mechanism != pb.AES_KEY_WRAP_PAD:
-        raise InvalidArgument("a private key can only be wrapped with AES_KEY_WRAP_PAD")
-    size = shape.size_bits // 8
-    if req.mechanism == pb.AES_CBC_ZERO_IV and (size % AES_BLOCK or not shape.is_aes):
-        raise InvalidArgument("AES_CBC_ZERO_IV wraps AES keys only (whole 16-byte blocks)")
-    if req.mechanism == pb.AES_KEY_WRAP and size % 8:
-        raise InvalidArgument("AES_KEY_WRAP needs a key of a multiple of 8 bytes; "
-                              "use AES_KEY_WRAP_PAD")
-    mechanism, param = _wrap_mechanism(req.mechanism)
-    wrapped = kek.wrap_key(obj, mechanism=mechanism, mechanism_param=param)
-    kcv = compute_kcv(obj, attrs, shape) if main == ObjectClass.SECRET_KEY else b""
-    return wrapped, kcv
-
-
-@operation("unwrap", idempotent=True)
-def unwrap(ctx: WorkerContext, req: m.Unwrap) -> bytes:
-    kek_key = resolve(ctx, req.unwrapping)
-    kek = _kek(kek_key, req.mechanism, pb.UNWRAP)
-    t = req.template
-    token = kek_key.token
-    if req.key_class == pb.SECRET_KEY:
-        key_type, size = secret_type(req.algorithm, req.length_bytes)
-        object_class = ObjectClass.SECRET_KEY
-        template = secret_template(req.algorithm, size, t.label, t.key_id, t.usages,
-                                   t.extractable, t.session, with_length=False)
-    elif req.key_class == pb.PRIVATE_KEY:
-        if req.mechanism != pb.AES_KEY_WRAP_PAD:
-            raise InvalidArgument("a private key can only be unwrapped with AES_KEY_WRAP_PAD "
-                                  "(PKCS#8)")
-        if req.algorithm in EC_PARAMS:
-            key_type = KeyType.EC
-        elif req.algorithm in RSA_BITS:
-            key_type = KeyType.RSA
-        else:
-            raise InvalidArgument("a private key is EC_P256, EC_SECP256K1, RSA_2048 or RSA_3072")
-        size = 0
-        object_class = ObjectClass.PRIVATE_KEY
-        template = private_template(t.label, t.key_id, t.usages, t.extractable, t.session)
-        template[Attribute.KEY_TYPE] = key_type
-        # python-pkcs11 adds every usage attribute to an unwrap template; the
-        # public-only ones do not exist on private keys (DEFAULT removes them).
-        for attr in (Attribute.ENCRYPT, Attribute.VERIFY, Attribute.WRAP):
-            template[attr] = pkcs11.DEFAULT
-    else:
-        raise InvalidArgument("key_class must be SECRET_KEY or PRIVATE_KEY")
-    if not t.session:
-        require_free_label(ctx, token, t.label)
-    mechanism, param = _wrap_mechanism(req.mechanism)
-    new = kek.unwrap_key(object_class, key_type, req.wrapped, mechanism=mechanism,
-                         mechanism_param=param, capabilities=0, template=template)
-    try:
-        attrs = read_attributes(new)
-        reported = int(attrs.get(Attribute.VALUE_LEN) or 0)
-        if key_type == KeyType.AES and reported and reported != size:
-            raise InvalidArgument(f"the wrapped key is {reported} bytes long, not "
-                                  f"{pb.KeyAlgorithm.Name(req.algorithm)}")
-        if req.expected_kcv:
-            if key_type != KeyType.AES:
-                raise InvalidArgument("expected_kcv applies to AES keys only")
-            kcv = compute_kcv(new, attrs, shape_of(attrs))
-            if not hmac.compare_digest(kcv, req.expected_kcv):
-                raise InvalidArgument(
-                    f"check value mismatch: the unwrapped key has KCV {kcv.hex()}, expected "
-                    f"{req.expected_kcv.hex()}; the key was not kept")
-    except BaseException:
-        _destroy_quietly([new])
-        raise
-    return created(ctx, token, t, [new], value_len=size)
-
+# Public keys
 
 @operation("import_public", idempotent=False)
 def import_public(ctx: WorkerContext, req: m.ImportPublic) -> bytes:
@@ -393,7 +311,10 @@ def import_public(ctx: WorkerContext, req: m.ImportPublic) -> bytes:
         public = serialization.load_der_public_key(req.der)
     except ValueError:
         raise InvalidArgument("public_key_der is not a DER SubjectPublicKeyInfo") from None
-    template = public_template(t.label, t.key_id, t.usages, t.session)
+    usages = kc.operator_usages(kc.PUBLIC, t.usages)
+    template = object_template(kc.ObjectTemplate(kc.PUBLIC, usages, private=False),
+                               label=t.label, tag=operator_tag(pb.IMPORTED),
+                               token_object=not t.session)
     if isinstance(public, ec.EllipticCurvePublicKey):
         algorithm = {"secp256r1": pb.EC_P256, "secp256k1": pb.EC_SECP256K1}.get(public.curve.name)
         if algorithm is None:
@@ -416,40 +337,10 @@ def import_public(ctx: WorkerContext, req: m.ImportPublic) -> bytes:
         })
     else:
         raise InvalidArgument("only EC (P-256, secp256k1) and RSA public keys can be imported")
-    existing: list[pkcs11.Object] = []
     if not t.session:
-        existing = _pair_completed_by(ctx, req.token, t.label, template)
+        require_free_label(ctx, req.token, t.label)
     obj = ctx.backend.session(req.token).create_object(template)
-    return created(ctx, req.token, t, [*existing, obj],
-                   key_class=pb.KEY_PAIR if existing else None)
-
-
-def _pair_completed_by(ctx: WorkerContext, token: str, label: str,
-                       public: dict) -> list[pkcs11.Object]:
-    """The private key that an imported public key completes into a pair, if any.
-
-    A private key arrives in an HSM wrapped (key transfer) without its public
-    half; importing the matching public key under the same label makes the
-    pair that encrypts with one label and decrypts with it. Any other object
-    already holding the label keeps the label taken.
-    """
-    if not label:
-        raise InvalidArgument("a persistent key needs a label")
-    objects = ctx.backend.find_objects(token, label)
-    if not objects:
-        return []
-    taken = AlreadyExists(f"a key labelled {label!r} already exists on token {token!r}")
-    if len(objects) != 1 or objects[0][Attribute.CLASS] != ObjectClass.PRIVATE_KEY:
-        raise taken
-    private = objects[0]
-    if public.get(Attribute.KEY_TYPE) != KeyType.RSA or private[Attribute.KEY_TYPE] != KeyType.RSA:
-        raise taken
-    modulus = bytes(private[Attribute.MODULUS]).lstrip(b"\0")
-    if not hmac.compare_digest(modulus, bytes(public[Attribute.MODULUS]).lstrip(b"\0")):
-        raise InvalidArgument(f"the public key does not match the private key labelled {label!r} "
-                              f"on token {token!r}")
-    ctx.backend.forget(token, label)
-    return [private]
+    return created(ctx, req.token, t, [obj])
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +348,7 @@ def _pair_completed_by(ctx: WorkerContext, token: str, label: str,
 
 @operation("cipher", idempotent=True)
 def cipher(ctx: WorkerContext, req: m.CipherItem) -> bytes:
-    key = resolve(ctx, req.key)
+    key = resolve_operator(ctx, req.key)
     usage = pb.DECRYPT if req.decrypt else pb.ENCRYPT
     if req.mechanism in (pb.CIPHER_AES_ECB, pb.CIPHER_AES_CBC):
         obj, shape = need(key, ObjectClass.SECRET_KEY, "secret key")
@@ -509,14 +400,14 @@ def _signer(ctx: WorkerContext, key: ResolvedKey, mechanism: int, usage: int, da
 
 @operation("sign", idempotent=True)
 def sign(ctx: WorkerContext, req: m.SignItem) -> bytes:
-    key = resolve(ctx, req.key)
+    key = resolve_operator(ctx, req.key)
     obj, mechanism, param, data = _signer(ctx, key, req.mechanism, pb.SIGN, req.data)
     return obj.sign(data, mechanism=mechanism, mechanism_param=param)
 
 
 @operation("verify", idempotent=True)
 def verify(ctx: WorkerContext, req: m.VerifyItem) -> bool:
-    key = resolve(ctx, req.key)
+    key = resolve_operator(ctx, req.key)
     obj, mechanism, param, data = _signer(ctx, key, req.mechanism, pb.VERIFY, req.data)
     return bool(obj.verify(data, req.signature, mechanism=mechanism, mechanism_param=param))
 
@@ -545,8 +436,8 @@ def describe_key(ctx: WorkerContext, req: m.Describe) -> bytes:
         cls = ObjectClass.PRIVATE_KEY if ObjectClass.PRIVATE_KEY in key.objects else key.main()
     key_class = pb.KEY_PAIR if req.key_class == pb.KEY_PAIR else None
     # Attributes are read afresh: usages or extractability may have changed.
-    attrs = read_attributes(key.objects[cls])
-    info = describe(key.objects[cls], key_class=key_class, attrs=attrs)
+    fresh = {c: read_attributes(o) for c, o in key.objects.items()}
+    info = describe(key.objects[cls], key_class=key_class, attrs=fresh[cls], objects=fresh)
     if key.handle:
         info.ref.token, info.ref.handle = key.token, key.handle
     else:
@@ -603,6 +494,7 @@ def destroy(ctx: WorkerContext, req: m.Destroy) -> int:
             obj.destroy()
         return len(objects)
     token, label = req.key
+    kc.require_role(label, {pb.OPERATOR_KEY}, "key")
     ctx.backend.forget(token, label)
     objects = [o for o in ctx.backend.find_objects(token, label)
                if o[Attribute.CLASS] in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY,
@@ -612,111 +504,3 @@ def destroy(ctx: WorkerContext, req: m.Destroy) -> int:
     for obj in objects:
         obj.destroy()
     return len(objects)
-
-
-# ---------------------------------------------------------------------------
-# Key ceremony: components combined in the worker's memory
-
-class ComponentImport(State):
-    """A key being built from custodians' components (running XOR, wiped at the end).
-
-    The sum lives in a bytearray that is zeroed when the ceremony completes or
-    its handle is released. The components themselves arrive as immutable
-    bytes from the request, which Python cannot wipe; the proxy drops them at
-    once and the threat model records this.
-    """
-
-    kind = COMPONENT_IMPORT_KIND
-
-    def __init__(self, tokens: tuple[str, ...], algorithm: int, needed: int, template: m.Template):
-        self.tokens = tokens
-        self.token = tokens[0]
-        self.label = template.label
-        self.algorithm = algorithm
-        self.needed = needed
-        self.template = template
-        self.received = 0
-        self.total = bytearray(AES_SIZES[algorithm])
-
-    def wipe(self) -> None:
-        self.total[:] = bytes(len(self.total))
-
-    def close(self, ctx: WorkerContext) -> None:
-        self.wipe()
-
-
-@operation("component_begin", idempotent=False)
-def component_begin(ctx: WorkerContext, req: m.ComponentBegin) -> tuple[int, int]:
-    for token in req.tokens:
-        ctx.backend.session(token)
-        require_free_label(ctx, token, req.template.label)
-    ctx.states.put(req.handle, ComponentImport(req.tokens, req.algorithm, req.components,
-                                               req.template))
-    return 0, req.components
-
-
-@operation("component_add", idempotent=False)
-def component_add(ctx: WorkerContext, req: m.ComponentAdd
-                  ) -> tuple[int, int, list[bytes], WireError | None]:
-    """Add one component; on the last, create the key in every token.
-
-    A rejected component raises and leaves the ceremony waiting for it. A
-    failure while creating the combined key ends the ceremony (the sum is
-    wiped): it is returned as the fourth element so the frontend drops the
-    handle too.
-    """
-    state = ctx.states.get(req.handle, ComponentImport)
-    size = len(state.total)
-    if len(req.component) != size:
-        raise InvalidArgument(f"a component of {pb.KeyAlgorithm.Name(state.algorithm)} is "
-                              f"{size} bytes, got {len(req.component)}")
-    position = state.received + 1
-    if not hmac.compare_digest(kcv_zero_block(req.component), req.kcv):
-        raise InvalidArgument(f"component {position} of {state.needed}: its check value does "
-                              f"not match; the component was not accepted, enter it again")
-    for i, byte in enumerate(req.component):
-        state.total[i] ^= byte
-    state.received = position
-    if state.received < state.needed:
-        return state.received, state.needed, [], None
-    ctx.states.pop(req.handle)
-    try:
-        return state.received, state.needed, _create_combined(ctx, state), None
-    except ServiceError as exc:
-        return state.received, state.needed, [], to_wire(exc)
-    except pkcs11.PKCS11Error as exc:
-        from hsm_proxy.backend import failure_name, is_backend_failure
-        from hsm_proxy.worker import map_pkcs11_error
-
-        if is_backend_failure(exc):
-            ctx.backend.fail(exc)
-            error: ServiceError = BackendUnavailable(
-                f"HSM backend failed while creating the combined key ({failure_name(exc)}); "
-                f"the ceremony is over, begin a new one")
-        else:
-            error = map_pkcs11_error(exc, "AddKeyComponent")
-        return state.received, state.needed, [], to_wire(error)
-    finally:
-        state.wipe()
-
-
-def _create_combined(ctx: WorkerContext, state: ComponentImport) -> list[bytes]:
-    t = state.template
-    made: list[pkcs11.Object] = []
-    try:
-        infos = []
-        for token in state.tokens:
-            require_free_label(ctx, token, t.label)
-            template = secret_template(state.algorithm, 0, t.label, t.key_id, t.usages,
-                                       t.extractable, False, with_length=False)
-            template[Attribute.VALUE] = bytes(state.total)
-            obj = ctx.backend.session(token).create_object(template)
-            made.append(obj)
-            info = describe(obj)
-            info.ref.token, info.ref.label = token, t.label
-            infos.append(info.SerializeToString())
-            ctx.backend.forget(token, t.label)
-        return infos
-    except BaseException:
-        _destroy_quietly(made)
-        raise

@@ -24,6 +24,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 from cms.v1 import hsm_pb2 as pb
+from hsm_proxy import key_classes as kc
 
 KCV_LENGTH = 3
 ZERO_BLOCK = bytes(16)
@@ -65,7 +66,9 @@ INFO_ATTRIBUTES = [
     Attribute.CLASS, Attribute.KEY_TYPE, Attribute.LABEL, Attribute.ID, Attribute.TOKEN,
     Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.ALWAYS_SENSITIVE,
     Attribute.NEVER_EXTRACTABLE, Attribute.LOCAL, Attribute.VALUE_LEN, Attribute.EC_PARAMS,
-    Attribute.MODULUS_BITS, Attribute.MODULUS, Attribute.CHECK_VALUE,
+    Attribute.MODULUS_BITS, Attribute.MODULUS, Attribute.PUBLIC_EXPONENT, Attribute.EC_POINT,
+    Attribute.CHECK_VALUE, Attribute.PRIVATE,
+    Attribute.TRUSTED, Attribute.WRAP_WITH_TRUSTED, Attribute.MODIFIABLE, Attribute.COPYABLE,
     *USAGE_ATTRIBUTES.values(),
 ]
 
@@ -91,30 +94,54 @@ def usage_template(usages: frozenset[int], allowed: frozenset[int]) -> dict[Attr
     return {USAGE_ATTRIBUTES[u]: u in usages for u in allowed}
 
 
-def common_template(label: str, key_id: bytes, session: bool) -> dict[Attribute, Any]:
-    template: dict[Attribute, Any] = {Attribute.LABEL: label, Attribute.TOKEN: not session}
-    if key_id:
-        template[Attribute.ID] = key_id
-    return template
+OBJECT_CLASSES = {kc.SECRET: ObjectClass.SECRET_KEY, kc.PRIVATE: ObjectClass.PRIVATE_KEY,
+                  kc.PUBLIC: ObjectClass.PUBLIC_KEY}
+CLASS_NAMES = {v: k for k, v in OBJECT_CLASSES.items()}
+CLASS_USAGES = {kc.SECRET: SECRET_USAGES, kc.PRIVATE: PRIVATE_USAGES, kc.PUBLIC: PUBLIC_USAGES}
 
 
-def secret_template(algorithm: int, length_bytes: int, label: str, key_id: bytes,
-                    usages: frozenset[int], extractable: bool, session: bool,
-                    *, with_length: bool = True) -> dict[Attribute, Any]:
-    """A sensitive secret key; ``extractable`` only ever means wrappable."""
-    key_type, size = secret_type(algorithm, length_bytes)
-    template = {
-        Attribute.CLASS: ObjectClass.SECRET_KEY,
-        Attribute.KEY_TYPE: key_type,
-        Attribute.PRIVATE: True,
-        Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: extractable,
-        **common_template(label, key_id, session),
-        **usage_template(usages, SECRET_USAGES),
+def object_template(tpl: kc.ObjectTemplate, *, label: str, tag: kc.Tag, token_object: bool,
+                    key_type: KeyType | None = None, value_len: int | None = None
+                    ) -> dict[Attribute, Any]:
+    """The PKCS#11 template of one object of a key class.
+
+    Every usage attribute of the object class is given explicitly (true or
+    false, never the token's default); the object can be neither modified nor
+    copied afterwards, so nothing can be switched on later. CKA_ID carries the
+    class and origin tag the proxy checks on every use.
+    """
+    template: dict[Attribute, Any] = {
+        Attribute.CLASS: OBJECT_CLASSES[tpl.object_class],
+        Attribute.LABEL: label,
+        Attribute.ID: tag.encode(),
+        Attribute.TOKEN: token_object,
+        Attribute.PRIVATE: tpl.private,
+        Attribute.COPYABLE: False,
+        **usage_template(tpl.usages, CLASS_USAGES[tpl.object_class]),
     }
-    if with_length:
-        template[Attribute.VALUE_LEN] = size
-    return template
+    if tpl.object_class != kc.PUBLIC:
+        template[Attribute.SENSITIVE] = True
+        template[Attribute.EXTRACTABLE] = tpl.extractable
+        template[Attribute.WRAP_WITH_TRUSTED] = tpl.wrap_with_trusted
+    if tpl.trusted:
+        template[Attribute.TRUSTED] = True
+    if key_type is not None:
+        template[Attribute.KEY_TYPE] = key_type
+    if value_len is not None:
+        template[Attribute.VALUE_LEN] = value_len
+    return finish(template)
+
+
+def finish(template: dict[Attribute, Any]) -> dict[Attribute, Any]:
+    """``template`` with CKA_MODIFIABLE false as its very last attribute.
+
+    SoftHSM 2.6 applies a template in order, and once CKA_MODIFIABLE is false
+    an unwrap or derive cannot set the attributes after it
+    (CKR_ATTRIBUTE_READ_ONLY); last, it applies to the finished object.
+    """
+    out = {k: v for k, v in template.items() if k != Attribute.MODIFIABLE}
+    out[Attribute.MODIFIABLE] = False
+    return out
 
 
 def secret_type(algorithm: int, length_bytes: int) -> tuple[KeyType, int]:
@@ -132,26 +159,28 @@ def secret_type(algorithm: int, length_bytes: int) -> tuple[KeyType, int]:
                           f"(use AES_128, AES_192, AES_256 or GENERIC_SECRET)")
 
 
-def private_template(label: str, key_id: bytes, usages: frozenset[int], extractable: bool,
-                     session: bool) -> dict[Attribute, Any]:
-    return {
-        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+def session_secret_template(usages: frozenset[int], *, extractable: bool,
+                            value_len: int | None = None) -> dict[Attribute, Any]:
+    """A key that lives only inside one worker operation (a card key, a session key).
+
+    Sensitive, never a token object, neither modifiable nor copyable;
+    extractable only for the one case that needs it (a PUT KEY's new keys,
+    wrapped under the card's DEK in the same operation).
+    """
+    template = {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.TOKEN: False,
         Attribute.PRIVATE: True,
         Attribute.SENSITIVE: True,
         Attribute.EXTRACTABLE: extractable,
-        **common_template(label, key_id, session),
-        **usage_template(usages, PRIVATE_USAGES),
+        Attribute.WRAP_WITH_TRUSTED: False,
+        Attribute.COPYABLE: False,
+        **usage_template(usages, SECRET_USAGES),
     }
-
-
-def public_template(label: str, key_id: bytes, usages: frozenset[int],
-                    session: bool) -> dict[Attribute, Any]:
-    return {
-        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-        Attribute.PRIVATE: False,
-        **common_template(label, key_id, session),
-        **usage_template(usages, PUBLIC_USAGES),
-    }
+    if value_len is not None:
+        template[Attribute.VALUE_LEN] = value_len
+    return finish(template)
 
 
 @dataclass(frozen=True)
@@ -208,31 +237,185 @@ def shape_of(attrs: dict[Attribute, Any]) -> KeyShape:
 
 
 def compute_kcv(obj: pkcs11.Object, attrs: dict[Attribute, Any], shape: KeyShape) -> bytes:
-    """KCV_ZERO_BLOCK check value of an AES key, computed so it is always right.
+    """KCV_ZERO_BLOCK check value of an AES key, computed in the HSM so it is always right.
 
-    A key generated in the HSM (CKA_LOCAL) carries a trustworthy CKA_CHECK_VALUE.
-    Otherwise encrypt a zero block in the HSM, through a session copy allowed
-    to encrypt when the key itself is not, destroyed straight after.
+    No key can be copied or modified, so the check value comes from what the
+    key itself allows, in this order: the CKA_CHECK_VALUE the token computed
+    when it generated the key (CKA_LOCAL) or when the proxy created it from
+    components (SoftHSM checks a given value and refuses a wrong one); an
+    encryption of the zero block when the key may encrypt; for a key that
+    may only derive, a 3-byte key derived from it by AES-ECB of the zero
+    block (CKM_AES_ECB_ENCRYPT_DATA) and read back: by construction exactly
+    the check value. Empty otherwise (an unwrapping key that landed wrapped:
+    its check value was taken when it landed).
     """
     if not shape.is_aes:
         return b""
     stored = bytes(attrs.get(Attribute.CHECK_VALUE) or b"")
-    if attrs.get(Attribute.LOCAL) and len(stored) == KCV_LENGTH:
+    tag = kc.decode_tag(bytes(attrs.get(Attribute.ID) or b""))
+    if len(stored) == KCV_LENGTH and (attrs.get(Attribute.LOCAL) or (
+            tag is not None and tag.origin == pb.CEREMONY)):
         return stored
     if attrs.get(Attribute.ENCRYPT):
         return obj.encrypt(ZERO_BLOCK, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
-    copy = obj.copy({Attribute.TOKEN: False, Attribute.ENCRYPT: True})
+    if attrs.get(Attribute.DERIVE):
+        return derived_kcv(obj)
+    return b""
+
+
+def derived_kcv(obj: pkcs11.Object) -> bytes:
+    """AES-ECB(key, 16 x 00)[:3] of a DERIVE key: a 3-byte derived key, read and destroyed.
+
+    The derived object holds the check value and nothing else (its length is
+    the KCV's); it exists for the duration of this function.
+    """
+    check = obj.derive_key(KeyType.GENERIC_SECRET, KCV_LENGTH * 8, capabilities=0,
+                           mechanism=Mechanism.AES_ECB_ENCRYPT_DATA, mechanism_param=ZERO_BLOCK,
+                           template={Attribute.TOKEN: False, Attribute.SENSITIVE: False,
+                                     Attribute.EXTRACTABLE: True,
+                                     Attribute.VALUE_LEN: KCV_LENGTH,
+                                     Attribute.DERIVE: False, Attribute.ENCRYPT: False,
+                                     Attribute.DECRYPT: False, Attribute.SIGN: False,
+                                     Attribute.VERIFY: False, Attribute.WRAP: False,
+                                     Attribute.UNWRAP: False})
     try:
-        return copy.encrypt(ZERO_BLOCK, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
+        return bytes(check[Attribute.VALUE])[:KCV_LENGTH]
     finally:
-        copy.destroy()
+        check.destroy()
+
+
+def spki_der(objects: dict[ObjectClass, dict[Attribute, Any]]) -> bytes | None:
+    """DER SubjectPublicKeyInfo of a pair or public key from its public attributes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    public = objects.get(ObjectClass.PUBLIC_KEY) or objects.get(ObjectClass.PRIVATE_KEY)
+    if public is None:
+        return None
+    key_type = public.get(Attribute.KEY_TYPE)
+    try:
+        if key_type == KeyType.RSA:
+            n = int.from_bytes(bytes(public.get(Attribute.MODULUS) or b""), "big")
+            e = int.from_bytes(bytes(public.get(Attribute.PUBLIC_EXPONENT) or b""), "big")
+            if not n or not e:
+                return None
+            key: Any = rsa.RSAPublicNumbers(e, n).public_key()
+        elif key_type == KeyType.EC:
+            pub = objects.get(ObjectClass.PUBLIC_KEY) or {}
+            algorithm = EC_BY_PARAMS.get(bytes(pub.get(Attribute.EC_PARAMS) or b""))
+            point = bytes(pub.get(Attribute.EC_POINT) or b"")
+            if algorithm is None or not point:
+                return None
+            if len(point) > 2 and point[0] == 0x04 and point[1] == len(point) - 2:
+                point = point[2:]  # DER OCTET STRING around the X9.62 point
+            curve = ec.SECP256R1() if algorithm == pb.EC_P256 else ec.SECP256K1()
+            key = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+        else:
+            return None
+    except ValueError:
+        return None
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def spki_kcv(der: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(der).digest()[:KCV_LENGTH]
+
+
+def role_and_origin(label: str, attrs: dict[Attribute, Any]) -> tuple[int, int, kc.Tag | None]:
+    """The class the label names, the origin its tag records, and the tag."""
+    tag = kc.decode_tag(bytes(attrs.get(Attribute.ID) or b""))
+    role = kc.role_of_label(label)
+    origin = tag.origin if tag is not None and tag.role == role else pb.KEY_ORIGIN_UNKNOWN
+    return role, origin, tag
+
+
+def conformance(label: str, objects: dict[ObjectClass, dict[Attribute, Any]]) -> str:
+    """Empty when the key's objects match its class's template; else what differs.
+
+    A key made outside the proxy (no tag, or a tag of another class than its
+    label) does not conform, nor does one whose attributes differ from the
+    template its tag names: such a key is refused for its class's purposes.
+    """
+    if not objects:
+        return "no key objects"
+    role = kc.role_of_label(label)
+    if role == pb.OPERATOR_KEY:
+        return _operator_conformance(objects)
+    tags = {kc.decode_tag(bytes(a.get(Attribute.ID) or b"")) for a in objects.values()}
+    if len(tags) != 1:
+        return "its objects carry different tags"
+    tag = tags.pop()
+    if tag is None:
+        return "it carries no tag of the proxy (made outside it)"
+    if tag.role != role:
+        return (f"its tag says {kc.role_name(tag.role)} but its label names a "
+                f"{kc.role_name(role)}")
+    expected = kc.expected_objects(tag)
+    if expected is None:
+        return f"no {kc.role_name(role)} is made by {kc.origin_name(tag.origin)}"
+    have = {CLASS_NAMES[c] for c in objects}
+    if have != set(expected):
+        return f"it has objects {sorted(have)}, its class has {sorted(expected)}"
+    for name, tpl in expected.items():
+        problem = _object_problem(tpl, objects[OBJECT_CLASSES[name]], tag.origin)
+        if problem:
+            return f"{name} key: {problem}"
+    return ""
+
+
+def _object_problem(tpl: kc.ObjectTemplate, attrs: dict[Attribute, Any], origin: int) -> str:
+    usages = frozenset(u for u, a in USAGE_ATTRIBUTES.items() if attrs.get(a))
+    if usages != tpl.usages:
+        want = ", ".join(sorted(usage_name(u) for u in tpl.usages)) or "none"
+        got = ", ".join(sorted(usage_name(u) for u in usages)) or "none"
+        return f"usages {got}, expected {want}"
+    checks = [(Attribute.PRIVATE, tpl.private), (Attribute.MODIFIABLE, False),
+              (Attribute.COPYABLE, False)]
+    if tpl.object_class != kc.PUBLIC:
+        checks += [(Attribute.SENSITIVE, True), (Attribute.EXTRACTABLE, tpl.extractable),
+                   (Attribute.WRAP_WITH_TRUSTED, tpl.wrap_with_trusted),
+                   (Attribute.TRUSTED, tpl.trusted) if tpl.object_class == kc.SECRET
+                   else (Attribute.SENSITIVE, True)]
+    if origin == pb.GENERATED:
+        checks.append((Attribute.LOCAL, True))
+    elif origin in (pb.TRANSFERRED, pb.CEREMONY):
+        checks.append((Attribute.LOCAL, False))
+    for attr, value in checks:
+        if bool(attrs.get(attr, False)) != value:
+            return f"{_attr_name(attr)} is {not value}, expected {value}"
+    return ""
+
+
+def _operator_conformance(objects: dict[ObjectClass, dict[Attribute, Any]]) -> str:
+    for cls, attrs in objects.items():
+        if cls == ObjectClass.PUBLIC_KEY:
+            continue
+        if not attrs.get(Attribute.SENSITIVE) or attrs.get(Attribute.EXTRACTABLE):
+            return f"{CLASS_NAMES[cls]} key is not sensitive or is extractable"
+        if attrs.get(Attribute.WRAP) or attrs.get(Attribute.UNWRAP):
+            return f"{CLASS_NAMES[cls]} key may wrap or unwrap"
+    return ""
+
+
+def _attr_name(attr: Attribute) -> str:
+    return "CKA_" + attr.name
 
 
 def describe(obj: pkcs11.Object, *, key_class: int | None = None,
-             attrs: dict[Attribute, Any] | None = None) -> pb.KeyInfo:
-    """KeyInfo of one object (``key_class`` overrides the class, e.g. KEY_PAIR)."""
+             attrs: dict[Attribute, Any] | None = None,
+             objects: dict[ObjectClass, dict[Attribute, Any]] | None = None) -> pb.KeyInfo:
+    """KeyInfo of one object (``key_class`` overrides the class, e.g. KEY_PAIR).
+
+    ``objects``: every object of the key by class, for the conformance check
+    (default: this object alone).
+    """
     attrs = attrs if attrs is not None else read_attributes(obj)
     shape = shape_of(attrs)
+    label = str(attrs.get(Attribute.LABEL) or "")
+    role, origin, _ = role_and_origin(label, attrs)
     info = pb.KeyInfo(
         key_class=key_class if key_class is not None else CLASS_TO_PB.get(
             shape.object_class, pb.KEY_CLASS_UNSPECIFIED),
@@ -246,13 +429,27 @@ def describe(obj: pkcs11.Object, *, key_class: int | None = None,
         local=bool(attrs.get(Attribute.LOCAL, False)),
         token_object=bool(attrs.get(Attribute.TOKEN, False)),
         id=bytes(attrs.get(Attribute.ID) or b""),
-        label=str(attrs.get(Attribute.LABEL) or ""),
+        label=label,
+        role=role,
+        origin=origin,
+        trusted=bool(attrs.get(Attribute.TRUSTED, False)),
+        wrap_with_trusted=bool(attrs.get(Attribute.WRAP_WITH_TRUSTED, False)),
+        modifiable=bool(attrs.get(Attribute.MODIFIABLE, False)),
+        copyable=bool(attrs.get(Attribute.COPYABLE, False)),
     )
+    if attrs.get(Attribute.TOKEN):
+        info.conformance = conformance(label, objects if objects is not None
+                                       else {shape.object_class: attrs})
     if shape.object_class == ObjectClass.SECRET_KEY and shape.is_aes:
         kcv = compute_kcv(obj, attrs, shape)
         if kcv:
             info.kcv = kcv
             info.kcv_method = pb.KCV_ZERO_BLOCK
+    elif shape.object_class != ObjectClass.SECRET_KEY:
+        der = spki_der(objects if objects is not None else {shape.object_class: attrs})
+        if der is not None:
+            info.kcv = spki_kcv(der)
+            info.kcv_method = pb.KCV_SPKI_SHA256
     return info
 
 

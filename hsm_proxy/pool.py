@@ -4,7 +4,8 @@ The frontend (gRPC, policy, audit, metrics) never loads PKCS#11. It sends
 operations to N worker processes (``hsm_proxy.worker``) over pipes:
 
 - routing: a call bound to a handle goes to the worker holding it; any other
-  call goes to the least busy worker whose backend is up;
+  call goes to the least busy worker whose backend is up; the officer worker
+  (if configured) takes only the calls sent to it by index (``officer``);
 - batching: a batch is split into contiguous chunks, one per worker, so every
   core signs; items bound to handles go to their worker;
 - supervision: a reader thread per worker resolves replies and notices a
@@ -117,6 +118,9 @@ class WorkerPool:
                  on_reset: Callable[[int, tuple[int, int] | None], None] | None = None,
                  on_tick: Callable[[], None] | None = None):
         self.workers = [WorkerProc(s) for s in specs]
+        officers = [w.index for w in self.workers if w.spec.officer]
+        self.officer: int | None = officers[0] if officers else None
+        self._general = [w for w in self.workers if not w.spec.officer]
         self.call_timeout = call_timeout
         self.probe_interval = probe_interval
         self.on_change = on_change or (lambda: None)
@@ -316,7 +320,13 @@ class WorkerPool:
     # -- state --------------------------------------------------------------------------
     @property
     def any_backend_ok(self) -> bool:
-        return any(w.backend_ok for w in self.workers)
+        return any(w.backend_ok for w in self._general)
+
+    def require_officer(self) -> int:
+        if self.officer is None:
+            raise Unavailable("this proxy runs no officer worker (ceremonies and transport "
+                              "keys need one)")
+        return self.officer
 
     def worker_state(self, index: int) -> tuple[int, int] | None:
         return self.workers[index].current()
@@ -348,7 +358,7 @@ class WorkerPool:
 
     def choose(self, exclude: frozenset[int] | set[int] = frozenset()) -> WorkerProc:
         """The least busy live worker, preferring those whose backend is up."""
-        candidates = [w for w in self.workers if w.alive and w.index not in exclude]
+        candidates = [w for w in self._general if w.alive and w.index not in exclude]
         if not candidates:
             raise Unavailable("no HSM worker is running (restarting); retry shortly")
         up = [w for w in candidates if w.backend_ok] or candidates
@@ -387,7 +397,7 @@ class WorkerPool:
                 continue
             error = from_wire(pending.value)
             if (isinstance(error, Unavailable) and idempotent and worker is None and attempt == 1
-                    and any(w.backend_ok and w.index not in tried for w in self.workers)):
+                    and any(w.backend_ok and w.index not in tried for w in self._general)):
                 target = self.choose(exclude=tried)
                 continue
             raise error
@@ -423,7 +433,7 @@ class WorkerPool:
                 raise HandleExpired(None)
             chunks.append((w, idx, True))
         if free:
-            workers = [w for w in self.workers if w.alive]
+            workers = [w for w in self._general if w.alive]
             if not workers:
                 raise Unavailable("no HSM worker is running (restarting); retry shortly")
             up = [w for w in workers if w.backend_ok] or workers

@@ -24,9 +24,10 @@ from cms.runtime.config import ConfigError
 from cms.runtime.logs import fields, setup_logging
 from cms.runtime.server import GrpcService, ServerSettings
 from hsm_proxy.audit import AuditError, AuditLog
+from hsm_proxy.ceremonies import CeremonyRegistry
 from hsm_proxy.config import ProxyConfig, check_pins, load_config
 from hsm_proxy.core import ProxyCore
-from hsm_proxy.handles import COMPONENT_IMPORT_KIND, HandleRegistry
+from hsm_proxy.handles import HandleRegistry
 from hsm_proxy.policy import load_policy
 from hsm_proxy.pool import WorkerPool
 from hsm_proxy.worker import DEFAULT_OPERATION_MODULES, WorkerSpec
@@ -57,19 +58,28 @@ def _register_card_keys(server: grpc.Server, core: ProxyCore) -> list[str]:
     return register(server, core)
 
 
+def _register_key_blocks(server: grpc.Server, core: ProxyCore) -> list[str]:
+    from hsm_proxy.key_blocks_service import register
+
+    return register(server, core)
+
+
 SERVICE_REGISTRATIONS: list[Callable[[grpc.Server, ProxyCore], list[str]]] = [
-    _register_hsm, _register_card_keys]
-OPERATION_MODULES: tuple[str, ...] = (*DEFAULT_OPERATION_MODULES, "hsm_proxy.card_keys_ops")
+    _register_hsm, _register_card_keys, _register_key_blocks]
+OPERATION_MODULES: tuple[str, ...] = (*DEFAULT_OPERATION_MODULES, "hsm_proxy.card_keys_ops",
+                                      "hsm_proxy.key_blocks_ops")
 
 
 def worker_specs(cfg: ProxyConfig) -> list[WorkerSpec]:
+    """``pkcs11.workers`` general workers, then the officer worker (ceremonies and
+    transport keys: the steps that need the security officer's login)."""
     p = cfg.pkcs11
     return [
         WorkerSpec(index=i, module=p.module, tokens=p.tokens, env=dict(p.env),
                    max_backoff=p.max_backoff_seconds, log_level=cfg.log.level,
                    log_file=str(cfg.log.file) if cfg.log.file else None,
-                   operation_modules=OPERATION_MODULES)
-        for i in range(p.workers)
+                   operation_modules=OPERATION_MODULES, officer=i == p.workers)
+        for i in range(p.workers + 1)
     ]
 
 
@@ -91,10 +101,9 @@ class Proxy:
             on_change=self.update_health, on_reset=self._reset, on_tick=self._tick)
         self.core = ProxyCore(
             policy=policy, audit=self.audit,
-            handles=HandleRegistry(
-                cfg.handles.ttl_seconds, cfg.handles.max_per_identity,
-                kind_ttl={COMPONENT_IMPORT_KIND: cfg.handles.ceremony_ttl_seconds}),
-            pool=self.pool, limits=cfg.limits, tokens=cfg.pkcs11.token_labels)
+            handles=HandleRegistry(cfg.handles.ttl_seconds, cfg.handles.max_per_identity),
+            pool=self.pool, limits=cfg.limits, tokens=cfg.pkcs11.token_labels,
+            ceremonies=CeremonyRegistry(cfg.handles.ceremony_ttl_seconds))
         settings = ServerSettings(
             listen=cfg.server.listen, metrics_listen=cfg.server.metrics_listen, tls=cfg.tls,
             max_workers=cfg.server.max_workers, ready_file=ready_file)

@@ -1,11 +1,13 @@
 """The ``cms.v1.Hsm`` servicer: validate, authorize, route to workers, answer.
 
 Every method validates its request (malformed -> INVALID_ARGUMENT before any
-HSM work), authorizes each key it touches (two-key operations check both, and
-a new key's label is checked like any other), resolves handles to their
-worker, and sends a ``hsm_proxy.messages`` payload to the worker pool.
-Batches are authorized once per distinct key; a denied key denies the whole
-batch, while per-item problems (unknown key, bad data) come back per item.
+HSM work), authorizes each key it touches (a new key's label is checked like
+any other), checks the key's class (this service creates and uses operator
+keys only: any other class is PERMISSION_DENIED, whatever the policy says;
+inspection and public keys excepted), resolves handles to their worker, and
+sends a ``hsm_proxy.messages`` payload to the worker pool. Batches are
+authorized once per distinct key; a denied key denies the whole batch, while
+per-item problems (unknown key, bad data) come back per item.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ from typing import Any
 import grpc
 
 from cms.runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     ServiceError,
     Unavailable,
 )
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import hsm_pb2_grpc
+from hsm_proxy import key_classes as kc
 from hsm_proxy import messages as m
 from hsm_proxy.core import Call, ProxyCore, Target, creation_failed, rpc
-from hsm_proxy.errors import failure_item_error, from_wire, item_error
-from hsm_proxy.handles import COMPONENT_IMPORT_KIND, HandleRecord
+from hsm_proxy.errors import failure_item_error, item_error
+from hsm_proxy.handles import HandleRecord
 from hsm_proxy.pool import Reply
 from hsm_proxy.worker import Failure
 
@@ -33,13 +35,18 @@ AES_BLOCK = 16
 ECDSA_DIGEST_SIZES = (20, 28, 32, 48, 64)
 MAX_SIGNATURE_BYTES = 1024
 MAX_SPKI_BYTES = 4096
-MAX_COMPONENTS = 16
-KCV_BYTES = 3
 AES_KEY_BYTES = {pb.AES_128: 16, pb.AES_192: 24, pb.AES_256: 32}
 PAIR_ALGORITHMS = (pb.EC_P256, pb.EC_SECP256K1, pb.RSA_2048, pb.RSA_3072)
 SECRET_ALGORITHMS = (pb.AES_128, pb.AES_192, pb.AES_256, pb.GENERIC_SECRET)
 SIGN_MECHANISMS = frozenset(v for v in pb.SignMechanism.values() if v)
 OAEP_NOTE = "RSA-OAEP is offered with SHA-1 and MGF1-SHA1 only (what SoftHSM2 implements)"
+OPERATOR = frozenset({pb.OPERATOR_KEY})
+
+
+def operator_key(target: Target, what: str = "key") -> Target:
+    """``target`` when it names an operator key; KeyClassError (PERMISSION_DENIED) otherwise."""
+    kc.require_role(target.label, OPERATOR, what)
+    return target
 
 
 def _enum_name(enum: Any, value: int) -> str:
@@ -178,7 +185,8 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     # -- derivation ---------------------------------------------------------------------
     def _derive_item(self, call: Call, req: pb.DeriveKeyRequest) -> tuple[Target, m.DeriveItem]:
         core = self.core
-        base = core.key_target(call, req.base_key, "base_key", operation="DeriveKey")
+        base = operator_key(core.key_target(call, req.base_key, "base_key",
+                                            operation="DeriveKey"), "base_key")
         call.authorize(base.token, req.template.label or None, operation="DeriveKey")
         template = core.template(req.template)
         mechanism = _check_enum(pb.DeriveMechanism, req.mechanism, "mechanism")
@@ -295,73 +303,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         core.update_handle_gauge()
         return pb.DeriveKeyBatchResponse(results=results)
 
-    # -- wrapping ------------------------------------------------------------------------
-    @rpc
-    def WrapKey(self, request: pb.WrapKeyRequest, context: grpc.ServicerContext,
-                call: Call) -> pb.WrapKeyResponse:
-        core = self.core
-        kek = core.key_target(call, request.wrapping_key, "wrapping_key")
-        key = core.key_target(call, request.key, "key")
-        mechanism = _check_enum(pb.WrapMechanism, request.mechanism, "mechanism", OAEP_NOTE)
-        worker = self._same_worker(kek, key)
-        wrapped, kcv = core.pool.call("wrap", m.Wrap(kek.ref, key.ref, mechanism),
-                                      worker=worker, idempotent=True,
-                                      timeout=call.timeout()).value
-        return pb.WrapKeyResponse(wrapped=wrapped, kcv=kcv,
-                                  kcv_method=pb.KCV_ZERO_BLOCK if kcv else 0)
-
-    @staticmethod
-    def _same_worker(*targets: Target) -> int | None:
-        workers = {t.worker for t in targets if t.worker is not None}
-        if len(workers) > 1:
-            raise FailedPrecondition("the two handles are held by different workers; derive "
-                                     "or generate the second from the first's worker")
-        return workers.pop() if workers else None
-
-    @rpc
-    def UnwrapKey(self, request: pb.UnwrapKeyRequest, context: grpc.ServicerContext,
-                  call: Call) -> pb.KeyInfo:
-        core = self.core
-        kek = core.key_target(call, request.unwrapping_key, "unwrapping_key")
-        call.authorize(kek.token, request.template.label or None)
-        template = core.template(request.template)
-        mechanism = _check_enum(pb.WrapMechanism, request.mechanism, "mechanism", OAEP_NOTE)
-        key_class = _check_enum(pb.KeyClass, request.key_class, "key_class")
-        algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
-        wrapped = core.data(request.wrapped, "wrapped", allow_empty=False)
-        if key_class == pb.SECRET_KEY and algorithm in AES_KEY_BYTES and mechanism in (
-                pb.AES_KEY_WRAP, pb.AES_KEY_WRAP_PAD):
-            # An AES key (a multiple of 8 bytes) wraps to its length plus 8: the
-            # size is checked here because some tokens cannot report it after.
-            expected = AES_KEY_BYTES[algorithm] + 8
-            if len(wrapped) != expected:
-                name = _enum_name(pb.KeyAlgorithm, algorithm)
-                raise InvalidArgument(
-                    f"wrapped: {len(wrapped)} bytes, but an {name} key wrapped with "
-                    f"{_enum_name(pb.WrapMechanism, mechanism)} is {expected}")
-        if request.expected_kcv and len(request.expected_kcv) != KCV_BYTES:
-            raise InvalidArgument(f"expected_kcv: {KCV_BYTES} bytes (KCV_ZERO_BLOCK)")
-
-        def payload(t: m.Template) -> m.Unwrap:
-            return m.Unwrap(kek.ref, wrapped, mechanism, key_class, algorithm,
-                            request.length_bytes, t, bytes(request.expected_kcv))
-
-        if template.session:
-            record = core.new_handle(call, "key", kek.token, template.label, worker=kek.worker)
-            try:
-                reply = core.pool.call("unwrap", payload(template._replace(
-                    handle=record.handle)), worker=record.worker, idempotent=True,
-                    timeout=call.timeout())
-            except ServiceError as exc:
-                core.handles.discard(record)
-                raise creation_failed(exc) from None
-            core.activate(record, reply)
-            return self._key_info(reply.value, record)
-        with core.creating([(kek.token, template.label)]):
-            raw = core.pool.call("unwrap", payload(template), worker=kek.worker,
-                                 idempotent=False, timeout=call.timeout()).value
-        return self._key_info(raw)
-
+    # -- public keys ----------------------------------------------------------------------
     @rpc
     def ImportPublicKey(self, request: pb.ImportPublicKeyRequest,
                         context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
@@ -381,7 +323,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     def _cipher_item(self, call: Call, req: pb.CipherRequest, decrypt: bool,
                      operation: str) -> tuple[Target, m.CipherItem]:
         core = self.core
-        target = core.key_target(call, req.key, operation=operation)
+        target = operator_key(core.key_target(call, req.key, operation=operation))
         mechanism = _check_enum(pb.CipherMechanism, req.mechanism, "mechanism", OAEP_NOTE)
         data = core.data(req.data, allow_empty=False)
         if mechanism in (pb.CIPHER_AES_ECB, pb.CIPHER_AES_CBC) and len(data) % AES_BLOCK:
@@ -451,7 +393,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     def _sign_item(self, call: Call, req: pb.SignRequest, operation: str
                    ) -> tuple[Target, m.SignItem]:
         core = self.core
-        target = core.key_target(call, req.key, operation=operation)
+        target = operator_key(core.key_target(call, req.key, operation=operation))
         mechanism = _check_enum(pb.SignMechanism, req.mechanism, "mechanism")
         data = core.data(req.data)
         if mechanism == pb.ECDSA and len(data) not in ECDSA_DIGEST_SIZES:
@@ -484,7 +426,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
             target = targets.get(k)
             if target is None:
                 try:
-                    target = core.key_target(call, ref, operation="SignBatch")
+                    target = operator_key(core.key_target(call, ref, operation="SignBatch"))
                 except ServiceError as exc:
                     if exc.code == grpc.StatusCode.PERMISSION_DENIED:
                         raise
@@ -525,7 +467,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext,
                call: Call) -> pb.VerifyResponse:
         core = self.core
-        target = core.key_target(call, request.key)
+        target = operator_key(core.key_target(call, request.key))
         mechanism = _check_enum(pb.SignMechanism, request.mechanism, "mechanism")
         data = core.data(request.data)
         if mechanism == pb.ECDSA and len(data) not in ECDSA_DIGEST_SIZES:
@@ -570,7 +512,7 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     def DestroyKey(self, request: pb.DestroyKeyRequest, context: grpc.ServicerContext,
                    call: Call) -> pb.DestroyKeyResponse:
         core = self.core
-        target = core.key_target(call, request.key)
+        target = operator_key(core.key_target(call, request.key))
         if target.record is not None:
             count = self._call(call, "destroy", m.Destroy(target.ref), target, idempotent=False)
             core.handles.end(target.record, "was destroyed")
@@ -601,76 +543,3 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         call.items = len(request.handles)
         core.update_handle_gauge()
         return pb.ReleaseHandlesResponse(released=len(released))
-
-    # -- key ceremony ----------------------------------------------------------------------
-    @rpc
-    def BeginComponentImport(self, request: pb.BeginComponentImportRequest,
-                             context: grpc.ServicerContext, call: Call) -> pb.ComponentImport:
-        core = self.core
-        tokens = tuple(request.tokens)
-        label = request.template.label
-        if not tokens:
-            raise InvalidArgument("tokens: at least one token")
-        for token in tokens:
-            call.authorize(token, label or None)
-        if len(set(tokens)) != len(tokens):
-            raise InvalidArgument("tokens: a token is listed twice")
-        for token in tokens:
-            core.require_token(token, "tokens")
-        template = core.template(request.template)
-        if template.session:
-            raise InvalidArgument("template.session: a ceremony key is always persistent")
-        algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
-        if algorithm not in AES_KEY_BYTES:
-            raise InvalidArgument("algorithm: component import makes AES_128, AES_192 or "
-                                  "AES_256 keys")
-        if not 2 <= request.components <= MAX_COMPONENTS:
-            raise InvalidArgument(f"components: 2 to {MAX_COMPONENTS}")
-        record = core.new_handle(call, COMPONENT_IMPORT_KIND, tokens[0], label, tokens=tokens)
-        try:
-            reply = core.pool.call("component_begin", m.ComponentBegin(
-                record.handle, tokens, algorithm, request.components, template),
-                worker=record.worker, idempotent=False, timeout=call.timeout())
-        except ServiceError as exc:
-            core.handles.discard(record)
-            raise creation_failed(exc) from None
-        core.activate(record, reply)
-        received, needed = reply.value
-        return pb.ComponentImport(handle=record.handle, received=received, needed=needed)
-
-    @rpc
-    def AddKeyComponent(self, request: pb.AddKeyComponentRequest,
-                        context: grpc.ServicerContext, call: Call) -> pb.ComponentImport:
-        core = self.core
-        call.touch(None, handle=request.handle)
-        if not request.handle:
-            raise InvalidArgument("handle: required")
-        record = core.handles.lookup(call.identity, request.handle,
-                                     worker_state=core.pool.worker_state)
-        if record.kind != COMPONENT_IMPORT_KIND:
-            raise InvalidArgument(f"handle {request.handle} is a {record.kind} handle, not a "
-                                  f"component import")
-        for token in record.tokens:
-            call.authorize(token, record.label)
-        if len(request.kcv) != KCV_BYTES:
-            raise InvalidArgument(f"kcv: the component's {KCV_BYTES}-byte check value "
-                                  f"(KCV_ZERO_BLOCK) is required")
-        if not request.component:
-            raise InvalidArgument("component: required")
-        with core.creating([(t, record.label) for t in record.tokens]):
-            received, needed, infos, error = core.pool.call(
-                "component_add", m.ComponentAdd(record.handle, request.component, request.kcv),
-                worker=record.worker, idempotent=False, timeout=call.timeout()).value
-        out = pb.ComponentImport(handle=record.handle, received=received, needed=needed)
-        call.detail = f"component {received} of {needed}"
-        if error is not None:
-            core.handles.end(record, "ended: the combined key could not be created")
-            core.update_handle_gauge()
-            raise from_wire(error)
-        if infos:
-            core.handles.end(record, "completed")
-            core.update_handle_gauge()
-            out.completed = True
-            out.keys.extend(pb.KeyInfo.FromString(raw) for raw in infos)
-        return out
-

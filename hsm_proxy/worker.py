@@ -60,6 +60,9 @@ class WorkerSpec:
     log_level: str = "info"
     log_file: str | None = None
     operation_modules: tuple[str, ...] = DEFAULT_OPERATION_MODULES
+    # The officer worker: no standing login; runs the steps that need the
+    # security officer (key ceremonies, transport keys). See backend.py.
+    officer: bool = False
 
 
 class WorkerStatus(NamedTuple):
@@ -128,7 +131,7 @@ class Worker:
         self.spec = spec
         self.states = StateStore()
         self.backend = Backend(spec.module, spec.tokens, max_backoff=spec.max_backoff,
-                               on_reset=self.states.clear)
+                               on_reset=self.states.clear, officer=spec.officer)
 
     # -- status -------------------------------------------------------------------
     def status(self) -> WorkerStatus:

@@ -3,7 +3,9 @@
 Custodians enter their components with ``cms keys ceremony submit``: the
 component is read from a file (``-`` for stdin) or typed without echo, never
 taken from the command line (where ``ps`` and shell history would see it),
-and sent over mutual TLS with the check value the custodian read.
+and sent over mutual TLS with the check value the custodian read, straight
+to the HSM proxy under the custodian's own certificate (``--custodian``):
+key management, which begins the ceremony, never sees a component.
 """
 
 from __future__ import annotations
@@ -46,15 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     cer = ksub.add_parser("ceremony", help="a key made from custodians' components")
     csub = cer.add_subparsers(dest="ceremony_command", metavar="ACTION", required=True)
     start = csub.add_parser("start", help="open a ceremony")
-    start.add_argument("label", help="transport/NAME, or factory/NAME with --factory-master")
+    start.add_argument("label", help="transport/NAME, or factory/transport-master with "
+                                     "--factory-master")
     start.add_argument("--components", type=int, default=2)
     start.add_argument("--algorithm", choices=sorted(COMPONENT_BYTES))
     start.add_argument("--factory-master", action="store_true",
                        help="the card factory's transport master (DERIVE, HSM1 only)")
     start.set_defaults(func=_ceremony_start)
-    submit = csub.add_parser("submit", help="enter one custodian's component")
+    submit = csub.add_parser("submit", help="enter one custodian's component (straight to "
+                                            "the HSM proxy)")
     submit.add_argument("ceremony_id")
-    submit.add_argument("--custodian", required=True)
+    submit.add_argument("--custodian", required=True,
+                        help="the custodian's certificate identity (e.g. custodian-1)")
     submit.add_argument("--component-file", type=Path,
                         help="file with the component in hex ('-': stdin); default: prompt")
     submit.add_argument("--kcv", help="the component's check value (6 hex digits); "
@@ -142,13 +147,17 @@ def _print_ceremony(c: Any) -> None:
 
     state = {pb.CEREMONY_AWAITING_COMPONENTS: "awaiting components",
              pb.CEREMONY_COMPLETED: "completed",
-             pb.CEREMONY_CANCELLED: "cancelled"}.get(c.state, "?")
+             pb.CEREMONY_CANCELLED: "cancelled",
+             pb.CEREMONY_EXPIRED: "expired",
+             pb.CEREMONY_FAILED: "failed"}.get(c.state, "?")
     print(f"ceremony {c.ceremony_id}  {c.label}  {state}  "
           f"{c.components_received}/{c.components_needed} components")
     if c.custodians:
         print(f"  custodians: {', '.join(c.custodians)}")
     for k in c.kcvs:
         print(f"  kcv in {k.token}: {k.kcv.hex()}")
+    if c.problem:
+        print(f"  {c.problem}")
 
 
 def _ceremony_start(args: argparse.Namespace) -> int:
@@ -187,15 +196,24 @@ def _read_component(args: argparse.Namespace) -> bytes:
 
 
 def _ceremony_submit(args: argparse.Namespace) -> int:
-    from cms.v1 import key_mgmt_pb2 as pb
+    from cms.runtime.client import load_endpoints
+    from cms.v1 import key_blocks_pb2 as bpb
+    from cms.v1 import key_blocks_pb2_grpc
 
     component = _read_component(args)
     kcv_text = args.kcv if args.kcv is not None else input("component check value (hex): ")
     kcv = _hex(kcv_text, "check value")
-    c = _stub(args).SubmitComponent(pb.SubmitComponentRequest(
-        ceremony_id=args.ceremony_id, custodian=args.custodian, component=component, kcv=kcv),
-        timeout=60)
-    _print_ceremony(c)
+    channel = load_endpoints(args.endpoints).channel("hsm_proxy", args.custodian)
+    try:
+        c = key_blocks_pb2_grpc.KeyBlocksStub(channel).AddComponent(bpb.AddComponentRequest(
+            ceremony_id=args.ceremony_id, component=component, kcv=kcv), timeout=60)
+    finally:
+        channel.close()
+    state = bpb.ComponentCeremonyState.Name(c.state).removeprefix("COMPONENT_CEREMONY_").lower()
+    print(f"ceremony {c.ceremony_id}  {c.label}  {state}  {c.received}/{c.needed} components "
+          f"(entered by {args.custodian})")
+    for k in c.kcvs:
+        print(f"  kcv in {k.token}: {k.kcv.hex()}")
     return 0
 
 

@@ -10,7 +10,7 @@ import grpc
 from cms.runtime.logs import fields, setup_logging
 from cms.runtime.server import GrpcService, ServerSettings
 from cms.runtime.tls import secure_channel
-from cms.v1 import hsm_pb2_grpc, key_mgmt_pb2_grpc
+from cms.v1 import key_blocks_pb2_grpc, key_mgmt_pb2_grpc
 from key_mgmt.config import KeyMgmtConfig, load_config
 from key_mgmt.core import KeyManager
 from key_mgmt.service import KeyManagementServicer
@@ -26,7 +26,7 @@ class KeyMgmtServer:
         self.cfg = cfg
         self.store = KeyStore(cfg.database_url)
         self.proxy = secure_channel(cfg.proxy_address, cfg.tls)
-        self.manager = KeyManager(hsm_pb2_grpc.HsmStub(self.proxy), self.store,
+        self.manager = KeyManager(key_blocks_pb2_grpc.KeyBlocksStub(self.proxy), self.store,
                                   hsm2_token=cfg.hsm2_token, hsm1_token=cfg.hsm1_token)
         settings = ServerSettings(listen=cfg.listen, metrics_listen=cfg.metrics_listen,
                                   tls=cfg.tls, max_workers=8, ready_file=ready_file)

@@ -1,8 +1,9 @@
 """The KeyManagement gRPC service: a thin layer over ``key_mgmt.core``.
 
-Who may call: ``admin`` (operators and custodians) creates blocks, runs
-ceremonies and transfers; ``admin`` and ``access-server`` may list. No
-response carries key material: labels, versions and check values only.
+Who may call: ``admin`` (the operator) creates blocks, starts ceremonies and
+transfers; ``admin`` and ``access-server`` may list. Custodians enter their
+components straight to the HSM proxy, never here. No response carries key
+material: labels, versions and check values only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from key_mgmt.store import (
     CEREMONY_AWAITING,
     CEREMONY_CANCELLED,
     CEREMONY_COMPLETED,
+    CEREMONY_EXPIRED,
+    CEREMONY_FAILED,
     BlockRecord,
     CeremonyRecord,
     TransportRecord,
@@ -35,7 +38,9 @@ ALGORITHM_FROM_PB = {pb.BLOCK_AES_128: "AES_128", pb.BLOCK_AES_256: "AES_256",
 ALGORITHM_TO_PB = {v: k for k, v in ALGORITHM_FROM_PB.items()}
 CEREMONY_STATE_TO_PB = {CEREMONY_AWAITING: pb.CEREMONY_AWAITING_COMPONENTS,
                         CEREMONY_COMPLETED: pb.CEREMONY_COMPLETED,
-                        CEREMONY_CANCELLED: pb.CEREMONY_CANCELLED}
+                        CEREMONY_CANCELLED: pb.CEREMONY_CANCELLED,
+                        CEREMONY_EXPIRED: pb.CEREMONY_EXPIRED,
+                        CEREMONY_FAILED: pb.CEREMONY_FAILED}
 
 
 def _timestamp(value: datetime) -> Timestamp:
@@ -55,7 +60,8 @@ def _algorithm(value: int) -> str:
 def block_message(record: BlockRecord, in_hsm1: bool) -> pb.KeyBlock:
     return pb.KeyBlock(kind=KIND_TO_PB[record.kind], version=record.version,
                        algorithm=ALGORITHM_TO_PB[record.algorithm], label=record.label,
-                       kcv=record.kcv, in_hsm1=in_hsm1, created=_timestamp(record.created))
+                       kcv=record.kcv, in_hsm1=in_hsm1, created=_timestamp(record.created),
+                       transferred=record.transferred is not None)
 
 
 def ceremony_message(record: CeremonyRecord) -> pb.Ceremony:
@@ -64,6 +70,7 @@ def ceremony_message(record: CeremonyRecord) -> pb.Ceremony:
         state=CEREMONY_STATE_TO_PB[record.state], components_needed=record.needed,
         components_received=len(record.custodians), custodians=record.custodians,
         kcvs=[pb.TokenKcv(token=t, kcv=k) for t, k in sorted(record.kcvs.items())])
+
 
 
 def transport_message(record: TransportRecord) -> pb.TransportKey:
@@ -107,15 +114,9 @@ class KeyManagementServicer(key_mgmt_pb2_grpc.KeyManagementServicer):
             components=request.components, tokens=list(request.tokens), actor=actor))
 
     @guard
-    def SubmitComponent(self, request, context):
-        actor = caller(context, WRITERS, "enter key components")
-        return ceremony_message(self.manager.submit_component(
-            request.ceremony_id, request.custodian, request.component, request.kcv, actor))
-
-    @guard
     def GetCeremony(self, request, context):
-        caller(context, READERS, "read key ceremonies")
-        return ceremony_message(self.manager.store.ceremony(request.ceremony_id))
+        actor = caller(context, READERS, "read key ceremonies")
+        return ceremony_message(self.manager.ceremony(request.ceremony_id, actor))
 
     @guard
     def CancelCeremony(self, request, context):

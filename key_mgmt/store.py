@@ -93,6 +93,8 @@ events = Table(
 CEREMONY_AWAITING = "awaiting"
 CEREMONY_COMPLETED = "completed"
 CEREMONY_CANCELLED = "cancelled"
+CEREMONY_EXPIRED = "expired"
+CEREMONY_FAILED = "failed"
 
 
 def _now() -> datetime:
@@ -127,7 +129,7 @@ class CeremonyRecord:
     needed: int
     custodians: list[str]
     state: str
-    proxy_handle: str
+    proxy_handle: str          # the proxy's ceremony id (the same as ceremony_id)
     kcvs: dict[str, bytes]
 
 

@@ -96,7 +96,7 @@ def test_a_registered_blank_card_without_key_blocks_in_hsm1_fails_clearly(
     before = _key_sets(card)
     report = _session(stack, card, STATION)
     assert report.done.outcome == pb.SessionDone.FAILED
-    assert "HSM1 holds no mk key block" in report.done.message
+    assert "HSM1 holds no usable mk key block" in report.done.message
     assert _key_sets(card) == before
     assert _session(stack, card, USER).done.outcome == pb.SessionDone.NOTHING_TO_DO
 

@@ -41,6 +41,7 @@ def _serve(stack: Path, url: str, tmp_path: Path) -> tuple[subprocess.Popen, Pat
                                              for k in ("cert", "key")}},
         "database": {"url": url},
         "proxy": {"address": base["services"]["hsm_proxy"]["grpc"]},
+        "key_mgmt": {"address": base["services"]["key_mgmt"]["grpc"]},
     }
     path = tmp_path / "access-pg.yaml"
     path.write_text(yaml.safe_dump(config))

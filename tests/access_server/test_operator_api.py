@@ -11,6 +11,7 @@ import pytest
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as pb
 from cms.v1 import access_pb2_grpc
+from tests.support.card_keys import provision
 from tests.support.launcher import cms, dev_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -24,10 +25,8 @@ CARD_C = "0A0B0C0D0E0F00000003"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("access-stack")
     with dev_stack(directory) as endpoints_path:
-        # MK version 2 exists in HSM1 (what key management's transfer would leave there).
-        cms("hsm", "--endpoints", str(endpoints_path), "--identity", "access-server",
-            "generate", "--token", "access", "--label", "mk/2", "--algorithm", "aes-128",
-            "--usage", "derive")
+        # MK versions 1 and 2 in HSM1, transferred by key management.
+        provision(endpoints_path, bytes(16), mk_versions=2)
         yield endpoints_path
 
 

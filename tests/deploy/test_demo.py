@@ -26,7 +26,8 @@ def test_demo_runs_seed_000_end_to_end_and_stops_its_stack(tmp_path: Path) -> No
                            r"KCV (\w{6}) = (\w{6})", out)
     assert {t[0] for t in transfers} >= {"mk/1", "mkrk/1", "cryptogram/1", "mk/2", "mk/3"}
     assert all(t[1] == t[2] for t in transfers)
-    assert "mk/1 in HSM1: sensitive=True extractable=False local=False" in out
+    assert ("mk/1 in HSM1: class MK_BLOCK, origin TRANSFERRED, sensitive=True "
+            "extractable=False modifiable=False") in out
     assert "factory/transport-master combined in access" in out
     # The card: through a real PC/SC reader when this machine can run one.
     if unavailable_reason() is None:

@@ -50,7 +50,8 @@ def test_up_creates_the_stack_serves_and_down_stops_it(tmp_path: Path) -> None:
             assert entry["metrics"].endswith("/metrics")
         assert Path(doc["tls"]["ca"]).is_absolute() and Path(doc["tls"]["ca"]).is_file()
         assert set(doc["tls"]["identities"]) == {
-            "hsm-proxy", "access-server", "key-mgmt", "card-agent", "admin"}
+            "hsm-proxy", "access-server", "key-mgmt", "card-agent", "admin",
+            "custodian-1", "custodian-2", "custodian-3"}
         for files in doc["tls"]["identities"].values():
             for path in (files["cert"], files["key"]):
                 assert Path(path).is_absolute() and Path(path).is_file()

@@ -95,24 +95,28 @@ def oaep_sha1() -> padding.OAEP:
     return padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
 
 
-def import_known_key(hsm: Any, label: str, value: bytes, usages: list[int], *,
-                     tokens: tuple[str, ...] = ("access",), extractable: bool = False
-                     ) -> list[pb.KeyInfo]:
-    """Put an AES key of known value into the HSM with a two-component ceremony.
+def ceremony(proxy: Any, label: str, value: bytes, *, role: int = pb.TRANSPORT_KEY,
+             source: str = "kms", target: str = "access", starter: str = "access-server",
+             custodians: tuple[str, ...] = ("custodian-1", "custodian-2")) -> Any:
+    """A KeyBlocks ceremony whose components (one per custodian, each under its own
+    identity) XOR to ``value``; returns the completed ComponentCeremony."""
+    from cms.v1 import key_blocks_pb2 as bpb
+    from cms.v1 import key_blocks_pb2_grpc
 
-    This is the only way a test can know a secret key's value, which lets it
-    check CMACs, ciphers, derivations and wraps against a software reference.
-    """
-    first = secrets.token_bytes(len(value))
-    second = bytes(a ^ b for a, b in zip(first, value, strict=True))
     algorithm = {16: pb.AES_128, 24: pb.AES_192, 32: pb.AES_256}[len(value)]
-    begun = hsm.BeginComponentImport(pb.BeginComponentImportRequest(
-        tokens=list(tokens), algorithm=algorithm, components=2,
-        template=pb.KeyTemplate(label=label, usages=usages, extractable=extractable)),
-        timeout=TIMEOUT)
-    hsm.AddKeyComponent(pb.AddKeyComponentRequest(handle=begun.handle, component=first,
-                                                  kcv=kcv(first)), timeout=TIMEOUT)
-    done = hsm.AddKeyComponent(pb.AddKeyComponentRequest(handle=begun.handle, component=second,
-                                                         kcv=kcv(second)), timeout=TIMEOUT)
-    assert done.completed
-    return list(done.keys)
+    begun = key_blocks_pb2_grpc.KeyBlocksStub(proxy.channel(starter)).BeginCeremony(
+        bpb.BeginCeremonyRequest(role=role, label=label, algorithm=algorithm,
+                                 components=len(custodians),
+                                 source_token=source if role == pb.TRANSPORT_KEY else "",
+                                 target_token=target), timeout=TIMEOUT)
+    parts = [secrets.token_bytes(len(value)) for _ in custodians[1:]]
+    last = bytearray(value)
+    for part in parts:
+        for i, byte in enumerate(part):
+            last[i] ^= byte
+    done = None
+    for custodian, part in zip(custodians, [*parts, bytes(last)], strict=True):
+        done = key_blocks_pb2_grpc.KeyBlocksStub(proxy.channel(custodian)).AddComponent(
+            bpb.AddComponentRequest(ceremony_id=begun.ceremony_id, component=part,
+                                    kcv=kcv(part)), timeout=TIMEOUT)
+    return done

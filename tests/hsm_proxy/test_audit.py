@@ -35,7 +35,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     proxy = ProxyProcess(env).start()
     try:
         hsm = proxy.hsm("access-server")
-        label = unique("audit/ec")
+        label = unique("ops/audited-ec")
         hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
             token="access", algorithm=pb.EC_P256, template=template(label, pb.SIGN)),
             timeout=TIMEOUT)
@@ -48,7 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
             timeout=TIMEOUT)
         rpc_error(proxy.hsm("admin").Sign, pb.SignRequest(key=label_ref(label),
                                                           mechanism=pb.ECDSA, data=digest))
-        rpc_error(hsm.Sign, pb.SignRequest(key=label_ref("audit/missing"), mechanism=pb.ECDSA,
+        rpc_error(hsm.Sign, pb.SignRequest(key=label_ref("ops/missing"), mechanism=pb.ECDSA,
                                            data=digest))
     finally:
         code = proxy.stop()

@@ -77,12 +77,45 @@ def test_generated_private_keys_never_leave_in_clear(proxy, session, algorithm):
     assert public[Attribute.VERIFY] is True and public[Attribute.ENCRYPT] is False
 
 
-def test_extractable_means_wrappable_not_readable(proxy, session):
-    label = unique("protect/extractable")
-    proxy.hsm("access-server").GenerateSecretKey(pb.GenerateSecretKeyRequest(
-        token="access", algorithm=pb.AES_128,
-        template=template(label, pb.ENCRYPT, extractable=True)), timeout=TIMEOUT)
-    key = _object(session, label, ObjectClass.SECRET_KEY)
-    assert key[Attribute.SENSITIVE] is True and key[Attribute.EXTRACTABLE] is True
-    assert key[Attribute.NEVER_EXTRACTABLE] is False
-    _value_unreadable(key)
+def test_blocks_and_transport_keys_have_their_class_template_in_the_token(proxy, proxy_env):
+    """Read back with the token PIN: what KeyBlocks made is what the class table says.
+
+    HSM2's block: extractable only under a trusted key, no usage, fixed. The
+    transport key's HSM2 half: trusted, wrap only, public object (made in the
+    SO session); its HSM1 half: unwrap only. HSM1's block: derive only, never
+    extractable. None of them can be modified or copied, and no value can be read.
+    """
+    from cms.v1 import key_blocks_pb2 as bpb
+    from cms.v1 import key_blocks_pb2_grpc
+    from tests.hsm_proxy.helpers import ceremony
+    from tests.support.token import RawToken
+
+    blocks = key_blocks_pb2_grpc.KeyBlocksStub(proxy.channel("access-server"))
+    transport = unique("transport/protect")
+    ceremony(proxy, transport, os.urandom(16))
+    version = int.from_bytes(os.urandom(3), "big") + 100
+    mk = f"mk/{version}"
+    blocks.GenerateBlock(bpb.GenerateBlockRequest(token="kms", role=pb.MK_BLOCK, label=mk,
+                                                  algorithm=pb.AES_128), timeout=TIMEOUT)
+    blocks.TransferBlocks(bpb.TransferBlocksRequest(source_token="kms", target_token="access",
+                                                    transport_label=transport, labels=[mk]),
+                          timeout=TIMEOUT)
+    names = ["SENSITIVE", "EXTRACTABLE", "WRAP_WITH_TRUSTED", "TRUSTED", "PRIVATE",
+             "MODIFIABLE", "COPYABLE", "ENCRYPT", "DECRYPT", "WRAP", "UNWRAP", "SIGN", "DERIVE",
+             "VALUE"]
+    kms, access = RawToken(proxy_env.hsm, "kms"), RawToken(proxy_env.hsm, "access")
+    fixed = {"SENSITIVE": True, "MODIFIABLE": False, "COPYABLE": False,
+             "VALUE": "error:AttributeSensitive"}
+    none = {u: False for u in ("ENCRYPT", "DECRYPT", "WRAP", "UNWRAP", "SIGN", "DERIVE")}
+    expected = {
+        (kms, mk): {**fixed, **none, "EXTRACTABLE": True, "WRAP_WITH_TRUSTED": True,
+                    "TRUSTED": False, "PRIVATE": True},
+        (access, mk): {**fixed, **none, "DERIVE": True, "EXTRACTABLE": False,
+                       "WRAP_WITH_TRUSTED": False, "TRUSTED": False, "PRIVATE": True},
+        (kms, transport): {**fixed, **none, "WRAP": True, "EXTRACTABLE": False,
+                           "WRAP_WITH_TRUSTED": False, "TRUSTED": True, "PRIVATE": False},
+        (access, transport): {**fixed, **none, "UNWRAP": True, "EXTRACTABLE": False,
+                              "WRAP_WITH_TRUSTED": False, "TRUSTED": False, "PRIVATE": True},
+    }
+    for (token, label), want in expected.items():
+        assert token.read(label, names) == [want], (token.token, label)

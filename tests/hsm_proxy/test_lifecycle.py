@@ -75,7 +75,7 @@ def test_a_crashed_worker_is_replaced_and_its_handles_expire(proxy):
     handles = [_session_key(hsm).ref.handle for _ in range(MAX_HANDLES)]
     assert len({h.split(".")[0] for h in handles}) == 2  # spread over both workers
     before = proxy.worker_pids()
-    assert len(before) == 2
+    assert len(before) == 3                              # 2 workers and the officer
     restarts_before = _restarts(proxy)
 
     stop = threading.Event()
@@ -106,7 +106,7 @@ def test_a_crashed_worker_is_replaced_and_its_handles_expire(proxy):
     try:
         _wait_for(lambda: outcomes["OK"] >= 5, "no successes before the crash")
         os.kill(before[0], signal.SIGKILL)
-        _wait_for(lambda: len(pids := proxy.worker_pids()) == 2 and before[0] not in pids,
+        _wait_for(lambda: len(pids := proxy.worker_pids()) == 3 and before[0] not in pids,
                   "the worker was not replaced")
         proxy.wait_health("SERVING", WAIT)
         seen = outcomes["OK"]
@@ -148,7 +148,7 @@ def test_a_hung_worker_is_killed_and_its_calls_run_elsewhere(proxy):
                    for i in range(8)]
         for i, future in enumerate(futures):
             verify_ecdsa(public, future.result().signature, bytes([i]) * 32, prehashed=True)
-        _wait_for(lambda: len(pids := proxy.worker_pids()) == 2 and before[0] not in pids,
+        _wait_for(lambda: len(pids := proxy.worker_pids()) == 3 and before[0] not in pids,
                   "the hung worker was not replaced")
     finally:
         try:
@@ -202,39 +202,45 @@ def test_handles_expire_after_their_ttl(tmp_path):
 
 
 def test_a_key_ceremony_outlives_the_handle_ttl_until_its_own(tmp_path):
-    """Custodians may come one after the other: a component import lives for
+    """Custodians may come one after the other: a ceremony lives for
     handles.ceremony_ttl_seconds, not for the TTL of a contact's handles."""
+    from cms.v1 import key_blocks_pb2 as bpb
+    from cms.v1 import key_blocks_pb2_grpc
+
     env = ProxyEnv.create(tmp_path, overrides={
         "handles": {"ttl_seconds": 1, "ceremony_ttl_seconds": 4}})
     with ProxyProcess(env) as proxy:
         hsm = proxy.hsm("access-server")
         first, second = os.urandom(16), os.urandom(16)
 
-        def begin() -> pb.ComponentImport:
-            return hsm.BeginComponentImport(pb.BeginComponentImportRequest(
-                tokens=["access"], algorithm=pb.AES_128, components=2,
-                template=template(unique("ceremony"), pb.ENCRYPT)), timeout=TIMEOUT)
+        def begin() -> bpb.ComponentCeremony:
+            return key_blocks_pb2_grpc.KeyBlocksStub(proxy.channel("access-server")).BeginCeremony(
+                bpb.BeginCeremonyRequest(role=pb.TRANSPORT_KEY, label=unique("transport/ttl"),
+                                         algorithm=pb.AES_128, components=2, source_token="kms",
+                                         target_token="access"), timeout=TIMEOUT)
+
+        def add(custodian: str, ceremony_id: str, part: bytes) -> bpb.ComponentCeremony:
+            return key_blocks_pb2_grpc.KeyBlocksStub(proxy.channel(custodian)).AddComponent(
+                bpb.AddComponentRequest(ceremony_id=ceremony_id, component=part, kcv=kcv(part)),
+                timeout=TIMEOUT)
 
         begun = begin()
-        hsm.AddKeyComponent(pb.AddKeyComponentRequest(
-            handle=begun.handle, component=first, kcv=kcv(first)), timeout=TIMEOUT)
+        add("custodian-1", begun.ceremony_id, first)
         key = _session_key(hsm)
         time.sleep(1.5)                                   # past the ordinary TTL
         with pytest.raises(grpc.RpcError) as gone:
             hsm.Sign(pb.SignRequest(key=handle_ref(key.ref.handle), mechanism=pb.AES_CMAC,
                                     data=b"x"), timeout=TIMEOUT)
         assert "expired (TTL 1 s)" in gone.value.details()
-        done = hsm.AddKeyComponent(pb.AddKeyComponentRequest(
-            handle=begun.handle, component=second, kcv=kcv(second)), timeout=TIMEOUT)
-        assert done.completed
+        done = add("custodian-2", begun.ceremony_id, second)
+        assert done.state == bpb.COMPONENT_CEREMONY_COMPLETED
 
         # ... and it does end at its own TTL.
         late = begin()
         time.sleep(4.5)
         with pytest.raises(grpc.RpcError) as expired:
-            hsm.AddKeyComponent(pb.AddKeyComponentRequest(
-                handle=late.handle, component=first, kcv=kcv(first)), timeout=TIMEOUT)
-        assert expired.value.code() == grpc.StatusCode.NOT_FOUND
+            add("custodian-1", late.ceremony_id, first)
+        assert expired.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "expired (TTL 4 s)" in expired.value.details()
 
 

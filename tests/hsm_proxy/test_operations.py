@@ -1,9 +1,11 @@
-"""Every HSM operation through a real proxy, results checked independently.
+"""Every operation of the Hsm service (operator keys) through a real proxy, results
+checked independently.
 
 Signatures are verified with ``cryptography`` against the exported public
-key. Secret-key results (CMAC, ciphers, derivations, wraps) are checked
-against a key whose value the test knows, put into the HSM through the
-component-import ceremony, or through an RSA-OAEP unwrap made in software.
+key. Secret-key results (CMAC, ciphers, derivations) are checked against keys
+whose value the test knows: the proxy never imports a known secret, so the
+test writes them into the token itself with the token PIN (tests/support/token.py),
+one key per usage group, as operator keys.
 """
 
 from __future__ import annotations
@@ -17,11 +19,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.keywrap import (
-    aes_key_unwrap,
-    aes_key_unwrap_with_padding,
-    aes_key_wrap_with_padding,
-)
 
 from cms.v1 import hsm_pb2 as pb
 from tests.hsm_proxy.helpers import (
@@ -30,10 +27,8 @@ from tests.hsm_proxy.helpers import (
     aes_cmac,
     aes_ecb,
     handle_ref,
-    import_known_key,
     kcv,
     label_ref,
-    oaep_sha1,
     public_key,
     rpc_error,
     template,
@@ -41,10 +36,11 @@ from tests.hsm_proxy.helpers import (
     verify_ecdsa,
     verify_rsa,
 )
+from tests.support.token import RawToken, operator_tag
 
 pytestmark = pytest.mark.integration
 
-AES_ALL = [pb.ENCRYPT, pb.DECRYPT, pb.SIGN, pb.VERIFY, pb.WRAP, pb.UNWRAP, pb.DERIVE]
+GROUPS = {"cipher": ["ENCRYPT", "DECRYPT"], "mac": ["SIGN", "VERIFY"], "derive": ["DERIVE"]}
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +49,16 @@ def hsm(proxy):
 
 
 @pytest.fixture(scope="module")
-def known(hsm) -> tuple[str, bytes]:
-    """A persistent AES-256 key of known value (label, value) on token access."""
+def known(proxy_env) -> tuple[dict[str, str], bytes]:
+    """Operator AES-256 keys of one known value on token access, one per usage group:
+    ({group: label}, value)."""
     value = secrets.token_bytes(32)
-    label = unique("ops/known")
-    infos = import_known_key(hsm, label, value, AES_ALL)
-    assert infos[0].kcv == kcv(value)
-    return label, value
+    token = RawToken(proxy_env.hsm, "access")
+    labels = {}
+    for group, usages in GROUPS.items():
+        labels[group] = unique(f"ops/known-{group}")
+        token.create_aes(labels[group], value, usages, tag=operator_tag())
+    return labels, value
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +149,18 @@ def test_rsa_pkcs1_and_pss_signatures_verify_outside_the_hsm(hsm, algorithm, bit
 
 
 def test_cmac_ciphers_and_batch_forms_match_software(hsm, known):
-    label, value = known
-    ref = label_ref(label)
+    labels, value = known
+    mac_ref = label_ref(labels["mac"])
     data = secrets.token_bytes(40)
-    mac = hsm.Sign(pb.SignRequest(key=ref, mechanism=pb.AES_CMAC, data=data),
+    mac = hsm.Sign(pb.SignRequest(key=mac_ref, mechanism=pb.AES_CMAC, data=data),
                    timeout=TIMEOUT).signature
     assert mac == aes_cmac(value, data)
-    assert hsm.Verify(pb.VerifyRequest(key=ref, mechanism=pb.AES_CMAC, data=data,
+    assert hsm.Verify(pb.VerifyRequest(key=mac_ref, mechanism=pb.AES_CMAC, data=data,
                                        signature=mac), timeout=TIMEOUT).valid
+    ref = label_ref(labels["cipher"])
+    # A key of one usage group does nothing of another.
+    err = rpc_error(hsm.Sign, pb.SignRequest(key=ref, mechanism=pb.AES_CMAC, data=data))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "SIGN" in err.details()
 
     block = secrets.token_bytes(48)
     iv = secrets.token_bytes(16)
@@ -180,7 +183,8 @@ def test_cmac_ciphers_and_batch_forms_match_software(hsm, known):
 
 
 def test_sign_batch_mixes_cmac_and_ecdsa_and_reports_item_errors(hsm, known, ec_pair):
-    label, value = known
+    labels, value = known
+    label = labels["mac"]
     public = public_key(hsm, label_ref(ec_pair))
     messages = [secrets.token_bytes(24) for _ in range(200)]
     items = []
@@ -204,7 +208,8 @@ def test_sign_batch_mixes_cmac_and_ecdsa_and_reports_item_errors(hsm, known, ec_
 
 
 def test_derive_into_session_matches_software_and_is_usable(hsm, known):
-    label, value = known
+    labels, value = known
+    label = labels["derive"]
     data = secrets.token_bytes(16)
     iv = secrets.token_bytes(16)
     ecb = hsm.DeriveKey(pb.DeriveKeyRequest(
@@ -212,12 +217,13 @@ def test_derive_into_session_matches_software_and_is_usable(hsm, known):
         algorithm=pb.AES_128, template=template("card/derived", pb.SIGN, session=True)),
         timeout=TIMEOUT)
     derived = aes_ecb(value, data)
-    assert ecb.ref.handle and ecb.kcv == kcv(derived) and ecb.HasField("expires")
-    assert not ecb.token_object and ecb.sensitive
+    assert ecb.ref.handle and ecb.HasField("expires")
+    assert not ecb.token_object and ecb.sensitive and not ecb.extractable
+    assert ecb.role == pb.OPERATOR_KEY and not ecb.modifiable
     cbc_data = secrets.token_bytes(32)
     cbc = hsm.DeriveKey(pb.DeriveKeyRequest(
         base_key=label_ref(label), mechanism=pb.AES_CBC_ENCRYPT_DATA, data=cbc_data, iv=iv,
-        algorithm=pb.AES_256, template=template("card/derived-cbc", pb.SIGN, session=True)),
+        algorithm=pb.AES_256, template=template("card/derived-cbc", pb.ENCRYPT, session=True)),
         timeout=TIMEOUT)
     assert cbc.kcv == kcv(aes_cbc(value, iv, cbc_data))
     # The session key works: its CMAC is the CMAC of the derived value.
@@ -234,12 +240,14 @@ def test_derive_into_session_matches_software_and_is_usable(hsm, known):
 
 
 def test_derive_batch_kcvs_match_software(hsm, known):
-    label, value = known
+    labels, value = known
+    label = labels["derive"]
     datas = [secrets.token_bytes(16) for _ in range(40)]
     reply = hsm.DeriveKeyBatch(pb.DeriveKeyBatchRequest(items=[
         pb.DeriveKeyRequest(base_key=label_ref(label), mechanism=pb.AES_ECB_ENCRYPT_DATA,
                             data=d, algorithm=pb.AES_128,
-                            template=template(f"card/{i}", pb.SIGN, session=True))
+                            template=template(f"card/{i}", pb.ENCRYPT, pb.DECRYPT,
+                                              session=True))
         for i, d in enumerate(datas)] + [
         pb.DeriveKeyRequest(base_key=label_ref(label), mechanism=pb.AES_ECB_ENCRYPT_DATA,
                             data=b"short", algorithm=pb.AES_128,
@@ -251,9 +259,10 @@ def test_derive_batch_kcvs_match_software(hsm, known):
     assert reply.results[-1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     # Handles spread over the workers are each usable.
     for k, d in list(zip(keys, datas, strict=True))[::7]:
-        mac = hsm.Sign(pb.SignRequest(key=handle_ref(k.ref.handle), mechanism=pb.AES_CMAC,
-                                      data=b"x"), timeout=TIMEOUT).signature
-        assert mac == aes_cmac(aes_ecb(value, d), b"x")
+        block = hsm.Encrypt(pb.CipherRequest(key=handle_ref(k.ref.handle),
+                                             mechanism=pb.CIPHER_AES_ECB, data=bytes(16)),
+                            timeout=TIMEOUT).data
+        assert block == aes_ecb(aes_ecb(value, d), bytes(16))
     persistent = hsm.DeriveKeyBatch(pb.DeriveKeyBatchRequest(items=[
         pb.DeriveKeyRequest(base_key=label_ref(label), mechanism=pb.AES_ECB_ENCRYPT_DATA,
                             data=datas[0], algorithm=pb.AES_128,
@@ -261,89 +270,6 @@ def test_derive_batch_kcvs_match_software(hsm, known):
         timeout=TIMEOUT)
     assert persistent.results[0].key.token_object
     assert persistent.results[0].key.kcv == kcv(aes_ecb(value, datas[0]))
-
-
-def test_wrap_mechanisms_produce_the_key_software_can_unwrap(hsm, known):
-    kek_label, kek = known
-    target = unique("ops/extractable")
-    info = hsm.GenerateSecretKey(pb.GenerateSecretKeyRequest(
-        token="access", algorithm=pb.AES_128, template=template(target, pb.ENCRYPT,
-                                                                extractable=True)),
-        timeout=TIMEOUT)
-    assert info.extractable and info.sensitive
-
-    def wrap(mechanism: int) -> pb.WrapKeyResponse:
-        return hsm.WrapKey(pb.WrapKeyRequest(wrapping_key=label_ref(kek_label),
-                                             key=label_ref(target), mechanism=mechanism),
-                           timeout=TIMEOUT)
-
-    kwp = wrap(pb.AES_KEY_WRAP_PAD)
-    value = aes_key_unwrap_with_padding(kek, kwp.wrapped)
-    assert kcv(value) == info.kcv == kwp.kcv and kwp.kcv_method == pb.KCV_ZERO_BLOCK
-    assert aes_key_unwrap(kek, wrap(pb.AES_KEY_WRAP).wrapped) == value
-    # GlobalPlatform PUT KEY key data: AES-CBC with a zero IV.
-    gp = wrap(pb.AES_CBC_ZERO_IV).wrapped
-    assert gp == aes_cbc(kek, bytes(16), value)
-
-
-def test_unwrap_checks_the_expected_kcv(hsm, known):
-    kek_label, kek = known
-    value = secrets.token_bytes(16)
-    wrapped = aes_key_wrap_with_padding(kek, value)
-    label = unique("ops/unwrapped")
-    err = rpc_error(hsm.UnwrapKey, pb.UnwrapKeyRequest(
-        unwrapping_key=label_ref(kek_label), wrapped=wrapped, mechanism=pb.AES_KEY_WRAP_PAD,
-        key_class=pb.SECRET_KEY, algorithm=pb.AES_128, template=template(label, pb.ENCRYPT),
-        expected_kcv=b"\x00\x00\x00"))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "check value" in err.details()
-    gone = rpc_error(hsm.GetKeyAttributes, pb.GetKeyAttributesRequest(key=label_ref(label)))
-    assert gone.code() == grpc.StatusCode.NOT_FOUND
-    info = hsm.UnwrapKey(pb.UnwrapKeyRequest(
-        unwrapping_key=label_ref(kek_label), wrapped=wrapped, mechanism=pb.AES_KEY_WRAP_PAD,
-        key_class=pb.SECRET_KEY, algorithm=pb.AES_128, template=template(label, pb.ENCRYPT),
-        expected_kcv=kcv(value)), timeout=TIMEOUT)
-    assert info.kcv == kcv(value) and info.sensitive and not info.local
-    block = hsm.Encrypt(pb.CipherRequest(key=label_ref(label), mechanism=pb.CIPHER_AES_ECB,
-                                         data=b"\x11" * 16), timeout=TIMEOUT).data
-    assert block == aes_ecb(value, b"\x11" * 16)
-
-
-def test_rsa_oaep_import_key_transports_a_known_key(hsm):
-    label = unique("ops/import-key")
-    hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
-        token="access", algorithm=pb.RSA_2048,
-        template=template(label, pb.UNWRAP, pb.DECRYPT)), timeout=120)
-    public = public_key(hsm, label_ref(label))
-    value = secrets.token_bytes(32)
-    session = hsm.UnwrapKey(pb.UnwrapKeyRequest(
-        unwrapping_key=label_ref(label), wrapped=public.encrypt(value, oaep_sha1()),
-        mechanism=pb.RSA_OAEP_SHA1, key_class=pb.SECRET_KEY, algorithm=pb.AES_256,
-        template=template("transport/session", pb.SIGN, session=True),
-        expected_kcv=kcv(value)), timeout=TIMEOUT)
-    mac = hsm.Sign(pb.SignRequest(key=handle_ref(session.ref.handle), mechanism=pb.AES_CMAC,
-                                  data=b"t"), timeout=TIMEOUT).signature
-    assert mac == aes_cmac(value, b"t")
-    secret = b"random R of a card"
-    cryptogram = hsm.Encrypt(pb.CipherRequest(key=label_ref(label),
-                                              mechanism=pb.CIPHER_RSA_OAEP_SHA1, data=secret),
-                             timeout=TIMEOUT)
-    assert cryptogram.data != secret
-    plain = hsm.Decrypt(pb.CipherRequest(key=label_ref(label), mechanism=pb.CIPHER_RSA_OAEP_SHA1,
-                                         data=cryptogram.data), timeout=TIMEOUT).data
-    assert plain == secret
-    # The HSM's own OAEP wrap of an extractable key unwraps to the same KCV.
-    target = unique("ops/to-transport")
-    made = hsm.GenerateSecretKey(pb.GenerateSecretKeyRequest(
-        token="access", algorithm=pb.AES_128,
-        template=template(target, pb.ENCRYPT, extractable=True)), timeout=TIMEOUT)
-    wrapped = hsm.WrapKey(pb.WrapKeyRequest(wrapping_key=label_ref(label),
-                                            key=label_ref(target), mechanism=pb.RSA_OAEP_SHA1),
-                          timeout=TIMEOUT).wrapped
-    back = hsm.UnwrapKey(pb.UnwrapKeyRequest(
-        unwrapping_key=label_ref(label), wrapped=wrapped, mechanism=pb.RSA_OAEP_SHA1,
-        key_class=pb.SECRET_KEY, algorithm=pb.AES_128,
-        template=template("transport/back", pb.ENCRYPT, session=True)), timeout=TIMEOUT)
-    assert back.kcv == made.kcv
 
 
 def test_imported_public_key_verifies_software_signatures(hsm):
@@ -419,41 +345,12 @@ def test_session_keys_are_bound_to_their_creator(proxy, hsm):
                           timeout=TIMEOUT).destroyed == 1
 
 
-def test_component_ceremony_rejects_a_wrong_check_value_and_waits(hsm):
-    label = unique("ops/ceremony")
-    value = secrets.token_bytes(16)
-    first = secrets.token_bytes(16)
-    second = bytes(a ^ b for a, b in zip(first, value, strict=True))
-    begun = hsm.BeginComponentImport(pb.BeginComponentImportRequest(
-        tokens=["access", "kms"], algorithm=pb.AES_128, components=2,
-        template=template(label, pb.ENCRYPT)), timeout=TIMEOUT)
-    assert (begun.received, begun.needed, begun.completed) == (0, 2, False)
-    err = rpc_error(hsm.AddKeyComponent, pb.AddKeyComponentRequest(
-        handle=begun.handle, component=first, kcv=kcv(second)))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "check value" in err.details()
-    step = hsm.AddKeyComponent(pb.AddKeyComponentRequest(
-        handle=begun.handle, component=first, kcv=kcv(first)), timeout=TIMEOUT)
-    assert (step.received, step.completed) == (1, False)
-    done = hsm.AddKeyComponent(pb.AddKeyComponentRequest(
-        handle=begun.handle, component=second, kcv=kcv(second)), timeout=TIMEOUT)
-    assert done.completed and {k.ref.token for k in done.keys} == {"access", "kms"}
-    assert all(k.kcv == kcv(value) for k in done.keys)
-    for token in ("access", "kms"):
-        block = hsm.Encrypt(pb.CipherRequest(key=label_ref(label, token),
-                                             mechanism=pb.CIPHER_AES_ECB, data=bytes(16)),
-                            timeout=TIMEOUT).data
-        assert block == aes_ecb(value, bytes(16))
-    err = rpc_error(hsm.AddKeyComponent, pb.AddKeyComponentRequest(
-        handle=begun.handle, component=first, kcv=kcv(first)))
-    assert err.code() == grpc.StatusCode.NOT_FOUND
-
-
 def test_metrics_count_operations_workers_and_sessions(proxy, hsm, ec_pair):
     hsm.Sign(pb.SignRequest(key=label_ref(ec_pair), mechanism=pb.ECDSA, data=bytes(32)),
              timeout=TIMEOUT)
     assert proxy.metric("cms_hsm_operations_total", operation="Sign", code="OK") >= 1
-    assert proxy.metric("cms_hsm_workers_up") == 2
-    assert proxy.metric("cms_hsm_sessions_in_use") == 4  # 2 workers x 2 tokens
+    assert proxy.metric("cms_hsm_workers_up") == 3          # 2 workers and the officer
+    assert proxy.metric("cms_hsm_sessions_in_use") == 4  # 2 workers x 2 tokens (officer: none)
     assert proxy.metric("cms_hsm_batch_items_total", operation="SignBatch") >= 200
     assert proxy.metric("cms_hsm_operation_errors_total", operation="Sign",
                         code="NOT_FOUND") >= 1
@@ -465,7 +362,7 @@ def test_only_worker_processes_load_pkcs11(proxy, proxy_env):
     frontend = Path(f"/proc/{proxy.pid}/maps").read_text()
     assert module not in frontend and "_pkcs11" not in frontend
     workers = proxy.worker_pids()
-    assert len(workers) == proxy_env.workers
+    assert len(workers) == proxy_env.workers + 1           # and the officer worker
     for pid in workers:
         assert module in Path(f"/proc/{pid}/maps").read_text()
 
@@ -481,65 +378,52 @@ def test_pair_usages_may_name_both_halves(hsm):
     assert list(public.usages) == [pb.VERIFY]
     err = rpc_error(hsm.GenerateKeyPair, pb.GenerateKeyPairRequest(
         token="access", algorithm=pb.EC_P256, template=template(unique("ops/v"), pb.VERIFY)))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "private usage" in err.details()
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "one group" in err.details()
+    err = rpc_error(hsm.GenerateKeyPair, pb.GenerateKeyPairRequest(
+        token="access", algorithm=pb.RSA_2048,
+        template=template(unique("ops/se"), pb.SIGN, pb.ENCRYPT)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_private_key_unwrapped_from_pkcs8_signs_for_its_public_key(hsm, known):
-    kek_label, kek = known
-    private = ec.generate_private_key(ec.SECP256R1())
-    pkcs8 = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption())
-    info = hsm.UnwrapKey(pb.UnwrapKeyRequest(
-        unwrapping_key=label_ref(kek_label), wrapped=aes_key_wrap_with_padding(kek, pkcs8),
-        mechanism=pb.AES_KEY_WRAP_PAD, key_class=pb.PRIVATE_KEY, algorithm=pb.EC_P256,
-        template=template("device/imported", pb.SIGN, session=True)), timeout=TIMEOUT)
-    assert info.key_class == pb.PRIVATE_KEY and info.sensitive and not info.extractable
-    digest = hashlib.sha256(b"device key").digest()
-    sig = hsm.Sign(pb.SignRequest(key=handle_ref(info.ref.handle), mechanism=pb.ECDSA,
-                                  data=digest), timeout=TIMEOUT).signature
-    verify_ecdsa(private.public_key(), sig, digest, prehashed=True)
+def test_operator_keys_get_the_class_template_whatever_is_asked(hsm, proxy_env):
+    """The proxy, not the caller, decides a key's attributes: asked-for usages must be one
+    group of the operator class, extractable is refused, CKA_ID is the proxy's tag, and the
+    key can be neither modified nor copied (read back in the token itself)."""
+    label = unique("ops/shape")
+    info = hsm.GenerateSecretKey(pb.GenerateSecretKeyRequest(
+        token="access", algorithm=pb.AES_128, template=template(label, pb.ENCRYPT)),
+        timeout=TIMEOUT)
+    assert (info.role, info.origin) == (pb.OPERATOR_KEY, pb.GENERATED)
+    assert not info.modifiable and not info.copyable and not info.conformance
+    raw = RawToken(proxy_env.hsm, "access").read(label, [
+        "ENCRYPT", "DECRYPT", "WRAP", "UNWRAP", "SIGN", "DERIVE", "EXTRACTABLE",
+        "MODIFIABLE", "COPYABLE", "SENSITIVE", "ID"])
+    assert raw == [{"ENCRYPT": True, "DECRYPT": False, "WRAP": False, "UNWRAP": False,
+                    "SIGN": False, "DERIVE": False, "EXTRACTABLE": False, "MODIFIABLE": False,
+                    "COPYABLE": False, "SENSITIVE": True, "ID": operator_tag().hex()}]
+    for usages in ([pb.WRAP], [pb.UNWRAP], [pb.ENCRYPT, pb.SIGN], [pb.DECRYPT, pb.DERIVE]):
+        err = rpc_error(hsm.GenerateSecretKey, pb.GenerateSecretKeyRequest(
+            token="access", algorithm=pb.AES_128, template=template(unique("ops/no"), *usages)))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "one group" in err.details()
+    err = rpc_error(hsm.GenerateSecretKey, pb.GenerateSecretKeyRequest(
+        token="access", algorithm=pb.AES_128,
+        template=template(unique("ops/ex"), pb.ENCRYPT, extractable=True)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "extractable" in err.details()
+    err = rpc_error(hsm.GenerateSecretKey, pb.GenerateSecretKeyRequest(
+        token="access", algorithm=pb.AES_128,
+        template=pb.KeyTemplate(label=unique("ops/id"), usages=[pb.ENCRYPT], id=b"mine")))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "CKA_ID" in err.details()
+    err = rpc_error(hsm.GenerateKeyPair, pb.GenerateKeyPairRequest(
+        token="access", algorithm=pb.RSA_2048,
+        template=template(unique("ops/rsa-unwrap"), pb.UNWRAP)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_imported_public_key_completes_an_unwrapped_private_key_into_a_pair(hsm, known):
-    """Key transfer brings an RSA private key alone; its public half joins it by label."""
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    kek_label, kek = known
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pkcs8 = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption())
-    label = unique("ops/transferred")
-    hsm.UnwrapKey(pb.UnwrapKeyRequest(
-        unwrapping_key=label_ref(kek_label), wrapped=aes_key_wrap_with_padding(kek, pkcs8),
-        mechanism=pb.AES_KEY_WRAP_PAD, key_class=pb.PRIVATE_KEY, algorithm=pb.RSA_2048,
-        template=template(label, pb.DECRYPT)), timeout=TIMEOUT)
-
-    def der(key) -> bytes:
-        return key.public_bytes(serialization.Encoding.DER,
-                                serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    # Every worker resolves (and caches) the label while it names the private key alone.
-    for _ in range(6):
-        alone = hsm.GetPublicKey(pb.GetPublicKeyRequest(key=label_ref(label)), timeout=TIMEOUT)
-        assert alone.public_key_der == der(private.public_key())
-    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
-    err = rpc_error(hsm.ImportPublicKey, pb.ImportPublicKeyRequest(
-        token="access", public_key_der=der(stranger), label=label, usages=[pb.ENCRYPT]))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not match" in err.details()
-    info = hsm.ImportPublicKey(pb.ImportPublicKeyRequest(
-        token="access", public_key_der=der(private.public_key()), label=label,
-        usages=[pb.ENCRYPT]), timeout=TIMEOUT)
-    assert info.key_class == pb.KEY_PAIR
-    # One label now encrypts (public half) and decrypts (private half), in any worker.
-    secret = secrets.token_bytes(16)
-    for _ in range(4):
-        sealed = hsm.Encrypt(pb.CipherRequest(key=label_ref(label),
-                                              mechanism=pb.CIPHER_RSA_OAEP_SHA1, data=secret),
-                             timeout=TIMEOUT).data
-        assert hsm.Decrypt(pb.CipherRequest(key=label_ref(label),
-                                            mechanism=pb.CIPHER_RSA_OAEP_SHA1, data=sealed),
-                           timeout=TIMEOUT).data == secret
-    again = rpc_error(hsm.ImportPublicKey, pb.ImportPublicKeyRequest(
-        token="access", public_key_der=der(private.public_key()), label=label,
-        usages=[pb.ENCRYPT]))
-    assert again.code() == grpc.StatusCode.ALREADY_EXISTS
+@pytest.mark.parametrize("label", ["mk/99", "mkrk/7", "cryptogram/3", "transport/x",
+                                   "factory/transport-master", "audit/hsm-proxy",
+                                   "mk/not-a-version"])
+def test_labels_of_other_classes_are_not_this_services(hsm, label):
+    err = rpc_error(hsm.GenerateSecretKey, pb.GenerateSecretKeyRequest(
+        token="access", algorithm=pb.AES_128, template=template(label, pb.DERIVE)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "operator" in err.details() or "reserved" in err.details()

@@ -1,7 +1,8 @@
 """Key management end to end: blocks generated in HSM2, a transport key from custodians'
-components and one over RSA-OAEP, the transfer to HSM1, and flow A running on what
-arrived, through the real processes of `cms dev up` (proxy, key management, access
-server) over mutual TLS on SoftHSM2 tokens."""
+components (each entered straight to the proxy under the custodian's own certificate)
+and one over RSA-OAEP, the transfer to HSM1, and flow A running on what arrived, through
+the real processes of `cms dev up` (proxy, key management, access server) over mutual
+TLS on SoftHSM2 tokens."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from card_agent.session import AgentInfo
 from cardcore.kcv import kcv_zero_block
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
-from cms.v1 import access_pb2_grpc, hsm_pb2_grpc, key_mgmt_pb2_grpc
+from cms.v1 import access_pb2_grpc, hsm_pb2_grpc, key_blocks_pb2_grpc, key_mgmt_pb2_grpc
 from cms.v1 import card_channel_pb2 as cpb
 from cms.v1 import hsm_pb2 as hpb
+from cms.v1 import key_blocks_pb2 as bpb
 from cms.v1 import key_mgmt_pb2 as pb
 from tests.support.card_keys import reproduces_card_keys
 from tests.support.contacts import contact
@@ -52,6 +54,17 @@ class Stack:
         return self.hsm.GetKeyAttributes(hpb.GetKeyAttributesRequest(
             key=hpb.KeyRef(token=token, label=label), key_class=key_class), timeout=30)
 
+    def custodian(self, name: str) -> key_blocks_pb2_grpc.KeyBlocksStub:
+        """A custodian's own client of the proxy (components never go to key management)."""
+        return key_blocks_pb2_grpc.KeyBlocksStub(load_endpoints(self.path).channel(
+            "hsm_proxy", name))
+
+    def add(self, name: str, ceremony_id: str, part: bytes, kcv: bytes | None = None
+            ) -> bpb.ComponentCeremony:
+        return self.custodian(name).AddComponent(bpb.AddComponentRequest(
+            ceremony_id=ceremony_id, component=part,
+            kcv=kcv_zero_block(part) if kcv is None else kcv), timeout=30)
+
     def ceremony(self, label: str, key: bytes, custodians: list[str], **kw) -> pb.Ceremony:
         """A ceremony whose components XOR to ``key`` (the test must know it to compare)."""
         parts = [os.urandom(len(key)) for _ in custodians[1:]]
@@ -63,10 +76,9 @@ class Stack:
         c = self.keys.StartCeremony(pb.StartCeremonyRequest(
             label=label, components=len(custodians), **kw), timeout=30)
         for name, part in zip(custodians, parts, strict=True):
-            c = self.keys.SubmitComponent(pb.SubmitComponentRequest(
-                ceremony_id=c.ceremony_id, custodian=name, component=part,
-                kcv=kcv_zero_block(part)), timeout=30)
-        return c
+            self.add(name, c.ceremony_id, part)
+        return self.keys.GetCeremony(pb.GetCeremonyRequest(ceremony_id=c.ceremony_id),
+                                     timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +103,7 @@ def blocks(stack: Stack) -> dict[str, pb.KeyBlock]:
 @pytest.fixture(scope="module")
 def transport(stack: Stack) -> str:
     key = os.urandom(16)
-    c = stack.ceremony("transport/2026-12", key, ["alice", "bob", "carol"])
+    c = stack.ceremony("transport/2026-12", key, ["custodian-1", "custodian-2", "custodian-3"])
     assert c.state == pb.CEREMONY_COMPLETED
     return "transport/2026-12"
 
@@ -104,53 +116,65 @@ def test_blocks_are_versioned_sensitive_and_only_wrappable_in_hsm2(
     for label in ("mk/1", "mk/2", "mkrk/1"):
         info = stack.attrs("kms", label)
         assert info.sensitive and info.extractable and info.local and info.kcv == blocks[label].kcv
+        # Extractable only under a trusted key, usable for nothing, and fixed for good.
+        assert info.wrap_with_trusted and not info.usages
+        assert not info.modifiable and not info.copyable and not info.conformance
+        assert (info.role, info.origin) == ({"mk": hpb.MK_BLOCK, "mkrk": hpb.MKRK_BLOCK}[
+            label.split("/")[0]], hpb.GENERATED)
     private = stack.attrs("kms", "cryptogram/1", hpb.PRIVATE_KEY)
-    assert private.sensitive and private.extractable and hpb.DECRYPT in private.usages
+    assert private.sensitive and private.extractable and private.wrap_with_trusted
+    assert not private.usages and private.role == hpb.CRYPTOGRAM_PAIR
     listed = stack.keys.ListKeyBlocks(pb.ListKeyBlocksRequest(kind=pb.MK), timeout=30).blocks
     assert [b.label for b in listed] == ["mk/1", "mk/2"]
 
 
 def test_ceremony_checks_each_component_and_each_custodian(stack: Stack) -> None:
     key = os.urandom(16)
-    first, second = os.urandom(16), None
+    first = os.urandom(16)
     second = _xor(key, first)
     c = stack.keys.StartCeremony(pb.StartCeremonyRequest(label="transport/checked",
                                                          components=2), timeout=30)
     assert c.state == pb.CEREMONY_AWAITING_COMPONENTS and c.components_needed == 2
     with pytest.raises(grpc.RpcError) as wrong:
-        stack.keys.SubmitComponent(pb.SubmitComponentRequest(
-            ceremony_id=c.ceremony_id, custodian="alice", component=first,
-            kcv=kcv_zero_block(second)), timeout=30)
+        stack.add("custodian-1", c.ceremony_id, first, kcv_zero_block(second))
     assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "check value" in wrong.value.details()
-    c = stack.keys.SubmitComponent(pb.SubmitComponentRequest(
-        ceremony_id=c.ceremony_id, custodian="alice", component=first,
-        kcv=kcv_zero_block(first)), timeout=30)
-    assert c.components_received == 1 and list(c.custodians) == ["alice"]
+    entered = stack.add("custodian-1", c.ceremony_id, first)
+    assert entered.received == 1 and list(entered.contributors) == ["custodian-1"]
+    c = stack.keys.GetCeremony(pb.GetCeremonyRequest(ceremony_id=c.ceremony_id), timeout=30)
+    assert c.components_received == 1 and list(c.custodians) == ["custodian-1"]
     with pytest.raises(grpc.RpcError) as twice:
-        stack.keys.SubmitComponent(pb.SubmitComponentRequest(
-            ceremony_id=c.ceremony_id, custodian="alice", component=second,
-            kcv=kcv_zero_block(second)), timeout=30)
-    assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    c = stack.keys.SubmitComponent(pb.SubmitComponentRequest(
-        ceremony_id=c.ceremony_id, custodian="bob", component=second,
-        kcv=kcv_zero_block(second)), timeout=30)
+        stack.add("custodian-1", c.ceremony_id, second)
+    assert twice.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "different custodian" in twice.value.details()
+    # Key management began it: it may not enter a component itself.
+    km = key_blocks_pb2_grpc.KeyBlocksStub(load_endpoints(stack.path).channel("hsm_proxy",
+                                                                              "key-mgmt"))
+    with pytest.raises(grpc.RpcError) as starter:
+        km.AddComponent(bpb.AddComponentRequest(ceremony_id=c.ceremony_id, component=second,
+                                                kcv=kcv_zero_block(second)), timeout=30)
+    assert starter.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    stack.add("custodian-2", c.ceremony_id, second)
+    c = stack.keys.GetCeremony(pb.GetCeremonyRequest(ceremony_id=c.ceremony_id), timeout=30)
     stack.components += [first, second]
     assert c.state == pb.CEREMONY_COMPLETED
+    assert list(c.custodians) == ["custodian-1", "custodian-2"]
     # The same key in both HSMs, and it is the XOR of the components.
     assert {k.token: k.kcv for k in c.kcvs} == {"kms": kcv_zero_block(key),
                                                  "access": kcv_zero_block(key)}
-    for token in ("kms", "access"):
-        info = stack.attrs(token, "transport/checked")
-        assert info.sensitive and not info.extractable
+    wrapping = stack.attrs("kms", "transport/checked")
+    assert wrapping.trusted and list(wrapping.usages) == [hpb.WRAP]
+    unwrapping = stack.attrs("access", "transport/checked")
+    assert not unwrapping.trusted and list(unwrapping.usages) == [hpb.UNWRAP]
+    for info in (wrapping, unwrapping):
+        assert info.sensitive and not info.extractable and not info.modifiable
+        assert info.origin == hpb.CEREMONY and not info.conformance
     labels = {t.label: t for t in stack.keys.ListTransportKeys(
         pb.ListTransportKeysRequest(), timeout=30).keys}
     assert labels["transport/checked"].method == "components"
     # A finished ceremony takes no more components.
     with pytest.raises(grpc.RpcError) as done:
-        stack.keys.SubmitComponent(pb.SubmitComponentRequest(
-            ceremony_id=c.ceremony_id, custodian="carol", component=first,
-            kcv=kcv_zero_block(first)), timeout=30)
+        stack.add("custodian-3", c.ceremony_id, first)
     assert done.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -166,23 +190,25 @@ def test_transfer_lands_sensitive_non_extractable_keys_in_hsm1_once(
         info = stack.attrs("access", label)
         assert info.sensitive and not info.extractable and not info.local
         assert list(info.usages) == [hpb.DERIVE] and info.kcv == blocks[label].kcv
+        assert info.origin == hpb.TRANSFERRED and not info.modifiable and not info.conformance
     private = stack.attrs("access", "cryptogram/1", hpb.PRIVATE_KEY)
     assert private.sensitive and not private.extractable and list(private.usages) == [hpb.DECRYPT]
     public = stack.attrs("access", "cryptogram/1", hpb.PUBLIC_KEY)
-    assert hpb.ENCRYPT in public.usages
+    assert list(public.usages) == [hpb.ENCRYPT] and public.origin == hpb.TRANSFERRED
     kms_der = stack.hsm.GetPublicKey(hpb.GetPublicKeyRequest(
         key=hpb.KeyRef(token="kms", label="cryptogram/1")), timeout=30).public_key_der
     access_der = stack.hsm.GetPublicKey(hpb.GetPublicKeyRequest(
         key=hpb.KeyRef(token="access", label="cryptogram/1")), timeout=30).public_key_der
     assert kms_der == access_der
-    # Nothing in HSM1 can be wrapped out again, not even by key management.
-    km = hsm_pb2_grpc.HsmStub(load_endpoints(stack.path).channel("hsm_proxy", "key-mgmt"))
+    # Nothing in HSM1 can be moved out again, not even by key management: a transfer
+    # takes generated blocks only, and HSM1's transport half only unwraps.
+    km = key_blocks_pb2_grpc.KeyBlocksStub(load_endpoints(stack.path).channel("hsm_proxy",
+                                                                              "key-mgmt"))
     with pytest.raises(grpc.RpcError) as out:
-        km.WrapKey(hpb.WrapKeyRequest(wrapping_key=hpb.KeyRef(token="access", label=transport),
-                                      key=hpb.KeyRef(token="access", label="mk/1"),
-                                      mechanism=hpb.AES_KEY_WRAP_PAD), timeout=30)
-    assert out.value.code() in (grpc.StatusCode.PERMISSION_DENIED,
-                                grpc.StatusCode.FAILED_PRECONDITION)
+        km.TransferBlocks(bpb.TransferBlocksRequest(source_token="access", target_token="kms",
+                                                    transport_label=transport,
+                                                    labels=["mk/1"]), timeout=30)
+    assert out.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Again: idempotent.
     again = stack.keys.TransferKeyBlocks(pb.TransferKeyBlocksRequest(
         transport_label=transport, labels=labels), timeout=120)
@@ -197,11 +223,17 @@ def test_rsa_oaep_transport_key_matches_in_both_hsms_and_leaves_no_import_key(
         label="transport/oaep"), timeout=120)
     assert t.method == "rsa-oaep" and len(t.kcv_hsm2) == 3 and t.kcv_hsm1 == t.kcv_hsm2
     in_hsm1 = stack.attrs("access", "transport/oaep")
-    assert in_hsm1.sensitive and not in_hsm1.extractable and hpb.UNWRAP in in_hsm1.usages
+    assert in_hsm1.sensitive and not in_hsm1.extractable and list(in_hsm1.usages) == [hpb.UNWRAP]
+    in_hsm2 = stack.attrs("kms", "transport/oaep")
+    assert in_hsm2.trusted and not in_hsm2.extractable and list(in_hsm2.usages) == [hpb.WRAP]
+    for info in (in_hsm1, in_hsm2):
+        assert info.origin == hpb.ESTABLISHED and not info.modifiable and not info.conformance
+    # The import keys were session objects: only the two halves remain.
     for token in ("kms", "access"):
-        keys = stack.hsm.ListKeys(hpb.ListKeysRequest(token=token, label_pattern="transport/*"),
+        keys = stack.hsm.ListKeys(hpb.ListKeysRequest(token=token, label_pattern="*"),
                                   timeout=30).keys
-        assert not [k.label for k in keys if k.label.endswith("/import")]
+        assert all(k.label.startswith(("mk/", "mkrk/", "cryptogram/", "transport/", "factory/"))
+                   for k in keys)
     with pytest.raises(grpc.RpcError) as dup:
         stack.keys.EstablishTransportKey(pb.EstablishTransportKeyRequest(
             label="transport/oaep"), timeout=60)
@@ -212,8 +244,8 @@ def test_flow_a_runs_on_transferred_blocks_and_a_factory_master_from_a_ceremony(
         stack: Stack, blocks: dict[str, pb.KeyBlock], transport: str, tmp_path: Path) -> None:
     stack.keys.TransferKeyBlocks(pb.TransferKeyBlocksRequest(
         transport_label=transport, labels=list(blocks)), timeout=120)
-    c = stack.ceremony("factory/transport-master", TRANSPORT_MASTER, ["dora", "eve"],
-                       purpose=pb.TRANSPORT_MASTER)
+    c = stack.ceremony("factory/transport-master", TRANSPORT_MASTER,
+                       ["custodian-2", "custodian-3"], purpose=pb.TRANSPORT_MASTER)
     assert [k.token for k in c.kcvs] == ["access"]
     assert c.kcvs[0].kcv == kcv_zero_block(TRANSPORT_MASTER)
     card = tmp_path / "card.json"
@@ -253,8 +285,7 @@ def test_flow_a_runs_on_transferred_blocks_and_a_factory_master_from_a_ceremony(
      grpc.StatusCode.INVALID_ARGUMENT, "2 to 9"),
     (pb.StartCeremonyRequest(label="mk/7", components=2), grpc.StatusCode.INVALID_ARGUMENT,
      "transport/NAME"),
-    (pb.SubmitComponentRequest(ceremony_id="nope", custodian="x", component=bytes(16),
-                               kcv=bytes(3)), grpc.StatusCode.NOT_FOUND, "no ceremony"),
+    (pb.GetCeremonyRequest(ceremony_id="nope"), grpc.StatusCode.NOT_FOUND, "no ceremony"),
     (pb.TransferKeyBlocksRequest(transport_label="transport/none", labels=["mk/1"]),
      grpc.StatusCode.NOT_FOUND, "no transport key"),
     (pb.EstablishTransportKeyRequest(label="transport/x", algorithm=pb.BLOCK_RSA_2048),
@@ -263,7 +294,7 @@ def test_flow_a_runs_on_transferred_blocks_and_a_factory_master_from_a_ceremony(
 def test_bad_requests_get_clear_statuses(stack: Stack, request_, code, words: str) -> None:
     method = {pb.CreateKeyBlockRequest: stack.keys.CreateKeyBlock,
               pb.StartCeremonyRequest: stack.keys.StartCeremony,
-              pb.SubmitComponentRequest: stack.keys.SubmitComponent,
+              pb.GetCeremonyRequest: stack.keys.GetCeremony,
               pb.TransferKeyBlocksRequest: stack.keys.TransferKeyBlocks,
               pb.EstablishTransportKeyRequest: stack.keys.EstablishTransportKey}[type(request_)]
     with pytest.raises(grpc.RpcError) as err:
@@ -324,13 +355,16 @@ def test_custodians_run_a_ceremony_with_the_cli(stack: Stack, tmp_path: Path) ->
     assert again.returncode == 1 and "never overwritten" in again.stderr
     started = cms(*eps, "ceremony", "start", "transport/by-cli", "--components", "2").stdout
     ceremony_id = started.split()[1]
-    for custodian, (sheet, component) in zip(("ann", "ben"), sheets, strict=True):
+    for custodian, (sheet, component) in zip(("custodian-1", "custodian-2"), sheets,
+                                             strict=True):
         out = cms(*eps, "ceremony", "submit", ceremony_id, "--custodian", custodian,
                   "--component-file", str(sheet), "--kcv", kcv_zero_block(component).hex())
     key = _xor(sheets[0][1], sheets[1][1])
-    assert "completed  2/2 components" in out.stdout and "custodians: ann, ben" in out.stdout
+    assert "completed  2/2 components (entered by custodian-2)" in out.stdout
     assert f"kcv in kms: {kcv_zero_block(key).hex()}" in out.stdout
     assert f"kcv in access: {kcv_zero_block(key).hex()}" in out.stdout
+    status = cms(*eps, "ceremony", "status", ceremony_id).stdout
+    assert "completed" in status and "custodians: custodian-1, custodian-2" in status
     listed = cms(*eps, "transports").stdout
     assert "transport/by-cli  components" in listed
     stack.components += [component for _, component in sheets]

@@ -1,10 +1,11 @@
-"""Key blocks for flow A in HSM1 (token access), put there through a running proxy.
+"""Key blocks for flow A in HSM1 (token access), put there the way an operator does.
 
-What key management's transfer leaves in HSM1, made directly for tests that
-exercise the access server: the card factory's transport master (imported by
-a two-component ceremony from a value the test knows, since the test also
-makes the virtual cards), MK blocks, the MKRK block and the cryptogram key
-pair (generated in the HSM).
+Through key management (identity admin) and the custodians (their own
+certificates, straight to the proxy): the card factory's transport master
+from a two-component ceremony of a value the test knows (the test also makes
+the virtual cards), a transport key from another ceremony, MK blocks, the
+MKRK block and the cryptogram key pair generated in HSM2 and transferred.
+The access server uses only what key management transferred.
 """
 
 from __future__ import annotations
@@ -13,46 +14,73 @@ import os
 from pathlib import Path
 
 from cardcore.kcv import kcv_zero_block
-from cms.runtime.client import load_endpoints
-from cms.v1 import hsm_pb2 as pb
-from cms.v1 import hsm_pb2_grpc
+from cms import keynames
+from cms.pki import CUSTODIANS
+from cms.runtime.client import Endpoints, load_endpoints
+from cms.v1 import key_blocks_pb2 as bpb
+from cms.v1 import key_blocks_pb2_grpc, key_mgmt_pb2_grpc
+from cms.v1 import key_mgmt_pb2 as mpb
 
-TOKEN = "access"
+TOKEN = keynames.HSM1_TOKEN
 IDENTITY = "access-server"
+TRANSPORT = "transport/test"
+TIMEOUT = 60
 
 
-def import_transport_master(hsm: hsm_pb2_grpc.HsmStub, master: bytes,
-                            label: str = "factory/transport-master") -> None:
-    first = os.urandom(len(master))
-    second = bytes(a ^ b for a, b in zip(first, master, strict=True))
-    algorithm = {16: pb.AES_128, 24: pb.AES_192, 32: pb.AES_256}[len(master)]
-    started = hsm.BeginComponentImport(pb.BeginComponentImportRequest(
-        tokens=[TOKEN], algorithm=algorithm, components=2,
-        template=pb.KeyTemplate(label=label, usages=[pb.DERIVE])), timeout=30)
-    for component in (first, second):
-        hsm.AddKeyComponent(pb.AddKeyComponentRequest(
-            handle=started.handle, component=component, kcv=kcv_zero_block(component)), timeout=30)
+def split(value: bytes, parts: int = 2) -> list[bytes]:
+    """``parts`` random components whose XOR is ``value``."""
+    components = [os.urandom(len(value)) for _ in range(parts - 1)]
+    last = bytearray(value)
+    for c in components:
+        for i, byte in enumerate(c):
+            last[i] ^= byte
+    return [*components, bytes(last)]
 
 
-def generate_blocks(hsm: hsm_pb2_grpc.HsmStub, *, mk_versions: tuple[int, ...] = (1, 2),
-                    mkrk_version: int = 1, cryptogram_version: int = 1) -> None:
-    for label in [f"mk/{v}" for v in mk_versions] + [f"mkrk/{mkrk_version}"]:
-        hsm.GenerateSecretKey(pb.GenerateSecretKeyRequest(
-            token=TOKEN, algorithm=pb.AES_128,
-            template=pb.KeyTemplate(label=label, usages=[pb.DERIVE])), timeout=30)
-    hsm.GenerateKeyPair(pb.GenerateKeyPairRequest(
-        token=TOKEN, algorithm=pb.RSA_2048,
-        template=pb.KeyTemplate(label=f"cryptogram/{cryptogram_version}",
-                                usages=[pb.DECRYPT])), timeout=60)
+def enter_components(endpoints: Endpoints, ceremony_id: str, value: bytes,
+                     custodians: tuple[str, ...] = CUSTODIANS[:2]) -> bpb.ComponentCeremony:
+    """Each custodian enters one component of ``value``, straight to the proxy."""
+    done = None
+    for custodian, component in zip(custodians, split(value, len(custodians)), strict=True):
+        channel = endpoints.channel("hsm_proxy", custodian)
+        try:
+            done = key_blocks_pb2_grpc.KeyBlocksStub(channel).AddComponent(
+                bpb.AddComponentRequest(ceremony_id=ceremony_id, component=component,
+                                        kcv=kcv_zero_block(component)), timeout=TIMEOUT)
+        finally:
+            channel.close()
+    assert done is not None
+    return done
 
 
-def provision(endpoints_path: Path, transport_master: bytes) -> None:
-    """Everything flow A needs in HSM1, as identity access-server."""
-    channel = load_endpoints(endpoints_path).channel("hsm_proxy", IDENTITY)
+def ceremony(endpoints: Endpoints, km: key_mgmt_pb2_grpc.KeyManagementStub, label: str,
+             value: bytes, *, factory_master: bool = False) -> mpb.Ceremony:
+    algorithm = {16: mpb.BLOCK_AES_128, 32: mpb.BLOCK_AES_256}[len(value)]
+    started = km.StartCeremony(mpb.StartCeremonyRequest(
+        label=label, algorithm=algorithm, components=2,
+        purpose=mpb.TRANSPORT_MASTER if factory_master else 0), timeout=TIMEOUT)
+    enter_components(endpoints, started.ceremony_id, value)
+    return km.GetCeremony(mpb.GetCeremonyRequest(ceremony_id=started.ceremony_id),
+                          timeout=TIMEOUT)
+
+
+def provision(endpoints_path: Path, transport_master: bytes, *,
+              mk_versions: int = 2) -> list[str]:
+    """Everything flow A needs in HSM1, through key management; returns the block labels."""
+    endpoints = load_endpoints(endpoints_path)
+    channel = endpoints.channel("key_mgmt", "admin")
     try:
-        hsm = hsm_pb2_grpc.HsmStub(channel)
-        import_transport_master(hsm, transport_master)
-        generate_blocks(hsm)
+        km = key_mgmt_pb2_grpc.KeyManagementStub(channel)
+        ceremony(endpoints, km, keynames.FACTORY_TRANSPORT_MASTER, transport_master,
+                 factory_master=True)
+        ceremony(endpoints, km, TRANSPORT, os.urandom(16))
+        labels = []
+        for kind in [mpb.MK] * mk_versions + [mpb.MKRK, mpb.CRYPTOGRAM_KEY_PAIR]:
+            labels.append(km.CreateKeyBlock(mpb.CreateKeyBlockRequest(kind=kind),
+                                            timeout=TIMEOUT).label)
+        km.TransferKeyBlocks(mpb.TransferKeyBlocksRequest(transport_label=TRANSPORT,
+                                                          labels=labels), timeout=TIMEOUT)
+        return labels
     finally:
         channel.close()
 

@@ -33,7 +33,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cms.pki import DEFAULT_IDENTITIES, Pki
+from cms.pki import CUSTODIANS, DEFAULT_IDENTITIES, Pki
 from cms.runtime.tls import TlsFiles, secure_channel
 from cms.softhsm import SoftHsm, find_module
 from cms.v1 import hsm_pb2_grpc
@@ -59,9 +59,12 @@ def default_policy() -> dict[str, Any]:
             "key-mgmt": [
                 {"operations": ["GenerateSecretKey", "GenerateKeyPair", "GetKeyAttributes",
                                 "Sign", "SignBatch", "Verify", "ListKeys", "GetPublicKey",
-                                "WrapKey", "UnwrapKey", "DeriveKey", "Encrypt"],
+                                "DeriveKey", "Encrypt"],
                  "tokens": ["kms"], "keys": ["kms/*"]},
             ],
+            # Custodians enter ceremony components (KeyBlocks), nothing else.
+            **{c: [{"operations": ["AddComponent", "GetCeremony"], "tokens": ["*"],
+                    "keys": ["*"]}] for c in CUSTODIANS},
             # Read-only inspection everywhere, signing only demo keys.
             "admin": [
                 {"operations": ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey",
@@ -149,7 +152,8 @@ class ProxyEnv:
                 "module": self.module,
                 "env": dict(self.pkcs11_env),
                 "workers": self.workers,
-                "tokens": [{"label": t, "pin_file": str(self.hsm.pin_file(t))}
+                "tokens": [{"label": t, "pin_file": str(self.hsm.pin_file(t)),
+                            "so_pin_file": str(self.hsm.so_pin_file(t))}
                            for t in self.tokens],
             },
             "policy": str(self.policy_path),

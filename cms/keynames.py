@@ -1,0 +1,75 @@
+"""Token names and key labels: one place for the names every part uses.
+
+The HSM proxy decides a key's class from its label (``hsm_proxy.key_classes``),
+key management makes the labels, the access server asks for them: all of them
+read the forms here, so a label means the same class everywhere.
+
+Labels::
+
+    mk/<version>               MK_BLOCK              master key data block (seed 000)
+    mkrk/<version>             MKRK_BLOCK            master key replacement key block
+    cryptogram/<version>       CRYPTOGRAM_PAIR       RSA pair that makes the cryptograms of R
+    transport/<name>           TRANSPORT_KEY         moves blocks from HSM2 to HSM1
+    factory/transport-master   FACTORY_TRANSPORT_MASTER   diversifies the cards' initial keys
+    audit/<name>               AUDIT_KEY             signs the proxy's audit head
+    anything else              OPERATOR_KEY          an operator's own keys (policy: demo/*)
+"""
+
+from __future__ import annotations
+
+import re
+
+HSM1_TOKEN = "access"
+"""The access side's token (HSM1): blocks are used here, never made."""
+HSM2_TOKEN = "kms"
+"""Key management's token (HSM2): blocks are generated here and leave only wrapped."""
+TOKENS = (HSM1_TOKEN, HSM2_TOKEN)
+
+MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT = (
+    "mk", "mkrk", "cryptogram", "transport", "factory", "audit")
+BLOCK_KINDS = (MK, MKRK, CRYPTOGRAM)
+FACTORY_TRANSPORT_MASTER = "factory/transport-master"
+AUDIT_KEY = "audit/hsm-proxy"
+OPERATOR_PREFIX = "demo/"
+"""Labels the default policy lets the operator (identity admin) make and use."""
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_VERSIONED = re.compile(rf"^({MK}|{MKRK}|{CRYPTOGRAM})/([1-9][0-9]{{0,8}})$")
+_NAMED = re.compile(rf"^({TRANSPORT}|{AUDIT})/({_NAME})$")
+
+
+def block_label(kind: str, version: int) -> str:
+    """``mk/3``, ``mkrk/1``, ``cryptogram/2``."""
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"a key block is one of {', '.join(BLOCK_KINDS)}, not {kind!r}")
+    if version < 1:
+        raise ValueError("block versions start at 1")
+    return f"{kind}/{version}"
+
+
+def parse_block_label(label: str) -> tuple[str, int] | None:
+    """(kind, version) of a block label, or None."""
+    m = _VERSIONED.match(label)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def transport_label(name: str) -> str:
+    return f"{TRANSPORT}/{name}"
+
+
+def label_kind(label: str) -> str | None:
+    """The kind a label names (mk, mkrk, cryptogram, transport, factory, audit), or None
+    for an operator's label."""
+    parsed = parse_block_label(label)
+    if parsed is not None:
+        return parsed[0]
+    if label == FACTORY_TRANSPORT_MASTER:
+        return FACTORY
+    m = _NAMED.match(label)
+    if m:
+        return m.group(1)
+    head = label.split("/", 1)[0]
+    if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT):
+        # A reserved prefix with a malformed rest is nobody's key: refused.
+        return "reserved"
+    return None

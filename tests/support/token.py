@@ -1,0 +1,90 @@
+"""Raw PKCS#11 access to a test's SoftHSM2 token, as someone holding the token PIN would have.
+
+The proxy never offers to import a secret value or set attributes; tests
+that must know a key's value (to check CMACs, ciphers and derivations
+against software), or that play a PIN holder planting keys behind the
+proxy's back, create objects here. Each call runs in a short child process
+of its own: one PKCS#11 context per process, never shared with the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from cms.softhsm import SoftHsm, find_module
+
+_CHILD = r"""
+import json, sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+req = json.load(sys.stdin)
+lib = pkcs11.lib(req["module"])
+token = lib.get_token(token_label=req["token"])
+with token.open(rw=True, user_pin=req["pin"]) as session:
+    if req["op"] == "create":
+        template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.TOKEN: True, Attribute.LABEL: req["label"],
+                    Attribute.VALUE: bytes.fromhex(req["value"]),
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: req["extractable"],
+                    Attribute.PRIVATE: True}
+        if req["id"] is not None:
+            template[Attribute.ID] = bytes.fromhex(req["id"])
+        for name in ("ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "WRAP", "UNWRAP", "DERIVE"):
+            template[Attribute[name]] = name in req["usages"]
+        session.create_object(template)
+        print(json.dumps({"ok": True}))
+    elif req["op"] == "read":
+        found = list(session.get_objects({Attribute.LABEL: req["label"]}))
+        out = []
+        for obj in found:
+            attrs = {}
+            for name in req["attributes"]:
+                try:
+                    value = obj[Attribute[name]]
+                except pkcs11.PKCS11Error as exc:
+                    value = "error:" + type(exc).__name__
+                attrs[name] = value.hex() if isinstance(value, (bytes, bytearray)) else (
+                    value if isinstance(value, (bool, int, str)) or value is None else str(value))
+            out.append(attrs)
+        print(json.dumps(out))
+"""
+
+
+class RawToken:
+    """One token of a test's SoftHSM2, reached directly with its user PIN."""
+
+    def __init__(self, hsm: SoftHsm, token: str) -> None:
+        self.hsm = hsm
+        self.token = token
+
+    def _run(self, request: dict) -> object:
+        request = {"module": find_module(), "token": self.token,
+                   "pin": self.hsm.pin_file(self.token).read_text().strip(), **request}
+        done = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **self.hsm.env()}, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"raw PKCS#11 call failed: {done.stderr.strip()[-2000:]}")
+        return json.loads(done.stdout)
+
+    def create_aes(self, label: str, value: bytes, usages: list[str], *,
+                   tag: bytes | None = None, extractable: bool = False) -> None:
+        """An AES key of known value; ``tag`` is written into CKA_ID (None: no CKA_ID)."""
+        self._run({"op": "create", "label": label, "value": value.hex(), "usages": usages,
+                   "id": tag.hex() if tag is not None else None, "extractable": extractable})
+
+    def read(self, label: str, attributes: list[str]) -> list[dict]:
+        """The named attributes (PKCS#11 names without CKA_) of every object labelled so."""
+        return self._run({"op": "read", "label": label, "attributes": attributes})  # type: ignore[return-value]
+
+
+def operator_tag() -> bytes:
+    """The CKA_ID the proxy writes on an operator key it generated."""
+    from cms.v1 import hsm_pb2 as pb
+    from hsm_proxy.key_classes import Tag
+
+    return Tag(pb.OPERATOR_KEY, pb.GENERATED).encode()
+
