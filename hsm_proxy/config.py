@@ -16,7 +16,9 @@ Schema (every path absolute, or relative to the file's directory)::
       probe_interval_seconds: 1.0           # optional: backend liveness probe period
       max_backoff_seconds: 2.0              # optional: cap of the reconnection backoff
     policy: policy.yaml
-    audit: {file: audit/hsm-proxy.jsonl, sync_interval_seconds: 1.0}
+    audit: {file: audit/hsm-proxy.jsonl, sync_interval_seconds: 1.0,
+            token: access,                      # optional: where the audit key lives
+            checkpoint_interval_seconds: 60}    # optional: signed heads this often
     handles: {ttl_seconds: 300, max_per_identity: 10000,
               ceremony_ttl_seconds: 3600}   # optional: a key ceremony's component import
     limits: {max_batch_items: 4096, max_data_bytes: 65536}
@@ -42,6 +44,7 @@ DEFAULT_CALL_TIMEOUT_S = 30.0
 DEFAULT_PROBE_INTERVAL_S = 1.0
 DEFAULT_MAX_BACKOFF_S = 2.0
 DEFAULT_AUDIT_SYNC_S = 1.0
+DEFAULT_AUDIT_CHECKPOINT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,19 @@ class Pkcs11Config:
 
 @dataclass(frozen=True)
 class AuditConfig:
+    """The audit log, and the key that signs its head at every checkpoint.
+
+    ``token``: the configured token holding the audit key (``audit/hsm-proxy``,
+    made there on first start); default the first configured token. The
+    records since the last checkpoint are covered by no signature, so
+    ``checkpoint_interval_seconds`` bounds how much of the tail can be cut
+    without a trace (docs/threat-model.md).
+    """
+
     file: Path
+    token: str
     sync_interval_seconds: float = DEFAULT_AUDIT_SYNC_S
+    checkpoint_interval_seconds: float = DEFAULT_AUDIT_CHECKPOINT_S
 
 
 @dataclass(frozen=True)
@@ -154,10 +168,7 @@ def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
     policy = root.path("policy", required=True)
     assert policy is not None
 
-    aud = root.section("audit", required=True)
-    audit_file = aud.path("file", required=True)
-    assert audit_file is not None
-    audit = AuditConfig(audit_file, _positive(aud, "sync_interval_seconds", DEFAULT_AUDIT_SYNC_S))
+    audit = _audit(root.section("audit", required=True), pkcs11)
 
     hs = root.section("handles")
     handles = HandlesConfig(ttl_seconds=hs.int("ttl_seconds", 300, minimum=1),
@@ -176,6 +187,20 @@ def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
     log = LogConfig(level=level, file=lg.path("file"))
 
     return ProxyConfig(p, server, tls, pkcs11, policy, audit, handles, limits, log)
+
+
+def _audit(aud: Section, pkcs11: Pkcs11Config) -> AuditConfig:
+    audit_file = aud.path("file", required=True)
+    assert audit_file is not None
+    token = aud.str("token", pkcs11.tokens[0].label)
+    if token not in pkcs11.token_labels:
+        raise ConfigError(f"{aud.where}.token: {token!r} is not a configured token "
+                          f"(pkcs11.tokens: {', '.join(pkcs11.token_labels)})")
+    return AuditConfig(
+        audit_file, token,
+        sync_interval_seconds=_positive(aud, "sync_interval_seconds", DEFAULT_AUDIT_SYNC_S),
+        checkpoint_interval_seconds=_positive(aud, "checkpoint_interval_seconds",
+                                              DEFAULT_AUDIT_CHECKPOINT_S))
 
 
 def _positive(section: Section, key: str, default: float) -> float:

@@ -28,6 +28,7 @@ import grpc
 from cms.runtime.errors import (
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ServiceError,
     Unavailable,
 )
@@ -51,6 +52,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 MAX_LABEL_CHARS = 256
 LABEL_STRIPES = 64
+ANY_KNOWN_IDENTITY = frozenset({"ReleaseHandles"})
+"""Operations every identity the policy knows may call: giving up one's own handles."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,14 @@ def rpc(fn: F) -> F:
                 token, key = target_hint(request)
                 call.touch(token, key)
                 core.policy.check(call.identity, operation, token, key)
+            if operation not in ANY_KNOWN_IDENTITY and not core.policy.grants_operation(
+                    call.identity, operation):
+                # Before any handle or ceremony is looked up: an identity with no
+                # rule for this purpose learns nothing about what exists.
+                token, key = target_hint(request)
+                call.touch(token, key)
+                raise PermissionDenied(f"identity {call.identity!r} is not allowed operation "
+                                       f"{operation} on any token or key")
             response = fn(self, request, context, call)
         except ServiceError as exc:
             code, message = exc.code, exc.message

@@ -79,6 +79,10 @@ class Policy:
     def knows(self, identity: str | None) -> bool:
         return identity is not None and identity in self._rules
 
+    def grants_operation(self, identity: str, operation: str) -> bool:
+        """Whether any rule of ``identity`` names ``operation`` (on some token and key)."""
+        return any(rule.covers_operation(operation) for rule in self._rules.get(identity, ()))
+
     def allowed(self, identity: str, operation: str, token: str | None = None,
                 key: str | None = None) -> bool:
         """Whether one rule allows ``operation`` on ``token``/``key``.

@@ -36,6 +36,18 @@ with token.open(rw=True, user_pin=req["pin"]) as session:
             template[Attribute[name]] = name in req["usages"]
         session.create_object(template)
         print(json.dumps({"ok": True}))
+    elif req["op"] == "ecb":
+        # As a PIN holder can on SoftHSM: a non-sensitive key derived by AES-ECB of the
+        # data, read back: AES-ECB(key, block) of a key the proxy holds (tests only).
+        from pkcs11 import Mechanism
+        base = list(session.get_objects({Attribute.LABEL: req["label"],
+                                         Attribute.CLASS: ObjectClass.SECRET_KEY}))[0]
+        out = base.derive_key(KeyType.GENERIC_SECRET, 128, capabilities=0,
+                              mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                              mechanism_param=bytes.fromhex(req["block"]),
+                              template={Attribute.TOKEN: False, Attribute.SENSITIVE: False,
+                                        Attribute.EXTRACTABLE: True, Attribute.VALUE_LEN: 16})
+        print(json.dumps(bytes(out[Attribute.VALUE]).hex()))
     elif req["op"] == "read":
         found = list(session.get_objects({Attribute.LABEL: req["label"]}))
         out = []
@@ -75,6 +87,13 @@ class RawToken:
         """An AES key of known value; ``tag`` is written into CKA_ID (None: no CKA_ID)."""
         self._run({"op": "create", "label": label, "value": value.hex(), "usages": usages,
                    "id": tag.hex() if tag is not None else None, "extractable": extractable})
+
+    def ecb(self, label: str, block: bytes) -> bytes:
+        """AES-ECB(key, block) of the DERIVE key ``label``, computed by the token: what a
+        holder of the token PIN can get from SoftHSM (docs/threat-model.md), used by tests
+        to confirm a key value beyond its 3-byte check value."""
+        return bytes.fromhex(self._run({"op": "ecb", "label": label,  # type: ignore[arg-type]
+                                        "block": block.hex()}))
 
     def read(self, label: str, attributes: list[str]) -> list[dict]:
         """The named attributes (PKCS#11 names without CKA_) of every object labelled so."""
