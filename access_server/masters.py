@@ -80,8 +80,10 @@ class UsableMasters:
                 bpb.ListBlocksRequest(token=self.hsm1, roles=list(ROLES.values())),
                 timeout=PROXY_TIMEOUT_S).keys
         except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            details = exc.details() if hasattr(exc, "details") else ""
             raise Unavailable(f"cannot read which master versions are usable: "
-                              f"{exc.code().name}: {exc.details()}") from None
+                              f"{code}: {details}") from None
         in_hsm1 = {key.label: key for key in held}
         recorded = {r.label: r for r in records}
         verdicts: dict[str, Verdict] = {}

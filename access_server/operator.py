@@ -123,7 +123,8 @@ class PsdRegistryServicer(access_pb2_grpc.PsdRegistryServicer):
 
 
 class CampaignsServicer(access_pb2_grpc.CampaignsServicer):
-    """Campaigns; ``known_mk_versions`` says which MK versions HSM1 holds (None: unchecked)."""
+    """Campaigns; ``known_mk_versions`` says which MK versions key management transferred
+    to HSM1 (access_server.masters; None: unchecked)."""
 
     def __init__(self, store: Store, known_mk_versions=None) -> None:
         self.store = store
@@ -137,8 +138,9 @@ class CampaignsServicer(access_pb2_grpc.CampaignsServicer):
             if request.to_mk_version not in known:
                 listed = ", ".join(str(v) for v in sorted(known)) or "none"
                 raise FailedPrecondition(
-                    f"MK version {request.to_mk_version} is not in HSM1 (token access holds "
-                    f"MK versions: {listed}); create and transfer it with key management first")
+                    f"MK version {request.to_mk_version} is not one key management transferred "
+                    f"to HSM1 (usable MK versions: {listed}); create and transfer it with key "
+                    f"management first")
         campaign = self.store.start_campaign(
             request.name or f"MK {request.from_mk_version} -> {request.to_mk_version}",
             request.from_mk_version, request.to_mk_version,

@@ -34,6 +34,9 @@ with token.open(rw=True, user_pin=req["pin"]) as session:
             template[Attribute.ID] = bytes.fromhex(req["id"])
         for name in ("ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "WRAP", "UNWRAP", "DERIVE"):
             template[Attribute[name]] = name in req["usages"]
+        if req["fixed"]:
+            template[Attribute.COPYABLE] = False
+            template[Attribute.MODIFIABLE] = False
         session.create_object(template)
         print(json.dumps({"ok": True}))
     elif req["op"] == "ecb":
@@ -83,10 +86,13 @@ class RawToken:
         return json.loads(done.stdout)
 
     def create_aes(self, label: str, value: bytes, usages: list[str], *,
-                   tag: bytes | None = None, extractable: bool = False) -> None:
-        """An AES key of known value; ``tag`` is written into CKA_ID (None: no CKA_ID)."""
+                   tag: bytes | None = None, extractable: bool = False,
+                   fixed: bool = False) -> None:
+        """An AES key of known value; ``tag`` is written into CKA_ID (None: no CKA_ID);
+        ``fixed``: neither modifiable nor copyable, as the proxy makes its keys."""
         self._run({"op": "create", "label": label, "value": value.hex(), "usages": usages,
-                   "id": tag.hex() if tag is not None else None, "extractable": extractable})
+                   "id": tag.hex() if tag is not None else None, "extractable": extractable,
+                   "fixed": fixed})
 
     def ecb(self, label: str, block: bytes) -> bytes:
         """AES-ECB(key, block) of the DERIVE key ``label``, computed by the token: what a
