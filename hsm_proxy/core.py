@@ -313,8 +313,11 @@ def rpc(fn: F) -> F:
                 # rule for this purpose learns nothing about what exists.
                 token, key = target_hint(request)
                 call.touch(token, key)
+                asked = ", ".join(f"{what} {value!r}" for what, value in (("token", token),
+                                                                          ("key", key)) if value)
                 raise PermissionDenied(f"identity {call.identity!r} is not allowed operation "
-                                       f"{operation} on any token or key")
+                                       f"{operation} on any token or key"
+                                       + (f" (asked for {asked})" if asked else ""))
             response = fn(self, request, context, call)
         except ServiceError as exc:
             code, message = exc.code, exc.message
