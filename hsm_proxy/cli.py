@@ -39,8 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     audit = sub.add_parser("audit", help="the proxy's audit log")
     asub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    verify = asub.add_parser("verify", help="check the hash chain and head of an audit log")
+    verify = asub.add_parser(
+        "verify", help="check the hash chain, the signed checkpoints and the signed head of "
+                       "an audit log")
     verify.add_argument("file", type=Path)
+    verify.add_argument("--public-key", type=Path, metavar="PEM",
+                        help="the pinned audit public key (default: FILE.pub.pem beside the "
+                             "log, which proves nothing against someone who can rewrite it)")
+    verify.add_argument("--anchor", type=Path, metavar="HEAD",
+                        help="a copy of an earlier head kept elsewhere: fail unless the log "
+                             "still reaches it")
     verify.set_defaults(func=_audit_verify)
 
     _register_client(sub)
@@ -60,16 +68,18 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from hsm_proxy.audit import AuditError, verify_log
 
     try:
-        report = verify_log(args.file)
+        report = verify_log(args.file, public_key=args.public_key, anchor=args.anchor)
     except AuditError as exc:
         raise CliError(str(exc), status=2) from None
     for note in report.notes:
         print(f"note: {note}")
     if report.ok:
-        head = f", head at seq {report.head_seq}" if report.head_seq is not None else ""
-        print(f"OK: {report.records} records, chain intact{head}")
+        print(f"OK: {report.records} records, chain intact, {report.checkpoints} signed "
+              f"checkpoint(s), signed head at seq {report.head_seq}")
         return 0
-    print(f"FAILED: {report.problem} ({report.records} records verified before it)")
+    where = (f"the chain of {report.records} records is intact" if report.chain_intact
+             else f"{report.records} records verified before it")
+    print(f"FAILED: {report.problem} ({where})")
     return 1
 
 

@@ -2,12 +2,14 @@
 
 Start-up order: configuration (every bad value named), logs, PIN files
 readable, policy, audit log (continuing its chain), worker processes (each
-has tried its backend once), then the gRPC server; health of ``cms.v1.Hsm``
+has tried its backend once), the audit key (made on first start) and a
+signed checkpoint of the log as found, then the gRPC server; health of ``cms.v1.Hsm``
 then follows the backend: SERVING while at least one worker has a working
 backend, NOT_SERVING otherwise (the overall "" service stays SERVING while the
 process is healthy, so a liveness probe does not restart the proxy because an
 HSM is down). SIGTERM: health NOT_SERVING, in-flight calls finish within the
-grace period, workers stop, the audit log is synced and its head written.
+grace period, a final checkpoint signs the audit head, the audit log is
+synced, and the workers stop.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
+from cms import keynames
 from cms.runtime.config import ConfigError
+from cms.runtime.errors import DeadlineExceeded, ServiceError, Unavailable
 from cms.runtime.logs import fields, setup_logging
 from cms.runtime.server import GrpcService, ServerSettings
-from hsm_proxy.audit import AuditError, AuditLog
+from hsm_proxy.audit import AuditError, AuditLog, HsmHeadSigner, public_key_path
 from hsm_proxy.ceremonies import CeremonyRegistry
 from hsm_proxy.config import ProxyConfig, check_pins, load_config
 from hsm_proxy.core import ProxyCore
@@ -67,7 +71,7 @@ def _register_key_blocks(server: grpc.Server, core: ProxyCore) -> list[str]:
 SERVICE_REGISTRATIONS: list[Callable[[grpc.Server, ProxyCore], list[str]]] = [
     _register_hsm, _register_card_keys, _register_key_blocks]
 OPERATION_MODULES: tuple[str, ...] = (*DEFAULT_OPERATION_MODULES, "hsm_proxy.card_keys_ops",
-                                      "hsm_proxy.key_blocks_ops")
+                                      "hsm_proxy.key_blocks_ops", "hsm_proxy.audit_ops")
 
 
 def worker_specs(cfg: ProxyConfig) -> list[WorkerSpec]:
@@ -91,14 +95,19 @@ class Proxy:
         policy = load_policy(cfg.policy)
         check_pins(cfg.pkcs11)
         try:
-            self.audit = AuditLog(cfg.audit.file,
-                                  sync_interval=cfg.audit.sync_interval_seconds).open()
+            self.audit = AuditLog(
+                cfg.audit.file, sync_interval=cfg.audit.sync_interval_seconds,
+                checkpoint_interval=cfg.audit.checkpoint_interval_seconds).open()
         except (AuditError, OSError) as exc:
             raise ProxyStartError(str(exc)) from None
         self.pool = WorkerPool(
             worker_specs(cfg), call_timeout=cfg.pkcs11.call_timeout_seconds,
             probe_interval=cfg.pkcs11.probe_interval_seconds,
             on_change=self.update_health, on_reset=self._reset, on_tick=self._tick)
+        self.audit.signer = HsmHeadSigner(
+            self.pool, token=cfg.audit.token, label=keynames.AUDIT_KEY,
+            public_key_file=public_key_path(cfg.audit.file),
+            timeout=cfg.pkcs11.call_timeout_seconds)
         self.core = ProxyCore(
             policy=policy, audit=self.audit,
             handles=HandleRegistry(cfg.handles.ttl_seconds, cfg.handles.max_per_identity),
@@ -141,13 +150,35 @@ class Proxy:
             self.pool.shutdown()
             self.audit.close()
             raise ProxyStartError(str(exc)) from None
+        self._start_checkpoint()
         self.service.start()
         self._serving = None
         self.update_health()
 
+    def _start_checkpoint(self) -> None:
+        """Sign the log as found before serving: each run of the proxy begins with a
+        checkpoint of the chain it continues.
+
+        An HSM that is down only delays it (the checkpoint loop retries; the
+        proxy starts NOT_SERVING as it would anyway); an audit key that does
+        not match its class, or a log signed by another key, stops the start.
+        """
+        try:
+            self.audit.checkpoint("start")
+        except (Unavailable, DeadlineExceeded) as exc:
+            log.warning("audit key not reachable; checkpoints retry every interval",
+                        extra=fields(error=exc.message))
+        except (ServiceError, AuditError, OSError) as exc:
+            self.audit.close()
+            self.pool.shutdown()
+            message = exc.message if isinstance(exc, ServiceError) else str(exc)
+            raise ProxyStartError(f"audit: {message}") from None
+        self.audit.start_checkpoints()
+
     def _stop(self) -> None:
-        self.pool.shutdown()
+        # The final checkpoint is signed by a worker: the log closes before the pool.
         self.audit.close()
+        self.pool.shutdown()
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.service.stop())

@@ -232,8 +232,8 @@ def test_rsa_oaep_transport_key_matches_in_both_hsms_and_leaves_no_import_key(
     for token in ("kms", "access"):
         keys = stack.hsm.ListKeys(hpb.ListKeysRequest(token=token, label_pattern="*"),
                                   timeout=30).keys
-        assert all(k.label.startswith(("mk/", "mkrk/", "cryptogram/", "transport/", "factory/"))
-                   for k in keys)
+        assert all(k.label.startswith(("mk/", "mkrk/", "cryptogram/", "transport/", "factory/",
+                                       "audit/")) for k in keys)
     with pytest.raises(grpc.RpcError) as dup:
         stack.keys.EstablishTransportKey(pb.EstablishTransportKeyRequest(
             label="transport/oaep"), timeout=60)
