@@ -2,12 +2,27 @@
 
 ::
 
-    server: {listen: 127.0.0.1:0, metrics_listen: 127.0.0.1:0, max_workers: 32}
+    server:
+      listen: 127.0.0.1:0
+      metrics_listen: 127.0.0.1:0
+      max_workers: 32                   # threads for the operator services
+      keepalive_time_seconds: 60        # ping a quiet connection ...
+      keepalive_timeout_seconds: 20     # ... and drop it when the ping goes unanswered
+      min_ping_interval_seconds: 10     # clients pinging more often are cut off
+      max_connection_idle_seconds: 300  # a connection without calls is closed
     tls: {ca: ca.pem, cert: access-server.pem, key: access-server.key}
     database: {url: sqlite:///var/access.db}     # or postgresql+psycopg://...
     proxy: {address: 127.0.0.1:PORT}              # the HSM proxy (mTLS with the same tls files)
     key_mgmt: {address: 127.0.0.1:PORT, cache_seconds: 10}   # which master versions it transferred
-    card_channel: {allow_agents_without_certificate: false, lease_seconds: 120}
+    card_channel:
+      allow_agents_without_certificate: false
+      lease_seconds: 120
+      hello_timeout_seconds: 10         # from the stream's start to the agent's hello
+      answer_timeout_seconds: 60        # from a script sent to the agent's result
+      max_streams: 2000                 # open streams, in total ...
+      max_streams_per_identity: 2000    # ... per certificate identity ...
+      max_streams_per_peer: 200         # ... and per peer IP address
+      flow_workers: 32                  # threads running the contacts' store and proxy calls
     log: {level: info, file: null}
 
 Every value is checked at start-up and a bad one is named with its path.
@@ -15,10 +30,13 @@ Every value is checked at start-up and a bad one is named with its path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from access_server.stream_limits import StreamLimits
+from card_agent.connection import KEEPALIVE_TIME_MS
 from cms.runtime.config import ConfigError, Section, load_yaml
+from cms.runtime.server import Keepalive, keepalive_from_section
 from cms.runtime.tls import TlsFiles, tls_from_section
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -39,6 +57,11 @@ class AccessConfig:
     lease_seconds: float
     log_level: str
     log_file: Path | None
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    hello_timeout_seconds: float = 10.0
+    answer_timeout_seconds: float = 60.0
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)
+    flow_workers: int = 32
 
 
 def _database_url(section: Section) -> str:
@@ -47,6 +70,48 @@ def _database_url(section: Section) -> str:
         raise ConfigError(f"{section.where}.url: expected sqlite:///PATH or "
                           f"postgresql+psycopg://..., got a {url.split(':', 1)[0]!r} URL")
     return url
+
+
+MAX_TIMEOUT_S = 3600.0
+"""The longest wait for an agent that can be configured: a wait is a limit, not a hope."""
+
+
+def _timeout(section: Section, key: str, default: float) -> float:
+    value = section.float(key, default)
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ConfigError(f"{section.where}.{key}: must be positive and at most "
+                          f"{MAX_TIMEOUT_S:g} seconds, got {value:g}")
+    return value
+
+
+def _answer_timeout(channel: Section, lease_seconds: float) -> float:
+    """The wait for an agent's result: positive and shorter than the card's lease."""
+    value = _timeout(channel, "answer_timeout_seconds", 60.0)
+    if value >= lease_seconds:
+        raise ConfigError(f"{channel.where}.answer_timeout_seconds: must be less than "
+                          f"lease_seconds ({lease_seconds:g}): a card's lease must outlast "
+                          f"the wait for the agent's answer")
+    return value
+
+
+def _stream_limits(channel: Section) -> StreamLimits:
+    total = channel.int("max_streams", 2000, minimum=1, maximum=100_000)
+    each = {}
+    for key in ("max_streams_per_identity", "max_streams_per_peer"):
+        each[key] = channel.int(key, min(total, getattr(StreamLimits(), key)), minimum=1)
+        if each[key] > total:
+            raise ConfigError(f"{channel.where}.{key}: must be at most max_streams ({total})")
+    return StreamLimits(max_streams=total, **each)
+
+
+def _server_keepalive(server: Section) -> Keepalive:
+    keepalive = keepalive_from_section(server)
+    agents_ping_s = KEEPALIVE_TIME_MS / 1000
+    if keepalive.min_ping_interval_s > agents_ping_s:
+        raise ConfigError(f"{server.where}.min_ping_interval_seconds: must be at most "
+                          f"{agents_ping_s:g}: card agents ping every {agents_ping_s:g} s "
+                          f"and would be cut off")
+    return keepalive
 
 
 def load_config(path: Path) -> AccessConfig:
@@ -78,4 +143,9 @@ def load_config(path: Path) -> AccessConfig:
         lease_seconds=lease,
         log_level=level,
         log_file=log.path("file"),
+        keepalive=_server_keepalive(server),
+        hello_timeout_seconds=_timeout(channel, "hello_timeout_seconds", 10.0),
+        answer_timeout_seconds=_answer_timeout(channel, lease),
+        stream_limits=_stream_limits(channel),
+        flow_workers=channel.int("flow_workers", 32, minimum=1, maximum=1024),
     )

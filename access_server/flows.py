@@ -10,13 +10,19 @@ inside the HSM and keeps R and the session keys (see docs/threat-model.md).
 Round trips: script 1 probes the card (SELECT, CPLC, key information,
 INITIALIZE UPDATE); script 2 is the whole secured part (EXTERNAL
 AUTHENTICATE, PUT KEYs, DELETE KEY). What the server is about to do is
-journaled before script 2 is sent: an installation (``Store.begin_install``)
-after the proxy has prepared script 2, so the cryptogram of a new MKRK is
-durable before the card can hold that MKRK; a campaign replacement already
-in the transaction that takes the card's lease (``Store.start_contact``),
-other replacements by ``begin_replacement``. A contact that fails midway
-leaves the intent open; the next contact's probe shows what the card holds,
-and the session finishes the intent from there.
+journaled before script 2 is sent, and only once the card has proven, in
+this contact, that it holds the keys of the channel: the proxy opens the
+channel only if the card cryptogram in the card's INITIALIZE UPDATE answer
+(to this contact's fresh host challenge) verifies, so an agent replaying a
+card's CPLC, or an old answer, gets no registry write at all. An
+installation (``Store.begin_install``) is journaled after the proxy has
+prepared script 2, so the cryptogram of a new MKRK is durable before the
+card can hold that MKRK; a user PC's contact only reads the registry
+(``Store.read_contact``) until the MKRK channel is open, then takes the
+card's lease and journals a campaign replacement in one transaction
+(``Store.start_contact(seen=..., journal=True)``). A contact that fails
+midway leaves the intent open; the next contact's probe shows what the card
+holds, and the session finishes the intent from there.
 
 Steps are reported to the agent (``SessionDone.steps``) in the seed's words.
 """
@@ -82,9 +88,11 @@ class FlowContext:
     require_usable: Callable[[str, int], None] | None = None
     labels: KeyLabels = field(default_factory=KeyLabels)
     steps: list[str] = field(default_factory=list)
+    # Set once this contact holds the card's lease.
+    leased: bool = False
     # Set when the store released the lease with the session's last write.
     lease_released: bool = False
-    # What the registry said when this contact took the card's lease.
+    # What the registry said to this contact (card_session sets it before a flow runs).
     contact: ContactStart | None = None
 
     def step(self, text: str) -> None:
@@ -236,6 +244,23 @@ def _check_complete(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptRes
                         f"({result.message or 'no detail'}); the next contact finishes it")
 
 
+def _take_lease(ctx: FlowContext, psd_id: str, *, journal: bool = False) -> ContactStart:
+    """Take the card's lease once the card has proven its keys in this contact.
+
+    With ``journal``, the campaign replacement ``read_contact`` found is
+    journaled in the same transaction. The registry must still be as this
+    contact read it (else Aborted, and the contact ends RETRY_LATER).
+    """
+    start = ctx.store.start_contact(psd_id, ctx.lease_holder, ctx.lease_seconds,
+                                    seen=ctx.contact, journal=journal, actor=ctx.actor)
+    if not start.leased:
+        raise FlowError(cpb.SessionDone.RETRY_LATER,
+                        f"PSD {psd_id} is in another session right now")
+    ctx.leased = True
+    ctx.contact = start
+    return start
+
+
 def _versions_text(kvns: frozenset[int]) -> str:
     return ", ".join(f"{k:02X}" for k in sorted(kvns)) or "none"
 
@@ -339,11 +364,16 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
 
 
 def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
-    """DESIGN A2 / claims 15-28, 35-40 through a user's PC."""
+    """DESIGN A2 / claims 15-28, 35-40 through a user's PC.
+
+    Nothing is written to the registry until the proxy has opened the MKRK
+    channel, which it does only if the card's INITIALIZE UPDATE answer
+    carries the card cryptogram of this contact's host challenge: the card
+    has then proven it holds the MKRK set its stored cryptogram reproduces.
+    """
     psd_id = psd.psd_id
     intent = _open_intent(ctx, psd_id)
     card_mks = probe.mk_kvns
-    campaign_id = None
     if intent is None:
         work = (ctx.contact.work if ctx.contact is not None
                 else ctx.store.campaign_work_for(psd_id))
@@ -355,27 +385,33 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
             raise FlowError(cpb.SessionDone.FAILED,
                             f"PSD {psd_id} holds MK key versions {held}, "
                             f"the registry says v{psd.mk_version}")
-        old, new, campaign_id = psd.mk_version, work.to_version, work.campaign_id
+        old, new = psd.mk_version, work.to_version
     else:
         old, new = intent.from_version, intent.to_version
-        if card_mks == {new}:
-            ctx.store.reconcile(psd_id, state=PsdState.ACTIVE, mk_version=new,
-                                mkrk_version=psd.mkrk_version, event="reconciled",
-                                detail="the card finished the replacement last contact",
-                                actor=ctx.actor)
-            ctx.step(f"A2 reconciled: PSD {psd_id} holds MK v{new} only")
-            return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
-                                   message=f"MK v{new} confirmed")
-        if not card_mks <= {old, new} or not card_mks:
+        if card_mks != {new} and (not card_mks <= {old, new} or not card_mks):
             raise FlowError(cpb.SessionDone.FAILED,
                             f"PSD {psd_id} holds MK key versions "
                             f"{_versions_text(frozenset(card_mks))}, expected v{old} and/or v{new}")
     if probe.initialize_update is None:
         raise FlowError(cpb.SessionDone.FAILED,
                         f"PSD {psd_id}: the MKRK key set did not answer INITIALIZE UPDATE")
+    mkrk_spec = _mkrk_from_cryptogram(ctx, psd_id, psd.mkrk_version)
+    if intent is not None and card_mks == {new}:
+        # The card says it finished last contact: it proves its MKRK (a channel
+        # with no command) before the registry follows it.
+        _open_channel(ctx, kpb.OpenSecureChannelRequest(
+            key_set=mkrk_spec, kvn=KVN_MKRK, host_challenge=host_challenge,
+            initialize_update_response=probe.initialize_update,
+            security_level=SECURITY_LEVEL), "checking the card's MKRK")
+        _take_lease(ctx, psd_id)
+        ctx.store.reconcile(psd_id, state=PsdState.ACTIVE, mk_version=new,
+                            mkrk_version=psd.mkrk_version, event="reconciled",
+                            detail="the card finished the replacement last contact",
+                            actor=ctx.actor)
+        ctx.step(f"A2 reconciled: PSD {psd_id} proved its MKRK and holds MK v{new} only")
+        return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
+                               message=f"MK v{new} confirmed")
     ctx.step(f"A2.1 PSD id {psd_id} received; its cryptogram found by PSD id")
-    if ctx.contact is not None and ctx.contact.intent_begun:
-        ctx.step(f"A2 intent journaled: MK v{old} -> v{new}")
     ctx.step("A2.2 HSM1 decrypted the cryptogram to R with the private key and "
              "diversified the MKRK block (R stays inside the HSM proxy)")
     commands = []
@@ -389,14 +425,15 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     if old in card_mks:
         commands.append(_delete(old))
     request = kpb.OpenSecureChannelRequest(
-        key_set=_mkrk_from_cryptogram(ctx, psd_id, psd.mkrk_version), kvn=KVN_MKRK,
-        host_challenge=host_challenge,
+        key_set=mkrk_spec, kvn=KVN_MKRK, host_challenge=host_challenge,
         initialize_update_response=probe.initialize_update, security_level=SECURITY_LEVEL,
         commands=commands)
     opened = _open_channel(ctx, request, "opening the MKRK channel")
+    # The card has proven its MKRK: now the lease, and the intent with it.
+    start = _take_lease(ctx, psd_id, journal=intent is None)
     if intent is None:
-        intent = ctx.store.begin_replacement(psd_id, from_version=old, to_version=new,
-                                             campaign_id=campaign_id, actor=ctx.actor)
+        intent = start.intent
+        assert intent is not None and start.intent_begun
         ctx.step(f"A2 intent journaled: MK v{old} -> v{new}")
     ctx.step("A2.4 secure channel opened with the MKRK key set: the security executive "
              "compared it with its own and unlocked")
@@ -419,24 +456,22 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
     host_challenge = os.urandom(HOST_CHALLENGE_BYTES)
     station = role == cpb.PERSONALIZATION_STATION
     psd_id = ""
-    leased = False
     try:
         result = yield probe_script(KVN_TRANSPORT if station else KVN_MKRK, host_challenge)
         probe = parse_probe(result)
         psd_id = probe.psd_id
-        # A user PC's contact also journals a campaign replacement the card is
-        # ready for, in the transaction that takes its lease.
-        start = ctx.store.start_contact(
-            psd_id, ctx.lease_holder, ctx.lease_seconds,
-            card_mk_versions=(probe.mk_kvns if not station and probe.initialize_update
-                              else None), actor=ctx.actor)
+        # A station takes the lease at once (A1 journals only once the proxy
+        # has opened the transport channel); a user PC's contact only reads
+        # until the card has proven its MKRK (replace).
+        start = (ctx.store.start_contact(psd_id, ctx.lease_holder, ctx.lease_seconds)
+                 if station else ctx.store.read_contact(psd_id, ctx.lease_holder))
         psd = start.psd
         if psd.state is PsdState.REVOKED:
             raise FlowError(cpb.SessionDone.REFUSED, f"PSD {psd_id} is revoked")
-        if not start.leased:
+        if not start.lease_free:
             raise FlowError(cpb.SessionDone.RETRY_LATER,
                             f"PSD {psd_id} is in another session right now")
-        leased = True
+        ctx.leased = start.leased
         ctx.contact = start
         flow = install if station else replace
         done = yield from flow(ctx, psd, probe, host_challenge)
@@ -445,10 +480,11 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
     except ServiceError as exc:
         outcome = {grpc.StatusCode.NOT_FOUND: cpb.SessionDone.REFUSED,
                    grpc.StatusCode.UNAVAILABLE: cpb.SessionDone.RETRY_LATER,
+                   grpc.StatusCode.ABORTED: cpb.SessionDone.RETRY_LATER,
                    }.get(exc.code, cpb.SessionDone.FAILED)
         done = cpb.SessionDone(outcome=outcome, message=exc.message, psd_id=psd_id)
     finally:
-        if leased and not ctx.lease_released:
+        if ctx.leased and not ctx.lease_released:
             try:
                 ctx.store.release_lease(psd_id, ctx.lease_holder)
             except ServiceError:

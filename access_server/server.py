@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import REGISTRY
 
-from access_server.card_channel import CardChannelServicer
+from access_server.card_channel import CardChannelServicer, ChannelTimeouts
 from access_server.channel_opener import ChannelOpener
 from access_server.config import AccessConfig, load_config
 from access_server.flows import FlowContext
@@ -22,9 +22,11 @@ from access_server.masters import UsableMasters
 from access_server.operator import CampaignsServicer, PsdRegistryServicer
 from access_server.store import Store
 from cms import keynames
+from cms.identity import KEY_MGMT
 from cms.runtime.errors import Unavailable
 from cms.runtime.logs import fields, setup_logging
-from cms.runtime.server import GrpcService, ServerSettings
+from cms.runtime.loop_threads import LoopThreads
+from cms.runtime.server import AsyncGrpcService, ServerSettings
 from cms.runtime.tls import secure_channel
 from cms.v1 import access_pb2_grpc, card_channel_pb2_grpc, key_blocks_pb2_grpc, key_mgmt_pb2_grpc
 from cms.v1.card_keys_pb2_grpc import CardKeysStub
@@ -92,7 +94,7 @@ class AccessServer:
         # The contacts' channels travel together to the proxy (channel_opener).
         self._card_keys = (ChannelOpener(CardKeysStub(self.proxy)) if self.proxy is not None
                            else _NoProxy())
-        self.key_mgmt = (secure_channel(cfg.key_mgmt_address, cfg.tls,
+        self.key_mgmt = (secure_channel(cfg.key_mgmt_address, cfg.tls, server_identity=KEY_MGMT,
                                         options=PROXY_CHANNEL_OPTIONS)
                          if cfg.key_mgmt_address else None)
         self.masters = UsableMasters(
@@ -102,10 +104,15 @@ class AccessServer:
             else None, ttl=cfg.masters_cache_seconds)
         settings = ServerSettings(
             listen=cfg.listen, metrics_listen=cfg.metrics_listen, tls=cfg.tls,
-            max_workers=cfg.max_workers, ready_file=ready_file,
+            max_workers=cfg.max_workers, ready_file=ready_file, keepalive=cfg.keepalive,
             require_client_auth=not cfg.allow_agents_without_certificate)
-        self.service = GrpcService("access-server", settings, self._register,
-                                   on_stop=self._stop)
+        # An asyncio server: a card channel stream waiting for its agent holds
+        # no thread; the contacts' store and proxy calls run in these threads,
+        # the operator services in the server's own (max_workers).
+        self._flow_threads = LoopThreads(cfg.flow_workers, "card-flow")
+        self.card_channel: CardChannelServicer | None = None
+        self.service = AsyncGrpcService("access-server", settings, self._register,
+                                        on_stop=self._shutdown)
         self._collector = CampaignCollector(self.store)
         REGISTRY.register(self._collector)
 
@@ -135,10 +142,22 @@ class AccessServer:
         access_pb2_grpc.add_PsdRegistryServicer_to_server(PsdRegistryServicer(self.store), server)
         access_pb2_grpc.add_CampaignsServicer_to_server(
             CampaignsServicer(self.store, self.mk_versions_in_hsm1), server)
-        card_channel_pb2_grpc.add_CardChannelServicer_to_server(
-            CardChannelServicer(self.flow_context, self.cfg.allow_agents_without_certificate),
-            server)
+        self.card_channel = CardChannelServicer(
+            self.flow_context, self.cfg.allow_agents_without_certificate,
+            threads=self._flow_threads,
+            timeouts=ChannelTimeouts(self.cfg.hello_timeout_seconds,
+                                     self.cfg.answer_timeout_seconds),
+            limits=self.cfg.stream_limits)
+        card_channel_pb2_grpc.add_CardChannelServicer_to_server(self.card_channel, server)
         return list(SERVICE_NAMES)
+
+    async def _shutdown(self) -> None:
+        """Once the gRPC server has stopped: the contacts' flows end (their leases
+        released) before the store they write to closes."""
+        if self.card_channel is not None:
+            await self.card_channel.wait_closed(self.service.settings.grace_seconds)
+        self._flow_threads.shutdown(wait=True)
+        self._stop()
 
     def _stop(self) -> None:
         REGISTRY.unregister(self._collector)

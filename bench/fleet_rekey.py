@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from bench.relay import RelayProcess  # noqa: E402
 from card_agent.session import AgentInfo, run_session_async  # noqa: E402
 from card_agent.virtual import VirtualTransport  # noqa: E402
+from cms.identity import ACCESS_SERVER, identity_channel_options  # noqa: E402
 from cms.runtime.client import load_endpoints  # noqa: E402
 from cms.runtime.tls import channel_credentials  # noqa: E402
 from cms.v1 import access_pb2 as apb  # noqa: E402
@@ -95,7 +96,8 @@ async def _contacts(endpoints: Path, cards: list[VirtualCard], role: int, concur
     ep = load_endpoints(endpoints)
     files = ep.tls("card-agent")
     address = target or ep.grpc_address("access_server")
-    channel = grpc.aio.secure_channel(address, channel_credentials(files))
+    channel = grpc.aio.secure_channel(address, channel_credentials(files),
+                                      options=identity_channel_options(ACCESS_SERVER))
     queue: asyncio.Queue[VirtualCard] = asyncio.Queue()
     for card in cards:
         queue.put_nowait(card)

@@ -35,6 +35,7 @@ from card_agent.session import (
     run_session,
 )
 from card_agent.transport import CardRemovedError, CardTransport, ReaderError
+from cms.identity import is_identity_refusal
 from cms.runtime.logs import fields
 from cms.v1 import card_channel_pb2 as pb
 
@@ -240,9 +241,14 @@ class CardAgent:
         if report.status is SessionStatus.NOT_CONNECTED:
             return None
         if report.status is SessionStatus.REFUSED:
-            self.last_error = f"access server refused the session ({report.error})"
-            log.error("access server refused the session", extra=fields(
-                server=self.settings.server, error=report.error))
+            if is_identity_refusal(report.error):
+                self.last_error = report.error          # the agent refused the server
+                log.error("server identity not proven", extra=fields(
+                    server=self.settings.server, error=report.error))
+            else:
+                self.last_error = f"access server refused the session ({report.error})"
+                log.error("access server refused the session", extra=fields(
+                    server=self.settings.server, error=report.error))
             return ExitStatus.REFUSED if once else self.settings.backoff.max_s
         self.last_error = f"session failed: stream broken ({report.error})"
         log.error("session failed: stream broken", extra=fields(

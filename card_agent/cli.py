@@ -28,7 +28,8 @@ EPILOG = """\
 exit status: 0 session OK or nothing to do (or stopped, without --once);
 1 bad configuration; 3 the server ended the session FAILED, REFUSED or
 RETRY_LATER; 4 the stream or the card failed mid-session; 5 the server could
-not be reached in time; 6 the server refused the stream; 7 no reader or a
+not be reached in time; 6 the server refused the stream, or was not the
+access server (its certificate lacks the identity); 7 no reader or a
 reader failure; 8 stopped before the session finished.
 """
 
@@ -47,8 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--cert", type=Path, metavar="FILE",
                         help="client certificate (PEM), where the deployment issues one")
     server.add_argument("--key", type=Path, metavar="FILE", help="client private key (PEM)")
-    server.add_argument("--server-name", metavar="NAME",
-                        help="TLS name to verify instead of the host in --server")
     server.add_argument("--endpoints", type=Path, metavar="PATH",
                         help="endpoints.json (or its directory) of a deployment")
     server.add_argument("--identity", default="card-agent",
@@ -167,9 +166,6 @@ def _server_target(args: argparse.Namespace) -> ServerTarget:
         if args.ca is None:
             raise AgentConfigError("--server needs --ca (the server is always authenticated)")
         target = ServerTarget(args.server, args.ca, args.cert, args.key)
-    if args.server_name:
-        target = ServerTarget(target.address, target.ca, target.cert, target.key,
-                              args.server_name)
     return target
 
 

@@ -3,8 +3,11 @@
 The agent reads its TLS files and endpoints.json itself rather than through
 ``cms.runtime.client``: that module pulls in the development PKI and with it
 ``cryptography``, which a user PC running only the agent does not have.
-The server is always authenticated against the given CA; a client
-certificate is presented where the deployment issues one.
+The server is always authenticated against the given CA and must prove the
+access server's identity: its certificate must carry the DNS SAN
+``access-server.identity.cms.internal`` (``cms.identity``), which TLS checks
+instead of the host in the address. A client certificate is presented where
+the deployment issues one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from cms.identity import ACCESS_SERVER, identity_channel_options, identity_dns_name
 
 ACCESS_SERVER_SERVICE = "access_server"
 DEFAULT_IDENTITY = "card-agent"
@@ -41,13 +46,17 @@ class ServerTarget:
     ca: Path
     cert: Path | None = None
     key: Path | None = None
-    server_name: str | None = None
+    server_identity: str = ACCESS_SERVER
 
     def validate(self) -> None:
         if ":" not in self.address:
             raise AgentConfigError(f"server address {self.address!r} is not HOST:PORT")
         if (self.cert is None) != (self.key is None):
             raise AgentConfigError("a client certificate needs both --cert and --key")
+        try:
+            identity_dns_name(self.server_identity)
+        except ValueError as exc:
+            raise AgentConfigError(str(exc)) from None
         self.credentials()
 
     def credentials(self) -> grpc.ChannelCredentials:
@@ -67,14 +76,17 @@ class ServerTarget:
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *identity_channel_options(self.server_identity),
         ]
-        if self.server_name:
-            options.append(("grpc.ssl_target_name_override", self.server_name))
         return options
 
     def open_channel(self) -> grpc.Channel:
-        return grpc.secure_channel(self.address, self.credentials(),
-                                   options=self.channel_options())
+        """A channel that accepts only a server proving ``server_identity``."""
+        from cms.runtime.tls import refusals_named
+
+        channel = grpc.secure_channel(self.address, self.credentials(),
+                                      options=self.channel_options())
+        return refusals_named(channel, self.address, self.server_identity)
 
     def open_aio_channel(self) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(self.address, self.credentials(),

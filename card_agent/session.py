@@ -31,6 +31,7 @@ from card_agent import AGENT_VERSION
 from card_agent.cancel import Cancellation
 from card_agent.runner import run_script
 from card_agent.transport import CardTransport
+from cms.identity import is_identity_refusal
 from cms.runtime.logs import fields
 from cms.v1 import card_channel_pb2 as pb
 from cms.v1 import card_channel_pb2_grpc as pb_grpc
@@ -167,7 +168,8 @@ class SessionProtocol:
             status = SessionStatus.CANCELLED
         elif self.messages_received or self.results:
             status = SessionStatus.BROKEN
-        elif code in REFUSAL_CODES:
+        elif code in REFUSAL_CODES or is_identity_refusal(details):
+            # A server that is not the access server stays so: no retry helps.
             status = SessionStatus.REFUSED
         else:
             status = SessionStatus.NOT_CONNECTED

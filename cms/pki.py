@@ -2,8 +2,12 @@
 
 Every process authenticates with an X.509 certificate whose identity is carried
 in a URI SAN ``spiffe://cms/<identity>``; the proxy's policy and the servers'
-authorization use that identity, never the CN. Server certificates are also
-valid for ``localhost`` and ``127.0.0.1`` so clients verify the host name.
+authorization use that identity, never the CN. A server certificate also
+carries the DNS SAN ``<identity>.identity.cms.internal`` for the same
+identity, which its clients check (``cms.identity``), and is valid for
+``localhost`` and ``127.0.0.1``. The identities' names live in
+``cms.identity`` (no ``cryptography`` there, for the card agent) and are
+re-exported here.
 
 This is for the embedded default and tests. Production issues the same shape
 of certificates from its own CA (see docs/operations.md).
@@ -24,13 +28,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SPIFFE_PREFIX = "spiffe://cms/"
-CUSTODIANS = ("custodian-1", "custodian-2", "custodian-3")
-"""Key custodians: each enters one component of a key ceremony, straight to the proxy."""
-DEFAULT_IDENTITIES = ("hsm-proxy", "access-server", "key-mgmt", "card-agent", "admin",
-                      *CUSTODIANS)
-# Identities that also serve (server certificates carry localhost names).
-SERVER_IDENTITIES = frozenset({"hsm-proxy", "access-server", "key-mgmt"})
+from cms.identity import (  # noqa: F401  (re-exported: the names of identities)
+    CUSTODIANS,
+    DEFAULT_IDENTITIES,
+    IDENTITY_DNS_SUFFIX,
+    SERVER_IDENTITIES,
+    SPIFFE_PREFIX,
+    identity_dns_name,
+    identity_from_dns_name,
+    identity_from_uri,
+    identity_uri,
+    valid_identity,
+)
+
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 MANIFEST_FILE = "pki.json"
@@ -48,22 +58,6 @@ class IdentityFiles:
 
     def as_dict(self) -> dict[str, str]:
         return {"cert": str(self.cert), "key": str(self.key)}
-
-
-def identity_uri(identity: str) -> str:
-    return SPIFFE_PREFIX + identity
-
-
-def identity_from_uri(uri: str) -> str | None:
-    """The identity named by a ``spiffe://cms/<identity>`` URI, else None."""
-    if not uri.startswith(SPIFFE_PREFIX):
-        return None
-    name = uri[len(SPIFFE_PREFIX):]
-    return name if _valid_identity(name) else None
-
-
-def _valid_identity(name: str) -> bool:
-    return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "-_." for c in name)
 
 
 def _now() -> dt.datetime:
@@ -135,17 +129,32 @@ def issue_identity(
     not_after: dt.datetime | None = None,
     extra_dns: Iterable[str] = (),
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """Issue a certificate for ``identity`` (URI SAN), client and optionally server auth."""
-    if not _valid_identity(identity):
+    """Issue a certificate for ``identity`` (URI SAN), client and optionally server auth.
+
+    A server certificate also carries the identity's DNS name
+    (``identity_dns_name``), which its clients verify. ``extra_dns`` adds host
+    names, never another identity's DNS name.
+    """
+    if not valid_identity(identity):
         raise PkiError(f"invalid identity name {identity!r}: use letters, digits, '-', '_', '.'")
+    extra = tuple(extra_dns)
+    named = sorted(d for d in extra if identity_from_dns_name(d) is not None)
+    if named:
+        raise PkiError(f"extra DNS names {named} are identity names: a certificate names "
+                       f"only its own identity, {identity!r}")
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or _now() - dt.timedelta(minutes=5)
     end = not_after or start + dt.timedelta(days=days)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(identity))]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if server:
-        sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        sans += [x509.DNSName(d) for d in extra_dns]
+        try:
+            dns_identity = identity_dns_name(identity)
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+        sans += [x509.DNSName(dns_identity), x509.DNSName("localhost"),
+                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        sans += [x509.DNSName(d) for d in extra]
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     cert = (
         x509.CertificateBuilder()
@@ -227,7 +236,9 @@ def init_pki(directory: Path, identities: Iterable[str] = DEFAULT_IDENTITIES,
     """Create (or complete) a development PKI in ``directory``.
 
     Existing CA and identity files are kept, so running it twice is harmless and
-    certificates other processes already trust stay valid.
+    certificates other processes already trust stay valid; only a server
+    certificate made before servers carried their identity's DNS name is
+    issued again (same CA), since no client would accept it.
     """
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -242,8 +253,10 @@ def init_pki(directory: Path, identities: Iterable[str] = DEFAULT_IDENTITIES,
     issued: dict[str, IdentityFiles] = {}
     for name in identities:
         files = IdentityFiles(name, directory / f"{name}.pem", directory / f"{name}.key")
-        if not (files.cert.exists() and files.key.exists()):
-            key, cert = issue_identity(ca_key, ca_cert, name, server=name in SERVER_IDENTITIES,
+        server = name in SERVER_IDENTITIES
+        if not (files.cert.exists() and files.key.exists()) or (
+                server and not _names_its_identity(files.cert, name)):
+            key, cert = issue_identity(ca_key, ca_cert, name, server=server,
                                        extra_dns=extra)
             files = write_identity(directory, name, key, cert)
         issued[name] = files
@@ -263,6 +276,25 @@ def load_pki(directory: Path) -> Pki:
         for name, v in manifest["identities"].items()
     }
     return Pki(directory, Path(manifest["ca"]), ids)
+
+
+def _names_its_identity(cert_file: Path, identity: str) -> bool:
+    """Whether the server certificate in ``cert_file`` carries ``identity``'s DNS name."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return certificate_server_identities(cert) == {identity}
+
+
+def certificate_server_identities(cert: x509.Certificate) -> set[str]:
+    """The identities a certificate's DNS SANs name (``<identity>.identity.cms.internal``)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    found = (identity_from_dns_name(d) for d in san.get_values_for_type(x509.DNSName))
+    return {name for name in found if name is not None}
 
 
 def certificate_identity(cert: x509.Certificate) -> str | None:

@@ -13,11 +13,17 @@ Layout of DIR::
     pki/            CA and one certificate per identity
     softhsm/        softhsm2.conf, tokens/, secrets/ (PIN files, 0600)
     config/         one YAML per service, policy.yaml
-    run/            <service>.ready and <service>.pid
+    run/            <service>.ready and <service>.pid, ports.json
     logs/           <service>.log (JSON lines)
     audit/          the proxy's hash-chained audit log
     data/           databases (SQLite)
     endpoints.json  where everything is, for clients and tests
+
+``config/``, ``run/``, ``logs/``, ``audit/`` and ``data/`` are the owner's
+only (directories 0700, files 0600, and ``endpoints.json`` 0600), whatever
+the umask of whoever runs ``up``: the launcher writes its files so, starts
+the services with umask 077 for what they create themselves, and tightens
+what an earlier run left wider.
 """
 
 from __future__ import annotations
@@ -35,12 +41,23 @@ from pathlib import Path
 import yaml
 
 from cms import keynames as kn
+from cms.identity import ACCESS_SERVER, HSM_PROXY, KEY_MGMT
 from cms.pki import CUSTODIANS, DEFAULT_IDENTITIES, Pki, init_pki
 from cms.runtime.config import ConfigError
+from cms.runtime.files import (
+    PRIVATE_UMASK,
+    make_dirs,
+    open_private_append,
+    private_dir,
+    tighten_tree,
+    write_private,
+)
 from cms.runtime.tls import TlsFiles, secure_channel
 from cms.softhsm import SoftHsm, find_module
 
 TOKENS = kn.TOKENS
+PRIVATE_DIRS = ("config", "run", "logs", "audit", "data")
+"""The stack's directories of configuration, run state, logs, audit and databases."""
 READY_TIMEOUT_S = 60.0
 POLICY_MARK = ("# Written by 'cms dev up' and rewritten by each 'up'; delete this line to keep "
                "your edits.\n")
@@ -85,7 +102,7 @@ class Stack:
 
     def path(self, *parts: str) -> Path:
         p = self.directory.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(p.parent)                     # any directory it creates is 0700
         return p
 
     def config_path(self, name: str) -> Path:
@@ -108,6 +125,12 @@ class Stack:
     def prepare(self) -> Pki:
         """Create PKI, tokens and policy on first use; keep them afterwards."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        for name in PRIVATE_DIRS:
+            # Made owner-only, and what an earlier run left wider is tightened.
+            private_dir(self.directory / name)
+            tighten_tree(self.directory / name)
+        if self.endpoints_path.exists():
+            os.chmod(self.endpoints_path, 0o600)
         pki = init_pki(self.pki_dir, DEFAULT_IDENTITIES)
         hsm = self.hsm.ensure()
         for label in TOKENS:
@@ -116,7 +139,8 @@ class Stack:
         if not policy.exists() or policy.read_text().startswith(POLICY_MARK):
             # The launcher's own policy follows the release; one an operator
             # edited (the first line removed) is left alone.
-            policy.write_text(POLICY_MARK + yaml.safe_dump(default_policy(), sort_keys=False))
+            write_private(policy, POLICY_MARK + yaml.safe_dump(default_policy(),
+                                                               sort_keys=False))
         return pki
 
     def tls(self, identity: str) -> dict[str, str]:
@@ -151,9 +175,7 @@ class Stack:
         if metrics_url:
             entry["metrics"] = int(metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
         saved[service] = entry
-        tmp = self.ports_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=2))
-        os.replace(tmp, self.ports_file)
+        write_private(self.ports_file, json.dumps(saved, indent=2))
 
     def address(self, service: str) -> str:
         try:
@@ -224,7 +246,7 @@ def hsm_proxy_config(stack: Stack) -> dict:
     return {
         "server": {"listen": stack.listen("hsm_proxy"),
                    "metrics_listen": stack.listen("hsm_proxy", "metrics")},
-        "tls": stack.tls("hsm-proxy"),
+        "tls": stack.tls(HSM_PROXY),
         "pkcs11": {
             "module": find_module(),
             "env": hsm.env(),
@@ -247,7 +269,7 @@ def key_mgmt_config(stack: Stack) -> dict:
     return {
         "server": {"listen": stack.listen("key_mgmt"),
                    "metrics_listen": stack.listen("key_mgmt", "metrics")},
-        "tls": stack.tls("key-mgmt"),
+        "tls": stack.tls(KEY_MGMT),
         "database": {"url": f"sqlite:///{stack.path('data', 'key-mgmt.db')}"},
         "proxy": {"address": stack.address("hsm_proxy")},
         "tokens": {"hsm2": "kms", "hsm1": "access"},
@@ -271,17 +293,14 @@ def save_access_database_url(stack: Stack, url: str) -> None:
     if not url.startswith(("sqlite://", "postgresql")):
         raise LauncherError(f"--access-database: expected sqlite:///PATH or "
                             f"postgresql+psycopg://..., got {url.split(':', 1)[0]!r}")
-    path = stack.path("config", ACCESS_DATABASE_FILE)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(url + "\n")
+    write_private(stack.path("config", ACCESS_DATABASE_FILE), url + "\n")
 
 
 def access_server_config(stack: Stack) -> dict:
     return {
         "server": {"listen": stack.listen("access_server"),
                    "metrics_listen": stack.listen("access_server", "metrics")},
-        "tls": stack.tls("access-server"),
+        "tls": stack.tls(ACCESS_SERVER),
         "database": {"url": access_database_url(stack)},
         "proxy": {"address": stack.address("hsm_proxy")},
         # Which master versions key management transferred (access_server.masters).
@@ -293,11 +312,11 @@ def access_server_config(stack: Stack) -> dict:
 
 
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("hsm_proxy", "hsm-proxy", ("hsm-proxy", "serve"), "cms.v1.Hsm",
+    ServiceSpec("hsm_proxy", HSM_PROXY, ("hsm-proxy", "serve"), "cms.v1.Hsm",
                 hsm_proxy_config, module="hsm_proxy.server"),
-    ServiceSpec("key_mgmt", "key-mgmt", ("key-mgmt", "serve"), "cms.v1.KeyManagement",
+    ServiceSpec("key_mgmt", KEY_MGMT, ("key-mgmt", "serve"), "cms.v1.KeyManagement",
                 key_mgmt_config, depends=("hsm_proxy",), module="key_mgmt.server"),
-    ServiceSpec("access_server", "access-server", ("access-server", "serve"),
+    ServiceSpec("access_server", ACCESS_SERVER, ("access-server", "serve"),
                 "cms.v1.PsdRegistry", access_server_config, depends=("hsm_proxy", "key_mgmt"),
                 module="access_server.server"),
 )
@@ -342,11 +361,13 @@ def _log_tail(path: Path, lines: int = 8) -> str:
         return "(no log)"
 
 
-def check_health(address: str, tls: TlsFiles, service: str = "", timeout: float = 2.0) -> bool:
+def check_health(address: str, tls: TlsFiles, service: str = "", timeout: float = 2.0, *,
+                 server_identity: str) -> bool:
+    """Whether the server at ``address``, proving ``server_identity``, serves ``service``."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = secure_channel(address, tls)
+    channel = secure_channel(address, tls, server_identity=server_identity)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -362,19 +383,21 @@ def start_service(stack: Stack, spec: ServiceSpec, *, extra_env: dict[str, str] 
     """Start one service in the background and wait until it is SERVING."""
     config = spec.write_config(stack)
     cfg_path = stack.config_path(spec.name)
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_private(cfg_path, yaml.safe_dump(config, sort_keys=False))
     ready = stack.ready_path(spec.name)
     ready.unlink(missing_ok=True)
     log_file = stack.log_path(spec.name)
     env = {**os.environ, **(extra_env or {})}
-    with open(log_file, "ab") as log:
+    with open_private_append(log_file) as log:
+        # umask 077: what the service creates itself (its ready file, the audit
+        # log, temporary files) is owner-only as well.
         proc = subprocess.Popen(
             [sys.executable, "-m", "cms.cli", *spec.command, "--config", str(cfg_path),
              "--ready-file", str(ready)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-            start_new_session=True, cwd=stack.directory,
+            start_new_session=True, cwd=stack.directory, umask=PRIVATE_UMASK,
         )
-    stack.pid_path(spec.name).write_text(str(proc.pid))
+    write_private(stack.pid_path(spec.name), str(proc.pid))
     deadline = time.monotonic() + timeout
     info: dict | None = None
     while time.monotonic() < deadline:
@@ -388,7 +411,8 @@ def start_service(stack: Stack, spec: ServiceSpec, *, extra_env: dict[str, str] 
             except ValueError:
                 info = None
         if info is not None and check_health(info["grpc"], stack.tls_files("admin"),
-                                             spec.health_service):
+                                             spec.health_service,
+                                             server_identity=spec.identity):
             entry = {"grpc": info["grpc"], "metrics": info.get("metrics"), "pid": proc.pid}
             stack.ports[spec.name] = entry
             stack.save_ports(spec.name, info["grpc"], info.get("metrics"))
@@ -442,9 +466,7 @@ def write_endpoints(stack: Stack, pki: Pki) -> Path:
         },
         "dir": str(stack.directory),
     }
-    tmp = stack.endpoints_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, stack.endpoints_path)
+    write_private(stack.endpoints_path, json.dumps(data, indent=2))
     return stack.endpoints_path
 
 
@@ -465,7 +487,8 @@ def up(directory: Path, *, only: list[str] | None = None,
         if only and spec.name not in only:
             continue
         if spec.name in stack.ports and check_health(
-                stack.ports[spec.name]["grpc"], stack.tls_files("admin"), spec.health_service):
+                stack.ports[spec.name]["grpc"], stack.tls_files("admin"), spec.health_service,
+                server_identity=spec.identity):
             continue
         stop_service(stack, spec.name)
         start_service(stack, spec)

@@ -17,7 +17,6 @@ import json
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from sqlalchemy import (
     Column,
@@ -37,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 
 from cms.runtime.errors import InvalidArgument, NotFound
+from cms.runtime.files import sqlite_file
 
 metadata = MetaData()
 
@@ -151,7 +151,7 @@ class KeyStore:
             raise InvalidArgument(f"unsupported database URL {parsed.drivername!r} "
                                   f"(sqlite:///PATH or postgresql+psycopg://...)")
         if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            sqlite_file(parsed.database)          # 0600, -wal/-shm alike (cms.runtime.files)
         self.engine = create_engine(url, connect_args={"check_same_thread": False}
                                     if backend == "sqlite" else {})
         metadata.create_all(self.engine)

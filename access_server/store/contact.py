@@ -1,13 +1,14 @@
 """The transactions of a card contact, as driver statements.
 
-A campaign contact runs two write transactions (``Store.start_contact``,
-which also journals the replacement, and ``Store.complete_replacement``),
-and a fleet runs them for every card. Through the ORM's unit of work each
-statement cost about 0.4 ms of CPU, and through SQLAlchemy Core still about
-0.15 ms; these functions say the same rules in plain SQL run on the
-transaction's driver connection (``driver``), several times cheaper again.
-The rest of the store keeps the ORM, where readability wins over the last
-millisecond.
+A campaign contact reads the card (``Store.read_contact``), has the card
+prove its keys, then runs two write transactions (``Store.start_contact``,
+which takes the lease and journals the replacement, and
+``Store.complete_replacement``); a fleet runs them for every card. Through
+the ORM's unit of work each statement cost about 0.4 ms of CPU, and through
+SQLAlchemy Core still about 0.15 ms; these functions say the same rules in
+plain SQL run on the transaction's driver connection (``driver``), several
+times cheaper again. The rest of the store keeps the ORM, where readability
+wins over the last millisecond.
 
 The rules the ORM enforced are restated here: the card's row is locked
 first (``FOR UPDATE`` on PostgreSQL; SQLite has one writer), and every
@@ -108,6 +109,8 @@ _LOCK_CARD_WITH_CRYPTOGRAM = Sql("SELECT {columns} FROM psd WHERE psd_id = :psd_
                                  CardRow, times=_CARD_TIMES)
 _READ_CARD = Sql("SELECT {columns} FROM psd WHERE psd_id = :psd_id",
                  CardRow, times=_CARD_TIMES, nulls=("cryptogram",))
+_READ_CARD_WITH_CRYPTOGRAM = Sql("SELECT {columns} FROM psd WHERE psd_id = :psd_id",
+                                 CardRow, times=_CARD_TIMES)
 _INSERT_EVENT = Sql("INSERT INTO psd_event (psd_id, at, event, detail, actor) "
                     "VALUES (:psd_id, :at, :event, :detail, :actor)")
 _INSERT_INTENT = Sql(
@@ -171,9 +174,9 @@ def lock_card(conn: Connection, psd_id: str, *, with_cryptogram: bool = False) -
     return _card(conn, _LOCK_CARD_WITH_CRYPTOGRAM if with_cryptogram else _LOCK_CARD, psd_id)
 
 
-def read_card(conn: Connection, psd_id: str) -> CardRow:
-    """The card's row, without its cryptogram and without a lock; NotFound if absent."""
-    return _card(conn, _READ_CARD, psd_id)
+def read_card(conn: Connection, psd_id: str, *, with_cryptogram: bool = False) -> CardRow:
+    """The card's row, without a lock; NotFound if absent."""
+    return _card(conn, _READ_CARD_WITH_CRYPTOGRAM if with_cryptogram else _READ_CARD, psd_id)
 
 
 def _card(conn: Connection, statement: Sql, psd_id: str) -> CardRow:

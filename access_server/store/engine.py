@@ -1,7 +1,8 @@
 """Engines for the two supported backends, configured for the durability promise.
 
-SQLite (the embedded default): WAL so readers never block the writer,
-``synchronous=FULL`` so a commit is on disk when it returns (the cryptogram
+SQLite (the embedded default): the database file created 0600 (its -wal
+and -shm files take its mode; ``cms.runtime.files``), WAL so readers never
+block the writer, ``synchronous=FULL`` so a commit is on disk when it returns (the cryptogram
 must survive a power cut once ``begin_install`` returns), foreign keys on,
 and a busy timeout so threads queue for the write lock instead of failing.
 Python's sqlite3 module would otherwise open transactions lazily and with a
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -26,6 +26,7 @@ from sqlalchemy.pool import StaticPool
 
 from access_server.store.driver import Sql, execute
 from cms.runtime.errors import InvalidArgument
+from cms.runtime.files import sqlite_file
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a writer waits for another writer before giving up (Aborted)."""
@@ -77,7 +78,9 @@ def _sqlite_engine(url: str) -> Engine:
     else:
         database = make_url(url).database
         assert database is not None
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # The registry holds cryptograms: the file (and SQLite's -wal and -shm
+        # files, which take its mode) is the owner's only.
+        sqlite_file(database)
         engine = create_engine(url, connect_args=connect_args)
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)

@@ -174,12 +174,15 @@ class PsdPage(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ContactStart:
-    """What one card contact needs from the registry, read as its lease is taken.
+    """What one card contact needs from the registry: read alone, or as its lease is taken.
 
-    ``leased`` is False while another session holds the card (nothing else
-    was changed then) and for a revoked card (no lease is taken for it).
-    ``intent_begun`` is True when this same transaction journaled ``intent``
-    (a campaign replacement the card was ready for).
+    ``leased`` says this contact holds the card's lease: False from
+    ``Store.read_contact`` (which writes nothing), while another session
+    holds the card (nothing else was changed then) and for a revoked card (no
+    lease is taken for it). ``lease_free`` says the lease was free for the
+    contact when the record was read. ``intent_begun`` is True when the
+    transaction that took the lease also journaled ``intent`` (a campaign
+    replacement of a card that had proven its keys).
     """
 
     psd: PsdRecord
@@ -188,3 +191,4 @@ class ContactStart:
     work: CampaignItem | None
     cryptogram: Cryptogram | None
     intent_begun: bool = False
+    lease_free: bool = False

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -71,7 +70,13 @@ from access_server.store.records import (
     PsdState,
     RegisterOutcome,
 )
-from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from cms.runtime.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -218,6 +223,12 @@ class Store:
         """
         writer = self._sqlite_writer if self._sqlite_writer is not None else nullcontext()
         with writer, self._guard(), self._writer.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[Connection]:
+        """A read transaction without a unit of work, for the per-contact read."""
+        with self._guard(), self._reader.connect() as connection, connection.begin():
             yield connection
 
     @contextmanager
@@ -456,63 +467,98 @@ class Store:
             rows.get_psd(session, psd_id)
             return False
 
+    def read_contact(self, psd_id: str, holder: str) -> ContactStart:
+        """What a contact needs, read in one transaction that writes nothing.
+
+        The same as ``get_psd``, ``open_intent``, ``campaign_work_for`` and
+        ``get_cryptogram``, plus whether ``holder`` could take the lease now
+        (``lease_free``; nothing is taken). A user PC's contact reads here,
+        has the card prove it holds its keys (the proxy checks the card
+        cryptogram of its INITIALIZE UPDATE answer as it opens the channel),
+        and only then calls ``start_contact(seen=...)``: an agent that
+        replays a card's CPLC changes nothing in the registry.
+        """
+        psd_id = v.psd_id(psd_id)
+        holder = v.text("holder", holder, v.MAX_ACTOR)
+        with self._read_connection() as conn:
+            now = self._now()
+            card = contact.read_card(conn, psd_id, with_cryptogram=True)
+            intent_row = contact.open_intent(conn, psd_id)
+            return ContactStart(
+                psd=rows.psd_record(card), leased=False,
+                intent=None if intent_row is None else rows.intent_record(intent_row),
+                work=contact.pending_work(conn, card, lock=False),
+                cryptogram=_card_cryptogram(card),
+                lease_free=_lease_free(card, holder, now))
+
     def start_contact(self, psd_id: str, holder: str, ttl_seconds: float, *,
-                      card_mk_versions: AbstractSet[int] | None = None,
+                      seen: ContactStart | None = None, journal: bool = False,
                       actor: str | None = None) -> ContactStart:
         """Take the card's session lease and read what the contact needs, in one transaction.
 
-        The same as ``get_psd``, ``acquire_lease``, ``touch_contact``,
-        ``open_intent``, ``campaign_work_for`` and ``get_cryptogram`` one after
-        the other, but with the card's row locked throughout: what is read is
-        what the lease holder works from, and a contact costs one round trip to
-        the database instead of six.
+        Without ``seen``: the same as ``get_psd``, ``acquire_lease``,
+        ``touch_contact``, ``open_intent``, ``campaign_work_for`` and
+        ``get_cryptogram`` one after the other, but with the card's row locked
+        throughout: what is read is what the lease holder works from, and a
+        contact costs one round trip to the database instead of six.
 
-        ``card_mk_versions`` are the MK versions a user-PC contact's probe
-        found on the card. When they are exactly the version the registry
-        holds, the lease is taken, no intent is open and a running campaign
-        has the card pending, the replacement is journaled here too (what
-        ``begin_replacement`` does), so it is durable before the contact asks
-        the proxy for anything: ``ContactStart.intent_begun`` says so.
+        With ``seen`` (what ``read_contact`` returned to this contact before
+        the card proved its keys): the lease is taken only if the card's row
+        is still the one read (else Aborted: the contact starts again), and
+        the rest comes from ``seen``. With ``journal`` as well, the campaign
+        replacement ``seen.work`` names is journaled in this same transaction
+        (what ``begin_replacement`` does), if the card is still pending in
+        that running campaign (else Aborted): it is durable before the
+        secured script is sent, and ``ContactStart.intent_begun`` says so.
         """
         psd_id = v.psd_id(psd_id)
         holder = v.text("holder", holder, v.MAX_ACTOR)
         ttl = _ttl(ttl_seconds)
-        if card_mk_versions is not None:
+        if journal:
+            if seen is None or seen.work is None or seen.intent is not None:
+                raise InvalidArgument("journal needs what read_contact saw: campaign work "
+                                      "and no open intent")
             if actor is None:
-                raise InvalidArgument("actor is required with card_mk_versions")
+                raise InvalidArgument("actor is required with journal")
             actor = v.actor(actor)
-            card_mk_versions = frozenset(card_mk_versions)
+        if seen is not None and seen.psd.psd_id != psd_id:
+            raise InvalidArgument(f"seen describes PSD {seen.psd.psd_id}, not {psd_id}")
         with self._write_connection() as conn:
             now = self._now()
-            card = contact.lock_card(conn, psd_id, with_cryptogram=True)
-            leased = card.state != PsdState.REVOKED.value and (
-                card.lease_holder is None or card.lease_holder == holder
-                or card.lease_expires is None or card.lease_expires <= now)
-            intent_row = contact.open_intent(conn, psd_id)
-            intent = None if intent_row is None else rows.intent_record(intent_row)
-            work = contact.pending_work(conn, card)
-            begun = False
-            if leased:
-                values: dict[str, Any] = {"lease_holder": holder, "lease_expires": now + ttl,
-                                          "last_contact": now}
-                if (intent is None and work is not None and card_mk_versions is not None
-                        and card_mk_versions == {card.mk_version}):
-                    journaled = contact.journal_replacement(
-                        conn, card, from_version=work.from_version,
-                        to_version=work.to_version, campaign_id=work.campaign_id,
-                        actor=actor, now=now, campaign_checked=True)
-                    values.update(journaled.card_values)
-                    intent, begun = journaled.intent, True
-                version = contact.update_card(conn, card, values)
-                record = contact.record_after(card, version, values)
+            card = contact.lock_card(conn, psd_id, with_cryptogram=seen is None)
+            if seen is not None and card.row_version != seen.psd.row_version:
+                raise Aborted(f"PSD {psd_id} changed while this contact checked the card; "
+                              "the next contact starts afresh")
+            leased = _lease_free(card, holder, now)
+            if seen is None:
+                intent_row = contact.open_intent(conn, psd_id)
+                intent = None if intent_row is None else rows.intent_record(intent_row)
+                work = contact.pending_work(conn, card)
+                cryptogram = _card_cryptogram(card)
             else:
-                record = rows.psd_record(card)            # nothing was written
-            cryptogram = None
-            if card.cryptogram_key_label is not None:
-                cryptogram = Cryptogram(psd_id=psd_id, ciphertext=bytes(card.cryptogram),
-                                        key_label=card.cryptogram_key_label)
-            return ContactStart(psd=record, leased=leased, intent=intent, work=work,
-                                cryptogram=cryptogram, intent_begun=begun)
+                intent, work, cryptogram = seen.intent, seen.work, seen.cryptogram
+            begun = False
+            if not leased:
+                return ContactStart(psd=rows.psd_record(card), leased=False, intent=intent,
+                                    work=work, cryptogram=cryptogram)   # nothing was written
+            values: dict[str, Any] = {"lease_holder": holder, "lease_expires": now + ttl,
+                                      "last_contact": now}
+            if journal:
+                assert seen is not None and seen.work is not None and actor is not None
+                work = contact.pending_work(conn, card)
+                if work is None or (work.campaign_id, work.from_version, work.to_version) != (
+                        seen.work.campaign_id, seen.work.from_version, seen.work.to_version):
+                    raise Aborted(f"the campaign work of PSD {psd_id} changed while this "
+                                  "contact checked the card; the next contact starts afresh")
+                journaled = contact.journal_replacement(
+                    conn, card, from_version=work.from_version, to_version=work.to_version,
+                    campaign_id=work.campaign_id, actor=actor, now=now, campaign_checked=True)
+                values.update(journaled.card_values)
+                intent, begun = journaled.intent, True
+            version = contact.update_card(conn, card, values)
+            return ContactStart(psd=contact.record_after(card, version, values), leased=True,
+                                intent=intent, work=work, cryptogram=cryptogram,
+                                intent_begun=begun, lease_free=True)
 
     def release_lease(self, psd_id: str, holder: str) -> bool:
         """Give the lease back; False (and no change) if ``holder`` does not hold it."""
@@ -970,6 +1016,21 @@ class Store:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def _lease_free(card: contact.CardRow, holder: str, now: datetime) -> bool:
+    """Whether ``holder`` may take the card's lease at ``now`` (never on a revoked card)."""
+    return card.state != PsdState.REVOKED.value and (
+        card.lease_holder is None or card.lease_holder == holder
+        or card.lease_expires is None or card.lease_expires <= now)
+
+
+def _card_cryptogram(card: contact.CardRow) -> Cryptogram | None:
+    """The cryptogram of a row read with it, or None when the card has none."""
+    if card.cryptogram_key_label is None or card.cryptogram is None:
+        return None
+    return Cryptogram(psd_id=card.psd_id, ciphertext=bytes(card.cryptogram),
+                      key_label=card.cryptogram_key_label)
 
 
 def _flushed_record(session: Session, row: PsdRow) -> PsdRecord:

@@ -1,7 +1,8 @@
 """Clients' view of a deployment: ``endpoints.json`` and authenticated channels.
 
 ``cms dev up`` writes ``endpoints.json``; operators' commands and tests read it
-to find each service and the TLS files of the identity they act as.
+to find each service and the TLS files of the identity they act as. Every
+channel checks that the server proves the service's identity.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from cms.identity import SERVICE_IDENTITIES
 from cms.runtime.config import ConfigError
 from cms.runtime.tls import TlsFiles, secure_channel
 
@@ -42,8 +44,16 @@ class Endpoints:
                               f"(known: {', '.join(sorted(ids))})")
         return TlsFiles(Path(tls["ca"]), Path(ids[identity]["cert"]), Path(ids[identity]["key"]))
 
-    def channel(self, service: str, identity: str) -> grpc.Channel:
-        return secure_channel(self.grpc_address(service), self.tls(identity))
+    def channel(self, service: str, identity: str, *,
+                server_identity: str | None = None) -> grpc.Channel:
+        """A channel to ``service`` as ``identity``, accepting only a server that proves
+        ``server_identity`` (by default the service's own, ``cms.identity.SERVICE_IDENTITIES``)."""
+        expected = server_identity or SERVICE_IDENTITIES.get(service)
+        if expected is None:
+            raise ConfigError(f"no server identity is known for service {service!r}: "
+                              f"name the one it must prove")
+        return secure_channel(self.grpc_address(service), self.tls(identity),
+                              server_identity=expected)
 
 
 def load_endpoints(path: str | os.PathLike[str] | None = None) -> Endpoints:

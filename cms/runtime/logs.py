@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from cms.runtime.files import private_file
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str):
@@ -38,9 +40,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(service: str, level: str = "info", file: Path | None = None) -> None:
+    """Log JSON lines to stderr, or appended to ``file`` (owner-only: 0600, new directories
+    0700, whatever the umask; see ``cms.runtime.files``)."""
     handler: logging.Handler
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        # Created (or tightened) here, so the handler only ever appends to a private file.
+        private_file(file)
         handler = logging.FileHandler(file)
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -1,20 +1,30 @@
-"""Mutual TLS for gRPC: credentials from PEM files and the caller's identity.
+"""Mutual TLS for gRPC: credentials from PEM files, the caller's identity, the server's.
 
-Identities are carried in a URI SAN (``spiffe://cms/<name>``, see cms.pki). gRPC
-core negotiates TLS 1.3 with every client we ship (Python grpcio, Node
-grpc-js); grpcio has no server-side minimum-version setting, which
-docs/threat-model.md records.
+Identities are carried in a URI SAN (``spiffe://cms/<name>``, see cms.pki). A
+server's certificate also names its identity in a DNS SAN, and every client
+channel checks it (``secure_channel``'s ``server_identity``; see
+``cms.identity`` for why it takes a DNS name). gRPC core negotiates TLS 1.3
+with every client we ship (Python grpcio, Node grpc-js); grpcio has no
+server-side minimum-version setting, which docs/threat-model.md records.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from cms.pki import identity_from_uri
+from cms.identity import (
+    HSM_PROXY,
+    identity_channel_options,
+    identity_from_uri,
+    identity_refusal,
+    is_identity_refusal,
+)
 
 
 class TlsConfigError(Exception):
@@ -49,9 +59,43 @@ def server_credentials(
     ca, cert, key = files.read()
     if cert is None or key is None:
         raise TlsConfigError("a server needs a certificate and a private key")
+    check_server_certificate(cert, files.cert)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=require_client_auth
     )
+
+
+def check_server_certificate(pem: bytes, where: Path | None = None) -> str:
+    """The identity a server certificate names, checked to be named twice alike.
+
+    Clients check a server's identity by its DNS SAN and callers learn it
+    from its URI SAN: a certificate whose two names disagree, or that lacks
+    one, is refused here, before the server serves with it.
+    """
+    from cryptography import x509
+
+    from cms.pki import certificate_identity, certificate_server_identities, identity_dns_name
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise TlsConfigError(f"cannot read the server certificate {where}: {exc}") from None
+    identity = certificate_identity(cert)
+    if identity is None:
+        raise TlsConfigError(f"the server certificate {where} has no spiffe://cms/ URI SAN: "
+                             "it names no identity")
+    named = certificate_server_identities(cert)
+    if named != {identity}:
+        try:
+            expected = identity_dns_name(identity)
+        except ValueError as exc:
+            raise TlsConfigError(f"the server certificate {where}: {exc}") from None
+        found = ", ".join(sorted(named)) or "none"
+        raise TlsConfigError(
+            f"the server certificate {where} is for identity {identity} (URI SAN) and must "
+            f"carry the DNS SAN {expected}, which its clients check, and no other identity's "
+            f"(identities in its DNS SANs: {found}); see docs/operations.md")
+    return identity
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -61,17 +105,147 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
-def secure_channel(target: str, files: TlsFiles, *, options: list[tuple[str, object]] | None = None,
-                   server_name: str | None = None) -> grpc.Channel:
-    """A channel to ``target`` authenticated by ``files`` (mutual TLS when cert/key are set)."""
+def secure_channel(target: str, files: TlsFiles, *, server_identity: str = HSM_PROXY,
+                   options: list[tuple[str, object]] | None = None) -> grpc.Channel:
+    """A channel to ``target`` authenticated by ``files`` (mutual TLS when cert/key are set)
+    that accepts only a server proving ``server_identity``.
+
+    The default is the proxy, which the servers' own channels reach; any
+    other server is named by its client (``Endpoints.channel`` does it from
+    the service). A server that is not ``server_identity`` fails every call
+    with UNAVAILABLE and a message saying so (``ServerIdentityError``).
+    """
     opts: list[tuple[str, object]] = list(options or [])
     opts += [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        *identity_channel_options(server_identity),
     ]
-    if server_name:
-        opts.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(target, channel_credentials(files), options=opts)
+    channel = grpc.secure_channel(target, channel_credentials(files), options=opts)
+    return refusals_named(channel, target, server_identity)
+
+
+def refusals_named(channel: grpc.Channel, target: str, identity: str) -> grpc.Channel:
+    """``channel`` (made with ``identity_channel_options(identity)``), whose calls to a
+    server that is not ``identity`` fail with a ``ServerIdentityError`` saying so."""
+    return grpc.intercept_channel(channel, _IdentityRefusals(target, identity))
+
+
+class ServerIdentityError(grpc.RpcError, grpc.Call, grpc.Future):
+    """A call refused because the server's certificate names another identity.
+
+    What gRPC core reports for it speaks of a host name ("Hostname
+    Verification Check failed"); this says which identity the server failed
+    to prove. It is a finished call and future, as the failures it replaces.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._message
+
+    def initial_metadata(self) -> tuple:
+        return ()
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+    def exception(self, timeout: float | None = None) -> Exception:
+        return self
+
+    def traceback(self, timeout: float | None = None) -> None:
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+
+class _RefusalTranslatingStream:
+    """A streaming call whose identity refusal is raised as ``ServerIdentityError``."""
+
+    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], grpc.RpcError]) -> None:
+        self._call = call
+        self._translate = translate
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._call)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+class _IdentityRefusals(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Turns gRPC's host-name failure into an error that names the identity expected.
+
+    Costs nothing on a call that succeeds but a function call; a call in
+    flight (a future) is passed through as it is.
+    """
+
+    def __init__(self, target: str, identity: str) -> None:
+        self._message = identity_refusal(target, identity)
+
+    def _translate(self, exc: grpc.RpcError) -> grpc.RpcError:
+        details = exc.details() if hasattr(exc, "details") else ""
+        if details and is_identity_refusal(details):
+            return ServerIdentityError(self._message)
+        return exc
+
+    def _unary(self, outcome: Any) -> Any:
+        # A blocking call comes back finished (its failure is an RpcError); a
+        # future still running is an RpcError too, and must not be waited for.
+        if isinstance(outcome, grpc.RpcError) and outcome.done():
+            return self._translate(outcome)
+        return outcome
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return self._unary(continuation(client_call_details, request))
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return self._unary(continuation(client_call_details, request_iterator))
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return _RefusalTranslatingStream(continuation(client_call_details, request),
+                                         self._translate)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return _RefusalTranslatingStream(continuation(client_call_details, request_iterator),
+                                         self._translate)
 
 
 _identity_cache: dict[bytes, str | None] = {}

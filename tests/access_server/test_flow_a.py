@@ -5,16 +5,19 @@ code with an in-process virtual card."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from access_server.store import Store
 from card_agent.session import AgentInfo, run_session
 from card_agent.virtual import VirtualTransport
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
 from cms.v1 import access_pb2_grpc
 from cms.v1 import card_channel_pb2 as pb
+from deploy.local import Stack, access_database_url
 from tests.support.card_keys import provision
 from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
@@ -140,3 +143,116 @@ def test_an_altered_secured_answer_fails_the_contact_and_the_next_one_finishes(
     assert "not the one the HSM foresaw" in report.done.message
     assert _session(stack, card, STATION).done.outcome == pb.SessionDone.OK
     assert 0xFF not in _kvns(card) and 0x70 in _kvns(card)
+
+
+class InitializeUpdateAnswer(VirtualTransport):
+    """The real card (its CPLC and key information are genuine), but the answer to
+    INITIALIZE UPDATE (INS 50) is recorded, or replaced on the way back by ``forged``: one
+    the card gave in an earlier contact (a replay), or bytes no card computed."""
+
+    def __init__(self, card: VirtualCard, forged: bytes | None = None) -> None:
+        super().__init__(card)
+        self.forged = forged
+        self.seen: bytes | None = None
+
+    def transmit(self, apdu: bytes) -> bytes:
+        raw = super().transmit(apdu)
+        if len(apdu) > 1 and apdu[1] == 0x50:
+            self.seen = raw
+            if self.forged is not None:
+                return self.forged
+        return raw
+
+
+def _contact_through(stack: Path, transport: InitializeUpdateAnswer):
+    channel = load_endpoints(stack).channel("access_server", "card-agent")
+    try:
+        return run_session(transport, channel, USER, deadline_s=60)
+    finally:
+        transport.close()
+        channel.close()
+
+
+def test_a_card_that_does_not_prove_its_keys_gets_no_replacement_journaled(
+        stack: Path, tmp_path: Path) -> None:
+    """An agent that presents a real card's CPLC during a campaign, with a replayed or
+    garbage INITIALIZE UPDATE answer, fails at the card cryptogram check, and nothing
+    of the card changes in the registry: no intent, no state, no history, no contact
+    time, no campaign attempt. The honest contact after it replaces the MK."""
+    card, psd_id = _new_card(stack, tmp_path, "replayed.json")
+    assert _session(stack, card, STATION).done.outcome == pb.SessionDone.OK
+    recorder = InitializeUpdateAnswer(VirtualCard.open(card))
+    assert _contact_through(stack, recorder).done.outcome == pb.SessionDone.NOTHING_TO_DO
+    replayed = recorder.seen
+    assert replayed is not None and replayed[-2:] == b"\x90\x00" and len(replayed) > 20
+    garbage = os.urandom(len(replayed) - 2) + b"\x90\x00"
+    registry, campaigns = _admin(stack)
+    campaign = campaigns.StartCampaign(apb.StartCampaignRequest(
+        from_mk_version=2, to_mk_version=1,
+        filter=apb.CampaignFilter(psd_ids=[psd_id])), timeout=30)
+    key_sets = dict(load_state(card).key_sets)
+
+    def registry_view() -> tuple:
+        record = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+        history = registry.GetPsdHistory(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+        with Store.from_url(access_database_url(Stack(stack.parent))) as store:
+            intent = store.open_intent(psd_id)
+            item = store.get_campaign_item(campaign.campaign_id, psd_id)
+        return record, list(history.events), intent, item.attempts, item.status
+
+    before = registry_view()
+    assert before[0].state == apb.PSD_ACTIVE and before[2] is None and before[3] == 0
+    for forged, why in ((replayed, "card cryptogram mismatch"), (garbage, "")):
+        report = _contact_through(stack, InitializeUpdateAnswer(VirtualCard.open(card),
+                                                                forged=forged))
+        assert report.done is not None and report.done.outcome == pb.SessionDone.FAILED
+        assert "opening the MKRK channel" in report.done.message and why in report.done.message
+        assert report.scripts_run == 1                  # the probe only: nothing secured sent
+        assert registry_view() == before
+        assert dict(load_state(card).key_sets) == key_sets
+    honest = _session(stack, card, USER)
+    assert honest.done.outcome == pb.SessionDone.OK, honest.done.message
+    assert _kvns(card) == {0x70, 0x01}
+
+
+class AlteredDeleteAnswer(InitializeUpdateAnswer):
+    """The real card, whose answer to DELETE KEY (INS E4) is altered on the way back: the
+    card deleted the old MK, the server cannot vouch for it."""
+
+    def transmit(self, apdu: bytes) -> bytes:
+        raw = super().transmit(apdu)
+        if len(apdu) > 1 and apdu[1] == 0xE4 and len(raw) > 2:
+            return bytes((raw[0] ^ 0x01,)) + raw[1:]
+        return raw
+
+
+def test_a_card_that_finished_a_replacement_proves_its_mkrk_before_the_registry_follows(
+        stack: Path, tmp_path: Path) -> None:
+    card, psd_id = _new_card(stack, tmp_path, "finished.json")
+    assert _session(stack, card, STATION).done.outcome == pb.SessionDone.OK
+    registry, campaigns = _admin(stack)
+    campaigns.StartCampaign(apb.StartCampaignRequest(
+        from_mk_version=2, to_mk_version=1,
+        filter=apb.CampaignFilter(psd_ids=[psd_id])), timeout=30)
+    altered = AlteredDeleteAnswer(VirtualCard.open(card))
+    report = _contact_through(stack, altered)
+    assert report.done.outcome == pb.SessionDone.FAILED
+    assert "not the one the HSM foresaw" in report.done.message
+    assert _kvns(card) == {0x70, 0x01}                  # the card finished all the same
+    pending = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+    assert pending.state == apb.PSD_REPLACEMENT_PENDING
+    history = list(registry.GetPsdHistory(apb.GetPsdRequest(psd_id=psd_id), timeout=30).events)
+    # The card says it holds MK v1 only, but its INITIALIZE UPDATE answer is an old one.
+    replay = _contact_through(stack, InitializeUpdateAnswer(VirtualCard.open(card),
+                                                            forged=altered.seen))
+    assert replay.done.outcome == pb.SessionDone.FAILED
+    assert "checking the card's MKRK" in replay.done.message
+    assert "card cryptogram mismatch" in replay.done.message
+    assert registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30) == pending
+    assert list(registry.GetPsdHistory(apb.GetPsdRequest(psd_id=psd_id),
+                                       timeout=30).events) == history
+    honest = _session(stack, card, USER)
+    assert honest.done.outcome == pb.SessionDone.OK and "confirmed" in honest.done.message
+    assert any(s.startswith("A2 reconciled") for s in honest.done.steps)
+    psd = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
+    assert psd.state == apb.PSD_ACTIVE and psd.mk_version == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from access_server.store import CampaignState, ItemStatus, PsdState, Store
-from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from cms.runtime.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from tests.access_server.test_store_fixtures import ACTOR, activate, psd, register
 
 pytest_plugins = ("tests.support.postgres", "tests.access_server.test_store_fixtures")
@@ -322,66 +322,91 @@ def test_counts_in_listing(store: Store) -> None:
     )
 
 
-def test_start_contact_journals_the_campaign_replacement_the_card_is_ready_for(
+def test_a_contact_journals_the_campaign_replacement_only_as_it_takes_the_lease(
         store: Store) -> None:
     cards = _fleet(store)
     campaign_id = store.start_campaign("v1 to v2", 1, 2, psd_id_prefix=BATCH,
                                        actor=ACTOR).campaign_id
+    card = cards["batch1"]
+    record, history = store.get_psd(card), store.history(card)
 
-    start = store.start_contact(cards["batch1"], "agent-1", 30, card_mk_versions={1},
-                                actor=ACTOR)
+    seen = store.read_contact(card, "agent-1")
 
-    assert start.leased and start.intent_begun
+    # Read before the card proves its keys: nothing is written, not even the contact time.
+    assert seen.lease_free and not seen.leased and seen.intent is None
+    assert seen.work is not None and seen.work.campaign_id == campaign_id
+    assert seen.psd == record == store.get_psd(card) and store.history(card) == history
+    assert store.get_campaign_item(campaign_id, card).attempts == 0
+
+    start = store.start_contact(card, "agent-1", 30, seen=seen, journal=True, actor=ACTOR)
+
+    assert start.leased and start.intent_begun and start.cryptogram == seen.cryptogram
     intent = start.intent
-    assert intent is not None and intent == store.open_intent(cards["batch1"])
+    assert intent is not None and intent == store.open_intent(card)
     assert (intent.from_version, intent.to_version, intent.campaign_id) == (1, 2, campaign_id)
-    assert start.psd == store.get_psd(cards["batch1"])
+    assert start.psd == store.get_psd(card)
     assert (start.psd.state, start.psd.pending_mk_version) == (PsdState.REPLACEMENT_PENDING, 2)
-    assert store.get_campaign_item(campaign_id, cards["batch1"]).attempts == 1
-    assert store.history(cards["batch1"])[-1].event == "replacement_begun"
+    assert start.psd.lease_holder == "agent-1" and start.psd.last_contact is not None
+    assert store.get_campaign_item(campaign_id, card).attempts == 1
+    assert store.history(card)[-1].event == "replacement_begun"
     # The next contact finds the intent open and journals nothing more.
-    again = store.start_contact(cards["batch1"], "agent-1", 30, card_mk_versions={1, 2},
-                                actor=ACTOR)
+    again = store.start_contact(card, "agent-1", 30, seen=store.read_contact(card, "agent-1"))
     assert not again.intent_begun and again.intent == intent
-    assert store.get_campaign_item(campaign_id, cards["batch1"]).attempts == 1
-    done = store.complete_replacement(cards["batch1"], intent.intent_id, ACTOR,
+    assert store.get_campaign_item(campaign_id, card).attempts == 1
+    done = store.complete_replacement(card, intent.intent_id, ACTOR,
                                       release_lease_of="agent-1")
-    assert done == store.get_psd(cards["batch1"])
+    assert done == store.get_psd(card)
     assert (done.state, done.mk_version, done.lease_holder) == (PsdState.ACTIVE, 2, None)
-    assert store.get_campaign_item(campaign_id, cards["batch1"]).status is ItemStatus.DONE
+    assert store.get_campaign_item(campaign_id, card).status is ItemStatus.DONE
 
 
-@pytest.mark.parametrize("situation", ["card_differs", "no_versions", "leased_elsewhere",
-                                       "paused", "not_in_campaign"])
-def test_start_contact_journals_nothing_unless_the_card_is_ready(
+@pytest.mark.parametrize("situation", ["leased_elsewhere", "revoked", "paused", "cancelled"])
+def test_a_contact_whose_registry_moved_meanwhile_journals_nothing(
         store: Store, situation: str) -> None:
+    """Between the read and the lease the contact waited for the proxy: whatever changed
+    meanwhile aborts it (the next contact starts afresh), and nothing is written."""
     cards = _fleet(store)
     campaign_id = store.start_campaign("v1 to v2", 1, 2, psd_id_prefix=BATCH,
                                        actor=ACTOR).campaign_id
-    card, versions = cards["batch2"], {1}
-    if situation == "card_differs":
-        versions = {1, 3}                       # the card holds what the registry did not
-    elif situation == "no_versions":
-        versions = None
-    elif situation == "leased_elsewhere":
+    card = cards["batch2"]
+    seen = store.read_contact(card, "agent-1")
+    if situation == "leased_elsewhere":
         store.start_contact(card, "agent-2", 30)
+    elif situation == "revoked":
+        store.revoke(card, "lost", ACTOR)
     elif situation == "paused":
         store.pause_campaign(campaign_id)
     else:
-        card = cards["other"]
-    before = store.history(card)
+        store.cancel_campaign(campaign_id)
+    record, history = store.get_psd(card), store.history(card)
 
-    start = store.start_contact(card, "agent-1", 30, card_mk_versions=versions, actor=ACTOR)
+    with pytest.raises(Aborted, match="changed while this contact checked the card"):
+        store.start_contact(card, "agent-1", 30, seen=seen, journal=True, actor=ACTOR)
 
-    assert not start.intent_begun and start.intent is None
     assert store.open_intent(card) is None
-    assert store.get_psd(card).state is PsdState.ACTIVE
-    assert [e.event for e in store.history(card)] == [e.event for e in before]
-    if situation != "not_in_campaign":
-        assert store.get_campaign_item(campaign_id, card).attempts == 0
+    assert store.get_psd(card) == record and store.history(card) == history
+    assert store.get_campaign_item(campaign_id, card).attempts == 0
 
 
-def test_start_contact_with_card_versions_needs_an_actor(store: Store) -> None:
+def test_read_contact_tells_whether_the_lease_is_free(store: Store) -> None:
     cards = _fleet(store)
-    with pytest.raises(InvalidArgument, match="actor"):
-        store.start_contact(cards["batch1"], "agent-1", 30, card_mk_versions={1})
+    store.start_contact(cards["batch1"], "agent-2", 30)
+    assert not store.read_contact(cards["batch1"], "agent-1").lease_free
+    assert store.read_contact(cards["batch1"], "agent-2").lease_free
+    revoked = store.read_contact(cards["revoked"], "agent-1")
+    assert revoked.psd.state is PsdState.REVOKED and not revoked.lease_free
+    with pytest.raises(NotFound):
+        store.read_contact(psd(99), "agent-1")
+
+
+@pytest.mark.parametrize("what", ["no_seen", "no_work", "open_intent", "no_actor"])
+def test_journal_needs_what_read_contact_saw_and_an_actor(store: Store, what: str) -> None:
+    cards = _fleet(store)
+    store.start_campaign("v1 to v2", 1, 2, psd_id_prefix=BATCH, actor=ACTOR)
+    card = cards["batch1"] if what != "no_work" else cards["other"]
+    if what == "open_intent":
+        store.begin_replacement(card, from_version=1, to_version=3, actor=ACTOR)
+    seen = None if what == "no_seen" else store.read_contact(card, "agent-1")
+    with pytest.raises(InvalidArgument, match="actor" if what == "no_actor" else "journal"):
+        store.start_contact(card, "agent-1", 30, seen=seen, journal=True,
+                            actor=None if what == "no_actor" else ACTOR)

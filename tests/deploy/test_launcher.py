@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import grpc
@@ -10,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cms.runtime.client import load_endpoints
+from deploy.local import PRIVATE_DIRS
 from tests.support.launcher import cms, dev_stack, endpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -126,3 +128,45 @@ def test_dev_up_refuses_an_access_database_url_it_cannot_use(tmp_path: Path) -> 
     assert "--access-database: expected sqlite:///PATH or postgresql" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "config" / "access-database.url").exists()
+
+
+def _modes(directory: Path) -> dict[str, int]:
+    """Mode of each private directory of the stack and of everything under it."""
+    modes = {}
+    for name in PRIVATE_DIRS:
+        for path in [directory / name, *sorted((directory / name).rglob("*"))]:
+            modes[str(path.relative_to(directory))] = stat.S_IMODE(path.lstat().st_mode)
+    modes["endpoints.json"] = stat.S_IMODE((directory / "endpoints.json").stat().st_mode)
+    return modes
+
+
+def _not_private(modes: dict[str, int], directory: Path) -> dict[str, str]:
+    return {name: oct(mode) for name, mode in modes.items()
+            if mode != (0o700 if (directory / name).is_dir() else 0o600)}
+
+
+def test_databases_logs_audit_and_run_state_are_the_owners_only(tmp_path: Path) -> None:
+    """Under umask 000 (every default would be world-writable), `cms dev up` leaves every
+    file under config/, run/, logs/, audit/ and data/ 0600 and the directories 0700,
+    SQLite's -wal and -shm files included; what was widened later, the next `up` tightens."""
+    with dev_stack(tmp_path, umask=0o000) as endpoints_path:
+        ep = str(endpoints_path)
+        cms("hsm", "--endpoints", ep, "tokens")                      # audited by the proxy
+        cms("psd", "--endpoints", ep, "register", "00112233445566778899")   # a registry write
+        modes = _modes(tmp_path)
+        for name in ("data/access.db", "data/access.db-wal", "data/access.db-shm",
+                     "data/key-mgmt.db", "logs/access_server.log", "logs/hsm_proxy.log",
+                     "audit/hsm-proxy.jsonl", "run/ports.json", "run/access_server.ready",
+                     "run/access_server.pid", "config/policy.yaml",
+                     "config/access_server.yaml"):
+            assert name in modes, f"{name} missing: {sorted(modes)}"
+        assert _not_private(modes, tmp_path) == {}
+
+        # Widened on purpose, as a run before owner-only files left them.
+        os.chmod(tmp_path / "data" / "access.db", 0o644)
+        os.chmod(tmp_path / "data" / "access.db-wal", 0o666)  # noqa: S103
+        os.chmod(tmp_path / "logs", 0o755)  # noqa: S103
+        os.chmod(tmp_path / "audit" / "hsm-proxy.jsonl", 0o644)
+        os.chmod(tmp_path / "run" / "ports.json", 0o644)
+        cms("dev", "up", "--dir", str(tmp_path), umask=0o000)       # services still running
+        assert _not_private(_modes(tmp_path), tmp_path) == {}
