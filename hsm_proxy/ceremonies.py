@@ -55,6 +55,9 @@ class CeremonyRecord:
     contributors: list[str] = field(default_factory=list)
     kcvs: dict[str, bytes] = field(default_factory=dict)
     problem: str = ""
+    # False until the officer worker holds its state: a worker reset meanwhile (its
+    # backend reconnecting under that very call) must not end it.
+    active: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -138,9 +141,14 @@ class CeremonyRegistry:
                                       f"arrived")
         return due
 
+    def activate(self, record: CeremonyRecord, incarnation: int, generation: int) -> None:
+        """The officer worker holds the ceremony at (incarnation, generation)."""
+        with self._lock:
+            record.incarnation, record.generation, record.active = incarnation, generation, True
+
     def invalidate_worker(self, worker: int, keep: tuple[int, int] | None) -> list[CeremonyRecord]:
         with self._lock:
-            gone = [r for r in self._live.values() if r.worker == worker
+            gone = [r for r in self._live.values() if r.worker == worker and r.active
                     and (keep is None or (r.incarnation, r.generation) != keep)]
         for record in gone:
             self.end(record, EXPIRED, "the proxy worker holding it restarted; its components "

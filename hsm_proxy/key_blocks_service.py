@@ -202,8 +202,11 @@ class KeyBlocksServicer(key_blocks_pb2_grpc.KeyBlocksServicer):
         except ServiceError as exc:
             core.ceremonies.end(record, FAILED, exc.message)
             raise
-        record.incarnation, record.generation = reply.incarnation, reply.generation
-        return record.message()
+        core.ceremonies.activate(record, reply.incarnation, reply.generation)
+        if core.pool.worker_state(officer) != (reply.incarnation, reply.generation):
+            # The worker restarted between its reply and now: the state is gone.
+            core.ceremonies.invalidate_worker(officer, core.pool.worker_state(officer))
+        return core.ceremonies.get(record.ceremony_id).message()
 
     @rpc
     def AddComponent(self, request: pb.AddComponentRequest, context: grpc.ServicerContext,
