@@ -167,6 +167,29 @@ class ProxyCore:
             raise InvalidArgument(f"{what}.usages: unknown value(s) {sorted(unknown)}")
         return m.Template(tpl.label, usages, tpl.extractable, tpl.session, bytes(tpl.id))
 
+    def visible_keys(self, call: Call, token: str, pattern: str, key_class: int = 0
+                     ) -> list[pb.KeyInfo]:
+        """Persistent keys on ``token`` matching ``pattern`` that the caller's rules for
+        this RPC cover (ListKeys, ListBlocks): a label it may not use is not shown."""
+        call.authorize(token or None)
+        self.require_token(token)
+        raw = self.pool.call("list_keys", m.ListKeys(token, pattern, key_class),
+                             idempotent=True, timeout=call.timeout()).value
+        assert call.identity is not None
+        infos = [pb.KeyInfo.FromString(item) for item in raw]
+        shown = [info for info in infos
+                 if self.policy.allowed(call.identity, call.operation, token, info.label)]
+        call.detail = f"pattern {pattern or '*'}"
+        return shown
+
+    def token_pair(self, source: str, target: str) -> tuple[str, str]:
+        """Two distinct configured tokens: where keys leave from, and where they land."""
+        self.require_token(source, "source_token")
+        self.require_token(target, "target_token")
+        if source == target:
+            raise InvalidArgument("source_token and target_token are the same token")
+        return source, target
+
     def data(self, value: bytes, what: str = "data", *, allow_empty: bool = True) -> bytes:
         if len(value) > self.limits.max_data_bytes:
             raise InvalidArgument(f"{what} is {len(value)} bytes; the limit is "

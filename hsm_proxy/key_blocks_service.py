@@ -74,27 +74,13 @@ class KeyBlocksServicer(key_blocks_pb2_grpc.KeyBlocksServicer):
     @rpc
     def ListBlocks(self, request: pb.ListBlocksRequest, context: grpc.ServicerContext,
                    call: Call) -> pb.ListBlocksResponse:
-        from hsm_proxy import messages as m
-
-        core = self.core
-        call.authorize(request.token or None)
-        core.require_token(request.token)
         roles = set(request.roles)
         unknown = [r for r in roles if r not in kc.ROLE_NAMES]
         if unknown:
             raise InvalidArgument(f"roles: unknown value(s) {sorted(unknown)}")
-        raw = core.pool.call("list_keys", m.ListKeys(request.token, request.label_pattern, 0),
-                             idempotent=True, timeout=call.timeout()).value
-        out = pb.ListBlocksResponse()
-        assert call.identity is not None
-        for item in raw:
-            info = hpb.KeyInfo.FromString(item)
-            if roles and info.role not in roles:
-                continue
-            if core.policy.allowed(call.identity, "ListBlocks", request.token, info.label):
-                out.keys.append(info)
+        keys = self.core.visible_keys(call, request.token, request.label_pattern)
+        out = pb.ListBlocksResponse(keys=[k for k in keys if not roles or k.role in roles])
         call.items = len(out.keys)
-        call.detail = f"pattern {request.label_pattern or '*'}"
         return out
 
     @rpc
@@ -117,10 +103,7 @@ class KeyBlocksServicer(key_blocks_pb2_grpc.KeyBlocksServicer):
             kc.require_role(label, kc.BLOCK_ROLES, "block")
             call.authorize(source or None, label)
             call.authorize(target or None, label)
-        core.require_token(source, "source_token")
-        core.require_token(target, "target_token")
-        if source == target:
-            raise InvalidArgument("source_token and target_token are the same token")
+        core.token_pair(source, target)
         call.items = len(labels)
         pairs = [(target, label) for label in labels]
         with core.creating(pairs):
@@ -145,10 +128,7 @@ class KeyBlocksServicer(key_blocks_pb2_grpc.KeyBlocksServicer):
         source, target = request.source_token, request.target_token
         call.authorize(source or None, label)
         call.authorize(target or None, label)
-        core.require_token(source, "source_token")
-        core.require_token(target, "target_token")
-        if source == target:
-            raise InvalidArgument("source_token and target_token are the same token")
+        core.token_pair(source, target)
         algorithm = _enum(hpb.KeyAlgorithm, request.algorithm, "algorithm", kc.AES)
         officer = core.pool.require_officer()
         pairs = [(source, label), (target, label)]

@@ -133,21 +133,11 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     @rpc
     def ListKeys(self, request: pb.ListKeysRequest, context: grpc.ServicerContext,
                  call: Call) -> pb.ListKeysResponse:
-        core = self.core
-        call.authorize(request.token or None)
-        core.require_token(request.token)
         if request.key_class and request.key_class not in pb.KeyClass.values():
             raise InvalidArgument(f"key_class: unknown value {request.key_class}")
-        raw = self._call(call, "list_keys", m.ListKeys(request.token, request.label_pattern,
-                                                       request.key_class))
-        out = pb.ListKeysResponse()
-        assert call.identity is not None
-        for item in raw:
-            info = pb.KeyInfo.FromString(item)
-            if core.policy.allowed(call.identity, "ListKeys", request.token, info.label):
-                out.keys.append(info)
+        out = pb.ListKeysResponse(keys=self.core.visible_keys(
+            call, request.token, request.label_pattern, request.key_class))
         call.items = len(out.keys)
-        call.detail = f"pattern {request.label_pattern or '*'}"
         return out
 
     # -- generation -------------------------------------------------------------------
