@@ -127,6 +127,26 @@ def _wrap_sync(service: str, method: str, handler: grpc.RpcMethodHandler
     return _rebuild(handler, *_sync_wrappers(service, method, adapt=False))
 
 
+class _Observed:
+    """Times one RPC and counts it with its status code when it ends, however it ends."""
+
+    __slots__ = ("context", "method", "service", "start")
+
+    def __init__(self, service: str, method: str, context: Any) -> None:
+        self.service, self.method, self.context = service, method, context
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> _Observed:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 _tb: object) -> bool:
+        code = ("CANCELLED" if isinstance(error, asyncio.CancelledError)   # caller went away
+                else _code_name(self.context, error is not None))
+        _observe(self.service, self.method, self.start, code)
+        return False
+
+
 def _sync_wrappers(service: str, method: str, *, adapt: bool) -> tuple[Callable, Callable]:
     """Counting wrappers for plain (thread) handlers; ``adapt``: on the aio server."""
 
@@ -134,39 +154,19 @@ def _sync_wrappers(service: str, method: str, *, adapt: bool) -> tuple[Callable,
         def inner(request, context):
             if adapt:
                 context = SyncContext(context)
-            start = time.perf_counter()
-            failed = False
-            try:
+            with _Observed(service, method, context):
                 return fn(request, context)
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                _observe(service, method, start, _code_name(context, failed))
         return inner
 
     def wrap_stream(fn):
         def inner(request, context):
             if adapt:
                 context = SyncContext(context)
-            start = time.perf_counter()
-            failed = False
-            try:
+            with _Observed(service, method, context):
                 yield from fn(request, context)
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                _observe(service, method, start, _code_name(context, failed))
         return inner
 
     return wrap_single, wrap_stream
-
-
-def _async_code(context: Any, error: BaseException | None) -> str:
-    if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"      # the caller went away (or the server is stopping)
-    return _code_name(context, error is not None)
 
 
 def _async_wrappers(service: str, method: str) -> tuple[Callable, Callable]:
@@ -174,15 +174,8 @@ def _async_wrappers(service: str, method: str) -> tuple[Callable, Callable]:
 
     def wrap_single(fn):
         async def inner(request, context):
-            start = time.perf_counter()
-            error: BaseException | None = None
-            try:
+            with _Observed(service, method, context):
                 return await fn(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                _observe(service, method, start, _async_code(context, error))
         return inner
 
     def wrap_stream(fn):
@@ -190,16 +183,9 @@ def _async_wrappers(service: str, method: str) -> tuple[Callable, Callable]:
             return wrap_single(fn)
 
         async def inner(request, context):
-            start = time.perf_counter()
-            error: BaseException | None = None
-            try:
+            with _Observed(service, method, context):
                 async for response in fn(request, context):
                     yield response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                _observe(service, method, start, _async_code(context, error))
         return inner
 
     return wrap_single, wrap_stream
