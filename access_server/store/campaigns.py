@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, func, insert, literal, null, select, text
+from sqlalchemy import ColumnElement, and_, case, func, insert, literal, null, select, text
 from sqlalchemy.orm import Session
 
 from access_server.store import rows
@@ -95,6 +95,9 @@ def start(
         )
     if psd_ids is not None:
         _skip_unmatched(session, campaign_id, psd_ids, from_version, prefix, now)
+    # Every card may need an operator already: then nothing is left to wait for.
+    rows.complete_campaign_if_drained(session.connection(), campaign_id,
+                                      CampaignState.RUNNING.value, now)
     return campaign_id
 
 
@@ -153,12 +156,16 @@ def _refuse_overlap(session: Session, matches: list[ColumnElement[bool]]) -> Non
 
 
 def _snapshot(session: Session, campaign_id: str, match: ColumnElement[bool], now: datetime) -> int:
+    """The matching cards' items: pending, or failed with its reason for a card that
+    needs an operator (it is part of the campaign, and counts as needing attention)."""
+    flagged = PsdRow.attention.is_not(None)
     source = select(
         literal(campaign_id),
         PsdRow.psd_id,
-        literal(ItemStatus.PENDING.value),
+        case((flagged, literal(ItemStatus.FAILED.value)),
+             else_=literal(ItemStatus.PENDING.value)),
         literal(0),
-        null(),
+        case((flagged, PsdRow.attention_detail), else_=null()),
         literal(now, UtcDateTime),
     ).where(match)
     statement = insert(CampaignItemRow).from_select(

@@ -59,6 +59,9 @@ def psd_record(row: PsdRow) -> PsdRecord:
         lease_holder=row.lease_holder,
         lease_expires=row.lease_expires,
         row_version=row.row_version,
+        attention=row.attention,
+        attention_detail=row.attention_detail,
+        attention_since=row.attention_since,
     )
 
 
