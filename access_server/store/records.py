@@ -181,6 +181,14 @@ class PsdPage(NamedTuple):
     total: int
 
 
+class ItemPage(NamedTuple):
+    """One page of ``list_campaign_items``; unpacks as ``items, next_after, total``."""
+
+    items: list[CampaignItem]
+    next_after: str
+    total: int
+
+
 @dataclass(frozen=True, slots=True)
 class ContactStart:
     """What one card contact needs from the registry: read alone, or as its lease is taken.

@@ -63,6 +63,7 @@ from access_server.store.records import (
     Intent,
     IntentKind,
     IntentStatus,
+    ItemPage,
     ItemStatus,
     PsdEvent,
     PsdPage,
@@ -351,15 +352,19 @@ class Store:
         mk_version: int | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
+        needs_attention: bool = False,
     ) -> PsdPage:
-        """One page in PSD id order (keyset pagination: stable under inserts)."""
+        """One page in PSD id order (keyset pagination: stable under inserts); with
+        ``needs_attention``, only the cards an operator must act on."""
         state = None if state is None else _psd_state(state)
         mk_version = v.optional_key_version("mk_version", mk_version)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
             raise InvalidArgument("page_size must be a non-negative integer")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = paging.decode_token(page_token, state, mk_version)
+        after = paging.decode_token(page_token, state, mk_version, needs_attention)
         filters = []
+        if needs_attention:
+            filters.append(PsdRow.attention.is_not(None))
         if state is not None:
             filters.append(PsdRow.state == state.value)
         if mk_version is not None:
@@ -372,7 +377,8 @@ class Store:
             found = list(session.scalars(query))
             items = [rows.psd_record(row) for row in found[:size]]
         next_token = (
-            paging.encode_token(items[-1].psd_id, state, mk_version) if len(found) > size else ""
+            paging.encode_token(items[-1].psd_id, state, mk_version, needs_attention)
+            if len(found) > size else ""
         )
         return PsdPage(items, next_token, int(total or 0))
 
@@ -1099,9 +1105,10 @@ class Store:
         status: ItemStatus | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         after: str = "",
-    ) -> tuple[list[CampaignItem], int]:
+    ) -> ItemPage:
         """One page of a campaign's items (``status`` only, if given) in PSD id order,
-        starting after the PSD id ``after``; and how many there are in all."""
+        starting after the PSD id ``after``; the PSD id the next page starts after
+        ("" on the last page), and how many there are in all."""
         if status is not None:
             try:
                 status = ItemStatus(status)
@@ -1125,8 +1132,9 @@ class Store:
             if after:
                 query = query.where(CampaignItemRow.psd_id > after)
             found = [rows.item_record(item, campaign)
-                     for item in session.scalars(query.limit(size))]
-        return found, int(total or 0)
+                     for item in session.scalars(query.limit(size + 1))]
+        more = len(found) > size
+        return ItemPage(found[:size], found[size - 1].psd_id if more else "", int(total or 0))
 
     def mark_item(
         self, campaign_id: str, psd_id: str, status: ItemStatus, error: str | None = None

@@ -89,12 +89,16 @@ def test_a_new_campaign_counts_a_card_needing_attention_as_failed_with_its_reaso
     assert (campaign.total, campaign.pending, campaign.failed) == (2, 1, 1)
     item = store.get_campaign_item(campaign.campaign_id, A)
     assert (item.status, item.last_error) == (ItemStatus.FAILED, WHY)
-    failed, total = store.list_campaign_items(campaign.campaign_id, ItemStatus.FAILED)
-    assert [i.psd_id for i in failed] == [A] and total == 1
-    everything, total = store.list_campaign_items(campaign.campaign_id)
-    assert [i.psd_id for i in everything] == [A, B] and total == 2
-    page, total = store.list_campaign_items(campaign.campaign_id, page_size=1, after=A)
-    assert [i.psd_id for i in page] == [B] and total == 2
+    failed, after, total = store.list_campaign_items(campaign.campaign_id, ItemStatus.FAILED)
+    assert [i.psd_id for i in failed] == [A] and (after, total) == ("", 1)
+    everything, after, total = store.list_campaign_items(campaign.campaign_id)
+    assert [i.psd_id for i in everything] == [A, B] and (after, total) == ("", 2)
+    first, after, total = store.list_campaign_items(campaign.campaign_id, page_size=1)
+    assert [i.psd_id for i in first] == [A] and (after, total) == (A, 2)
+    page, after, total = store.list_campaign_items(campaign.campaign_id, page_size=1, after=A)
+    assert [i.psd_id for i in page] == [B] and (after, total) == ("", 2)
+    flagged = store.list_psds(needs_attention=True)
+    assert [p.psd_id for p in flagged.items] == [A] and flagged.total == 1
     only = store.start_campaign("only A", 1, 3, psd_ids=[A], actor=ACTOR)
     assert only.state is CampaignState.COMPLETED and only.failed == 1
     with pytest.raises(InvalidArgument):
