@@ -4,6 +4,10 @@ A campaign snapshots, when it starts, the cards it will move from one MK
 version to another: one ``campaign_item`` per card. Cards are then updated
 as their agents connect (``Store.campaign_work_for`` tells the flow).
 
+A card that needs an operator's attention (``psd.attention``) is part of the
+campaign as a failed item with its reason, and the campaign completes only
+once no item is pending or failed: it waits for the operator as for a card.
+
 Overlap rule: a card waits in at most one campaign at a time. Starting a
 campaign whose cards include one that is pending in another running or
 paused campaign is refused with FailedPrecondition naming that campaign;
@@ -95,9 +99,6 @@ def start(
         )
     if psd_ids is not None:
         _skip_unmatched(session, campaign_id, psd_ids, from_version, prefix, now)
-    # Every card may need an operator already: then nothing is left to wait for.
-    rows.complete_campaign_if_drained(session.connection(), campaign_id,
-                                      CampaignState.RUNNING.value, now)
     return campaign_id
 
 

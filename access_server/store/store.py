@@ -440,11 +440,12 @@ class Store:
         One transaction, on the rare contacts that end so: the flag (``reason``, a
         code from ``access_server.outcomes``, and ``detail``, what happened, for
         people) and its event in the history; the card's pending campaign items
-        fail with ``detail`` (a campaign that has nothing else to wait for
-        completes); and the lease of ``release_lease_of``, if it holds it, is given
-        back. An open intent stays open: the card may hold part of it, and the
-        contact after the operator cleared the flag finishes it. A card flagged
-        again keeps the time it first needed attention and takes the newest reason.
+        fail with ``detail`` (their campaigns wait for the card: one completes only
+        when none of its cards is pending or needing attention); and the lease of
+        ``release_lease_of``, if it holds it, is given back. An open intent stays
+        open: the card may hold part of it, and the contact after the operator
+        cleared the flag finishes it. A card flagged again keeps the time it first
+        needed attention and takes the newest reason.
         """
         psd_id = v.psd_id(psd_id)
         reason = v.text("reason", reason, MAX_ATTENTION_REASON)
@@ -479,8 +480,8 @@ class Store:
         failed items in running or paused campaigns are pending again, so their
         campaign takes the card at its next contact; unless the card waits in
         another campaign meanwhile, or no longer holds what the campaign replaces
-        (then the item is settled as done or skipped). A campaign that completed
-        while the card was flagged stays completed: start another for the card.
+        (then the item is settled as done or skipped). A cancelled campaign's item
+        stays as it was.
         """
         psd_id = v.psd_id(psd_id)
         note = v.text("note", note, v.MAX_DETAIL)

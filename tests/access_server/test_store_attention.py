@@ -62,20 +62,44 @@ def test_a_flag_fails_the_pending_item_and_no_contact_finds_work_until_cleared(
         store.clear_attention(A, note="twice", actor="admin")
 
 
-def test_the_last_pending_card_needing_attention_completes_the_campaign(store: Store) -> None:
+def test_a_campaign_waits_for_its_cards_needing_attention(store: Store) -> None:
     activate(store, A)
-    campaign = store.start_campaign("one card", 1, 2, actor=ACTOR)
+    activate(store, B)
+    campaign = store.start_campaign("two cards", 1, 2, actor=ACTOR)
+    _replace(store, B)
 
     store.flag_attention(A, reason="card_refused", detail="6982 at PUT KEY", actor=ACTOR)
 
+    waiting = store.get_campaign(campaign.campaign_id)
+    assert (waiting.state, waiting.done, waiting.failed, waiting.pending) == (
+        CampaignState.RUNNING, 1, 1, 0)
+    store.clear_attention(A, note="the vendor's fix is on the card", actor="admin")
+    assert store.get_campaign_item(campaign.campaign_id, A).status is ItemStatus.PENDING
+    _replace(store, A)
     done = store.get_campaign(campaign.campaign_id)
-    assert (done.state, done.failed, done.pending) == (CampaignState.COMPLETED, 1, 0)
-    # The campaign has ended: clearing the flag reopens nothing in it.
-    store.clear_attention(A, note="card replaced by the vendor's fix", actor="admin")
-    assert store.get_campaign_item(campaign.campaign_id, A).status is ItemStatus.FAILED
-    assert store.campaign_work_for(A) is None
-    again = store.start_campaign("retry", 1, 2, psd_ids=[A], actor=ACTOR)
-    assert again.pending == 1 and store.campaign_work_for(A) is not None
+    assert (done.state, done.done, done.failed) == (CampaignState.COMPLETED, 2, 0)
+
+
+def test_revoking_a_card_needing_attention_lets_its_campaign_complete(store: Store) -> None:
+    activate(store, A)
+    campaign = store.start_campaign("one card", 1, 2, actor=ACTOR)
+    store.flag_attention(A, reason="security_level", detail=WHY, actor=ACTOR)
+    assert store.get_campaign(campaign.campaign_id).state is CampaignState.RUNNING
+
+    store.revoke(A, "below the security level we accept", "admin")
+
+    item = store.get_campaign_item(campaign.campaign_id, A)
+    assert (item.status, item.last_error) == (ItemStatus.SKIPPED, "card revoked")
+    assert store.get_campaign(campaign.campaign_id).state is CampaignState.COMPLETED
+
+
+def _replace(store: Store, psd_id: str) -> None:
+    work = store.campaign_work_for(psd_id)
+    assert work is not None
+    intent = store.begin_replacement(psd_id, from_version=work.from_version,
+                                     to_version=work.to_version,
+                                     campaign_id=work.campaign_id, actor=ACTOR)
+    store.complete_replacement(psd_id, intent.intent_id, ACTOR)
 
 
 def test_a_new_campaign_counts_a_card_needing_attention_as_failed_with_its_reason(
@@ -100,7 +124,7 @@ def test_a_new_campaign_counts_a_card_needing_attention_as_failed_with_its_reaso
     flagged = store.list_psds(needs_attention=True)
     assert [p.psd_id for p in flagged.items] == [A] and flagged.total == 1
     only = store.start_campaign("only A", 1, 3, psd_ids=[A], actor=ACTOR)
-    assert only.state is CampaignState.COMPLETED and only.failed == 1
+    assert (only.state, only.failed, only.pending) == (CampaignState.RUNNING, 1, 0)
     with pytest.raises(InvalidArgument):
         store.list_campaign_items(campaign.campaign_id, after="nope")
 
