@@ -50,6 +50,7 @@ from access_server.levels import LevelPolicy, level_name
 from access_server.masters import MasterUnusable
 from access_server.outcomes import Reason
 from access_server.store import ContactStart, Intent, IntentKind, PsdRecord, PsdState, Store
+from access_server.store.validate import MAX_DETAIL
 from cardcore import gp
 from cardcore import sw as SW
 from cardcore.psd import psd_id_bytes, psd_id_from_cplc
@@ -77,7 +78,7 @@ SW_OK = 0x9000
 HOST_CHALLENGE_BYTES = 8
 PROXY_TIMEOUT_S = 30.0
 SCP03 = 0x03
-INS_PUT_KEY, INS_DELETE = 0xD8, 0xE4
+INS_DELETE = 0xE4
 CLEAR_ATTENTION = "cms psd clear-attention {psd_id} --note TEXT"
 
 SessionGen = Generator[cpb.ApduScript, cpb.ScriptResult, cpb.SessionDone]
@@ -117,10 +118,9 @@ class FlowContext:
     contact: ContactStart | None = None
     # Which security level a channel opens at (card_channel settings).
     levels: LevelPolicy = field(default_factory=LevelPolicy)
-    # What the card said of itself in the probe: the security domain its SELECT
-    # answer names (its pseudo-random challenges are made for it) and its "i".
+    # The security domain the card's SELECT answer names: its pseudo-random
+    # challenges are made for it.
     card_aid: bytes | None = None
-    card_i: int | None = None
 
     def step(self, text: str) -> None:
         # The agent receives the steps, and the registry's history records each
@@ -272,7 +272,6 @@ def _security_level(ctx: FlowContext, probe: Probe, psd_id: str, key_set: kpb.Ke
     card keeps until an operator clears it (a lower minimum, or another card).
     """
     iu = _initialize_update(probe, psd_id, kvn, what)
-    ctx.card_i = iu.i
     level = ctx.levels.choose(iu.i)
     if ctx.levels.acceptable(level):
         return level
@@ -686,8 +685,8 @@ def _record_attention(ctx: FlowContext, psd_id: str, exc: FlowError) -> str:
     """Flag the card for an operator (its own write: these endings are rare); the message
     the agent gets, which says whether it was recorded."""
     try:
-        ctx.store.flag_attention(psd_id, reason=exc.reason.code, detail=exc.message,
-                                 actor=ctx.actor,
+        ctx.store.flag_attention(psd_id, reason=exc.reason.code,
+                                 detail=exc.message[:MAX_DETAIL], actor=ctx.actor,
                                  release_lease_of=ctx.lease_holder if ctx.leased else None)
     except ServiceError as failed:
         log.warning("attention not recorded", extra=fields(psd_id=psd_id,
@@ -723,12 +722,12 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
         psd = start.psd
         if psd.state is PsdState.REVOKED:
             raise FlowError(why.REVOKED, f"PSD {psd_id} is revoked")
-        if not start.lease_free:
-            raise FlowError(why.CARD_BUSY, f"PSD {psd_id} is in another session right now")
         ctx.leased = start.leased
         ctx.contact = start
         if psd.needs_attention:
             raise _needs_attention(psd)
+        if not start.lease_free:
+            raise FlowError(why.CARD_BUSY, f"PSD {psd_id} is in another session right now")
         flow = install if station else replace
         done = yield from flow(ctx, psd, probe, host_challenge)
     except FlowError as exc:
