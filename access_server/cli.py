@@ -14,6 +14,7 @@ from typing import Any
 
 SERVICE = "access_server"
 BAR_WIDTH = 30
+ATTENTION_SHOWN = 50
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst.add_argument("--state", choices=["blank", "installing", "active",
                                          "replacement-pending", "revoked"])
     lst.add_argument("--mk-version", type=int, default=0)
+    lst.add_argument("--needs-attention", action="store_true",
+                     help="only cards an operator must act on")
     lst.set_defaults(func=_psd_list)
     hist = psub.add_parser("history", help="one card's events")
     hist.add_argument("psd_id")
@@ -46,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     revoke.add_argument("psd_id")
     revoke.add_argument("--reason", required=True)
     revoke.set_defaults(func=_psd_revoke)
+    clear = psub.add_parser("clear-attention",
+                            help="the cause of a card's attention is dealt with: work on it "
+                                 "again")
+    clear.add_argument("psd_id")
+    clear.add_argument("--note", required=True, help="what was done (kept in the history)")
+    clear.set_defaults(func=_psd_clear_attention)
 
     camp = sub.add_parser("campaign", help="master key replacement campaigns")
     _client_options(camp)
@@ -61,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     status = csub.add_parser("status", help="progress of one campaign, or all")
     status.add_argument("campaign_id", nargs="?")
     status.add_argument("--watch", action="store_true", help="follow until it ends")
+    status.add_argument("--all", action="store_true",
+                        help=f"list every card that needs attention (default: the first "
+                             f"{ATTENTION_SHOWN})")
     status.set_defaults(func=_campaign_status)
     for action in ("pause", "resume", "cancel"):
         p = csub.add_parser(action, help=f"{action} a campaign")
@@ -140,14 +152,21 @@ def _describe_psd(psd: Any) -> str:
     parts.append(f"cryptogram={'yes' if psd.has_cryptogram else 'no'}")
     if psd.HasField("last_contact"):
         parts.append(f"last_contact={psd.last_contact.ToJsonString()}")
+    if psd.attention:
+        parts.append(f"needs_attention={psd.attention}")
     return " ".join(parts)
 
 
 def _psd_show(args: argparse.Namespace) -> int:
     from cms.v1 import access_pb2 as pb
 
-    print(_describe_psd(_registry(args).GetPsd(pb.GetPsdRequest(psd_id=args.psd_id),
-                                               timeout=30)))
+    psd = _registry(args).GetPsd(pb.GetPsdRequest(psd_id=args.psd_id), timeout=30)
+    print(_describe_psd(psd))
+    if psd.attention:
+        print(f"  needs attention since {psd.attention_since.ToJsonString()}: "
+              f"{psd.attention_detail}")
+        print(f"  once the cause is dealt with: cms psd clear-attention {psd.psd_id} "
+              f"--note TEXT")
     return 0
 
 
@@ -160,6 +179,7 @@ def _psd_list(args: argparse.Namespace) -> int:
     stub, token, shown = _registry(args), "", 0
     while True:
         page = stub.ListPsds(pb.ListPsdsRequest(state=state, mk_version=args.mk_version,
+                                                needs_attention=args.needs_attention,
                                                 page_size=500, page_token=token), timeout=60)
         for psd in page.psds:
             print(_describe_psd(psd))
@@ -190,6 +210,15 @@ def _psd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _psd_clear_attention(args: argparse.Namespace) -> int:
+    from cms.v1 import access_pb2 as pb
+
+    psd = _registry(args).ClearPsdAttention(
+        pb.ClearPsdAttentionRequest(psd_id=args.psd_id, note=args.note), timeout=30)
+    print(_describe_psd(psd))
+    return 0
+
+
 # -- campaigns ------------------------------------------------------------------
 
 def _campaign_start(args: argparse.Namespace) -> int:
@@ -208,13 +237,36 @@ def describe_campaign(c: Any) -> str:
 
     state = pb.CampaignState.Name(c.state).removeprefix("CAMPAIGN_").lower()
     return (f"{c.campaign_id} {c.name!r} MK {c.from_mk_version} -> {c.to_mk_version} {state}: "
-            f"{c.done}/{c.total} done, {c.pending} pending, {c.failed} failed")
+            f"{c.done}/{c.total} done, {c.pending} pending, {c.failed} failed (needs "
+            f"attention)")
 
 
 def progress_bar(c: Any, width: int = BAR_WIDTH) -> str:
     """``[#####.....]  12/40`` for a campaign (done out of total)."""
     filled = width * c.done // c.total if c.total else width
     return f"[{'#' * filled}{'.' * (width - filled)}] {c.done}/{c.total}"
+
+
+def _print_attention(stub: Any, campaign: Any, every: bool) -> None:
+    """The campaign's cards that need an operator, each with why (its failed items)."""
+    from cms.v1 import access_pb2 as pb
+
+    if not campaign.failed:
+        return
+    shown, token = 0, ""
+    while True:
+        page = stub.ListCampaignItems(pb.ListCampaignItemsRequest(
+            campaign_id=campaign.campaign_id, status=pb.ITEM_FAILED,
+            page_size=500 if every else ATTENTION_SHOWN, page_token=token), timeout=60)
+        for item in page.items:
+            print(f"  {item.psd_id} needs attention: {item.last_error or 'no detail'}")
+        shown += len(page.items)
+        token = page.next_page_token
+        if not token or not every:
+            break
+    if shown < page.total:
+        print(f"  ... and {page.total - shown} more (--all lists them)")
+    print("  once the cause is dealt with: cms psd clear-attention PSD_ID --note TEXT")
 
 
 def _campaign_status(args: argparse.Namespace) -> int:
@@ -238,19 +290,23 @@ def _campaign_status(args: argparse.Namespace) -> int:
         print(describe_campaign(c))
         if sys.stdout.isatty():
             print(progress_bar(c))
+        _print_attention(stub, c, args.all)
         return 0
     tty = sys.stdout.isatty()
     last = None
     for c in stub.WatchCampaign(request):
         last = c
         if tty:
-            print(f"\r{progress_bar(c)} {c.failed} failed", end="", flush=True)
+            print(f"\r{progress_bar(c)} {c.failed} failed (needs attention)", end="",
+                  flush=True)
         else:
             print(describe_campaign(c), flush=True)
     if tty:
         print()
     if last is not None and tty:
         print(describe_campaign(last))
+    if last is not None:
+        _print_attention(stub, last, args.all)
     return 0
 
 

@@ -23,6 +23,8 @@
       max_streams_per_identity: 2000    # ... per certificate identity ...
       max_streams_per_peer: 200         # ... and per peer IP address
       flow_workers: 32                  # threads running the contacts' store and proxy calls
+      minimum_security_level: "03"      # SCP03 level every card channel has at least
+      security_level: highest           # or a level: the highest the card offers within it
     log: {level: info, file: null}
 
 Every value is checked at start-up and a bad one is named with its path.
@@ -33,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from access_server.levels import HIGHEST, LevelPolicy, parse_level
 from access_server.stream_limits import StreamLimits
 from card_agent.connection import KEEPALIVE_TIME_MS
 from cms.runtime.config import ConfigError, Section, load_yaml
@@ -62,6 +65,7 @@ class AccessConfig:
     answer_timeout_seconds: float = 60.0
     stream_limits: StreamLimits = field(default_factory=StreamLimits)
     flow_workers: int = 32
+    levels: LevelPolicy = field(default_factory=LevelPolicy)
 
 
 def _database_url(section: Section) -> str:
@@ -102,6 +106,25 @@ def _stream_limits(channel: Section) -> StreamLimits:
         if each[key] > total:
             raise ConfigError(f"{channel.where}.{key}: must be at most max_streams ({total})")
     return StreamLimits(max_streams=total, **each)
+
+
+def _levels(channel: Section) -> LevelPolicy:
+    """The security level policy (``access_server.levels``), each value checked."""
+    where = channel.where
+    raw_minimum = channel.data.get("minimum_security_level")
+    raw_choice = channel.data.get("security_level")
+    try:
+        minimum = (LevelPolicy().minimum if raw_minimum is None
+                   else parse_level(raw_minimum, f"{where}.minimum_security_level"))
+        cap = (None if raw_choice is None or raw_choice == HIGHEST
+               else parse_level(raw_choice, f"{where}.security_level"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return LevelPolicy(minimum=minimum, cap=cap)
+    except ValueError as exc:
+        key = "minimum_security_level" if cap is None else "security_level"
+        raise ConfigError(f"{where}.{key}: {exc}") from None
 
 
 def _server_keepalive(server: Section) -> Keepalive:
@@ -148,4 +171,5 @@ def load_config(path: Path) -> AccessConfig:
         answer_timeout_seconds=_answer_timeout(channel, lease),
         stream_limits=_stream_limits(channel),
         flow_workers=channel.int("flow_workers", 32, minimum=1, maximum=1024),
+        levels=_levels(channel),
     )

@@ -24,6 +24,14 @@ card's lease and journals a campaign replacement in one transaction
 midway leaves the intent open; the next contact's probe shows what the card
 holds, and the session finishes the intent from there.
 
+Each channel opens at the security level chosen for the card from the "i"
+its INITIALIZE UPDATE answer announces and the configured policy
+(``access_server.levels``). Every ending has a reason (``access_server.outcomes``):
+retry later, or needs an operator; a needs-an-operator ending that is the
+card's own, found once the card has proven its keys in this contact, flags
+the card in the registry (``Store.flag_attention``) so that no campaign picks
+it until an operator clears it.
+
 Steps are reported to the agent (``SessionDone.steps``) in the seed's words.
 """
 
@@ -37,10 +45,22 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from access_server.store import ContactStart, Intent, PsdRecord, PsdState, Store
+from access_server import outcomes as why
+from access_server.levels import LevelPolicy, level_name
+from access_server.masters import MasterUnusable
+from access_server.outcomes import Reason
+from access_server.store import ContactStart, Intent, IntentKind, PsdRecord, PsdState, Store
+from access_server.store.validate import MAX_DETAIL
 from cardcore import gp
 from cardcore import sw as SW
 from cardcore.psd import psd_id_bytes, psd_id_from_cplc
+from cardcore.scp03 import (
+    InitializeUpdateResponse,
+    Scp03Error,
+    SecurityLevel,
+    describe_i,
+    offered_security_levels,
+)
 from cms.runtime.errors import ServiceError
 from cms.runtime.logs import fields
 from cms.v1 import card_channel_pb2 as cpb
@@ -56,8 +76,10 @@ TAG_CPLC = 0x9F7F
 TAG_KEY_INFORMATION = 0x00E0
 SW_OK = 0x9000
 HOST_CHALLENGE_BYTES = 8
-SECURITY_LEVEL = 0x33
 PROXY_TIMEOUT_S = 30.0
+SCP03 = 0x03
+INS_DELETE = 0xE4
+CLEAR_ATTENTION = "cms psd clear-attention {psd_id} --note TEXT"
 
 SessionGen = Generator[cpb.ApduScript, cpb.ScriptResult, cpb.SessionDone]
 
@@ -94,6 +116,11 @@ class FlowContext:
     lease_released: bool = False
     # What the registry said to this contact (card_session sets it before a flow runs).
     contact: ContactStart | None = None
+    # Which security level a channel opens at (card_channel settings).
+    levels: LevelPolicy = field(default_factory=LevelPolicy)
+    # The security domain the card's SELECT answer names: its pseudo-random
+    # challenges are made for it.
+    card_aid: bytes | None = None
 
     def step(self, text: str) -> None:
         # The agent receives the steps, and the registry's history records each
@@ -104,11 +131,17 @@ class FlowContext:
 
 
 class FlowError(Exception):
-    """The contact ends with this outcome and message (nothing half-done is hidden)."""
+    """The contact ends for this reason, with this message (nothing half-done is hidden).
 
-    def __init__(self, outcome: int, message: str) -> None:
+    The reason (``access_server.outcomes``) gives the outcome and says whether
+    the card is flagged for an operator; a reason that is recorded is raised
+    only once the card has proven its keys in this contact.
+    """
+
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
-        self.outcome = outcome
+        self.reason = reason
+        self.outcome = reason.outcome
         self.message = message
 
 
@@ -117,6 +150,11 @@ class Probe:
     psd_id: str
     kvns: frozenset[int]
     initialize_update: bytes | None   # the response data, when INITIALIZE UPDATE succeeded
+    # The security domain named by the SELECT answer (None: it named none).
+    aid: bytes | None = None
+    # INITIALIZE UPDATE's status word; None when the card gave no answer to it.
+    initialize_update_sw: int | None = None
+    script_outcome: int = cpb.SCRIPT_COMPLETED
 
     @property
     def mk_kvns(self) -> set[int]:
@@ -135,28 +173,115 @@ def probe_script(kvn: int, host_challenge: bytes) -> cpb.ApduScript:
         cpb.ScriptCommand(apdu=apdu, expect=_expect_ok()) for apdu in commands])
 
 
+CARD_GONE = frozenset({cpb.SCRIPT_CARD_REMOVED, cpb.SCRIPT_READER_ERROR})
+"""Script outcomes that say the card (or its reader) went away: the next contact retries."""
+
+
 def parse_probe(result: cpb.ScriptResult) -> Probe:
     """PSD id, key versions and INITIALIZE UPDATE response from script 1's result."""
     responses = list(result.responses)
     if len(responses) < 3 or any(r.sw != SW_OK for r in responses[:3]):
         where = next((i for i, r in enumerate(responses[:3]) if r.sw != SW_OK), len(responses))
         names = ("SELECT", "GET DATA CPLC", "GET DATA key information")
-        sw = f"{responses[where].sw:04X}" if where < len(responses) else "no answer"
-        raise FlowError(cpb.SessionDone.FAILED,
-                        f"card probe failed at {names[min(where, 2)]} ({sw}): "
-                        f"{result.message or 'not a card this server manages'}")
+        name = names[min(where, 2)]
+        if where < len(responses):
+            raise FlowError(why.PROBE_REFUSED,
+                            f"card probe refused at {name} ({SW.describe(responses[where].sw)}): "
+                            f"{result.message or 'not a card this server manages'}")
+        if result.outcome in CARD_GONE:
+            raise FlowError(why.CARD_ABSENT, f"the card went away during the probe, at {name} "
+                                             f"({result.message or 'no answer'})")
+        raise FlowError(why.AGENT_ERROR, f"card probe failed at {name} (no answer): "
+                                         f"{result.message or 'the agent sent no answer'}")
     try:
         psd_id = psd_id_from_cplc(gp.unwrap_get_data(TAG_CPLC, responses[1].data))
     except (ValueError, gp.GpError) as exc:
-        raise FlowError(cpb.SessionDone.FAILED,
+        raise FlowError(why.PROBE_MALFORMED,
                         f"the card's CPLC is malformed ({exc})") from None
     try:
         infos = gp.parse_key_information(responses[2].data)
     except (ValueError, gp.GpError) as exc:
-        raise FlowError(cpb.SessionDone.FAILED,
+        raise FlowError(why.PROBE_MALFORMED,
                         f"PSD {psd_id}: key information is malformed ({exc})") from None
-    iu = responses[3].data if len(responses) > 3 and responses[3].sw == SW_OK else None
-    return Probe(psd_id, frozenset(i.kvn for i in infos), iu)
+    try:
+        aid: bytes | None = gp.parse_select_response(responses[0].data)
+    except (ValueError, gp.GpError):
+        aid = None       # the proxy then checks pseudo-random challenges against the ISD
+    iu_sw = responses[3].sw if len(responses) > 3 else None
+    iu = responses[3].data if iu_sw == SW_OK else None
+    return Probe(psd_id, frozenset(i.kvn for i in infos), iu, aid=aid,
+                 initialize_update_sw=iu_sw, script_outcome=result.outcome)
+
+
+def _unanswered(probe: Probe, psd_id: str, key_set: str) -> FlowError:
+    """Why ``key_set`` gave no INITIALIZE UPDATE answer: the card left, or has no such
+    key set (6A88), or refused (the card proved nothing: none of it is recorded)."""
+    sw = probe.initialize_update_sw
+    if sw is None:
+        if probe.script_outcome in CARD_GONE:
+            return FlowError(why.CARD_ABSENT, f"PSD {psd_id}: the card went away before "
+                                              f"{key_set} answered INITIALIZE UPDATE")
+        return FlowError(why.AGENT_ERROR, f"PSD {psd_id}: the agent sent no answer to "
+                                          f"INITIALIZE UPDATE for {key_set}")
+    if sw == SW.REFERENCED_DATA_NOT_FOUND:
+        return FlowError(why.KEY_SET_MISSING,
+                         f"PSD {psd_id}: {key_set} did not answer INITIALIZE UPDATE "
+                         f"({SW.describe(sw)}): the card has no such key set")
+    return FlowError(why.PROBE_REFUSED, f"PSD {psd_id}: {key_set} did not answer INITIALIZE "
+                                        f"UPDATE ({SW.describe(sw)})")
+
+
+def _initialize_update(probe: Probe, psd_id: str, kvn: int, what: str
+                       ) -> InitializeUpdateResponse:
+    """The card's INITIALIZE UPDATE answer, parsed; the flow's FlowError if it is not an
+    SCP03 answer for key set ``kvn``."""
+    data = probe.initialize_update
+    assert data is not None
+    if len(data) >= 13 and data[11] != SCP03:
+        raise FlowError(why.SCP_VERSION, f"{what}: PSD {psd_id} answered INITIALIZE UPDATE "
+                                         f"with SCP{data[11]:02X}; this server speaks SCP03")
+    try:
+        iu = InitializeUpdateResponse.parse(data)
+    except Scp03Error as exc:
+        raise FlowError(why.PROBE_MALFORMED, f"{what}: PSD {psd_id}'s INITIALIZE UPDATE "
+                                             f"answer is malformed ({exc})") from None
+    if iu.kvn != kvn:
+        raise FlowError(why.SCP_VERSION, f"{what}: PSD {psd_id} answered INITIALIZE UPDATE "
+                                         f"with key version {iu.kvn:02X}, not {kvn:02X}")
+    return iu
+
+
+def _prove_keys(ctx: FlowContext, probe: Probe, key_set: kpb.KeySetSpec, kvn: int,
+                host_challenge: bytes, level: int, what: str) -> None:
+    """Have the card prove, in this contact, that it holds ``key_set``: the proxy opens a
+    channel with no command only if the card cryptogram of this contact's host challenge
+    verifies (FlowError otherwise). Nothing is sent to the card."""
+    _open_channel(ctx, kpb.OpenSecureChannelRequest(
+        key_set=key_set, kvn=kvn, host_challenge=host_challenge,
+        initialize_update_response=probe.initialize_update, security_level=level), what)
+
+
+def _security_level(ctx: FlowContext, probe: Probe, psd_id: str, key_set: kpb.KeySetSpec,
+                    kvn: int, host_challenge: bytes, what: str) -> int:
+    """The level this contact's channel opens at: the highest the card's "i" offers within
+    the policy (``access_server.levels``).
+
+    A card that offers less than the minimum gets no channel and nothing written
+    to it: it proves its keys first (a channel with no command), so that only the
+    real card can be flagged, and the contact ends with SECURITY_LEVEL, which the
+    card keeps until an operator clears it (a lower minimum, or another card).
+    """
+    iu = _initialize_update(probe, psd_id, kvn, what)
+    level = ctx.levels.choose(iu.i)
+    if ctx.levels.acceptable(level):
+        return level
+    _prove_keys(ctx, probe, key_set, kvn, host_challenge, level, what)
+    offered = max(offered_security_levels(iu.i), key=lambda lv: (bin(lv).count("1"), lv))
+    raise FlowError(why.SECURITY_LEVEL,
+                    f"PSD {psd_id} announces {describe_i(iu.i)}: it offers at most level "
+                    f"{level_name(offered)}, and its channel must have at least "
+                    f"{level_name(ctx.levels.minimum)} ({ctx.levels.describe()}); "
+                    f"nothing was written to the card")
 
 
 def _spec_diversified(labels: KeyLabels, master: str, psd_id: str) -> kpb.KeySetSpec:
@@ -175,13 +300,34 @@ def _delete(kvn: int) -> kpb.ChannelCommand:
     return kpb.ChannelCommand(apdu=gp.delete_key_command(kvn), expect=_expect_ok())
 
 
+PROXY_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+# FAILED_PRECONDITION messages of CardKeys.OpenSecureChannel about the card itself.
+CARD_CRYPTOGRAM_MISMATCH = "card cryptogram mismatch"
+CARD_CHALLENGE_MISMATCH = "card challenge mismatch"
+
+
+def _proxy_reason(code: grpc.StatusCode | None, details: str) -> Reason:
+    if code in PROXY_TRANSIENT:
+        return why.UNAVAILABLE
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return why.PROXY_REFUSED
+    if code == grpc.StatusCode.NOT_FOUND:
+        return why.HSM_KEY_MISSING
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if details.startswith(CARD_CRYPTOGRAM_MISMATCH):
+            return why.CARD_CRYPTOGRAM
+        if details.startswith(CARD_CHALLENGE_MISMATCH):
+            return why.CARD_CHALLENGE
+    return why.PROXY_ERROR
+
+
 def _proxy_error(exc: grpc.RpcError, what: str) -> FlowError:
     code = exc.code() if hasattr(exc, "code") else None
     name = code.name if code is not None else "UNKNOWN"
-    outcome = (cpb.SessionDone.RETRY_LATER
-               if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-               else cpb.SessionDone.FAILED)
-    return FlowError(outcome, f"{what}: HSM proxy answered {name}: {exc.details()}")
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return FlowError(_proxy_reason(code, details),
+                     f"{what}: HSM proxy answered {name}: {details}")
 
 
 def _open_channel(ctx: FlowContext, request: kpb.OpenSecureChannelRequest,
@@ -194,6 +340,8 @@ def _open_channel(ctx: FlowContext, request: kpb.OpenSecureChannelRequest,
     of a second proxy call that would also have to release the channel.
     """
     request.predict_responses = True
+    if ctx.card_aid is not None:
+        request.aid = ctx.card_aid
     try:
         return ctx.card_keys.OpenSecureChannel(request, timeout=PROXY_TIMEOUT_S)
     except grpc.RpcError as exc:
@@ -206,16 +354,28 @@ def _secured_script(opened: kpb.OpenSecureChannelResponse) -> cpb.ApduScript:
         for c in opened.commands])
 
 
+def _channel_level(opened: kpb.OpenSecureChannelResponse) -> int:
+    """The level the channel was opened at: P1 of its EXTERNAL AUTHENTICATE."""
+    return opened.commands[0].apdu[2] if opened.commands and len(opened.commands[0].apdu) > 2 \
+        else 0
+
+
 def _check_answers(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptResult,
                    psd_id: str) -> list[cpb.ApduResponse]:
     """The card's answers against those the HSM foresaw; returns them in plain form.
 
     An answer equal to its foreseen bytes (constant-time comparison) is the
-    success the HSM computed, R-MAC included, with the plain data it knew (a
-    PUT KEY's KVN and KCVs). A bare error status is where the card stopped.
-    Anything else did not come from a card holding the channel's keys, or the
-    card installed keys with other KCVs: the contact fails.
+    success the HSM computed at the channel's level, with the plain data it
+    knew (a PUT KEY's KVN and KCVs): R-MAC included at 11, 13 and 33, the plain
+    data and status word below. A bare status word without data is where the
+    card stopped: an error (never protected, Amendment D), or any status at all
+    for EXTERNAL AUTHENTICATE (its answer is never protected) and in a channel
+    without R-MAC. Anything else did not come from a card holding the
+    channel's keys, or the card installed keys with other KCVs: the contact
+    fails, and is not recorded on the card, since what failed its check is not
+    the card's word.
     """
+    r_mac = bool(_channel_level(opened) & SecurityLevel.R_MAC)
     plain = []
     for index, (wrapped, answer) in enumerate(zip(opened.commands, result.responses,
                                                   strict=False)):
@@ -223,25 +383,66 @@ def _check_answers(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptResu
         got = bytes(answer.data) + answer.sw.to_bytes(2, "big")
         if hmac.compare_digest(got, bytes(wrapped.expected_response)):
             plain.append(cpb.ApduResponse(data=wrapped.expected_put_key_response, sw=answer.sw))
-        elif not SW.is_protected(answer.sw) and not answer.data:
+        elif answer.sw != SW_OK and not answer.data and (
+                not SW.is_protected(answer.sw) or index == 0 or not r_mac):
             plain.append(cpb.ApduResponse(sw=answer.sw))
         else:
-            raise FlowError(cpb.SessionDone.FAILED,
+            raise FlowError(why.ANSWER_MISMATCH,
                             f"PSD {psd_id}: the answer to secured command {index} is not the "
                             f"one the HSM foresaw (its R-MAC does not verify, or a PUT KEY "
                             f"returned other key check values)")
     return plain
 
 
+def _secured_name(opened: kpb.OpenSecureChannelResponse, index: int) -> str:
+    """What secured command ``index`` is, from what travels in clear (header, PUT KEY info)."""
+    if index == 0:
+        return f"EXTERNAL AUTHENTICATE at level {level_name(_channel_level(opened))}"
+    put = next((p for p in opened.put_keys if p.index == index), None)
+    if put is not None:
+        return f"PUT KEY (KVN {put.new_kvn:02X})"
+    apdu = bytes(opened.commands[index].apdu) if index < len(opened.commands) else b""
+    if len(apdu) > 1 and apdu[1] == INS_DELETE:
+        return "DELETE KEY"
+    return f"secured command {index}"
+
+
 def _check_complete(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptResult,
                     plain: list[cpb.ApduResponse], psd_id: str) -> None:
-    """Every command answered 9000 (each PUT KEY with the KCVs the HSM expects)."""
-    if result.outcome != cpb.SCRIPT_COMPLETED or len(plain) != len(opened.commands) or any(
-            p.sw != SW_OK for p in plain):
-        raise FlowError(cpb.SessionDone.RETRY_LATER,
+    """Every command answered 9000 (each PUT KEY with the KCVs the HSM expects).
+
+    A card that refused a command with a status word refuses the same script
+    at every contact: that needs an operator, and is recorded on the card (it
+    proved its keys when the channel opened). A card that went away, or lost
+    the session between the two scripts (6985 to EXTERNAL AUTHENTICATE: no
+    INITIALIZE UPDATE in progress any more), is finished by the next contact.
+    """
+    if (result.outcome == cpb.SCRIPT_COMPLETED and len(plain) == len(opened.commands)
+            and all(p.sw == SW_OK for p in plain)):
+        return
+    total = len(opened.commands)
+    refused = next(((i, p.sw) for i, p in enumerate(plain) if p.sw != SW_OK), None)
+    if refused is not None:
+        index, sw = refused
+        name = _secured_name(opened, index)
+        if index == 0 and sw == SW.CONDITIONS_NOT_SATISFIED:
+            raise FlowError(why.CARD_ABSENT,
+                            f"PSD {psd_id}: the card lost the session before {name} "
+                            f"({SW.describe(sw)}: reset between the scripts); the next "
+                            f"contact starts afresh")
+        raise FlowError(why.CARD_REFUSED,
+                        f"PSD {psd_id}: the card refused {name} ({SW.describe(sw)}), "
+                        f"secured command {index + 1} of {total}; it would refuse it again "
+                        f"at every contact")
+    if result.outcome in CARD_GONE:
+        raise FlowError(why.CARD_ABSENT,
                         f"PSD {psd_id}: the card stopped at secured command "
-                        f"{len(result.responses)} of {len(opened.commands)} "
+                        f"{len(result.responses)} of {total} "
                         f"({result.message or 'no detail'}); the next contact finishes it")
+    raise FlowError(why.AGENT_ERROR,
+                    f"PSD {psd_id}: the agent ran {len(result.responses)} of {total} secured "
+                    f"commands ({cpb.ScriptOutcome.Name(result.outcome)}: "
+                    f"{result.message or 'no detail'})")
 
 
 def _take_lease(ctx: FlowContext, psd_id: str, *, journal: bool = False) -> ContactStart:
@@ -254,8 +455,7 @@ def _take_lease(ctx: FlowContext, psd_id: str, *, journal: bool = False) -> Cont
     start = ctx.store.start_contact(psd_id, ctx.lease_holder, ctx.lease_seconds,
                                     seen=ctx.contact, journal=journal, actor=ctx.actor)
     if not start.leased:
-        raise FlowError(cpb.SessionDone.RETRY_LATER,
-                        f"PSD {psd_id} is in another session right now")
+        raise FlowError(why.CARD_BUSY, f"PSD {psd_id} is in another session right now")
     ctx.leased = True
     ctx.contact = start
     return start
@@ -301,12 +501,14 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         if psd.state is PsdState.ACTIVE:
             return cpb.SessionDone(outcome=cpb.SessionDone.NOTHING_TO_DO, psd_id=psd_id,
                                    message="card already keyed")
-        raise FlowError(cpb.SessionDone.FAILED,
+        raise FlowError(why.KEY_SET_MISSING,
                         f"PSD {psd_id} has no transport keys and holds key versions "
                         f"{_versions_text(probe.kvns)}, which the server did not install")
     if probe.initialize_update is None:
-        raise FlowError(cpb.SessionDone.FAILED,
-                        f"PSD {psd_id}: the transport keys did not answer INITIALIZE UPDATE")
+        raise _unanswered(probe, psd_id, "the transport keys")
+    level = _security_level(ctx, probe, psd_id,
+                            _spec_diversified(labels, labels.transport_master, psd_id),
+                            KVN_TRANSPORT, host_challenge, "opening the transport channel")
     ctx.step(f"A1.1 PSD id {psd_id} read from the card (CPLC) and sent to HSM1")
     resuming = intent is not None and (KVN_MKRK in probe.kvns or bool(probe.mk_kvns))
     if resuming:
@@ -325,7 +527,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     request = kpb.OpenSecureChannelRequest(
         key_set=_spec_diversified(labels, labels.transport_master, psd_id),
         kvn=KVN_TRANSPORT, host_challenge=host_challenge,
-        initialize_update_response=probe.initialize_update, security_level=SECURITY_LEVEL,
+        initialize_update_response=probe.initialize_update, security_level=level,
         commands=[_put(mkrk_spec, KVN_MKRK, KVN_MKRK in probe.kvns),
                   _put(mk_spec, mk_version, mk_version in probe.kvns),
                   _delete(KVN_TRANSPORT)])
@@ -336,7 +538,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         ctx.step("A1.3 HSM1 encrypted R with the public key: the cryptogram")
         found = [c.cryptogram for c in opened.cryptograms if c.position == 1]
         if len(found) != 1:
-            raise FlowError(cpb.SessionDone.FAILED, "the proxy returned no cryptogram")
+            raise FlowError(why.PROXY_ERROR, "the proxy returned no cryptogram")
         intent = ctx.store.begin_install(
             psd_id, cryptogram=found[0],
             cryptogram_key_label=labels.cryptogram.format(v=cryptogram_version),
@@ -345,7 +547,8 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         ctx.step(f"A1.4 cryptogram stored for PSD {psd_id} before anything is written "
                  f"to the card; R deleted")
     ctx.step(f"A1.5 HSM1 diversified MK block v{mk_version} with the PSD id")
-    ctx.step("A1.6 secure channel opened with the card's transport keys (SCP03, level 33)")
+    ctx.step(f"A1.6 secure channel opened with the card's transport keys (SCP03, level "
+             f"{level:02X})")
     result = yield _secured_script(opened)
     plain = _check_answers(opened, result, psd_id)
     _check_complete(opened, result, plain, psd_id)
@@ -374,35 +577,43 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     psd_id = psd.psd_id
     intent = _open_intent(ctx, psd_id)
     card_mks = probe.mk_kvns
+    if intent is not None and intent.kind is IntentKind.INSTALL:
+        return cpb.SessionDone(outcome=cpb.SessionDone.NOTHING_TO_DO, psd_id=psd_id,
+                               message=f"PSD {psd_id} is being installed: a personalization "
+                                       f"station finishes it")
+    work = None
     if intent is None:
         work = (ctx.contact.work if ctx.contact is not None
                 else ctx.store.campaign_work_for(psd_id))
         if work is None:
             return cpb.SessionDone(outcome=cpb.SessionDone.NOTHING_TO_DO, psd_id=psd_id,
                                    message=f"MK v{psd.mk_version} is current")
-        if card_mks != {psd.mk_version}:
-            held = _versions_text(frozenset(card_mks))
-            raise FlowError(cpb.SessionDone.FAILED,
-                            f"PSD {psd_id} holds MK key versions {held}, "
-                            f"the registry says v{psd.mk_version}")
-        old, new = psd.mk_version, work.to_version
-    else:
-        old, new = intent.from_version, intent.to_version
-        if card_mks != {new} and (not card_mks <= {old, new} or not card_mks):
-            raise FlowError(cpb.SessionDone.FAILED,
-                            f"PSD {psd_id} holds MK key versions "
-                            f"{_versions_text(frozenset(card_mks))}, expected v{old} and/or v{new}")
     if probe.initialize_update is None:
-        raise FlowError(cpb.SessionDone.FAILED,
-                        f"PSD {psd_id}: the MKRK key set did not answer INITIALIZE UPDATE")
+        raise _unanswered(probe, psd_id, "the MKRK key set")
     mkrk_spec = _mkrk_from_cryptogram(ctx, psd_id, psd.mkrk_version)
+    level = _security_level(ctx, probe, psd_id, mkrk_spec, KVN_MKRK, host_challenge,
+                            "opening the MKRK channel")
+    if work is not None:
+        old, new = psd.mk_version, work.to_version
+        expected = f"the registry says v{old}"
+        consistent = card_mks == {old}
+    else:
+        assert intent is not None
+        old, new = intent.from_version, intent.to_version
+        expected = f"expected v{old} and/or v{new}"
+        consistent = card_mks == {new} or (bool(card_mks) and card_mks <= {old, new})
+    if not consistent:
+        # Recorded on the card: only once the card has proven its MKRK in this contact.
+        _prove_keys(ctx, probe, mkrk_spec, KVN_MKRK, host_challenge, level,
+                    "checking the card's MKRK")
+        raise FlowError(why.KEY_VERSIONS,
+                        f"PSD {psd_id} holds MK key versions "
+                        f"{_versions_text(frozenset(card_mks))}, {expected}")
     if intent is not None and card_mks == {new}:
         # The card says it finished last contact: it proves its MKRK (a channel
         # with no command) before the registry follows it.
-        _open_channel(ctx, kpb.OpenSecureChannelRequest(
-            key_set=mkrk_spec, kvn=KVN_MKRK, host_challenge=host_challenge,
-            initialize_update_response=probe.initialize_update,
-            security_level=SECURITY_LEVEL), "checking the card's MKRK")
+        _prove_keys(ctx, probe, mkrk_spec, KVN_MKRK, host_challenge, level,
+                    "checking the card's MKRK")
         _take_lease(ctx, psd_id)
         ctx.store.reconcile(psd_id, state=PsdState.ACTIVE, mk_version=new,
                             mkrk_version=psd.mkrk_version, event="reconciled",
@@ -426,7 +637,7 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         commands.append(_delete(old))
     request = kpb.OpenSecureChannelRequest(
         key_set=mkrk_spec, kvn=KVN_MKRK, host_challenge=host_challenge,
-        initialize_update_response=probe.initialize_update, security_level=SECURITY_LEVEL,
+        initialize_update_response=probe.initialize_update, security_level=level,
         commands=commands)
     opened = _open_channel(ctx, request, "opening the MKRK channel")
     # The card has proven its MKRK: now the lease, and the intent with it.
@@ -435,8 +646,8 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         intent = start.intent
         assert intent is not None and start.intent_begun
         ctx.step(f"A2 intent journaled: MK v{old} -> v{new}")
-    ctx.step("A2.4 secure channel opened with the MKRK key set: the security executive "
-             "compared it with its own and unlocked")
+    ctx.step(f"A2.4 secure channel opened with the MKRK key set (SCP03, level {level:02X}): "
+             f"the security executive compared it with its own and unlocked")
     result = yield _secured_script(opened)
     plain = _check_answers(opened, result, psd_id)
     _check_complete(opened, result, plain, psd_id)
@@ -451,8 +662,50 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
 
 # -- one contact ------------------------------------------------------------------
 
+def _service_reason(exc: ServiceError) -> Reason:
+    """The reason of a contact ended by the store or the masters' check."""
+    if isinstance(exc, MasterUnusable):
+        return why.MASTER_UNUSABLE
+    return {grpc.StatusCode.NOT_FOUND: why.NOT_REGISTERED,
+            grpc.StatusCode.UNAVAILABLE: why.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED: why.UNAVAILABLE,
+            grpc.StatusCode.ABORTED: why.REGISTRY_MOVED,
+            }.get(exc.code, why.REGISTRY_REFUSED)
+
+
+def _needs_attention(psd: PsdRecord) -> FlowError:
+    since = psd.attention_since.isoformat(timespec="seconds") if psd.attention_since else "?"
+    return FlowError(why.NEEDS_ATTENTION,
+                     f"PSD {psd.psd_id} needs attention since {since} ({psd.attention}): "
+                     f"{psd.attention_detail}; once the cause is dealt with an operator "
+                     f"clears it: {CLEAR_ATTENTION.format(psd_id=psd.psd_id)}")
+
+
+def _record_attention(ctx: FlowContext, psd_id: str, exc: FlowError) -> str:
+    """Flag the card for an operator (its own write: these endings are rare); the message
+    the agent gets, which says whether it was recorded."""
+    try:
+        ctx.store.flag_attention(psd_id, reason=exc.reason.code,
+                                 detail=exc.message[:MAX_DETAIL], actor=ctx.actor,
+                                 release_lease_of=ctx.lease_holder if ctx.leased else None)
+    except ServiceError as failed:
+        log.warning("attention not recorded", extra=fields(psd_id=psd_id,
+                                                           reason=exc.reason.code,
+                                                           error=failed.message))
+        return f"{exc.message} (not recorded on the card: {failed.message})"
+    if ctx.leased:
+        ctx.lease_released = True
+    log.warning("card needs attention", extra=fields(psd_id=psd_id, reason=exc.reason.code))
+    return (f"{exc.message}; recorded: the card needs attention, and no campaign takes it "
+            f"until an operator clears it ({CLEAR_ATTENTION.format(psd_id=psd_id)})")
+
+
 def card_session(ctx: FlowContext, role: int) -> SessionGen:
-    """Probe the card, then A1 (station) or A2 (user PC); always returns SessionDone."""
+    """Probe the card, then A1 (station) or A2 (user PC); always returns SessionDone.
+
+    Its ``reason`` says why the contact ended (``access_server.outcomes``); one
+    that is the card's own and needs an operator is recorded on the card here.
+    """
     host_challenge = os.urandom(HOST_CHALLENGE_BYTES)
     station = role == cpb.PERSONALIZATION_STATION
     psd_id = ""
@@ -460,6 +713,7 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
         result = yield probe_script(KVN_TRANSPORT if station else KVN_MKRK, host_challenge)
         probe = parse_probe(result)
         psd_id = probe.psd_id
+        ctx.card_aid = probe.aid
         # A station takes the lease at once (A1 journals only once the proxy
         # has opened the transport channel); a user PC's contact only reads
         # until the card has proven its MKRK (replace).
@@ -467,27 +721,34 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
                  if station else ctx.store.read_contact(psd_id, ctx.lease_holder))
         psd = start.psd
         if psd.state is PsdState.REVOKED:
-            raise FlowError(cpb.SessionDone.REFUSED, f"PSD {psd_id} is revoked")
-        if not start.lease_free:
-            raise FlowError(cpb.SessionDone.RETRY_LATER,
-                            f"PSD {psd_id} is in another session right now")
+            raise FlowError(why.REVOKED, f"PSD {psd_id} is revoked")
         ctx.leased = start.leased
         ctx.contact = start
+        if psd.needs_attention:
+            raise _needs_attention(psd)
+        if not start.lease_free:
+            raise FlowError(why.CARD_BUSY, f"PSD {psd_id} is in another session right now")
         flow = install if station else replace
         done = yield from flow(ctx, psd, probe, host_challenge)
     except FlowError as exc:
-        done = cpb.SessionDone(outcome=exc.outcome, message=exc.message, psd_id=psd_id)
+        message = exc.message
+        if exc.reason.recorded and psd_id:
+            message = _record_attention(ctx, psd_id, exc)
+        done = cpb.SessionDone(outcome=exc.outcome, message=message, psd_id=psd_id,
+                               reason=exc.reason.code)
     except ServiceError as exc:
-        outcome = {grpc.StatusCode.NOT_FOUND: cpb.SessionDone.REFUSED,
-                   grpc.StatusCode.UNAVAILABLE: cpb.SessionDone.RETRY_LATER,
-                   grpc.StatusCode.ABORTED: cpb.SessionDone.RETRY_LATER,
-                   }.get(exc.code, cpb.SessionDone.FAILED)
-        done = cpb.SessionDone(outcome=outcome, message=exc.message, psd_id=psd_id)
+        reason = _service_reason(exc)
+        done = cpb.SessionDone(outcome=reason.outcome, message=exc.message, psd_id=psd_id,
+                               reason=reason.code)
     finally:
         if ctx.leased and not ctx.lease_released:
             try:
                 ctx.store.release_lease(psd_id, ctx.lease_holder)
             except ServiceError:
                 log.warning("lease release failed", extra=fields(psd_id=psd_id))
+    if not done.reason:
+        done.reason = (why.DONE if done.outcome == cpb.SessionDone.OK
+                       else why.NOTHING_TO_DO).code
     done.steps.extend(ctx.steps)
+    why.count(done)
     return done

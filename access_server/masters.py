@@ -48,6 +48,11 @@ ROLES = {keynames.MK: hpb.MK_BLOCK, keynames.MKRK: hpb.MKRK_BLOCK,
          keynames.CRYPTOGRAM: hpb.CRYPTOGRAM_PAIR}
 
 
+class MasterUnusable(FailedPrecondition):
+    """A master version the access server may not use (the reason says why): an
+    operator transfers it through key management, or finds out why HSM1's differs."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Whether one version may be used, and if not why."""
@@ -138,12 +143,12 @@ class UsableMasters:
         if not verdict.usable:
             log.warning("master version refused", extra=fields(label=label,
                                                                reason=verdict.reason))
-            raise FailedPrecondition(f"{kind.upper()} v{version} is not usable: "
-                                     f"{verdict.reason}")
+            raise MasterUnusable(f"{kind.upper()} v{version} is not usable: "
+                                 f"{verdict.reason}")
 
     def newest(self, kind: str) -> int:
         found = self.versions(kind) or self.versions(kind, fresh=True)
         if not found:
-            raise FailedPrecondition(f"HSM1 holds no usable {kind} key block: create it and run "
-                                     f"key management's transfer first")
+            raise MasterUnusable(f"HSM1 holds no usable {kind} key block: create it and run "
+                                 f"key management's transfer first")
         return max(found)

@@ -20,7 +20,15 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from access_server.store import Campaign, CampaignState, PsdRecord, PsdState, Store
+from access_server.store import (
+    Campaign,
+    CampaignItem,
+    CampaignState,
+    ItemStatus,
+    PsdRecord,
+    PsdState,
+    Store,
+)
 from cms.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -50,6 +58,13 @@ CAMPAIGN_STATE_TO_PB = {
     CampaignState.COMPLETED: pb.CAMPAIGN_COMPLETED,
 }
 CAMPAIGN_ENDED = frozenset({CampaignState.CANCELLED, CampaignState.COMPLETED})
+ITEM_STATUS_TO_PB = {
+    ItemStatus.PENDING: pb.ITEM_PENDING,
+    ItemStatus.DONE: pb.ITEM_DONE,
+    ItemStatus.FAILED: pb.ITEM_FAILED,
+    ItemStatus.SKIPPED: pb.ITEM_SKIPPED,
+}
+ITEM_STATUS_FROM_PB = {v: k for k, v in ITEM_STATUS_TO_PB.items()}
 
 
 def _timestamp(value: datetime | None) -> Timestamp | None:
@@ -66,7 +81,15 @@ def psd_message(record: PsdRecord) -> pb.Psd:
         mk_version=record.mk_version or 0, mkrk_version=record.mkrk_version or 0,
         pending_mk_version=record.pending_mk_version or 0,
         has_cryptogram=record.has_cryptogram, created=_timestamp(record.created),
-        updated=_timestamp(record.updated), last_contact=_timestamp(record.last_contact))
+        updated=_timestamp(record.updated), last_contact=_timestamp(record.last_contact),
+        attention=record.attention or "", attention_detail=record.attention_detail or "",
+        attention_since=_timestamp(record.attention_since))
+
+
+def item_message(item: CampaignItem) -> pb.CampaignItem:
+    return pb.CampaignItem(psd_id=item.psd_id, status=ITEM_STATUS_TO_PB[item.status],
+                           attempts=item.attempts, last_error=item.last_error or "",
+                           updated=_timestamp(item.updated))
 
 
 def campaign_message(campaign: Campaign) -> pb.Campaign:
@@ -104,7 +127,8 @@ class PsdRegistryServicer(access_pb2_grpc.PsdRegistryServicer):
                 raise InvalidArgument(f"unknown PSD state {request.state}")
             state = PSD_STATE_FROM_PB[request.state]
         page = self.store.list_psds(state=state, mk_version=request.mk_version or None,
-                                    page_size=request.page_size, page_token=request.page_token)
+                                    page_size=request.page_size, page_token=request.page_token,
+                                    needs_attention=request.needs_attention)
         return pb.ListPsdsResponse(psds=[psd_message(r) for r in page.items],
                                    next_page_token=page.next_page_token, total=page.total)
 
@@ -120,6 +144,12 @@ class PsdRegistryServicer(access_pb2_grpc.PsdRegistryServicer):
     def RevokePsd(self, request, context):
         actor = caller(context, WRITERS, "revoke PSDs")
         return psd_message(self.store.revoke(request.psd_id, request.reason, actor))
+
+    @guard
+    def ClearPsdAttention(self, request, context):
+        actor = caller(context, WRITERS, "clear a card's attention")
+        return psd_message(self.store.clear_attention(request.psd_id, note=request.note,
+                                                      actor=actor))
 
 
 class CampaignsServicer(access_pb2_grpc.CampaignsServicer):
@@ -173,6 +203,21 @@ class CampaignsServicer(access_pb2_grpc.CampaignsServicer):
     def CancelCampaign(self, request, context):
         caller(context, WRITERS, "cancel campaigns")
         return campaign_message(self.store.cancel_campaign(request.campaign_id))
+
+    @guard
+    def ListCampaignItems(self, request, context):
+        caller(context, READERS, "read campaigns")
+        status = None
+        if request.status != pb.CAMPAIGN_ITEM_STATUS_UNSPECIFIED:
+            if request.status not in ITEM_STATUS_FROM_PB:
+                raise InvalidArgument(f"unknown campaign item status {request.status}")
+            status = ITEM_STATUS_FROM_PB[request.status]
+        page = self.store.list_campaign_items(
+            request.campaign_id, status, page_size=request.page_size,
+            after=request.page_token)
+        return pb.ListCampaignItemsResponse(
+            items=[item_message(i) for i in page.items], total=page.total,
+            next_page_token=page.next_after)
 
     def WatchCampaign(self, request, context) -> Iterator[pb.Campaign]:
         """Each change of the campaign's counts or state, until it ends or the caller leaves."""

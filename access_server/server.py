@@ -46,11 +46,13 @@ SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel")
 
 
 class CampaignCollector:
-    """Campaign counts for Prometheus, read from the store at each scrape.
+    """Campaign and attention counts for Prometheus, read from the store at each scrape.
 
     ``cms_campaign_cards{campaign, name, status, state}``: cards done, pending,
-    failed and in total for the newest campaigns, so a dashboard follows a
-    campaign the way ``cms campaign status`` does.
+    failed (they need an operator's attention) and in total for the newest
+    campaigns, so a dashboard follows a campaign the way ``cms campaign status``
+    does; ``cms_psd_attention{reason}``: cards that need attention, by reason,
+    campaign or not (an alert on it is an alert that someone must act).
     """
 
     def __init__(self, store: Store) -> None:
@@ -71,6 +73,16 @@ class CampaignCollector:
                                  ("failed", c.failed), ("total", c.total)):
                 family.add_metric([c.campaign_id, c.name, c.state.value, state], value)
         yield family
+        attention = GaugeMetricFamily("cms_psd_attention",
+                                      "Cards that need an operator's attention, by reason",
+                                      labels=["reason"])
+        try:
+            counts = self.store.attention_counts()
+        except Exception:  # as above: the scrape goes on without it
+            counts = {}
+        for reason, value in sorted(counts.items()):
+            attention.add_metric([reason], value)
+        yield attention
 
 
 class _NoProxy:
@@ -136,7 +148,7 @@ class AccessServer:
                            # The same agent (identity and label) coming back after a
                            # crash takes over its own lease; another agent waits.
                            lease_holder=actor,
-                           lease_seconds=self.cfg.lease_seconds)
+                           lease_seconds=self.cfg.lease_seconds, levels=self.cfg.levels)
 
     def _register(self, server: grpc.Server) -> list[str]:
         access_pb2_grpc.add_PsdRegistryServicer_to_server(PsdRegistryServicer(self.store), server)

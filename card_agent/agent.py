@@ -267,7 +267,8 @@ def _log_done(report: SessionReport) -> None:
     assert done is not None
     level = logging.INFO if report.ok else logging.WARNING
     log.log(level, "session done", extra=fields(
-        outcome=report.outcome_name, message=done.message, psd_id=done.psd_id,
+        outcome=report.outcome_name, reason=done.reason, message=done.message,
+        psd_id=done.psd_id,
         steps=list(done.steps), scripts_run=report.scripts_run,
         retry_after_s=done.retry_after_seconds))
 

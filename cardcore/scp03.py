@@ -48,11 +48,15 @@ DERIVE_S_ENC: Final = 0x04
 DERIVE_S_MAC: Final = 0x06
 DERIVE_S_RMAC: Final = 0x07
 
-# Amendment D §5.1: the "i" implementation parameter.
+# Amendment D §5.1 (Table 5-1): the "i" implementation parameter, sent by the card
+# in its INITIALIZE UPDATE answer. b5 says how the card makes its challenge (and that a
+# sequence counter follows the cryptogram); b6 and b7 say which response protections it
+# offers: 00 none, 01 R-MAC, 11 R-MAC and R-ENCRYPTION (10, R-ENCRYPTION alone, is RFU).
 I_S16: Final = 0x01  # S16 mode (16-byte challenges, cryptograms and MACs)
 I_PSEUDO_RANDOM_CHALLENGE: Final = 0x10
 I_RMAC_SUPPORT: Final = 0x20
 I_RENC_SUPPORT: Final = 0x40
+I_DEFINED_BITS: Final = I_S16 | I_PSEUDO_RANDOM_CHALLENGE | I_RMAC_SUPPORT | I_RENC_SUPPORT
 
 CLA_SECURE_MESSAGING: Final = 0x04
 INS_EXTERNAL_AUTHENTICATE: Final = 0x82
@@ -66,6 +70,16 @@ class Scp03Error(Exception):
 
 class CryptogramError(Scp03Error):
     """The card (or host) cryptogram does not verify: wrong keys, or not that card."""
+
+
+class CardChallengeError(CryptogramError):
+    """A pseudo-random card challenge that its sequence counter and AID do not give.
+
+    The card cryptogram verified (the card holds the keys), but the challenge is
+    not the one the card's ENC key makes from its counter and the AID the host
+    named: another AID (the host checked against the wrong security domain), or
+    a counter altered on the way.
+    """
 
 
 class MacError(Scp03Error):
@@ -90,6 +104,54 @@ def check_security_level(level: int) -> SecurityLevel:
     if level not in VALID_SECURITY_LEVELS:
         raise Scp03Error(f"invalid SCP03 security level 0x{level:02X}")
     return SecurityLevel(level)
+
+
+def offered_security_levels(i: int) -> frozenset[int]:
+    """The security levels a card whose "i" parameter is ``i`` accepts.
+
+    Every SCP03 card does C-MAC and C-DECRYPTION (levels 00, 01 and 03); R-MAC
+    (11, 13) only with b6 (``I_RMAC_SUPPORT``), R-ENCRYPTION (33) only with b7
+    and b6 together. b7 without b6 is RFU in Amendment D: such a card is taken
+    at its word for nothing beyond 03, so no level it never promised is asked of
+    it. Whether the challenge is pseudo-random (b5) or S16 (b1) changes no level.
+    """
+    levels = {0x00, 0x01, 0x03}
+    if i & I_RMAC_SUPPORT:
+        levels |= {0x11, 0x13}
+        if i & I_RENC_SUPPORT:
+            levels.add(0x33)
+    return frozenset(levels)
+
+
+def check_i_parameter(i: int) -> int:
+    """``i`` if it is an "i" value Amendment D defines; Scp03Error naming the problem if not.
+
+    For cards this system makes (the virtual PSD): a real card's "i" is read as
+    it is (``offered_security_levels``), whatever its RFU bits say.
+    """
+    if not 0 <= i <= 0xFF:
+        raise Scp03Error(f"the SCP03 i parameter is one byte, got {i}")
+    if i & ~I_DEFINED_BITS:
+        raise Scp03Error(f"i=0x{i:02X} sets RFU bits (0x{i & ~I_DEFINED_BITS & 0xFF:02X}); "
+                         f"defined: 01 S16, 10 pseudo-random challenge, 20 R-MAC, "
+                         f"40 R-ENCRYPTION with R-MAC")
+    if i & I_RENC_SUPPORT and not i & I_RMAC_SUPPORT:
+        raise Scp03Error(f"i=0x{i:02X} offers R-ENCRYPTION without R-MAC, which Amendment D "
+                         f"leaves RFU (use 60 or 70)")
+    return i
+
+
+def describe_i(i: int) -> str:
+    """``'i=10 (pseudo-random challenge, no R-MAC, no R-ENCRYPTION)'``: for messages."""
+    parts = ["pseudo-random challenge" if i & I_PSEUDO_RANDOM_CHALLENGE else "random challenge"]
+    if i & I_RMAC_SUPPORT:
+        parts.append("R-MAC")
+        parts.append("R-ENCRYPTION" if i & I_RENC_SUPPORT else "no R-ENCRYPTION")
+    else:
+        parts += ["no R-MAC", "no R-ENCRYPTION"]
+    if i & I_S16:
+        parts.append("S16")
+    return f"i={i:02X} ({', '.join(parts)})"
 
 
 # --- primitives -------------------------------------------------------------
@@ -574,7 +636,8 @@ def open_host_channel(prf_enc: Prf, prf_mac: Prf, host_challenge: bytes,
         challenge = pseudo_random_card_challenge(prf_enc, resp.sequence_counter, aid,
                                                  s16=resp.s16)
         if not hmac.compare_digest(challenge, resp.card_challenge):
-            raise CryptogramError("card challenge does not match its sequence counter")
+            raise CardChallengeError(f"card challenge does not come from its sequence counter "
+                                     f"and AID {bytes(aid).hex().upper()}")
     apdu, channel = external_authenticate(keys, host_challenge, resp.card_challenge,
                                           security_level)
     return channel, apdu

@@ -41,7 +41,14 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from cardcore import gp
 from cardcore import sw as SW
 from cardcore.diversify import KEY_INDEXES, derivation_data
-from cardcore.scp03 import CryptogramError, HostChannel, MacError, Scp03Error, open_host_channel
+from cardcore.scp03 import (
+    CardChallengeError,
+    CryptogramError,
+    HostChannel,
+    MacError,
+    Scp03Error,
+    open_host_channel,
+)
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import card_keys_messages as cm
@@ -272,6 +279,11 @@ def open_channel(ctx: WorkerContext, req: cm.OpenChannel) -> list[cm.Wrapped]:
                 prf(keys.enc), prf(keys.mac), req.host_challenge, req.initialize_update_response,
                 key_length=keys.key_length, security_level=req.security_level, kvn=req.kvn,
                 aid=req.aid)
+        except CardChallengeError as exc:
+            # The cryptogram verified: the card holds the keys, but its pseudo-random
+            # challenge was not made for the security domain the caller named.
+            raise FailedPrecondition(f"card challenge mismatch: {exc} (wrong AID, or not "
+                                     f"this card's counter)") from None
         except CryptogramError:
             raise FailedPrecondition("card cryptogram mismatch: wrong key set or not this "
                                      "card") from None

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from cardcore.psd import ISD_AID
 from cms.runtime.errors import FailedPrecondition, InvalidArgument, ServiceError
 from cms.v1 import card_channel_pb2 as chpb
 from cms.v1 import card_keys_pb2 as pb
@@ -26,6 +27,7 @@ from hsm_proxy.errors import failure_item_error, item_error
 from hsm_proxy.worker import Failure
 
 KEY_LENGTHS = (16, 24, 32)
+MIN_AID_BYTES, MAX_AID_BYTES = 5, 16
 SW_OK = 0x9000
 SECURITY_LEVELS = (0x00, 0x01, 0x03, 0x11, 0x13, 0x33)
 MAX_ELEMENT_BYTES = 64
@@ -197,6 +199,9 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
             raise InvalidArgument("host_challenge: 8 bytes (S8) or 16 bytes (S16)")
         if not 13 <= len(request.initialize_update_response) <= 64:
             raise InvalidArgument("initialize_update_response: the card's answer without SW")
+        if request.aid and not MIN_AID_BYTES <= len(request.aid) <= MAX_AID_BYTES:
+            raise InvalidArgument(f"aid: {MIN_AID_BYTES} to {MAX_AID_BYTES} bytes (the "
+                                  f"security domain the card's challenge was made for)")
         workers: set[int] = set()
         source, label = self._source(call, request.key_set, "key_set", workers)
         commands = self._commands(call, request.commands, workers)
@@ -212,7 +217,9 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
                                  bytes(request.host_challenge),
                                  bytes(request.initialize_update_response),
                                  request.security_level, commands,
-                                 bytes(request.aid) if request.aid else None,
+                                 # A pseudo-random card challenge is always checked:
+                                 # against the ISD when the caller names no domain.
+                                 bytes(request.aid) if request.aid else ISD_AID,
                                  predict=request.predict_responses)
         return payload, worker, record
 

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="factory transport master key (hex); the card's transport "
                            "keys are diversified from it and the PSD id")
     init.add_argument("--key-length", type=int, choices=[16, 24, 32], default=16)
+    init.add_argument("--scp-i", default="70", metavar="HEX",
+                      help="the SCP03 'i' the card announces and keeps to (default 70: "
+                           "pseudo-random challenge, R-MAC, R-ENCRYPTION; 30: no "
+                           "R-ENCRYPTION; 10: neither; add 01 for S16)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=_init)
 
@@ -52,15 +56,26 @@ def _init(args: argparse.Namespace) -> int:
             raise CliError("--transport-master-hex is not hex") from exc
         if len(master) not in (16, 24, 32):
             raise CliError("the transport master key must be 16, 24 or 32 bytes")
+    scp_i = _scp_i(args.scp_i)
     try:
         state = create_card(args.state, force=args.force, psd_id=args.psd_id,
-                            transport_master=master, key_length=args.key_length)
+                            transport_master=master, key_length=args.key_length, scp_i=scp_i)
     except FileExistsError as exc:
         raise CliError(f"{exc} (use --force to overwrite)") from exc
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     print(json.dumps(_summary(state), indent=2))
     return 0
+
+
+def _scp_i(text: str) -> int:
+    """``--scp-i``: one byte in hex (``70``, ``0x10``); CliError otherwise."""
+    from cms.cli import CliError
+
+    digits = text.strip().lower().removeprefix("0x")
+    if not 1 <= len(digits) <= 2 or any(c not in "0123456789abcdef" for c in digits):
+        raise CliError(f"--scp-i: one byte in hex (e.g. 70, 30 or 10), got {text!r}")
+    return int(digits, 16)
 
 
 def _summary(state: object) -> dict[str, object]:
@@ -70,6 +85,7 @@ def _summary(state: object) -> dict[str, object]:
     assert isinstance(state, CardState)
     return {
         "psd_id": state.psd_id,
+        "scp_i": f"{state.scp_i:02X}",
         "sequence_counter": state.sequence_counter,
         "key_sets": [
             {"kvn": f"{kvn:02X}", "role": key_set_role(kvn).value,

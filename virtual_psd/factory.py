@@ -17,7 +17,11 @@ from pathlib import Path
 
 from cardcore.diversify import diversify_key_set_software
 from cardcore.psd import KVN_TRANSPORT, cplc_for_psd_id, normalize_psd_id, psd_id_bytes
+from cardcore.scp03 import Scp03Error, check_i_parameter
 from virtual_psd.state import CardState, KeySet, save_state
+
+DEFAULT_SCP_I = 0x70
+"""Pseudo-random challenges, R-MAC and R-ENCRYPTION: every level up to 33."""
 
 
 def default_transport_keys(key_length: int = 16) -> KeySet:
@@ -34,8 +38,17 @@ def diversified_transport_keys(master_key: bytes, psd_id: str, key_length: int =
 
 
 def new_card_state(*, psd_id: str | None = None, transport_master: bytes | None = None,
-                   key_length: int = 16, scp_i: int = 0x70) -> CardState:
-    """A fresh card as it leaves the factory (random unique id when none is given)."""
+                   key_length: int = 16, scp_i: int = DEFAULT_SCP_I) -> CardState:
+    """A fresh card as it leaves the factory (random unique id when none is given).
+
+    ``scp_i`` is the SCP03 "i" the card announces and lives by (which security
+    levels it accepts, random or pseudo-random challenges, S16): one Amendment D
+    defines, else ValueError.
+    """
+    try:
+        check_i_parameter(scp_i)
+    except Scp03Error as exc:
+        raise ValueError(str(exc)) from None
     pid = normalize_psd_id(psd_id) if psd_id else secrets.token_bytes(10).hex().upper()
     keys = (default_transport_keys(key_length) if transport_master is None
             else diversified_transport_keys(transport_master, pid, key_length))

@@ -17,6 +17,7 @@ channel may delete the MKRK.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -35,8 +36,7 @@ from cardcore.psd import (
     psd_id_bytes,
 )
 from cardcore.scp03 import (
-    I_RENC_SUPPORT,
-    I_RMAC_SUPPORT,
+    I_PSEUDO_RANDOM_CHALLENGE,
     I_S16,
     CardChannel,
     CryptogramError,
@@ -45,6 +45,7 @@ from cardcore.scp03 import (
     SecurityLevel,
     cmac_prf,
     decrypt_key_data,
+    offered_security_levels,
     pseudo_random_card_challenge,
 )
 from virtual_psd.card import CommandContext, StatusError
@@ -205,13 +206,20 @@ class IssuerSecurityDomain:
         kvn = default_kvn(state) if command.p1 == 0 else command.p1
         if kvn is None or kvn not in state.key_sets:
             return b"", SW.REFERENCED_DATA_NOT_FOUND
-        if state.sequence_counter >= MAX_SEQUENCE_COUNTER:
-            return b"", SW.CONDITIONS_NOT_SATISFIED
         keys = state.key_sets[kvn]
-        counter = state.sequence_counter.to_bytes(3, "big")
-        state.sequence_counter += 1  # committed with this command: never reused
-        card_challenge = pseudo_random_card_challenge(cmac_prf(keys.enc), counter, self.aid,
-                                                      s16=s16)
+        counter: bytes | None = None
+        if state.scp_i & I_PSEUDO_RANDOM_CHALLENGE:
+            # Amendment D §6.2.2.1: the challenge comes from the key set's ENC key,
+            # the sequence counter and this domain's AID, and the counter follows the
+            # cryptogram in the answer. A card with random challenges sends neither.
+            if state.sequence_counter >= MAX_SEQUENCE_COUNTER:
+                return b"", SW.CONDITIONS_NOT_SATISFIED
+            counter = state.sequence_counter.to_bytes(3, "big")
+            state.sequence_counter += 1  # committed with this command: never reused
+            card_challenge = pseudo_random_card_challenge(cmac_prf(keys.enc), counter,
+                                                          self.aid, s16=s16)
+        else:
+            card_challenge = os.urandom(16 if s16 else 8)
         channel, cryptogram = CardChannel.begin(keys.enc, keys.mac, command.data,
                                                 card_challenge)
         new = IsdSession(channel=channel, kvn=kvn, dek=keys.dek)
@@ -228,10 +236,9 @@ class IssuerSecurityDomain:
             return b"", SW.CONDITIONS_NOT_SATISFIED
         # Whatever happens next, this handshake is used up unless it succeeds.
         self._end_session(ctx)
-        if command.p2 != 0x00 or command.p1 not in (0x00, 0x01, 0x03, 0x11, 0x13, 0x33):
-            return b"", SW.INCORRECT_P1P2
-        if (command.p1 & SecurityLevel.R_ENCRYPTION and not ctx.state.scp_i & I_RENC_SUPPORT) \
-                or (command.p1 & SecurityLevel.R_MAC and not ctx.state.scp_i & I_RMAC_SUPPORT):
+        # A level this card's "i" does not offer (R-MAC, R-ENCRYPTION) is refused as
+        # many cards refuse it: incorrect P1.
+        if command.p2 != 0x00 or command.p1 not in offered_security_levels(ctx.state.scp_i):
             return b"", SW.INCORRECT_P1P2
         if len(command.data) != 2 * channel.mac_length:
             return b"", SW.WRONG_LENGTH

@@ -4,6 +4,10 @@ A campaign snapshots, when it starts, the cards it will move from one MK
 version to another: one ``campaign_item`` per card. Cards are then updated
 as their agents connect (``Store.campaign_work_for`` tells the flow).
 
+A card that needs an operator's attention (``psd.attention``) is part of the
+campaign as a failed item with its reason, and the campaign completes only
+once no item is pending or failed: it waits for the operator as for a card.
+
 Overlap rule: a card waits in at most one campaign at a time. Starting a
 campaign whose cards include one that is pending in another running or
 paused campaign is refused with FailedPrecondition naming that campaign;
@@ -19,7 +23,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, func, insert, literal, null, select, text
+from sqlalchemy import ColumnElement, and_, case, func, insert, literal, null, select, text
 from sqlalchemy.orm import Session
 
 from access_server.store import rows
@@ -153,12 +157,16 @@ def _refuse_overlap(session: Session, matches: list[ColumnElement[bool]]) -> Non
 
 
 def _snapshot(session: Session, campaign_id: str, match: ColumnElement[bool], now: datetime) -> int:
+    """The matching cards' items: pending, or failed with its reason for a card that
+    needs an operator (it is part of the campaign, and counts as needing attention)."""
+    flagged = PsdRow.attention.is_not(None)
     source = select(
         literal(campaign_id),
         PsdRow.psd_id,
-        literal(ItemStatus.PENDING.value),
+        case((flagged, literal(ItemStatus.FAILED.value)),
+             else_=literal(ItemStatus.PENDING.value)),
         literal(0),
-        null(),
+        case((flagged, PsdRow.attention_detail), else_=null()),
         literal(now, UtcDateTime),
     ).where(match)
     statement = insert(CampaignItemRow).from_select(

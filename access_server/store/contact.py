@@ -58,6 +58,9 @@ class CardRow(NamedTuple):
     lease_holder: str | None
     lease_expires: datetime | None
     row_version: int
+    attention: str | None
+    attention_detail: str | None
+    attention_since: datetime | None
     cryptogram: bytes | None
 
 
@@ -220,8 +223,8 @@ def pending_work(conn: Connection, card: CardRow, *, lock: bool = True) -> Campa
     share-locked, so a pause or cancel waits for this transaction rather than
     slipping between the read and the journal entry made from it.
     """
-    if card.state != PsdState.ACTIVE.value:
-        return None
+    if card.state != PsdState.ACTIVE.value or card.attention is not None:
+        return None     # a card that needs an operator is passed by until one clears it
     found: WorkRow | None = execute(conn, _SHARE_WORK if lock else _READ_WORK,
                                     {"psd_id": card.psd_id,
                                      "mk_version": card.mk_version}).one_or_none()

@@ -50,6 +50,12 @@ INTENT_KINDS = ("install", "replace")
 INTENT_STATUSES = ("open", "done", "abandoned")
 CAMPAIGN_STATES = ("running", "paused", "cancelled", "completed")
 ITEM_STATUSES = ("pending", "done", "failed", "skipped")
+ATTENTION_DESCRIBED = (
+    "(attention IS NULL AND attention_detail IS NULL AND attention_since IS NULL)"
+    " OR (attention IS NOT NULL AND attention_detail IS NOT NULL"
+    " AND attention_since IS NOT NULL)"
+)
+"""A card needing attention always says why and since when."""
 
 
 def one_of(column: str, values: tuple[str, ...]) -> str:
@@ -105,10 +111,18 @@ class PsdRow(Base):
     lease_holder: Mapped[str | None] = mapped_column(String(200))
     lease_expires: Mapped[datetime | None] = mapped_column(UtcDateTime)
     row_version: Mapped[int] = mapped_column(Integer)
+    # Set when a contact ended in a way that only an operator can resolve, once the
+    # card had proven its keys in that contact: a reason code (``ATTENTION_REASONS``
+    # in access_server/outcomes.py), what happened and since when. No campaign picks
+    # the card until an operator clears it.
+    attention: Mapped[str | None] = mapped_column(String(32))
+    attention_detail: Mapped[str | None] = mapped_column(Text)
+    attention_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     __mapper_args__ = {"version_id_col": row_version}
     __table_args__ = (
         CheckConstraint(one_of("state", PSD_STATES), name="state"),
+        CheckConstraint(ATTENTION_DESCRIBED, name="attention_described"),
         CheckConstraint("length(psd_id) = 20", name="psd_id_length"),
         CheckConstraint(
             "(cryptogram IS NULL AND cryptogram_key_label IS NULL)"
@@ -131,6 +145,13 @@ class PsdRow(Base):
             name="replacement_journaled",
         ),
         Index("ix_psd_state_mk_version", "state", "mk_version"),
+        # Few cards need attention: the metrics count them by reason from this index.
+        Index(
+            "ix_psd_attention",
+            "attention",
+            sqlite_where=text("attention IS NOT NULL"),
+            postgresql_where=text("attention IS NOT NULL"),
+        ),
     )
 
 

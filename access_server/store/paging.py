@@ -16,13 +16,19 @@ from access_server.store.records import PsdState
 from cms.runtime.errors import InvalidArgument
 
 
-def encode_token(after: str, state: PsdState | None, mk_version: int | None) -> str:
-    payload = {"after": after, "state": None if state is None else state.value, "mk": mk_version}
+def encode_token(after: str, state: PsdState | None, mk_version: int | None,
+                 needs_attention: bool = False) -> str:
+    payload: dict[str, object] = {"after": after,
+                                  "state": None if state is None else state.value,
+                                  "mk": mk_version}
+    if needs_attention:
+        payload["attention"] = True
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(token: str, state: PsdState | None, mk_version: int | None) -> str | None:
+def decode_token(token: str, state: PsdState | None, mk_version: int | None,
+                 needs_attention: bool = False) -> str | None:
     """The last id of the previous page; the token must belong to the same filter."""
     if not token:
         return None
@@ -32,7 +38,7 @@ def decode_token(token: str, state: PsdState | None, mk_version: int | None) -> 
         after = payload["after"]
         same = payload["state"] == (None if state is None else state.value) and (
             payload["mk"] == mk_version
-        )
+        ) and payload.get("attention", False) == needs_attention
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise InvalidArgument("malformed page token") from None
     if not same:

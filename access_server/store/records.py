@@ -72,6 +72,15 @@ class PsdRecord:
     lease_holder: str | None
     lease_expires: datetime | None
     row_version: int
+    attention: str | None
+    """Why an operator must act before the server works on the card again (a reason
+    code of ``access_server.outcomes``), or None."""
+    attention_detail: str | None
+    attention_since: datetime | None
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.attention is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +178,14 @@ class PsdPage(NamedTuple):
 
     items: list[PsdRecord]
     next_page_token: str
+    total: int
+
+
+class ItemPage(NamedTuple):
+    """One page of ``list_campaign_items``; unpacks as ``items, next_after, total``."""
+
+    items: list[CampaignItem]
+    next_after: str
     total: int
 
 

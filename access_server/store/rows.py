@@ -59,6 +59,9 @@ def psd_record(row: PsdRow) -> PsdRecord:
         lease_holder=row.lease_holder,
         lease_expires=row.lease_expires,
         row_version=row.row_version,
+        attention=row.attention,
+        attention_detail=row.attention_detail,
+        attention_since=row.attention_since,
     )
 
 
@@ -225,9 +228,10 @@ def lock_item(session: Session, campaign_id: str, psd_id: str) -> CampaignItemRo
     return item
 
 
-_ANY_PENDING_IN_CAMPAIGN = Sql(
+_ANY_OPEN_IN_CAMPAIGN = Sql(
     "SELECT psd_id FROM campaign_item WHERE campaign_id = :campaign_id "
-    "AND status = {pending} LIMIT 1", literals={"pending": ItemStatus.PENDING.value})
+    "AND status IN ({pending}, {failed}) LIMIT 1",
+    literals={"pending": ItemStatus.PENDING.value, "failed": ItemStatus.FAILED.value})
 _COMPLETE_CAMPAIGN = Sql(
     "UPDATE campaign SET state = {completed}, updated = :updated "
     "WHERE campaign_id = :campaign_id", literals={"completed": CampaignState.COMPLETED.value})
@@ -235,17 +239,20 @@ _COMPLETE_CAMPAIGN = Sql(
 
 def complete_campaign_if_drained(conn: Connection, campaign_id: str, state: str,
                                  now: datetime) -> bool:
-    """A live campaign with no pending item left is completed; True if it just was.
+    """A live campaign with no item left pending or failed is completed; True if it just was.
 
-    The one statement of the rule, for the ORM paths and the per-contact
-    driver ones alike. The caller holds the campaign row lock and has written its
-    item changes, so two transactions finishing the last two items cannot
-    both miss each other's update.
+    A failed item is a card that needs an operator's attention: the campaign
+    waits for it (the operator clears the card, which is then retried, or
+    revokes it, which skips it) as it waits for a pending one. The one statement
+    of the rule, for the ORM paths and the per-contact driver ones alike. The
+    caller holds the campaign row lock and has written its item changes, so
+    two transactions finishing the last two items cannot both miss each
+    other's update.
     """
     if state not in LIVE_CAMPAIGN_STATES:
         return False
     campaign = {"campaign_id": campaign_id}
-    if execute(conn, _ANY_PENDING_IN_CAMPAIGN, campaign).one_or_none() is not None:
+    if execute(conn, _ANY_OPEN_IN_CAMPAIGN, campaign).one_or_none() is not None:
         return False
     execute(conn, _COMPLETE_CAMPAIGN, {**campaign, "updated": now})
     return True
@@ -276,17 +283,18 @@ def set_item(
 
 
 def settle_items(session: Session, row: PsdRow, now: datetime) -> None:
-    """Close a card's pending campaign item that its new state has made moot.
+    """Close a card's pending or failed campaign item that its new state has made moot.
 
     Called after a card's MK version or state changed outside (or alongside)
     a campaign: an item whose target the card already holds is done; one
     whose starting version the card no longer holds, or on a revoked card,
-    is skipped. So a pending item always names a card that still needs it.
+    is skipped. So a pending item always names a card that still needs it,
+    and a failed one (needing attention) a card that still has it to do.
     """
     pending = session.execute(
         select(CampaignItemRow.campaign_id).where(
             CampaignItemRow.psd_id == row.psd_id,
-            CampaignItemRow.status == ItemStatus.PENDING.value,
+            CampaignItemRow.status.in_((ItemStatus.PENDING.value, ItemStatus.FAILED.value)),
         )
     ).scalars().all()
     for campaign_id in pending:

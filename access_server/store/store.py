@@ -63,6 +63,7 @@ from access_server.store.records import (
     Intent,
     IntentKind,
     IntentStatus,
+    ItemPage,
     ItemStatus,
     PsdEvent,
     PsdPage,
@@ -103,6 +104,10 @@ EV_REPLACEMENT_COMPLETED = contact.EV_REPLACEMENT_COMPLETED
 EV_INTENT_DONE = "intent_done"
 EV_INTENT_ABANDONED = "intent_abandoned"
 EV_REVOKED = "revoked"
+EV_NEEDS_ATTENTION = "needs_attention"
+EV_ATTENTION_CLEARED = "attention_cleared"
+MAX_ATTENTION_REASON = 32
+"""The ``psd.attention`` column: a reason code, not prose."""
 
 _MIGRATING = threading.Lock()
 """Alembic's ``context`` and ``op`` are process-wide: one migration at a time per process."""
@@ -347,15 +352,19 @@ class Store:
         mk_version: int | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
+        needs_attention: bool = False,
     ) -> PsdPage:
-        """One page in PSD id order (keyset pagination: stable under inserts)."""
+        """One page in PSD id order (keyset pagination: stable under inserts); with
+        ``needs_attention``, only the cards an operator must act on."""
         state = None if state is None else _psd_state(state)
         mk_version = v.optional_key_version("mk_version", mk_version)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
             raise InvalidArgument("page_size must be a non-negative integer")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = paging.decode_token(page_token, state, mk_version)
+        after = paging.decode_token(page_token, state, mk_version, needs_attention)
         filters = []
+        if needs_attention:
+            filters.append(PsdRow.attention.is_not(None))
         if state is not None:
             filters.append(PsdRow.state == state.value)
         if mk_version is not None:
@@ -368,7 +377,8 @@ class Store:
             found = list(session.scalars(query))
             items = [rows.psd_record(row) for row in found[:size]]
         next_token = (
-            paging.encode_token(items[-1].psd_id, state, mk_version) if len(found) > size else ""
+            paging.encode_token(items[-1].psd_id, state, mk_version, needs_attention)
+            if len(found) > size else ""
         )
         return PsdPage(items, next_token, int(total or 0))
 
@@ -422,6 +432,99 @@ class Store:
             session.flush()
             rows.settle_items(session, row, now)
             return _flushed_record(session, row)
+
+    def flag_attention(self, psd_id: str, *, reason: str, detail: str, actor: str,
+                       release_lease_of: str | None = None) -> PsdRecord:
+        """Record that the card needs an operator before the server works on it again.
+
+        One transaction, on the rare contacts that end so: the flag (``reason``, a
+        code from ``access_server.outcomes``, and ``detail``, what happened, for
+        people) and its event in the history; the card's pending campaign items
+        fail with ``detail`` (their campaigns wait for the card: one completes only
+        when none of its cards is pending or needing attention); and the lease of
+        ``release_lease_of``, if it holds it, is given back. An open intent stays
+        open: the card may hold part of it, and the contact after the operator
+        cleared the flag finishes it. A card flagged again keeps the time it first
+        needed attention and takes the newest reason.
+        """
+        psd_id = v.psd_id(psd_id)
+        reason = v.text("reason", reason, MAX_ATTENTION_REASON)
+        detail = v.text("detail", detail, v.MAX_DETAIL)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            rows.refuse_revoked(row, "flag for attention")
+            if row.attention_since is None:
+                row.attention_since = now
+            row.attention = reason
+            row.attention_detail = detail
+            row.updated = now
+            _release_with(row, release_lease_of)
+            rows.add_event(session, psd_id, now, EV_NEEDS_ATTENTION, f"{reason}: {detail}",
+                           actor)
+            pending = session.scalars(
+                select(CampaignItemRow.campaign_id).where(
+                    CampaignItemRow.psd_id == psd_id,
+                    CampaignItemRow.status == ItemStatus.PENDING.value)).all()
+            for campaign_id in pending:
+                campaign = rows.lock_campaign(session, campaign_id)
+                item = rows.lock_item(session, campaign_id, psd_id)
+                rows.set_item(session, campaign, item, ItemStatus.FAILED, detail, now)
+            return _flushed_record(session, row)
+
+    def clear_attention(self, psd_id: str, *, note: str, actor: str) -> PsdRecord:
+        """An operator dealt with the cause: the server works on the card again.
+
+        The flag goes, with ``note`` (what was done) in the history, and the card's
+        failed items in running or paused campaigns are pending again, so their
+        campaign takes the card at its next contact; unless the card waits in
+        another campaign meanwhile, or no longer holds what the campaign replaces
+        (then the item is settled as done or skipped). A cancelled campaign's item
+        stays as it was.
+        """
+        psd_id = v.psd_id(psd_id)
+        note = v.text("note", note, v.MAX_DETAIL)
+        actor = v.actor(actor)
+        with self._write() as session:
+            now = self._now()
+            row = rows.lock_psd(session, psd_id)
+            if row.attention is None:
+                raise FailedPrecondition(f"PSD {psd_id} does not need attention")
+            reason = row.attention
+            row.attention = None
+            row.attention_detail = None
+            row.attention_since = None
+            row.updated = now
+            rows.add_event(session, psd_id, now, EV_ATTENTION_CLEARED, f"{reason}: {note}",
+                           actor)
+            failed = session.scalars(
+                select(CampaignItemRow.campaign_id)
+                .join(CampaignRow, CampaignRow.campaign_id == CampaignItemRow.campaign_id)
+                .where(CampaignItemRow.psd_id == psd_id,
+                       CampaignItemRow.status == ItemStatus.FAILED.value,
+                       CampaignRow.state.in_(rows.LIVE_CAMPAIGN_STATES))
+                .order_by(CampaignRow.created)).all()
+            waiting = contact.has_pending_items(session.connection(), psd_id)
+            for campaign_id in failed:
+                if waiting:
+                    break           # a card waits in one campaign at a time
+                campaign = rows.lock_campaign(session, campaign_id)
+                item = rows.lock_item(session, campaign_id, psd_id)
+                rows.set_item(session, campaign, item, ItemStatus.PENDING, None, now)
+                waiting = True
+            session.flush()
+            rows.settle_items(session, row, now)
+            return _flushed_record(session, row)
+
+    def attention_counts(self) -> dict[str, int]:
+        """How many cards need attention, by reason (for the metrics)."""
+        with self._read() as session:
+            found = session.execute(
+                select(PsdRow.attention, func.count())
+                .where(PsdRow.attention.is_not(None))
+                .group_by(PsdRow.attention))
+            return {str(reason): int(count) for reason, count in found}
 
     def touch_contact(self, psd_id: str) -> datetime:
         """Record that the card's agent is in contact now; returns the time stored."""
@@ -996,6 +1099,43 @@ class Store:
             if campaign is None or item is None:
                 raise NotFound(f"PSD {psd_id} is not part of campaign {campaign_id}")
             return rows.item_record(item, campaign)
+
+    def list_campaign_items(
+        self,
+        campaign_id: str,
+        status: ItemStatus | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        after: str = "",
+    ) -> ItemPage:
+        """One page of a campaign's items (``status`` only, if given) in PSD id order,
+        starting after the PSD id ``after``; the PSD id the next page starts after
+        ("" on the last page), and how many there are in all."""
+        if status is not None:
+            try:
+                status = ItemStatus(status)
+            except ValueError:
+                raise InvalidArgument(f"unknown item status {status!r}") from None
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
+            raise InvalidArgument("page_size must be a non-negative integer")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        if after:
+            after = v.psd_id(after)
+        filters = [CampaignItemRow.campaign_id == campaign_id]
+        if status is not None:
+            filters.append(CampaignItemRow.status == status.value)
+        with self._read() as session:
+            campaign = session.get(CampaignRow, campaign_id)
+            if campaign is None:
+                raise NotFound(f"campaign {campaign_id} not found")
+            total = session.scalar(select(func.count()).select_from(CampaignItemRow)
+                                   .where(*filters))
+            query = select(CampaignItemRow).where(*filters).order_by(CampaignItemRow.psd_id)
+            if after:
+                query = query.where(CampaignItemRow.psd_id > after)
+            found = [rows.item_record(item, campaign)
+                     for item in session.scalars(query.limit(size + 1))]
+        more = len(found) > size
+        return ItemPage(found[:size], found[size - 1].psd_id if more else "", int(total or 0))
 
     def mark_item(
         self, campaign_id: str, psd_id: str, status: ItemStatus, error: str | None = None

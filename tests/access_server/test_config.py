@@ -109,3 +109,59 @@ def test_the_server_refuses_a_bad_configuration_with_one_line(tmp_path: Path) ->
     assert done.returncode != 0
     assert "card_channel.hello_timeout_seconds: must be positive" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_security_level_settings(tmp_path: Path) -> None:
+    from access_server.levels import LevelPolicy
+
+    assert load_config(_write(tmp_path)).levels == LevelPolicy(minimum=0x03, cap=None)
+    cfg = load_config(_write(tmp_path, card_channel={"minimum_security_level": "13",
+                                                     "security_level": "0x33"}))
+    assert cfg.levels == LevelPolicy(minimum=0x13, cap=0x33)
+    # YAML reads 0x11 as the number 17: that is level 11 too.
+    path = tmp_path / "hex.yaml"
+    path.write_text(_write(tmp_path).read_text().replace(
+        "card_channel: {}", "card_channel: {minimum_security_level: 0x11}"))
+    assert load_config(path).levels.minimum == 0x11
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"minimum_security_level": 13},
+     "minimum_security_level: 13 is not an SCP03 security level: one of 01, 03, 11, 13, 33 "
+     "(YAML read a decimal number: write the level in quotes, e.g. '13')"),
+    ({"minimum_security_level": "ab"}, "minimum_security_level: 'ab' is not an SCP03"),
+    ({"minimum_security_level": "high"}, "'high' is not a security level in hex"),
+    ({"minimum_security_level": "00"},
+     "minimum_security_level: the minimum must include C-MAC (at least 01)"),
+    ({"minimum_security_level": True}, "minimum_security_level: a security level in hex"),
+    ({"security_level": "best"}, "security_level: 'best' is not a security level in hex"),
+    ({"minimum_security_level": "03", "security_level": "11"},
+     "security_level: security level 11 (C-MAC, R-MAC) lacks a protection of the minimum "
+     "03 (C-MAC, C-DECRYPTION)"),
+])
+def test_a_bad_security_level_setting_is_named(tmp_path: Path, values: dict,
+                                               message: str) -> None:
+    path = _write(tmp_path, card_channel=values)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("scp_i, cap, chosen", [
+    (0x10, None, 0x03), (0x30, None, 0x13), (0x70, None, 0x33), (0x60, None, 0x33),
+    (0x50, None, 0x03), (0x70, 0x13, 0x13), (0x10, 0x13, 0x03), (0x70, 0x03, 0x03),
+])
+def test_the_highest_level_the_card_offers_within_the_choice(scp_i: int, cap: int | None,
+                                                              chosen: int) -> None:
+    from access_server.levels import LevelPolicy
+
+    assert LevelPolicy(minimum=0x03, cap=cap).choose(scp_i) == chosen
+
+
+def test_the_minimum_is_a_set_of_protections() -> None:
+    from access_server.levels import LevelPolicy
+
+    policy = LevelPolicy(minimum=0x11)
+    assert policy.acceptable(0x13) and policy.acceptable(0x33) and policy.acceptable(0x11)
+    assert not policy.acceptable(0x03)          # C-DECRYPTION, but no R-MAC
+    assert not LevelPolicy(minimum=0x13).acceptable(policy.choose(0x10))

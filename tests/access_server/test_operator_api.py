@@ -163,3 +163,47 @@ def test_server_refuses_a_bad_configuration_clearly(tmp_path: Path) -> None:
     done = cms("access-server", "serve", "--config", str(config), check=False)
     assert done.returncode != 0
     assert "tls.ca: no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_attention_and_campaign_items_get_clear_statuses(stack: Path) -> None:
+    registry, campaigns = _stubs(stack)
+    card = "0A0B0C0D0E0F00000004"
+    _activate(stack, card)
+    for request, code, words in (
+        (pb.ClearPsdAttentionRequest(psd_id=card, note="checked"),
+         grpc.StatusCode.FAILED_PRECONDITION, "does not need attention"),
+        (pb.ClearPsdAttentionRequest(psd_id=card), grpc.StatusCode.INVALID_ARGUMENT, "note"),
+        (pb.ClearPsdAttentionRequest(psd_id="FFFFFFFFFFFFFFFFFFFF", note="x"),
+         grpc.StatusCode.NOT_FOUND, "not registered"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            registry.ClearPsdAttention(request, timeout=30)
+        assert err.value.code() == code and words in err.value.details()
+    reader, _ = _stubs(stack, "key-mgmt")
+    with pytest.raises(grpc.RpcError) as err:
+        reader.ClearPsdAttention(pb.ClearPsdAttentionRequest(psd_id=card, note="x"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    started = campaigns.StartCampaign(pb.StartCampaignRequest(
+        from_mk_version=1, to_mk_version=2, filter=pb.CampaignFilter(psd_ids=[card])),
+        timeout=30)
+    listed = campaigns.ListCampaignItems(pb.ListCampaignItemsRequest(
+        campaign_id=started.campaign_id), timeout=30)
+    assert [(i.psd_id, i.status) for i in listed.items] == [(card, pb.ITEM_PENDING)]
+    assert listed.total == 1 and not listed.next_page_token
+    failed = campaigns.ListCampaignItems(pb.ListCampaignItemsRequest(
+        campaign_id=started.campaign_id, status=pb.ITEM_FAILED), timeout=30)
+    assert not failed.items and failed.total == 0
+    for request, code in (
+        (pb.ListCampaignItemsRequest(campaign_id="nope"), grpc.StatusCode.NOT_FOUND),
+        (pb.ListCampaignItemsRequest(campaign_id=started.campaign_id, status=9),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ListCampaignItemsRequest(campaign_id=started.campaign_id, page_token="garbage"),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            campaigns.ListCampaignItems(request, timeout=30)
+        assert err.value.code() == code
+    campaigns.CancelCampaign(pb.GetCampaignRequest(campaign_id=started.campaign_id), timeout=30)
+    bad = cms("psd", "--endpoints", str(stack), "clear-attention", card, check=False)
+    assert bad.returncode != 0 and "--note" in bad.stderr and "Traceback" not in bad.stderr

@@ -193,9 +193,15 @@ def test_replacement_under_a_campaign_counts_and_completes(store: Store) -> None
     assert store.get_campaign_item(campaign_id, first).attempts == 2
     assert store.campaign_work_for(first) is None
     store.mark_item(campaign_id, cards["batch3"], ItemStatus.FAILED, "card locked")
+    # A failed item needs an operator: the campaign waits for it as for a pending one.
+    waiting = store.get_campaign(campaign_id)
+    assert (waiting.state, waiting.total, waiting.done, waiting.failed, waiting.pending) == (
+        CampaignState.RUNNING, 3, 2, 1, 0,
+    )
+    store.mark_item(campaign_id, cards["batch3"], ItemStatus.SKIPPED, "card locked for good")
     final = store.get_campaign(campaign_id)
-    assert (final.state, final.total, final.done, final.failed, final.pending) == (
-        CampaignState.COMPLETED, 3, 2, 1, 0,
+    assert (final.state, final.done, final.failed, final.skipped) == (
+        CampaignState.COMPLETED, 2, 0, 1,
     )
     with pytest.raises(FailedPrecondition, match="completed"):
         store.mark_item(campaign_id, cards["batch3"], ItemStatus.PENDING)

@@ -41,7 +41,7 @@ pytest_plugins = ("tests.support.postgres", "tests.access_server.test_store_fixt
 
 REPO = Path(__file__).resolve().parents[2]
 A, B, C = psd(0xA), psd(0xB), psd(0xC)
-HEAD = "0001"
+HEAD = "0002"
 TABLES = {"psd", "psd_event", "intent", "campaign", "campaign_item"}
 
 # A child process that journals an installation and dies the instant the
@@ -151,6 +151,40 @@ def test_migrate_from_empty(database_url: str) -> None:
         engine.dispose()
 
 
+def _alembic(database_url: str, *args: str) -> None:
+    ini = REPO / "access_server" / "migrations" / "alembic.ini"
+    done = subprocess.run([sys.executable, "-m", "alembic", "-c", str(ini), "-x",
+                           f"url={database_url}", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_upgrade_from_0001_keeps_the_cards_and_downgrade_removes_the_attention(
+        database_url: str) -> None:
+    _alembic(database_url, "upgrade", "0001")
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO psd (psd_id, state, created, updated, row_version) "
+                "VALUES (:p, 'blank', :t, :t, 1)"), {"p": A, "t": "2030-01-01 00:00:00"})
+        with Store.from_url(database_url) as store:          # migrates to the head
+            assert store.get_psd(A).state is PsdState.BLANK
+            assert store.get_psd(A).attention is None
+            store.flag_attention(A, reason="card_refused", detail="6A84", actor=ACTOR)
+            with pytest.raises(IntegrityError), store.engine.begin() as connection:
+                connection.execute(text("UPDATE psd SET attention_detail = NULL"))
+            store.clear_attention(A, note="fixed", actor=ACTOR)
+        _alembic(database_url, "downgrade", "0001")
+        names = {c["name"] for c in inspect(engine).get_columns("psd")}
+        assert names == COLUMNS["psd"] - {"attention", "attention_detail", "attention_since"}
+        _alembic(database_url, "upgrade", "head")
+        with Store(database_url) as store:
+            assert store.get_psd(A).attention is None
+    finally:
+        engine.dispose()
+
+
 def test_stores_starting_together_migrate_once(database_url: str) -> None:
     errors: list[BaseException] = []
 
@@ -193,7 +227,7 @@ COLUMNS = {
     "psd": {
         "psd_id", "state", "mk_version", "mkrk_version", "pending_mk_version", "cryptogram",
         "cryptogram_key_label", "created", "updated", "last_contact", "lease_holder",
-        "lease_expires", "row_version",
+        "lease_expires", "row_version", "attention", "attention_detail", "attention_since",
     },
     "psd_event": {"event_id", "psd_id", "at", "event", "detail", "actor"},
     "intent": {

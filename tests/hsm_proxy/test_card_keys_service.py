@@ -403,3 +403,90 @@ def test_a_batch_with_a_denied_key_is_refused_whole(stack: Path, tmp_path: Path)
     with pytest.raises(grpc.RpcError) as empty:
         _stub(stack).OpenSecureChannelBatch(pb.OpenSecureChannelBatchRequest(), timeout=60)
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _card_with_i(tmp_path: Path, scp_i: int) -> tuple[VirtualCard, str]:
+    state = create_card(tmp_path / f"i{scp_i:02x}.json", transport_master=MASTER, scp_i=scp_i)
+    virtual = VirtualCard.open(tmp_path / f"i{scp_i:02x}.json")
+    virtual.power_on()
+    return virtual, state.psd_id
+
+
+def _installing_request(virtual: VirtualCard, psd_id: str, level: int,
+                        **extra) -> pb.OpenSecureChannelRequest:
+    challenge, iu = _initialize(virtual, 0xFF)
+    return pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=level,
+        predict_responses=True, commands=[
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
+                token="access", key_length=16, new_random=pb.NewRandom(
+                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
+            pb.ChannelCommand(put_key_set=pb.PutKeySet(
+                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
+            pb.ChannelCommand(apdu=gp.delete_key_command(0xFF))], **extra)
+
+
+@pytest.mark.parametrize("scp_i, level", [
+    (0x10, 0x01), (0x10, 0x03), (0x30, 0x11), (0x30, 0x13), (0x60, 0x33), (0x70, 0x33),
+])
+def test_foreseen_answers_match_the_card_at_every_level_it_offers(
+        stack: Path, tmp_path: Path, scp_i: int, level: int) -> None:
+    """What the proxy foresees is what the card sends at the level of the channel: an
+    R-MAC only with R-MAC (11, 13, 33), encrypted data only with R-ENCRYPTION (33),
+    and plain data and status word below that; for pseudo-random (10, 30, 70) and
+    random (60) card challenges alike."""
+    virtual, psd_id = _card_with_i(tmp_path, scp_i)
+    opened = _stub(stack).OpenSecureChannel(_installing_request(virtual, psd_id, level),
+                                            timeout=60)
+    assert opened.commands[0].apdu[2] == level             # EXTERNAL AUTHENTICATE's P1
+    answers = [bytes(r.data) + r.sw.to_bytes(2, "big") for r in _run(virtual, opened)]
+    assert answers == [c.expected_response for c in opened.commands]
+    assert set(virtual.state.key_sets) == {0x70, 0x01}
+    put_mk, delete = opened.commands[2], opened.commands[3]
+    plain_put = bytes(put_mk.expected_put_key_response) + b"\x90\x00"
+    if level & 0x10:                                        # R-MAC: 8 bytes more
+        body = 16 if level & 0x20 else len(plain_put) - 2   # R-ENC pads to a block
+        assert len(put_mk.expected_response) == body + 8 + 2
+        assert put_mk.expected_response != plain_put
+        assert len(delete.expected_response) == (16 if level & 0x20 else 1) + 8 + 2
+    else:                                                   # no R-MAC: the plain answer
+        assert put_mk.expected_response == plain_put
+        assert delete.expected_response == b"\x00\x90\x00"
+
+
+def test_a_level_the_card_does_not_offer_is_refused_and_nothing_is_written(
+        stack: Path, tmp_path: Path) -> None:
+    virtual, psd_id = _card_with_i(tmp_path, 0x10)
+    opened = _stub(stack).OpenSecureChannel(_installing_request(virtual, psd_id, 0x13),
+                                            timeout=60)
+    answers = _run(virtual, opened)
+    assert [a.sw for a in answers] == [0x6A86]             # EXTERNAL AUTHENTICATE refused
+    assert set(virtual.state.key_sets) == {0xFF}
+
+
+def test_a_pseudo_random_challenge_is_checked_against_the_named_security_domain(
+        stack: Path, tmp_path: Path) -> None:
+    stub = _stub(stack)
+    virtual, psd_id = _card_with_i(tmp_path, 0x70)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.OpenSecureChannel(_installing_request(
+            virtual, psd_id, 0x33, aid=bytes.fromhex("A0000001510000AA")), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "card challenge mismatch" in err.value.details()
+    assert "A0000001510000AA" in err.value.details()
+    # The ISD, named or by default, is the domain the card made its challenge for.
+    for extra in ({"aid": bytes.fromhex("A000000151000000")}, {}):
+        opened = stub.OpenSecureChannel(_installing_request(virtual, psd_id, 0x33, **extra),
+                                        timeout=60)
+        assert opened.commands[0].expected_response == b"\x90\x00"
+    # A card with random challenges has no counter to check: any domain opens.
+    random_card, random_id = _card_with_i(tmp_path, 0x60)
+    opened = stub.OpenSecureChannel(_installing_request(
+        random_card, random_id, 0x33, aid=bytes.fromhex("A0000001510000AA")), timeout=60)
+    answers = [bytes(r.data) + r.sw.to_bytes(2, "big") for r in _run(random_card, opened)]
+    assert answers == [c.expected_response for c in opened.commands]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.OpenSecureChannel(_installing_request(virtual, psd_id, 0x33, aid=b"\xA0\x00"),
+                               timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "aid" in err.value.details()

@@ -12,7 +12,7 @@ from cardcore.apdu import parse_response
 from cardcore.diversify import StaticKeySet
 from cardcore.psd import ISD_AID, psd_id_from_cplc
 from cardcore.scp03 import HostChannel
-from cardcore.tlv import parse_single
+from cardcore.tlv import parse_single, tlv
 from tests.virtual_psd.conftest import (
     PSD_ID,
     TRANSPORT,
@@ -306,3 +306,58 @@ def test_s16_card(tmp_path) -> None:
     assert s.channel.mac_length == 16
     data, sw = s.send(gp.get_data_command(0x9F7F))
     assert sw == SW.OK and psd_id_from_cplc(data) == PSD_ID
+
+
+def _card_with_i(tmp_path, scp_i: int) -> VirtualCard:
+    from virtual_psd.factory import create_card
+
+    path = tmp_path / f"card-{scp_i:02x}.json"
+    create_card(path, psd_id=PSD_ID, scp_i=scp_i)
+    card = VirtualCard.open(path)
+    card.power_on()
+    return card
+
+
+@pytest.mark.parametrize("scp_i", [0x10, 0x30, 0x60, 0x70])
+def test_the_card_accepts_exactly_the_levels_its_i_offers(tmp_path, scp_i: int) -> None:
+    from cardcore.scp03 import offered_security_levels
+
+    card = _card_with_i(tmp_path, scp_i)
+    for level in (0x01, 0x03, 0x11, 0x13, 0x33):
+        if level in offered_security_levels(scp_i):
+            s = open_session(card, 0xFF, TRANSPORT, level=level)
+            data, sw = s.send(gp.get_data_command(0x9F7F))
+            assert sw == SW.OK and psd_id_from_cplc(data) == PSD_ID
+        else:
+            with pytest.raises(host.CardStatusError) as refused:
+                open_session(card, 0xFF, TRANSPORT, level=level)
+            assert refused.value.sw == SW.INCORRECT_P1P2
+
+
+def test_without_r_mac_the_answers_carry_no_mac(tmp_path) -> None:
+    card = _card_with_i(tmp_path, 0x10)
+    s = open_session(card, 0xFF, TRANSPORT, level=0x03)
+    raw = card.transmit(s.channel.wrap(gp.get_data_command(0x9F7F)))
+    # The plain CPLC and the status word, nothing after them: no R-MAC at level 03.
+    assert raw == tlv(gp.TAG_CPLC, card.state.cplc) + b"\x90\x00"
+
+
+def test_a_random_challenge_card_sends_no_sequence_counter(tmp_path) -> None:
+    card = _card_with_i(tmp_path, 0x60)
+    first = gp.parse_initialize_update_response(
+        send(card, gp.initialize_update_command(0xFF, bytes(8)))[0])
+    second = gp.parse_initialize_update_response(
+        send(card, gp.initialize_update_command(0xFF, bytes(8)))[0])
+    assert first.i == 0x60 and first.sequence_counter is None
+    assert first.card_challenge != second.card_challenge
+    assert load_state(card.state_path).sequence_counter == 0
+    s = open_session(card, 0xFF, TRANSPORT, level=0x33)
+    assert s.send(gp.get_data_command(0x9F7F))[1] == SW.OK
+
+
+def test_undefined_i_values_make_no_card(tmp_path) -> None:
+    from virtual_psd.factory import create_card
+
+    with pytest.raises(ValueError, match="without R-MAC"):
+        create_card(tmp_path / "bad.json", psd_id=PSD_ID, scp_i=0x40)
+    assert not (tmp_path / "bad.json").exists()
