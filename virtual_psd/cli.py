@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="factory transport master key (hex); the card's transport "
                            "keys are diversified from it and the PSD id")
     init.add_argument("--key-length", type=int, choices=[16, 24, 32], default=16)
+    init.add_argument("--strict", action="store_true",
+                      help="strict security executive: once the card holds the MKRK set "
+                           "(KVN 70), MK sets change only in a channel opened with it; "
+                           "any other channel gets 6982 (default: a transport channel "
+                           "may manage MK sets too)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=_init)
 
@@ -54,7 +59,8 @@ def _init(args: argparse.Namespace) -> int:
             raise CliError("the transport master key must be 16, 24 or 32 bytes")
     try:
         state = create_card(args.state, force=args.force, psd_id=args.psd_id,
-                            transport_master=master, key_length=args.key_length)
+                            transport_master=master, key_length=args.key_length,
+                            strict=args.strict)
     except FileExistsError as exc:
         raise CliError(f"{exc} (use --force to overwrite)") from exc
     except ValueError as exc:
@@ -70,6 +76,7 @@ def _summary(state: object) -> dict[str, object]:
     assert isinstance(state, CardState)
     return {
         "psd_id": state.psd_id,
+        "policy": "strict" if state.strict else "default",
         "sequence_counter": state.sequence_counter,
         "key_sets": [
             {"kvn": f"{kvn:02X}", "role": key_set_role(kvn).value,

@@ -34,13 +34,19 @@ def diversified_transport_keys(master_key: bytes, psd_id: str, key_length: int =
 
 
 def new_card_state(*, psd_id: str | None = None, transport_master: bytes | None = None,
-                   key_length: int = 16, scp_i: int = 0x70) -> CardState:
-    """A fresh card as it leaves the factory (random unique id when none is given)."""
+                   key_length: int = 16, scp_i: int = 0x70,
+                   strict: bool = False) -> CardState:
+    """A fresh card as it leaves the factory (random unique id when none is given).
+
+    ``strict``: the security executive manages MK sets only in a channel opened
+    with the MKRK set once the card holds one (``virtual_psd/isd.py``), as a card
+    that enforces the seed's rule to the letter does.
+    """
     pid = normalize_psd_id(psd_id) if psd_id else secrets.token_bytes(10).hex().upper()
     keys = (default_transport_keys(key_length) if transport_master is None
             else diversified_transport_keys(transport_master, pid, key_length))
     return CardState(psd_id=pid, cplc=cplc_for_psd_id(psd_id_bytes(pid)),
-                     key_sets={KVN_TRANSPORT: keys}, scp_i=scp_i)
+                     key_sets={KVN_TRANSPORT: keys}, scp_i=scp_i, strict=strict)
 
 
 def create_card(path: str | os.PathLike[str], *, force: bool = False,
