@@ -348,10 +348,16 @@ def _open_channel(ctx: FlowContext, request: kpb.OpenSecureChannelRequest,
         raise _proxy_error(exc, what) from None
 
 
-def _secured_script(opened: kpb.OpenSecureChannelResponse) -> cpb.ApduScript:
-    return cpb.ApduScript(script_id=2, commands=[
+def _secured_script(opened: kpb.OpenSecureChannelResponse, script_id: int = 2,
+                    then: bytes | None = None) -> cpb.ApduScript:
+    """The channel's commands as the agent runs them; ``then``: one plain command after
+    them (the INITIALIZE UPDATE of the next channel, saving a round trip)."""
+    script = cpb.ApduScript(script_id=script_id, commands=[
         cpb.ScriptCommand(apdu=c.apdu, expect=list(c.expect), sensitive=True)
         for c in opened.commands])
+    if then is not None:
+        script.commands.append(cpb.ScriptCommand(apdu=then, expect=_expect_ok()))
+    return script
 
 
 def _channel_level(opened: kpb.OpenSecureChannelResponse) -> int:
@@ -524,6 +530,10 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
                                      public_key_label=labels.cryptogram.format(
                                          v=cryptogram_version)))
     mk_spec = _spec_diversified(labels, labels.mk.format(v=mk_version), psd_id)
+    if resuming and KVN_MKRK in probe.kvns:
+        assert intent is not None
+        return (yield from _resume_through_mkrk(ctx, psd_id, intent, probe, mkrk_spec,
+                                                mk_spec, level))
     request = kpb.OpenSecureChannelRequest(
         key_set=_spec_diversified(labels, labels.transport_master, psd_id),
         kvn=KVN_TRANSPORT, host_challenge=host_challenge,
@@ -555,6 +565,85 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     ctx.step(f"A1.7 MKRK installed at KVN {KVN_MKRK:02X}, MK v{mk_version} at KVN "
              f"{mk_version:02X}; key check values match the HSM's")
     ctx.step("A1.8 transport keys retired (KVN FF deleted); channel closed")
+    ctx.store.complete_install(psd_id, intent.intent_id, ctx.actor,
+                               release_lease_of=ctx.lease_holder)
+    ctx.lease_released = True
+    return cpb.SessionDone(outcome=cpb.SessionDone.OK, psd_id=psd_id,
+                           message=f"MKRK and MK v{mk_version} installed")
+
+
+def _initialize_update_answer(result: cpb.ScriptResult, index: int, psd_id: str,
+                              key_set: str) -> bytes:
+    """The card's answer to the INITIALIZE UPDATE at ``index`` of ``result``."""
+    responses = list(result.responses)
+    if index < len(responses) and responses[index].sw == SW_OK:
+        return bytes(responses[index].data)
+    if index < len(responses):
+        raise FlowError(cpb.SessionDone.FAILED,
+                        f"PSD {psd_id}: the {key_set} did not answer INITIALIZE UPDATE "
+                        f"({responses[index].sw:04X})")
+    raise FlowError(cpb.SessionDone.RETRY_LATER,
+                    f"PSD {psd_id}: the card stopped before INITIALIZE UPDATE with the "
+                    f"{key_set} ({result.message or 'no detail'}); the next contact "
+                    f"finishes it")
+
+
+def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: Probe,
+                         mkrk_spec: kpb.KeySetSpec, mk_spec: kpb.KeySetSpec,
+                         level: int) -> SessionGen:
+    """Finish an installation broken after the card took its MKRK (and maybe its MK).
+
+    ``level`` is the one chosen from the "i" of the probe's answer (a card
+    property, the same for all its key sets) and already held to the minimum.
+
+    Once the card holds the MKRK set, the seed lets only that set unlock
+    master key changes, and a card that enforces the rule strictly refuses
+    an MK put in a transport channel (``virtual_psd/isd.py``, 6982). So the
+    MK goes in through the MKRK channel, opened with the set re-derived from
+    the cryptogram journaled before the MKRK reached the card; it is put
+    again if the card holds it, so the KCVs the HSM foresees vouch for it.
+    That channel also proves the card's MKRK before the transport keys go.
+    An MKRK channel may not delete the transport set (on any card: it manages
+    MK sets and itself), so a transport channel opened after it retires
+    them; that channel's INITIALIZE UPDATE rides at the end of the MKRK
+    script. Four round trips: the probe, INITIALIZE UPDATE with the MKRK, the
+    MKRK script, the transport script. A break anywhere leaves a state this
+    path (or the reconcile of a card without transport keys) finishes from:
+    the intent stays open until the transport keys are gone.
+    """
+    mk_version = intent.to_version
+    mkrk_challenge = os.urandom(HOST_CHALLENGE_BYTES)
+    result = yield cpb.ApduScript(script_id=2, commands=[cpb.ScriptCommand(
+        apdu=gp.initialize_update_command(KVN_MKRK, mkrk_challenge), expect=_expect_ok())])
+    initialize_update = _initialize_update_answer(result, 0, psd_id, "MKRK key set")
+    opened = _open_channel(ctx, kpb.OpenSecureChannelRequest(
+        key_set=mkrk_spec, kvn=KVN_MKRK, host_challenge=mkrk_challenge,
+        initialize_update_response=initialize_update, security_level=level,
+        commands=[_put(mk_spec, mk_version, mk_version in probe.kvns)]),
+        "opening the MKRK channel")
+    ctx.step(f"A1.5 HSM1 diversified MK block v{mk_version} with the PSD id")
+    ctx.step(f"A1.6 secure channel opened with the card's MKRK key set (SCP03, level "
+             f"{level:02X}): the security executive compared it with its own and unlocked")
+    transport_challenge = os.urandom(HOST_CHALLENGE_BYTES)
+    result = yield _secured_script(opened, script_id=3, then=gp.initialize_update_command(
+        KVN_TRANSPORT, transport_challenge))
+    plain = _check_answers(opened, result, psd_id)
+    if len(plain) != len(opened.commands) or any(p.sw != SW_OK for p in plain):
+        _check_complete(opened, result, plain, psd_id)
+    ctx.step(f"A1.7 MK v{mk_version} installed at KVN {mk_version:02X} through the MKRK "
+             f"channel; key check values match the HSM's")
+    initialize_update = _initialize_update_answer(result, len(opened.commands), psd_id,
+                                                  "transport keys")
+    closing = _open_channel(ctx, kpb.OpenSecureChannelRequest(
+        key_set=_spec_diversified(ctx.labels, ctx.labels.transport_master, psd_id),
+        kvn=KVN_TRANSPORT, host_challenge=transport_challenge,
+        initialize_update_response=initialize_update, security_level=level,
+        commands=[_delete(KVN_TRANSPORT)]), "opening the transport channel")
+    result = yield _secured_script(closing, script_id=4)
+    plain = _check_answers(closing, result, psd_id)
+    _check_complete(closing, result, plain, psd_id)
+    ctx.step("A1.8 transport keys retired (KVN FF deleted) in a transport channel; "
+             "channel closed")
     ctx.store.complete_install(psd_id, intent.intent_id, ctx.actor,
                                release_lease_of=ctx.lease_holder)
     ctx.lease_released = True

@@ -5,10 +5,11 @@
   an application registry keyed by AID, all-or-nothing commands over a
   persistent state (:mod:`virtual_psd.state`).
 * :mod:`virtual_psd.isd`: the issuer security domain (SCP03, key sets, the
-  security executive policy of DESIGN.md §3).
+  security executive policy of DESIGN.md §3, default or strict).
 * :mod:`virtual_psd.faults`: fault plans (``power-loss@K``, ``tear@K``,
   ``kill@K:PID[:SIG]``, in-process hooks).
 * :mod:`virtual_psd.vpcd`: the card as a vsmartcard vpcd client
   (``cms card virtual``).
-* :mod:`virtual_psd.factory`: factory state (``cms card init``).
+* :mod:`virtual_psd.factory`: factory state (``cms card init``; ``--strict``
+  for a card that manages MK sets only through its MKRK channel).
 """

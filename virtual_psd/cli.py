@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="the SCP03 'i' the card announces and keeps to (default 70: "
                            "pseudo-random challenge, R-MAC, R-ENCRYPTION; 30: no "
                            "R-ENCRYPTION; 10: neither; add 01 for S16)")
+    init.add_argument("--strict", action="store_true",
+                      help="strict security executive: once the card holds the MKRK set "
+                           "(KVN 70), MK sets change only in a channel opened with it; "
+                           "any other channel gets 6982 (default: a transport channel "
+                           "may manage MK sets too)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=_init)
 
@@ -59,7 +64,8 @@ def _init(args: argparse.Namespace) -> int:
     scp_i = _scp_i(args.scp_i)
     try:
         state = create_card(args.state, force=args.force, psd_id=args.psd_id,
-                            transport_master=master, key_length=args.key_length, scp_i=scp_i)
+                            transport_master=master, key_length=args.key_length,
+                            scp_i=scp_i, strict=args.strict)
     except FileExistsError as exc:
         raise CliError(f"{exc} (use --force to overwrite)") from exc
     except ValueError as exc:
@@ -86,6 +92,7 @@ def _summary(state: object) -> dict[str, object]:
     return {
         "psd_id": state.psd_id,
         "scp_i": f"{state.scp_i:02X}",
+        "policy": "strict" if state.strict else "default",
         "sequence_counter": state.sequence_counter,
         "key_sets": [
             {"kvn": f"{kvn:02X}", "role": key_set_role(kvn).value,

@@ -38,12 +38,16 @@ def diversified_transport_keys(master_key: bytes, psd_id: str, key_length: int =
 
 
 def new_card_state(*, psd_id: str | None = None, transport_master: bytes | None = None,
-                   key_length: int = 16, scp_i: int = DEFAULT_SCP_I) -> CardState:
+                   key_length: int = 16, scp_i: int = DEFAULT_SCP_I,
+                   strict: bool = False) -> CardState:
     """A fresh card as it leaves the factory (random unique id when none is given).
 
     ``scp_i`` is the SCP03 "i" the card announces and lives by (which security
     levels it accepts, random or pseudo-random challenges, S16): one Amendment D
-    defines, else ValueError.
+    defines, else ValueError. ``strict``: the security executive manages MK sets
+    only in a channel opened with the MKRK set once the card holds one
+    (``virtual_psd/isd.py``), as a card that enforces the seed's rule to the
+    letter does.
     """
     try:
         check_i_parameter(scp_i)
@@ -53,7 +57,7 @@ def new_card_state(*, psd_id: str | None = None, transport_master: bytes | None 
     keys = (default_transport_keys(key_length) if transport_master is None
             else diversified_transport_keys(transport_master, pid, key_length))
     return CardState(psd_id=pid, cplc=cplc_for_psd_id(psd_id_bytes(pid)),
-                     key_sets={KVN_TRANSPORT: keys}, scp_i=scp_i)
+                     key_sets={KVN_TRANSPORT: keys}, scp_i=scp_i, strict=strict)
 
 
 def create_card(path: str | os.PathLike[str], *, force: bool = False,

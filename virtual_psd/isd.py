@@ -13,6 +13,18 @@ Policy, by the key set that opened the secure channel:
 Invariants, whoever asks (6985): the last MK set cannot be deleted, the
 transport set cannot be deleted while no MK set exists, and only a transport
 channel may delete the MKRK.
+
+A card made *strict* (``CardState.strict``, ``cms card init --strict``)
+enforces the seed's rule to the letter: once the card holds the MKRK set, MK
+sets are put, replaced and deleted only in a channel opened with it. A
+transport channel opened while the card already held an MKRK set may still
+replace the MKRK and delete the transport set, but answers 6982 to any PUT
+KEY or DELETE KEY of an MK set. What a channel may do is fixed when it
+opens, so the personalization channel that registers the MKRK on a fresh
+card still installs the first MK after it (flow A1's one secured script);
+an installation broken after the MKRK went in is finished through the MKRK
+channel (``access_server/flows.py: install``). The default policy lets a
+transport channel manage MK sets whatever the card holds.
 """
 
 from __future__ import annotations
@@ -67,6 +79,9 @@ class IsdSession:
     channel: CardChannel | None = None
     kvn: int | None = None
     dek: bytes | None = field(default=None, repr=False)
+    # Strict policy: this channel was opened, with a set other than the MKRK,
+    # on a card that already held the MKRK set, so it may not touch MK sets.
+    mk_locked: bool = False
     store_buffer: bytearray = field(default_factory=bytearray, repr=False)
     store_next_block: int = 0
 
@@ -96,6 +111,16 @@ def may_put(session_kvn: int, target_kvn: int) -> bool:
     if role is KeySetRole.MKRK:
         return target in (KeySetRole.MASTER, KeySetRole.MKRK)
     return target is KeySetRole.OTHER
+
+
+def mk_locked(state: CardState, session_kvn: int) -> bool:
+    """Whether a channel opened now with ``session_kvn`` is barred from MK sets (strict).
+
+    The seed lets only the MKRK unlock master key replacement; a strict card
+    applies that from the moment it holds an MKRK set, to every other channel.
+    """
+    return state.strict and KVN_MKRK in state.key_sets and \
+        key_set_role(session_kvn) is not KeySetRole.MKRK
 
 
 def may_delete(session_kvn: int, target_kvn: int) -> bool:
@@ -222,7 +247,8 @@ class IssuerSecurityDomain:
             card_challenge = os.urandom(16 if s16 else 8)
         channel, cryptogram = CardChannel.begin(keys.enc, keys.mac, command.data,
                                                 card_challenge)
-        new = IsdSession(channel=channel, kvn=kvn, dek=keys.dek)
+        new = IsdSession(channel=channel, kvn=kvn, dek=keys.dek,
+                         mk_locked=mk_locked(state, kvn))
         ctx.session.app_data[self.aid] = new
         resp = InitializeUpdateResponse(psd_id_bytes(state.psd_id), kvn, 0x03, state.scp_i,
                                         card_challenge, cryptogram, counter)
@@ -302,6 +328,9 @@ class IssuerSecurityDomain:
         targets = [new_kvn] if replace_kvn == 0 else [replace_kvn, new_kvn]
         if not all(may_put(session.kvn, t) for t in targets):
             raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED)
+        if session.mk_locked and any(is_mk_kvn(t) for t in targets):
+            raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED,
+                              "strict: MK sets change only in an MKRK channel")
         if replace_kvn == 0:
             if new_kvn in state.key_sets:
                 raise StatusError(SW.WRONG_DATA, "KVN already in use")
@@ -340,6 +369,9 @@ class IssuerSecurityDomain:
             raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "key sets are deleted whole")
         if not may_delete(session.kvn, kvn):
             raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED)
+        if session.mk_locked and is_mk_kvn(kvn):
+            raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED,
+                              "strict: MK sets change only in an MKRK channel")
         remaining = [k for k in state.key_sets if k != kvn]
         role = key_set_role(kvn)
         if role is KeySetRole.MASTER and not any(is_mk_kvn(k) for k in remaining):

@@ -68,6 +68,10 @@ class CardState:
     stored_ber: dict[int, bytes] = field(default_factory=dict)
     stored_dgi: dict[int, bytes] = field(default_factory=dict)
     applications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The security executive's policy (virtual_psd/isd.py): False for the default
+    # one; True for a card that manages MK sets only in a channel opened with the
+    # MKRK set once it holds one. Set at the factory (``cms card init --strict``).
+    strict: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,7 @@ class CardState:
             "cplc": self.cplc.hex().upper(),
             "life_cycle": self.life_cycle,
             "scp_i": self.scp_i,
+            "strict": self.strict,
             "sequence_counter": self.sequence_counter,
             "key_sets": {f"{kvn:02X}": ks.to_json() for kvn, ks in sorted(self.key_sets.items())},
             "stored_data": {
@@ -92,6 +97,10 @@ class CardState:
             raise StateError("not a virtual PSD state file")
         if obj.get("version") != VERSION:
             raise StateError(f"unsupported state version {obj.get('version')!r}")
+        strict = obj.get("strict", False)
+        if not isinstance(strict, bool):
+            # A policy flag read as truthy text would make a strict card lax.
+            raise StateError("malformed state file: strict must be true or false")
         try:
             stored = obj.get("stored_data", {})
             return cls(
@@ -106,6 +115,7 @@ class CardState:
                 stored_dgi={int(k, 16): bytes.fromhex(v)
                             for k, v in stored.get("dgi", {}).items()},
                 applications=copy.deepcopy(obj.get("applications", {})),
+                strict=strict,
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise StateError(f"malformed state file: {exc}") from exc
@@ -121,12 +131,13 @@ class CardState:
             key_sets={kvn: KeySet(ks.enc, ks.mac, ks.dek) for kvn, ks in self.key_sets.items()},
             sequence_counter=self.sequence_counter, scp_i=self.scp_i,
             life_cycle=self.life_cycle, stored_ber=dict(self.stored_ber),
-            stored_dgi=dict(self.stored_dgi), applications=copy.deepcopy(self.applications))
+            stored_dgi=dict(self.stored_dgi), applications=copy.deepcopy(self.applications),
+            strict=self.strict)
 
     def _fields(self) -> tuple[Any, ...]:
         return (self.psd_id, bytes(self.cplc), self.key_sets, self.sequence_counter,
                 self.scp_i, self.life_cycle, self.stored_ber, self.stored_dgi,
-                self.applications)
+                self.applications, self.strict)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CardState) and self._fields() == other._fields()

@@ -39,6 +39,7 @@ def test_equality_sees_every_field_and_survives_the_file(tmp_path: Path) -> None
     assert load_state(tmp_path / "card.json") == state
     for change in (lambda s: setattr(s, "life_cycle", 0x7F),
                    lambda s: setattr(s, "scp_i", 0x00),
+                   lambda s: setattr(s, "strict", True),
                    lambda s: s.stored_dgi.update({0x0101: b"x"}),
                    lambda s: setattr(s.key_sets[0xFF], "dek", b"\x00" * 16)):
         other = state.copy()
