@@ -475,15 +475,22 @@ def _open_intent(ctx: FlowContext, psd_id: str) -> Intent | None:
     return ctx.contact.intent if ctx.contact is not None else ctx.store.open_intent(psd_id)
 
 
-def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int) -> kpb.KeySetSpec:
-    """The card's MKRK set, re-derived in HSM1 from its stored cryptogram (claims 18-20)."""
-    known = ctx.contact.cryptogram if ctx.contact is not None else None
-    cryptogram = known if known is not None else ctx.store.get_cryptogram(psd_id)
+def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int,
+                          fresh: tuple[str, bytes] | None = None) -> kpb.KeySetSpec:
+    """The card's MKRK set, re-derived in HSM1 from its stored cryptogram (claims 18-20).
+
+    ``fresh``: (key label, cryptogram) just journaled in this contact, which
+    the contact's cached read of the registry predates.
+    """
+    if fresh is None:
+        known = ctx.contact.cryptogram if ctx.contact is not None else None
+        cryptogram = known if known is not None else ctx.store.get_cryptogram(psd_id)
+        fresh = (cryptogram.key_label, cryptogram.ciphertext)
     return kpb.KeySetSpec(
         token=HSM1_TOKEN, key_length=ctx.labels.key_length,
         from_cryptogram=kpb.FromCryptogram(
             master_label=ctx.labels.mkrk.format(v=mkrk_version),
-            private_key_label=cryptogram.key_label, cryptogram=cryptogram.ciphertext))
+            private_key_label=fresh[0], cryptogram=fresh[1]))
 
 
 # -- A1: initial installation -------------------------------------------------------
@@ -541,6 +548,12 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         commands=[_put(mkrk_spec, KVN_MKRK, KVN_MKRK in probe.kvns),
                   _put(mk_spec, mk_version, mk_version in probe.kvns),
                   _delete(KVN_TRANSPORT)])
+    # An MKRK no open intent explains (an operator abandoned its installation):
+    # the transport channel replaces only the MKRK, since a card that holds one
+    # may allow MK changes only under it; the MK follows through the MKRK channel.
+    mkrk_first = not resuming and KVN_MKRK in probe.kvns
+    if mkrk_first:
+        del request.commands[1:]
     opened = _open_channel(ctx, request, "opening the transport channel")
     if not resuming:
         ctx.step("A1.2 HSM1 generated R and diversified the MKRK block with it "
@@ -562,6 +575,15 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     result = yield _secured_script(opened)
     plain = _check_answers(opened, result, psd_id)
     _check_complete(opened, result, plain, psd_id)
+    if mkrk_first:
+        assert intent is not None
+        ctx.step(f"A1.7 the MKRK no intent explained replaced at KVN {KVN_MKRK:02X}; key "
+                 f"check values match the HSM's")
+        return (yield from _resume_through_mkrk(
+            ctx, psd_id, intent, probe,
+            _mkrk_from_cryptogram(ctx, psd_id, mkrk_version, fresh=(
+                labels.cryptogram.format(v=cryptogram_version), found[0])),
+            mk_spec, level, first_script=3))
     ctx.step(f"A1.7 MKRK installed at KVN {KVN_MKRK:02X}, MK v{mk_version} at KVN "
              f"{mk_version:02X}; key check values match the HSM's")
     ctx.step("A1.8 transport keys retired (KVN FF deleted); channel closed")
@@ -590,11 +612,12 @@ def _initialize_update_answer(result: cpb.ScriptResult, index: int, psd_id: str,
 
 def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: Probe,
                          mkrk_spec: kpb.KeySetSpec, mk_spec: kpb.KeySetSpec,
-                         level: int) -> SessionGen:
+                         level: int, first_script: int = 2) -> SessionGen:
     """Finish an installation broken after the card took its MKRK (and maybe its MK).
 
     ``level`` is the one chosen from the "i" of the probe's answer (a card
-    property, the same for all its key sets) and already held to the minimum.
+    property, the same for all its key sets) and already held to the minimum;
+    ``first_script`` numbers this path's scripts after those already run.
 
     Once the card holds the MKRK set, the seed lets only that set unlock
     master key changes, and a card that enforces the rule strictly refuses
@@ -613,7 +636,7 @@ def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: P
     """
     mk_version = intent.to_version
     mkrk_challenge = os.urandom(HOST_CHALLENGE_BYTES)
-    result = yield cpb.ApduScript(script_id=2, commands=[cpb.ScriptCommand(
+    result = yield cpb.ApduScript(script_id=first_script, commands=[cpb.ScriptCommand(
         apdu=gp.initialize_update_command(KVN_MKRK, mkrk_challenge), expect=_expect_ok())])
     initialize_update = _initialize_update_answer(result, 0, psd_id, "MKRK key set")
     opened = _open_channel(ctx, kpb.OpenSecureChannelRequest(
@@ -625,8 +648,8 @@ def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: P
     ctx.step(f"A1.6 secure channel opened with the card's MKRK key set (SCP03, level "
              f"{level:02X}): the security executive compared it with its own and unlocked")
     transport_challenge = os.urandom(HOST_CHALLENGE_BYTES)
-    result = yield _secured_script(opened, script_id=3, then=gp.initialize_update_command(
-        KVN_TRANSPORT, transport_challenge))
+    then = gp.initialize_update_command(KVN_TRANSPORT, transport_challenge)
+    result = yield _secured_script(opened, script_id=first_script + 1, then=then)
     plain = _check_answers(opened, result, psd_id)
     if len(plain) != len(opened.commands) or any(p.sw != SW_OK for p in plain):
         _check_complete(opened, result, plain, psd_id)
@@ -639,7 +662,7 @@ def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: P
         kvn=KVN_TRANSPORT, host_challenge=transport_challenge,
         initialize_update_response=initialize_update, security_level=level,
         commands=[_delete(KVN_TRANSPORT)]), "opening the transport channel")
-    result = yield _secured_script(closing, script_id=4)
+    result = yield _secured_script(closing, script_id=first_script + 2)
     plain = _check_answers(closing, result, psd_id)
     _check_complete(closing, result, plain, psd_id)
     ctx.step("A1.8 transport keys retired (KVN FF deleted) in a transport channel; "
