@@ -31,8 +31,8 @@ from access_server.store import (
 )
 from cms.runtime.errors import (
     FailedPrecondition,
-    InvalidArgument,
     ServiceError,
+    enum_filter,
     guard,
 )
 from cms.runtime.tls import caller
@@ -121,11 +121,7 @@ class PsdRegistryServicer(access_pb2_grpc.PsdRegistryServicer):
     @guard
     def ListPsds(self, request, context):
         caller(context, READERS, "read the registry")
-        state = None
-        if request.state != pb.PSD_STATE_UNSPECIFIED:
-            if request.state not in PSD_STATE_FROM_PB:
-                raise InvalidArgument(f"unknown PSD state {request.state}")
-            state = PSD_STATE_FROM_PB[request.state]
+        state = enum_filter(request.state, PSD_STATE_FROM_PB, "unknown PSD state")
         page = self.store.list_psds(state=state, mk_version=request.mk_version or None,
                                     page_size=request.page_size, page_token=request.page_token,
                                     needs_attention=request.needs_attention)
@@ -207,11 +203,8 @@ class CampaignsServicer(access_pb2_grpc.CampaignsServicer):
     @guard
     def ListCampaignItems(self, request, context):
         caller(context, READERS, "read campaigns")
-        status = None
-        if request.status != pb.CAMPAIGN_ITEM_STATUS_UNSPECIFIED:
-            if request.status not in ITEM_STATUS_FROM_PB:
-                raise InvalidArgument(f"unknown campaign item status {request.status}")
-            status = ITEM_STATUS_FROM_PB[request.status]
+        status = enum_filter(request.status, ITEM_STATUS_FROM_PB,
+                             "unknown campaign item status")
         page = self.store.list_campaign_items(
             request.campaign_id, status, page_size=request.page_size,
             after=request.page_token)

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cms.runtime.errors import InvalidArgument, guard
+from cms.runtime.errors import InvalidArgument, enum_filter, guard
 from cms.runtime.tls import caller
 from cms.v1 import key_mgmt_pb2 as pb
 from cms.v1 import key_mgmt_pb2_grpc
@@ -95,11 +95,7 @@ class KeyManagementServicer(key_mgmt_pb2_grpc.KeyManagementServicer):
     @guard
     def ListKeyBlocks(self, request, context):
         caller(context, READERS, "list key blocks")
-        kind = None
-        if request.kind != pb.KEY_BLOCK_KIND_UNSPECIFIED:
-            if request.kind not in KIND_FROM_PB:
-                raise InvalidArgument(f"no key blocks of kind {request.kind}")
-            kind = KIND_FROM_PB[request.kind]
+        kind = enum_filter(request.kind, KIND_FROM_PB, "no key blocks of kind")
         return pb.ListKeyBlocksResponse(blocks=[
             block_message(record, in_hsm1) for record, in_hsm1 in self.manager.list_blocks(kind)])
 

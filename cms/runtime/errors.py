@@ -20,6 +20,7 @@ from cms.runtime.logs import fields
 log = logging.getLogger("cms.errors")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -39,6 +40,17 @@ class ServiceError(Exception):
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def enum_filter(value: int, table: dict[int, T], what: str) -> T | None:
+    """A request's optional enum filter: None when unset (0, the proto's
+    UNSPECIFIED), the value ``table`` maps it to, else InvalidArgument naming
+    ``what`` and the number (a client built against a newer contract)."""
+    if value == 0:
+        return None
+    if value not in table:
+        raise InvalidArgument(f"{what} {value}")
+    return table[value]
 
 
 class NotFound(ServiceError):

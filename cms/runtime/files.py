@@ -62,12 +62,7 @@ def private_dir(path: Path) -> Path:
 def private_file(path: Path) -> Path:
     """``path`` as an owner-only file: created empty (missing parents 0700) or tightened."""
     path = Path(path)
-    make_dirs(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, PRIVATE_FILE)
-    try:
-        os.fchmod(fd, PRIVATE_FILE)
-    finally:
-        os.close(fd)
+    open_private_append(path).close()
     return path
 
 
