@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from cardcore import gp
 from cardcore import sw as SW
-from cardcore.apdu import CommandApdu, parse_command
+from cardcore.apdu import SHORT_MAX_DATA, CommandApdu, parse_command
 from cardcore.diversify import StaticKeySet
 from cardcore.kcv import kcv_aes
 from cardcore.processor import (
@@ -65,7 +65,7 @@ class SecureSession:
         secured: ApduProcessor = SecureMessaging(
             apdu_link(self.transmit, extended_length=self.extended_length), self.channel)
         if not self.extended_length:
-            room = (255 - self.channel.mac_length) // BLOCK * BLOCK - 1
+            room = (SHORT_MAX_DATA - self.channel.mac_length) // BLOCK * BLOCK - 1
             secured = CommandChaining(secured, max_data=room)
         self.processor = secured
 
@@ -83,6 +83,8 @@ def open_session(transmit: Transmit, *, kvn: int, security_level: int = 0x33,
     """SELECT the ISD, INITIALIZE UPDATE, check the card, EXTERNAL AUTHENTICATE.
 
     Give either ``keys`` (software) or ``prfs`` = (prf_enc, prf_mac, key_length).
+    ``extended_length`` False: the link takes short APDUs only (see
+    :class:`SecureSession`).
     """
     if (keys is None) == (prfs is None):
         raise ValueError("give keys or prfs")
