@@ -99,6 +99,8 @@ def _tree(pid: int) -> list[int]:
 
 
 def server_cpu_per_card(cards: int) -> dict[str, float]:
+    from cardcore.apdu import parse_command
+    from cardcore.processor import apdu_link
     from cardcore.psd import psd_id_bytes
     from cms.runtime.client import load_endpoints
     from cms.v1 import card_keys_pb2 as kpb
@@ -120,9 +122,11 @@ def server_cpu_per_card(cards: int) -> dict[str, float]:
         def one(state) -> None:
             card = VirtualCard(state, None)
             card.power_on()
-            card.transmit(gp.select_command())
+            # The same plain stack the card agent relays through.
+            link = apdu_link(card.transmit)
+            link.send(parse_command(gp.select_command()))
             challenge = os.urandom(8)
-            iu = card.transmit(gp.initialize_update_command(0xFF, challenge))[:-2]
+            iu = link.send(parse_command(gp.initialize_update_command(0xFF, challenge))).data
             element = psd_id_bytes(state.psd_id)
             opened = stub.OpenSecureChannel(kpb.OpenSecureChannelRequest(
                 key_set=kpb.KeySetSpec(token="access", key_length=16, diversified=kpb.Diversified(
@@ -137,8 +141,8 @@ def server_cpu_per_card(cards: int) -> dict[str, float]:
 
             answers = []
             for command in opened.commands:
-                raw = card.transmit(command.apdu)
-                answers.append(cpb.ApduResponse(data=raw[:-2], sw=int.from_bytes(raw[-2:], "big")))
+                answer = link.send(parse_command(command.apdu))
+                answers.append(cpb.ApduResponse(data=answer.data, sw=answer.sw))
             stub.UnwrapResponses(kpb.UnwrapResponsesRequest(
                 channel=opened.channel, responses=answers, close=True), timeout=30)
             if answers[-1].sw != 0x9000:

@@ -12,7 +12,7 @@ import logging
 from smartcard import scard
 
 from card_agent.cancel import Cancellation
-from card_agent.transport import CardRemovedError, ReaderError, transmit_with_response_handling
+from card_agent.transport import CardRemovedError, ReaderError, relay_transmit
 from cms.runtime.logs import fields
 
 log = logging.getLogger("card_agent.pcsc")
@@ -116,13 +116,14 @@ class PcscTransport:
         hresult, _reader, _state, _protocol, atr = scard.SCardStatus(card)
         _check(hresult, "reading the ATR")
         self.atr = bytes(atr)
+        self._relay = relay_transmit(self._transmit_raw)
 
     @property
     def protocol_name(self) -> str:
         return "T=1" if self.protocol == scard.SCARD_PROTOCOL_T1 else "T=0"
 
     def transmit(self, apdu: bytes) -> bytes:
-        return transmit_with_response_handling(self._transmit_raw, apdu)
+        return self._relay(apdu)
 
     def _transmit_raw(self, apdu: bytes) -> bytes:
         if self._card is None:

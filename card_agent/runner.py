@@ -17,22 +17,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from card_agent.apdu import (
-    SW_MAX,
-    SW_OK,
-    ApduFormatError,
-    CommandApdu,
-    describe_command,
-    describe_response,
-    parse_command,
-    split_response,
-    status_matches,
-)
 from card_agent.transport import CardRemovedError, CardTransport, ReaderError
+from cardcore import sw as SW
+from cardcore.apdu import ApduError, CommandApdu, parse_command, parse_response
 from cms.runtime.logs import fields
 from cms.v1 import card_channel_pb2 as pb
 
 log = logging.getLogger("card_agent.runner")
+
+SW_MAX = 0xFFFF
+# A zero mask in an expected status means "compare all 16 bits".
+FULL_MASK = 0xFFFF
 
 
 class BadScriptError(ValueError):
@@ -55,7 +50,7 @@ class PreparedCommand:
 
     def accepts(self, sw: int) -> bool:
         if not self.expect:
-            return sw == SW_OK
+            return sw == SW.OK
         return any(status_matches(sw, value, mask) for value, mask in self.expect)
 
 
@@ -65,7 +60,7 @@ def prepare_script(commands: Sequence[pb.ScriptCommand]) -> list[PreparedCommand
     for index, command in enumerate(commands):
         try:
             parsed = parse_command(command.apdu)
-        except ApduFormatError as exc:
+        except ApduError as exc:
             raise BadScriptError(index, str(exc)) from None
         expect = []
         for status in command.expect:
@@ -106,10 +101,10 @@ def _run_command(transport: CardTransport, script_id: int, index: int,
             script_id=script_id, index=index, sensitive=command.sensitive,
             apdu=describe_command(command.parsed, sensitive=command.sensitive)))
     try:
-        data, sw = split_response(transport.transmit(command.apdu))
+        data, sw = parse_response(transport.transmit(command.apdu))
     except CardRemovedError as exc:
         return _finish(result, pb.SCRIPT_CARD_REMOVED, index, f"command {index}: {exc}")
-    except (ReaderError, ApduFormatError) as exc:
+    except (ReaderError, ApduError) as exc:
         return _finish(result, pb.SCRIPT_READER_ERROR, index, f"command {index}: {exc}")
     except Exception as exc:
         # A transport bug must not take the session down with it; the type is
@@ -126,6 +121,29 @@ def _run_command(transport: CardTransport, script_id: int, index: int,
     return _finish(result, pb.SCRIPT_UNEXPECTED_STATUS, index,
                    f"command {index} ({command.parsed.header.hex()}): "
                    f"status {sw:04x} not expected")
+
+
+def status_matches(sw: int, value: int, mask: int) -> bool:
+    """The card channel's rule: ``(sw & mask) == (value & mask)``, a zero mask being 0xFFFF."""
+    m = mask or FULL_MASK
+    return (sw & m) == (value & m)
+
+
+def describe_command(cmd: CommandApdu, *, sensitive: bool) -> str:
+    """A log rendering: header and lengths always; the data only when not sensitive."""
+    text = f"{cmd.header.hex()} lc={len(cmd.data)}"
+    if cmd.ne is not None:
+        text += f" le={cmd.ne}"
+    if cmd.data and not sensitive:
+        text += f" data={cmd.data.hex()}"
+    return text
+
+
+def describe_response(data: bytes, sw: int, *, sensitive: bool) -> str:
+    text = f"sw={sw:04x} len={len(data)}"
+    if data and not sensitive:
+        text += f" data={data.hex()}"
+    return text
 
 
 def _finish(result: pb.ScriptResult, outcome: int, stopped_at: int,

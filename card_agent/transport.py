@@ -13,15 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from card_agent.apdu import (
-    MAX_GET_RESPONSE_ROUNDS,
-    SW1_MORE_DATA,
-    SW1_WRONG_LE,
-    ApduFormatError,
-    get_response_command,
-    parse_command,
-    split_response,
-)
+from cardcore.apdu import ApduError, parse_command
+from cardcore.processor import apdu_link
 
 
 class TransportError(Exception):
@@ -54,37 +47,24 @@ class CardTransport(Protocol):
 RawTransmit = Callable[[bytes], bytes]
 
 
-def transmit_with_response_handling(raw: RawTransmit, apdu: bytes) -> bytes:
-    """Send ``apdu`` through ``raw``, completing 61xx with GET RESPONSE and 6Cxx with a re-send.
+def relay_transmit(raw: RawTransmit) -> RawTransmit:
+    """``transmit`` for a card transport over ``raw``: cardcore's plain processor stack.
 
     Readers on T=0 (and some cards on T=1) hand out long responses in pieces or
     ask for the right Le; the server's script expects the card's final answer,
-    so the transport hides these ISO 7816-4 procedure bytes.
+    so the transport hides these ISO 7816-4 procedure bytes. The commands are
+    the server's, already wrapped for the card: they go in the form they came
+    in, never chained or reformatted. A malformed command raises ApduError
+    unsent; an answer the stack cannot make sense of (no status word, 61xx
+    without end) is a ReaderError, since the card's state is then unknown.
     """
-    response = raw(apdu)
-    data, sw = _split(response)
-    if sw >> 8 == SW1_WRONG_LE:
+    processor = apdu_link(raw)
+
+    def transmit(apdu: bytes) -> bytes:
+        command = parse_command(apdu)
         try:
-            command = parse_command(apdu)
-        except ApduFormatError:
-            return response
-        response = raw(command.with_le(sw & 0xFF or 256).encode())
-        data, sw = _split(response)
-    if sw >> 8 != SW1_MORE_DATA:
-        return response
-    collected = bytearray(data)
-    cla = apdu[0]
-    for _ in range(MAX_GET_RESPONSE_ROUNDS):
-        response = raw(get_response_command(cla, sw & 0xFF))
-        data, sw = _split(response)
-        collected += data
-        if sw >> 8 != SW1_MORE_DATA:
-            return bytes(collected) + sw.to_bytes(2, "big")
-    raise ReaderError(f"card still answering 61xx after {MAX_GET_RESPONSE_ROUNDS} GET RESPONSEs")
+            return processor.send(command).encode()
+        except ApduError as exc:
+            raise ReaderError(str(exc)) from None
 
-
-def _split(response: bytes) -> tuple[bytes, int]:
-    try:
-        return split_response(response)
-    except ApduFormatError as exc:
-        raise ReaderError(str(exc)) from None
+    return transmit

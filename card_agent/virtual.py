@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from card_agent.cancel import Cancellation
 from card_agent.connection import AgentConfigError
-from card_agent.transport import CardRemovedError, ReaderError, transmit_with_response_handling
+from card_agent.transport import CardRemovedError, ReaderError, relay_transmit
 
 if TYPE_CHECKING:
     from virtual_psd.card import VirtualCard
@@ -37,9 +37,10 @@ class VirtualTransport:
         self.reader_name = reader_name
         self.atr = bytes(card.power_on())
         self.power_lost = False
+        self._relay = relay_transmit(self._transmit_raw)
 
     def transmit(self, apdu: bytes) -> bytes:
-        return transmit_with_response_handling(self._transmit_raw, apdu)
+        return self._relay(apdu)
 
     def _transmit_raw(self, apdu: bytes) -> bytes:
         from virtual_psd.card import CardNotPowered

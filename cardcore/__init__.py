@@ -16,5 +16,8 @@ Modules:
 * :mod:`cardcore.kcv`: GlobalPlatform AES key check values.
 * :mod:`cardcore.diversify`: per-card key derivation reproducible in an HSM.
 * :mod:`cardcore.psd`: this system's PSD conventions (KVNs, PSD id).
+* :mod:`cardcore.processor`: APDU processors that wrap one another between a
+  host and a card (formatting, response chaining, command chaining, secure
+  messaging); free of dependencies, so the card agent uses them too.
 * :mod:`cardcore.host`: a small host driver over a ``transmit`` callable.
 """

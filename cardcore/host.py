@@ -2,20 +2,28 @@
 
 For tests, demos and tools that hold the static keys in software (or as PRF
 callables). The server side runs the same steps through the HSM proxy; this
-module only sequences the APDUs.
+module only sequences the APDUs, over the processor stack of
+:mod:`cardcore.processor` (the card's 61xx/6Cxx handled below the secure
+channel, command chaining above it when the link takes short APDUs only).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cardcore import gp
 from cardcore import sw as SW
-from cardcore.apdu import parse_response
+from cardcore.apdu import SHORT_MAX_DATA, CommandApdu, parse_command
 from cardcore.diversify import StaticKeySet
 from cardcore.kcv import kcv_aes
+from cardcore.processor import (
+    ApduProcessor,
+    CommandChaining,
+    SecureMessaging,
+    Transmit,
+    apdu_link,
+)
 from cardcore.psd import ISD_AID
 from cardcore.scp03 import (
     HostChannel,
@@ -26,7 +34,7 @@ from cardcore.scp03 import (
     open_host_channel,
 )
 
-Transmit = Callable[[bytes], bytes]
+BLOCK = 16  # AES block: C-DECRYPTION pads each command's data to a multiple of it
 
 
 class CardStatusError(Scp03Error):
@@ -39,24 +47,44 @@ class CardStatusError(Scp03Error):
 
 @dataclass
 class SecureSession:
-    """An open SCP03 session: ``send`` wraps, transmits and unwraps."""
+    """An open SCP03 session: ``send`` wraps, transmits and unwraps.
+
+    ``transmit`` is the raw link the session was opened on and ``channel``
+    its secure channel; ``extended_length`` False means the link takes short
+    APDUs only, so long commands go as chains whose links are each wrapped
+    (with room left in each for the padding and the C-MAC).
+    """
 
     transmit: Transmit
     channel: HostChannel
     kvn: int
+    extended_length: bool = True
+    processor: ApduProcessor = field(init=False, repr=False)
 
-    def send(self, apdu: bytes) -> tuple[bytes, int]:
-        return self.channel.unwrap(self.transmit(self.channel.wrap(apdu)))
+    def __post_init__(self) -> None:
+        secured: ApduProcessor = SecureMessaging(
+            apdu_link(self.transmit, extended_length=self.extended_length), self.channel)
+        if not self.extended_length:
+            room = (SHORT_MAX_DATA - self.channel.mac_length) // BLOCK * BLOCK - 1
+            secured = CommandChaining(secured, max_data=room)
+        self.processor = secured
+
+    def send(self, apdu: bytes | CommandApdu) -> tuple[bytes, int]:
+        command = apdu if isinstance(apdu, CommandApdu) else parse_command(apdu)
+        response = self.processor.send(command)
+        return response.data, response.sw
 
 
 def open_session(transmit: Transmit, *, kvn: int, security_level: int = 0x33,
                  keys: StaticKeySet | None = None,
                  prfs: tuple[Prf, Prf, int] | None = None,
                  aid: bytes = ISD_AID, host_challenge: bytes | None = None,
-                 select: bool = True) -> SecureSession:
+                 select: bool = True, extended_length: bool = True) -> SecureSession:
     """SELECT the ISD, INITIALIZE UPDATE, check the card, EXTERNAL AUTHENTICATE.
 
     Give either ``keys`` (software) or ``prfs`` = (prf_enc, prf_mac, key_length).
+    ``extended_length`` False: the link takes short APDUs only (see
+    :class:`SecureSession`).
     """
     if (keys is None) == (prfs is None):
         raise ValueError("give keys or prfs")
@@ -65,22 +93,24 @@ def open_session(transmit: Transmit, *, kvn: int, security_level: int = 0x33,
     else:
         assert prfs is not None
         prf_enc, prf_mac, key_length = prfs
+    link = apdu_link(transmit, extended_length=extended_length)
+
+    def step(what: str, apdu: bytes) -> bytes:
+        response = link.send(parse_command(apdu))
+        if response.sw != SW.OK:
+            raise CardStatusError(what, response.sw)
+        return response.data
+
     if select:
-        _, sw = parse_response(transmit(gp.select_command(aid)))
-        if sw != SW.OK:
-            raise CardStatusError("SELECT", sw)
+        step("SELECT", gp.select_command(aid))
     challenge = host_challenge or secrets.token_bytes(8)
-    data, sw = parse_response(transmit(gp.initialize_update_command(kvn, challenge)))
-    if sw != SW.OK:
-        raise CardStatusError("INITIALIZE UPDATE", sw)
+    data = step("INITIALIZE UPDATE", gp.initialize_update_command(kvn, challenge))
     channel, ext_auth = open_host_channel(prf_enc, prf_mac, challenge, data,
                                           key_length=key_length,
                                           security_level=security_level, aid=aid)
-    _, sw = parse_response(transmit(ext_auth))
-    if sw != SW.OK:
-        raise CardStatusError("EXTERNAL AUTHENTICATE", sw)
+    step("EXTERNAL AUTHENTICATE", ext_auth)
     actual_kvn = gp.parse_initialize_update_response(data).kvn
-    return SecureSession(transmit, channel, actual_kvn)
+    return SecureSession(transmit, channel, actual_kvn, extended_length)
 
 
 def put_key_set_command(dek: bytes, new_keys: StaticKeySet, new_kvn: int,

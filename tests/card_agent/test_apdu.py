@@ -1,15 +1,16 @@
-"""APDU parsing and the transport's 61xx / 6Cxx handling."""
+"""APDU parsing as the agent uses it (cardcore's model) and the transport's 61xx / 6Cxx handling."""
 
 from __future__ import annotations
 
 import pytest
 
-from card_agent.apdu import ApduFormatError, parse_command, status_matches
 from card_agent.backoff import Backoff
-from card_agent.transport import ReaderError, transmit_with_response_handling
+from card_agent.runner import status_matches
+from card_agent.transport import ReaderError, relay_transmit
+from cardcore.apdu import ApduError, parse_command
 
 
-@pytest.mark.parametrize(("hex_apdu", "data", "le", "extended"), [
+@pytest.mark.parametrize(("hex_apdu", "data", "ne", "extended"), [
     ("80ca9f7f", "", None, False),                       # case 1
     ("80ca9f7f00", "", 256, False),                      # case 2 short, Le=00 -> 256
     ("00a4040005a000000151", "a000000151", None, False),  # case 3 short
@@ -17,10 +18,10 @@ from card_agent.transport import ReaderError, transmit_with_response_handling
     ("80ca9f7f000000", "", 65536, True),                 # case 2 extended
     ("80e20000000003010203", "010203", None, True),      # case 3 extended
 ])
-def test_parse_cases(hex_apdu: str, data: str, le: int | None, extended: bool) -> None:
+def test_parse_cases(hex_apdu: str, data: str, ne: int | None, extended: bool) -> None:
     cmd = parse_command(bytes.fromhex(hex_apdu))
     assert cmd.data.hex() == data
-    assert cmd.le == le
+    assert cmd.ne == ne
     assert cmd.extended is extended
     assert cmd.encode() == bytes.fromhex(hex_apdu)
 
@@ -28,7 +29,7 @@ def test_parse_cases(hex_apdu: str, data: str, le: int | None, extended: bool) -
 def test_parse_extended_with_data_and_le() -> None:
     apdu = bytes.fromhex("80e20000") + b"\x00\x01\x00" + bytes(256) + b"\x00\x00"
     cmd = parse_command(apdu)
-    assert len(cmd.data) == 256 and cmd.le == 65536 and cmd.extended
+    assert len(cmd.data) == 256 and cmd.ne == 65536 and cmd.extended
     assert cmd.encode() == apdu
 
 
@@ -42,7 +43,7 @@ def test_parse_extended_with_data_and_le() -> None:
     "80e2000000000301020300",  # extended Lc 3 with a one-byte Le
 ])
 def test_parse_rejects_malformed(hex_apdu: str) -> None:
-    with pytest.raises(ApduFormatError):
+    with pytest.raises(ApduError):
         parse_command(bytes.fromhex(hex_apdu))
 
 
@@ -67,7 +68,7 @@ class RawCard:
 
 def test_61xx_is_completed_with_get_response_on_the_same_channel() -> None:
     raw = RawCard([b"\x61\x04", b"\x01\x02\x03\x04\x61\x02", b"\x05\x06\x90\x00"])
-    response = transmit_with_response_handling(raw, bytes.fromhex("81ca9f7f00"))
+    response = relay_transmit(raw)(bytes.fromhex("81ca9f7f00"))
     assert response == bytes.fromhex("010203040506") + b"\x90\x00"
     # GET RESPONSE goes to logical channel 1 (CLA 81 -> 01) with Le = SW2.
     assert raw.sent[1:] == [bytes.fromhex("01c0000004"), bytes.fromhex("01c0000002")]
@@ -75,7 +76,7 @@ def test_61xx_is_completed_with_get_response_on_the_same_channel() -> None:
 
 def test_6cxx_resends_with_the_right_le() -> None:
     raw = RawCard([b"\x6c\x2d", bytes(0x2D) + b"\x90\x00"])
-    response = transmit_with_response_handling(raw, bytes.fromhex("80ca9f7f00"))
+    response = relay_transmit(raw)(bytes.fromhex("80ca9f7f00"))
     assert response == bytes(0x2D) + b"\x90\x00"
     assert raw.sent[1] == bytes.fromhex("80ca9f7f2d")
 
@@ -85,12 +86,22 @@ def test_endless_61xx_is_a_reader_error() -> None:
         return b"\x00\x61\x01"
 
     with pytest.raises(ReaderError):
-        transmit_with_response_handling(raw, bytes.fromhex("80ca9f7f00"))
+        relay_transmit(raw)(bytes.fromhex("80ca9f7f00"))
 
 
 def test_response_without_status_word_is_a_reader_error() -> None:
     with pytest.raises(ReaderError):
-        transmit_with_response_handling(lambda apdu: b"\x90", bytes.fromhex("80ca9f7f00"))
+        relay_transmit(lambda apdu: b"\x90")(bytes.fromhex("80ca9f7f00"))
+
+
+def test_relay_sends_the_servers_bytes_unchanged_and_refuses_malformed_ones() -> None:
+    extended_short_data = bytes.fromhex("84e20000000003010203")
+    raw = RawCard([b"\x90\x00"])
+    assert relay_transmit(raw)(extended_short_data) == b"\x90\x00"
+    assert raw.sent == [extended_short_data]
+    with pytest.raises(ApduError):
+        relay_transmit(raw)(bytes.fromhex("80ca9f"))
+    assert len(raw.sent) == 1
 
 
 def test_backoff_grows_caps_and_resets() -> None:

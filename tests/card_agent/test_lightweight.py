@@ -25,7 +25,7 @@ SERVER_ONLY = ("cryptography", "yaml", "pkcs11", "sqlalchemy", "prometheus_clien
                "alembic", "psycopg")
 # Distribution name -> top-level module, for what the agent may import.
 AGENT_DISTRIBUTIONS = {"grpcio": "grpc", "protobuf": "google", "pyscard": "smartcard"}
-FIRST_PARTY = {"card_agent", "cms"}
+FIRST_PARTY = {"card_agent", "cardcore", "cms"}
 # Needs the virtual card (the 'card' extra); imported only for --virtual.
 OPTIONAL_MODULES = {"virtual.py"}
 
@@ -109,14 +109,38 @@ def test_importing_the_agent_loads_no_server_dependency() -> None:
     assert not loaded & set(SERVER_ONLY)
 
 
-def _imported_roots(path: Path) -> set[str]:
-    roots = set()
+def _imported_modules(path: Path) -> set[str]:
+    modules = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
+            modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
+            modules.add(node.module)
+            # "from cardcore import sw" imports the module cardcore.sw.
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def _imported_roots(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in _imported_modules(path)}
+
+
+def _cardcore_modules_of_the_agent(agent_modules: list[Path]) -> list[Path]:
+    """The cardcore modules the agent imports, and the ones those import, in turn."""
+    seen: set[Path] = set()
+    pending = list(agent_modules)
+    while pending:
+        for name in _imported_modules(pending.pop()):
+            if name.split(".")[0] != "cardcore":
+                continue
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):
+                base = REPO.joinpath(*parts[:depth])
+                path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+                if path.is_file() and path not in seen:
+                    seen.add(path)
+                    pending.append(path)
+    return sorted(seen)
 
 
 def test_declared_dependencies_cover_every_import() -> None:
@@ -136,8 +160,10 @@ def test_declared_dependencies_cover_every_import() -> None:
     assert declared == set(AGENT_DISTRIBUTIONS)
     allowed = {AGENT_DISTRIBUTIONS[d] for d in declared} | FIRST_PARTY \
         | set(sys.stdlib_module_names) | {"__future__"}
-    for module in sorted((REPO / "card_agent").glob("*.py")):
-        if module.name in OPTIONAL_MODULES:
-            continue
+    agent_modules = [module for module in sorted((REPO / "card_agent").glob("*.py"))
+                     if module.name not in OPTIONAL_MODULES]
+    shared = _cardcore_modules_of_the_agent(agent_modules)
+    assert REPO / "cardcore" / "processor.py" in shared
+    for module in agent_modules + shared:
         extra = _imported_roots(module) - allowed
         assert not extra, f"{module.name} imports {extra}, not declared for the agent"
