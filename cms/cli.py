@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from cms.runtime.cli_error import CliError
+
 # Modules providing register(subparsers); a missing optional part is skipped.
 REGISTRARS = (
     "cms.pki_cli",
@@ -63,14 +65,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-class CliError(Exception):
-    """An error a command reports as one line, exiting with ``status``."""
-
-    def __init__(self, message: str, status: int = 1):
-        super().__init__(message)
-        self.status = status
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,8 +97,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: handlers raise
-    # cms.cli.CliError, which must be the class main() catches.
-    from cms.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())
