@@ -38,8 +38,6 @@ from cms.identity import (
 )
 from cms.pki import (
     PkiError,
-    certificate_identity,
-    certificate_server_identities,
     init_pki,
     issue_identity,
     load_ca,
@@ -50,6 +48,8 @@ from cms.runtime.tls import (
     ServerIdentityError,
     TlsConfigError,
     TlsFiles,
+    certificate_identity,
+    certificate_server_identities,
     secure_channel,
     server_credentials,
 )
