@@ -130,7 +130,7 @@ def hsm_only(seconds: float, workdir: Path) -> float:
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
     from cardcore.diversify import derivation_data
-    from cms.softhsm import SoftHsm, find_module
+    from deploy.softhsm import SoftHsm, find_module
 
     hsm = SoftHsm(workdir / "hsm-only").ensure()
     hsm.init_token("bench")

@@ -5,6 +5,10 @@ its ``cli`` module; those modules import heavy dependencies only inside their
 handlers, so ``cms --help`` and the card agent stay light. Every handler returns
 an exit status; known errors print one clear line and exit non-zero, never a
 traceback (set CMS_DEBUG=1 to see one).
+
+``cms`` is the floor every service stands on, so it imports none of them: the
+modules it composes are named here, by string, and imported only when the
+command runs. This is the one place that knows the packages above it.
 """
 
 from __future__ import annotations
@@ -17,16 +21,25 @@ from collections.abc import Sequence
 
 from cms.runtime.cli_error import CliError
 
-# Modules providing register(subparsers); a missing optional part is skipped.
+# Modules providing register(subparsers), in the order of ``cms --help``; a
+# missing optional part is skipped.
 REGISTRARS = (
-    "cms.pki_cli",
+    "deploy.pki_cli",
     "hsm_proxy.cli",
     "key_mgmt.cli",
     "access_server.cli",
     "card_agent.cli",
     "virtual_psd.cli",
     "deploy.cli",
-    "cms.demo",
+    "deploy.demo",
+)
+# Errors of the runtime and of the launcher that mean bad input or configuration:
+# reported as one line like CliError (module, class).
+REPORTED_ERRORS = (
+    ("cms.runtime.config", "ConfigError"),
+    ("cms.runtime.tls", "TlsConfigError"),
+    ("cms.runtime.errors", "ServiceError"),
+    ("deploy.pki", "PkiError"),
 )
 
 
@@ -52,12 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = []
-    for mod, attr in (
-        ("cms.runtime.config", "ConfigError"),
-        ("cms.runtime.tls", "TlsConfigError"),
-        ("cms.runtime.errors", "ServiceError"),
-        ("cms.pki", "PkiError"),
-    ):
+    for mod, attr in REPORTED_ERRORS:
         try:
             errors.append(getattr(importlib.import_module(mod), attr))
         except (ImportError, AttributeError):

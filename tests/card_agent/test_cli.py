@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from card_agent.agent import ExitStatus
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.agent_process import (
     AgentProcess,
     agent_env,
@@ -266,7 +266,7 @@ def test_server_authenticated_only_deployment_without_client_certificate(
 
 
 def test_wrong_ca_never_reaches_the_server(pki: Pki, card_state: Path, tmp_path: Path) -> None:
-    from cms.pki import init_pki
+    from deploy.pki import init_pki
 
     other = init_pki(tmp_path / "other-pki", ("card-agent",))
     with ChannelServer(pki, install_conversation) as server:

@@ -13,8 +13,8 @@ from card_agent.connection import AgentConfigError
 from card_agent.runner import run_script
 from card_agent.session import AgentInfo, SessionReport
 from card_agent.virtual import VirtualCardSource, VirtualTransport, open_virtual_card
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.channel_server import ChannelServer
 from tests.card_agent.conftest import target_for
 from tests.card_agent.scripts import command, done_message, script, script_message

@@ -36,13 +36,6 @@ from cms.identity import (
     identity_dns_name,
     identity_uri,
 )
-from cms.pki import (
-    PkiError,
-    init_pki,
-    issue_identity,
-    load_ca,
-    write_identity,
-)
 from cms.runtime.client import load_endpoints
 from cms.runtime.tls import (
     ServerIdentityError,
@@ -54,6 +47,13 @@ from cms.runtime.tls import (
     server_credentials,
 )
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import (
+    PkiError,
+    init_pki,
+    issue_identity,
+    load_ca,
+    write_identity,
+)
 from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
 from virtual_psd.factory import create_card
