@@ -17,4 +17,6 @@ Modules:
 * :mod:`cardcore.diversify`: per-card key derivation reproducible in an HSM.
 * :mod:`cardcore.psd`: this system's PSD conventions (KVNs, PSD id).
 * :mod:`cardcore.host`: a small host driver over a ``transmit`` callable.
+* :mod:`cardcore.link`: the link to one card (``CardTransport`` and its two
+  errors), shared by the card agent and the virtual card.
 """

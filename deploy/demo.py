@@ -297,7 +297,7 @@ class Demo:
 
     def _contacts(self, paths: list[Path], role: int) -> dict[str, int]:
         from card_agent.session import AgentInfo, run_session
-        from card_agent.virtual import VirtualTransport
+        from virtual_psd.agent_source import VirtualTransport
         from virtual_psd.card import VirtualCard
 
         channel = self.endpoints.channel("access_server", "card-agent")

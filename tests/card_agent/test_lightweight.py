@@ -25,9 +25,7 @@ SERVER_ONLY = ("cryptography", "yaml", "pkcs11", "sqlalchemy", "prometheus_clien
                "alembic", "psycopg")
 # Distribution name -> top-level module, for what the agent may import.
 AGENT_DISTRIBUTIONS = {"grpcio": "grpc", "protobuf": "google", "pyscard": "smartcard"}
-FIRST_PARTY = {"card_agent", "cms"}
-# Needs the virtual card (the 'card' extra); imported only for --virtual.
-OPTIONAL_MODULES = {"virtual.py"}
+FIRST_PARTY = {"card_agent", "cardcore", "cms"}
 
 # Runs in a fresh interpreter: makes the server-only packages unimportable, then
 # uses the agent the way a user PC would.
@@ -137,7 +135,5 @@ def test_declared_dependencies_cover_every_import() -> None:
     allowed = {AGENT_DISTRIBUTIONS[d] for d in declared} | FIRST_PARTY \
         | set(sys.stdlib_module_names) | {"__future__"}
     for module in sorted((REPO / "card_agent").glob("*.py")):
-        if module.name in OPTIONAL_MODULES:
-            continue
         extra = _imported_roots(module) - allowed
         assert not extra, f"{module.name} imports {extra}, not declared for the agent"
