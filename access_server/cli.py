@@ -113,7 +113,7 @@ def _campaigns(args: argparse.Namespace) -> Any:
 # -- registry -------------------------------------------------------------------
 
 def _read_ids(args: argparse.Namespace) -> list[str]:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
 
     ids = list(args.psd_ids)
     if args.file is not None:
@@ -275,7 +275,7 @@ def _campaign_status(args: argparse.Namespace) -> int:
     stub = _campaigns(args)
     if not args.campaign_id:
         if args.watch:
-            from cms.cli import CliError
+            from cms.runtime.cli_error import CliError
 
             raise CliError("--watch needs a campaign id")
         campaigns = stub.ListCampaigns(pb.ListCampaignsRequest(), timeout=30).campaigns

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from access_server.levels import HIGHEST, LevelPolicy, parse_level
 from access_server.stream_limits import StreamLimits
-from card_agent.connection import KEEPALIVE_TIME_MS
 from cms.runtime.config import ConfigError, Section, load_yaml
+from cms.runtime.keepalive import KEEPALIVE_TIME_MS
 from cms.runtime.server import Keepalive, keepalive_from_section
 from cms.runtime.tls import TlsFiles, tls_from_section
 

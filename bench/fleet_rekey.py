@@ -46,13 +46,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.relay import RelayProcess  # noqa: E402
 from card_agent.session import AgentInfo, run_session_async  # noqa: E402
-from card_agent.virtual import VirtualTransport  # noqa: E402
 from cms.identity import ACCESS_SERVER, identity_channel_options  # noqa: E402
 from cms.runtime.client import load_endpoints  # noqa: E402
 from cms.runtime.tls import channel_credentials  # noqa: E402
 from cms.v1 import access_pb2 as apb  # noqa: E402
 from cms.v1 import access_pb2_grpc  # noqa: E402
 from cms.v1 import card_channel_pb2 as pb  # noqa: E402
+from virtual_psd.agent_source import VirtualTransport  # noqa: E402
 from virtual_psd.card import VirtualCard  # noqa: E402
 from virtual_psd.factory import new_card_state  # noqa: E402
 
@@ -130,7 +130,7 @@ def hsm_only(seconds: float, workdir: Path) -> float:
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
     from cardcore.diversify import derivation_data
-    from cms.softhsm import SoftHsm, find_module
+    from deploy.softhsm import SoftHsm, find_module
 
     hsm = SoftHsm(workdir / "hsm-only").ensure()
     hsm.init_token("bench")

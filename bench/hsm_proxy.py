@@ -174,8 +174,8 @@ def _verify(public, signature: bytes) -> None:
 def run(seconds: float) -> dict[str, Any]:
     from cryptography.hazmat.primitives import serialization
 
-    from cms.softhsm import find_p11kit_client
     from cms.v1 import hsm_pb2 as pb
+    from deploy.softhsm import find_p11kit_client
     from tests.support.hsm_proxy import ProxyEnv, ProxyProcess, default_policy
     from tests.support.softhsm import P11KitServer
 

@@ -2,9 +2,10 @@
 
 Layers, each usable without the ones above it:
 
-- ``card_agent.transport``: the ``CardTransport`` protocol and its two errors;
-  ``card_agent.pcsc`` (pyscard) and ``card_agent.virtual`` (in-process virtual
-  card) implement it.
+- ``card_agent.transport``: the ``CardTransport`` protocol and its two errors
+  (``cardcore.link``'s); ``card_agent.pcsc`` (pyscard) implements it, and so
+  does the in-process virtual card (``virtual_psd.agent_source``, which
+  ``--virtual`` finds by name: the agent does not import it).
 - ``card_agent.runner``: runs one ApduScript on a transport (no networking).
 - ``card_agent.session``: one CardChannel.Connect stream per card contact,
   with an injectable transport and gRPC channel (blocking and asyncio forms).

@@ -23,6 +23,9 @@ DEFAULT_GIVE_UP_ONCE_S = 60.0
 EXIT_GRACE_S = 10.0
 """After its last card the agent process ends within this, whatever gRPC's teardown does."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
+VIRTUAL_CARD_SOURCE = "virtual_psd.agent_source"
+"""Where ``--virtual`` finds the in-process virtual card (found at run time, never imported
+by the agent: a ``VirtualCardSource(state, fault=...)`` raising ``VirtualCardError``)."""
 
 EPILOG = """\
 exit status: 0 session OK or nothing to do (or stopped, without --once);
@@ -173,9 +176,7 @@ def _card_source(args: argparse.Namespace) -> CardSource:
     from card_agent.connection import AgentConfigError
 
     if args.virtual is not None:
-        from card_agent.virtual import VirtualCardSource
-
-        return VirtualCardSource(args.virtual, fault=args.virtual_fault)
+        return _virtual_card_source(args.virtual, args.virtual_fault)
     if args.virtual_fault:
         raise AgentConfigError("--virtual-fault needs --virtual")
     try:
@@ -184,6 +185,30 @@ def _card_source(args: argparse.Namespace) -> CardSource:
         raise AgentConfigError(
             "pyscard is not installed (pip install 'cms[agent]'), or use --virtual") from None
     return PcscCardSource(args.reader)
+
+
+def _virtual_card_source(state: Path, fault: str | None) -> CardSource:
+    """The in-process virtual card kept in ``state``, from the module named by
+    ``VIRTUAL_CARD_SOURCE``.
+
+    The virtual card is a part of its own (``virtual_psd``, with the 'card'
+    extra) that fits the agent's card source shape; naming its module here
+    instead of importing it keeps the agent free of it, as a user PC's install
+    is. Its absence and its refusals are each one line, like any bad option.
+    """
+    import importlib
+
+    from card_agent.connection import AgentConfigError
+
+    try:
+        module = importlib.import_module(VIRTUAL_CARD_SOURCE)
+    except ImportError as exc:
+        raise AgentConfigError(
+            f"the virtual card is not available ({exc}); install 'cms[card]'") from None
+    try:
+        return module.VirtualCardSource(state, fault=fault)
+    except module.VirtualCardError as exc:
+        raise AgentConfigError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource) -> int:

@@ -19,15 +19,11 @@ from pathlib import Path
 import grpc
 
 from cms.identity import ACCESS_SERVER, identity_channel_options, identity_dns_name
+from cms.runtime.keepalive import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 
 ACCESS_SERVER_SERVICE = "access_server"
 DEFAULT_IDENTITY = "card-agent"
 
-# Keepalive finds a server that vanished without closing the connection. gRPC
-# sends at most two pings while no data flows, which servers tolerate by
-# default, so a long HSM operation on the server side is not punished.
-KEEPALIVE_TIME_MS = 20_000
-KEEPALIVE_TIMEOUT_MS = 10_000
 # gRPC's own reconnect backoff grows to two minutes by default; the agent runs
 # its own backoff (with jitter) and must see a restarted server promptly.
 MAX_RECONNECT_BACKOFF_MS = 5_000

@@ -1,48 +1,23 @@
 """The link to one card: what the script runner and the session need, nothing more.
 
 Kept apart from the protocol logic so the same runner and session work over a
-PC/SC reader, the in-process virtual card, or a test double. Every transport
-maps its own failures onto two exception types, because the card channel
-reports exactly two kinds of link failure to the server: the card went away
-(its state is whatever the last completed command left), or the reader /
-PC/SC layer failed (the state is unknown).
+PC/SC reader, the in-process virtual card, or a test double. The contract
+itself (``CardTransport`` and its two errors) is ``cardcore.link``'s, shared
+with the virtual card; it is re-exported here for the agent's modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
 
 from cardcore.apdu import ApduError, parse_command
+from cardcore.link import (  # noqa: F401  (re-exported: the agent's link contract)
+    CardRemovedError,
+    CardTransport,
+    ReaderError,
+    TransportError,
+)
 from cardcore.processor import apdu_link
-
-
-class TransportError(Exception):
-    """A failure of the link to the card (not a status word the card sent)."""
-
-
-class CardRemovedError(TransportError):
-    """The card was removed, reset or powered off while we were talking to it."""
-
-
-class ReaderError(TransportError):
-    """The reader or the smart card service failed; the card's state is unknown."""
-
-
-@runtime_checkable
-class CardTransport(Protocol):
-    """A connected card. ``transmit`` returns the response data followed by SW1 SW2."""
-
-    @property
-    def atr(self) -> bytes: ...
-
-    @property
-    def reader_name(self) -> str: ...
-
-    def transmit(self, apdu: bytes) -> bytes: ...
-
-    def close(self) -> None: ...
-
 
 RawTransmit = Callable[[bytes], bytes]
 

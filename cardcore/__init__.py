@@ -20,4 +20,6 @@ Modules:
   host and a card (formatting, response chaining, command chaining, secure
   messaging); free of dependencies, so the card agent uses them too.
 * :mod:`cardcore.host`: a small host driver over a ``transmit`` callable.
+* :mod:`cardcore.link`: the link to one card (``CardTransport`` and its two
+  errors), shared by the card agent and the virtual card.
 """

@@ -5,6 +5,10 @@ its ``cli`` module; those modules import heavy dependencies only inside their
 handlers, so ``cms --help`` and the card agent stay light. Every handler returns
 an exit status; known errors print one clear line and exit non-zero, never a
 traceback (set CMS_DEBUG=1 to see one).
+
+``cms`` is the floor every service stands on, so it imports none of them: the
+modules it composes are named here, by string, and imported only when the
+command runs. This is the one place that knows the packages above it.
 """
 
 from __future__ import annotations
@@ -15,16 +19,27 @@ import os
 import sys
 from collections.abc import Sequence
 
-# Modules providing register(subparsers); a missing optional part is skipped.
+from cms.runtime.cli_error import CliError
+
+# Modules providing register(subparsers), in the order of ``cms --help``; a
+# missing optional part is skipped.
 REGISTRARS = (
-    "cms.pki_cli",
+    "deploy.pki_cli",
     "hsm_proxy.cli",
     "key_mgmt.cli",
     "access_server.cli",
     "card_agent.cli",
     "virtual_psd.cli",
     "deploy.cli",
-    "cms.demo",
+    "deploy.demo",
+)
+# Errors of the runtime and of the launcher that mean bad input or configuration:
+# reported as one line like CliError (module, class).
+REPORTED_ERRORS = (
+    ("cms.runtime.config", "ConfigError"),
+    ("cms.runtime.tls", "TlsConfigError"),
+    ("cms.runtime.errors", "ServiceError"),
+    ("deploy.pki", "PkiError"),
 )
 
 
@@ -50,25 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = []
-    for mod, attr in (
-        ("cms.runtime.config", "ConfigError"),
-        ("cms.runtime.tls", "TlsConfigError"),
-        ("cms.runtime.errors", "ServiceError"),
-        ("cms.pki", "PkiError"),
-    ):
+    for mod, attr in REPORTED_ERRORS:
         try:
             errors.append(getattr(importlib.import_module(mod), attr))
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
-
-
-class CliError(Exception):
-    """An error a command reports as one line, exiting with ``status``."""
-
-    def __init__(self, message: str, status: int = 1):
-        super().__init__(message)
-        self.status = status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,8 +105,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: handlers raise
-    # cms.cli.CliError, which must be the class main() catches.
-    from cms.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

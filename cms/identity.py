@@ -15,7 +15,7 @@ name of the identity it expects (``identity_channel_options``): TLS then
 refuses every other certificate of the CA. ``.internal`` is reserved for
 private use, so no public CA issues such names; the CA of the deployment
 must issue ``<identity>.identity.cms.internal`` only beside
-``spiffe://cms/<identity>`` (``cms.pki`` does; docs/operations.md says so for an
+``spiffe://cms/<identity>`` (``deploy.pki`` does; docs/operations.md says so for an
 operator's CA), and servers refuse to start on a certificate whose two
 names disagree (``cms.runtime.tls.server_credentials``).
 

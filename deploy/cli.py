@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from deploy.local import up
 
     try:

@@ -42,7 +42,6 @@ import yaml
 
 from cms import keynames as kn
 from cms.identity import ACCESS_SERVER, HSM_PROXY, KEY_MGMT
-from cms.pki import CUSTODIANS, DEFAULT_IDENTITIES, Pki, init_pki
 from cms.runtime.config import ConfigError
 from cms.runtime.files import (
     PRIVATE_UMASK,
@@ -53,7 +52,8 @@ from cms.runtime.files import (
     write_private,
 )
 from cms.runtime.tls import TlsFiles, secure_channel
-from cms.softhsm import SoftHsm, find_module
+from deploy.pki import CUSTODIANS, DEFAULT_IDENTITIES, Pki, init_pki
+from deploy.softhsm import SoftHsm, find_module
 
 TOKENS = kn.TOKENS
 PRIVATE_DIRS = ("config", "run", "logs", "audit", "data")

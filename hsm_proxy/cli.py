@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from hsm_proxy.audit import AuditError, verify_log
 
     try:
@@ -161,7 +161,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data(args: argparse.Namespace) -> bytes:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
 
     if args.data is not None:
         return args.data.encode()
@@ -187,7 +187,7 @@ def _stub(args: argparse.Namespace) -> Any:
 
 
 def _ref(args: argparse.Namespace) -> Any:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from cms.v1 import hsm_pb2 as pb
 
     if args.handle:
@@ -307,7 +307,7 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from cms.v1 import hsm_pb2 as pb
 
     try:

@@ -171,7 +171,7 @@ def _ceremony_start(args: argparse.Namespace) -> int:
 
 
 def _hex(text: str, what: str) -> bytes:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
 
     cleaned = "".join(text.split())
     try:
@@ -181,7 +181,7 @@ def _hex(text: str, what: str) -> bytes:
 
 
 def _read_component(args: argparse.Namespace) -> bytes:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
 
     if args.component_file is None:
         if not sys.stdin.isatty():
@@ -228,7 +228,7 @@ def _ceremony_get(args: argparse.Namespace) -> int:
 
 def _new_component(args: argparse.Namespace) -> int:
     from cardcore.kcv import kcv_zero_block
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
 
     component = os.urandom(COMPONENT_BYTES[args.algorithm])
     try:

@@ -12,4 +12,6 @@
   (``cms card virtual``).
 * :mod:`virtual_psd.factory`: factory state (``cms card init``; ``--strict``
   for a card that manages MK sets only through its MKRK channel).
+* :mod:`virtual_psd.agent_source`: the card as a card agent's transport and
+  card source (``cms card-agent --virtual``, tests, the demo).
 """

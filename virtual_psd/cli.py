@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _init(args: argparse.Namespace) -> int:
     import json
 
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from virtual_psd.factory import create_card
 
     master = None
@@ -76,7 +76,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _scp_i(text: str) -> int:
     """``--scp-i``: one byte in hex (``70``, ``0x10``); CliError otherwise."""
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
 
     digits = text.strip().lower().removeprefix("0x")
     if not 1 <= len(digits) <= 2 or any(c not in "0123456789abcdef" for c in digits):
@@ -106,7 +106,7 @@ def _summary(state: object) -> dict[str, object]:
 def _show(args: argparse.Namespace) -> int:
     import json
 
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from virtual_psd.state import StateError, load_state
 
     try:
@@ -122,7 +122,7 @@ def _virtual(args: argparse.Namespace) -> int:
     import signal
     import sys
 
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from virtual_psd.card import VirtualCard
     from virtual_psd.faults import FaultPlan, FaultPlanError
     from virtual_psd.state import StateError

@@ -1,6 +1,6 @@
 """Mutual TLS for gRPC: credentials from PEM files, the caller's identity, the server's.
 
-Identities are carried in a URI SAN (``spiffe://cms/<name>``, see cms.pki). A
+Identities are carried in a URI SAN (``spiffe://cms/<name>``, see cms.identity). A
 server's certificate also names its identity in a DNS SAN, and every client
 channel checks it (``secure_channel``'s ``server_identity``; see
 ``cms.identity`` for why it takes a DNS name). gRPC core negotiates TLS 1.3
@@ -14,17 +14,21 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from cms.identity import (
     HSM_PROXY,
     identity_channel_options,
+    identity_from_dns_name,
     identity_from_uri,
     identity_refusal,
     is_identity_refusal,
 )
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 class TlsConfigError(Exception):
@@ -74,7 +78,7 @@ def check_server_certificate(pem: bytes, where: Path | None = None) -> str:
     """
     from cryptography import x509
 
-    from cms.pki import certificate_identity, certificate_server_identities, identity_dns_name
+    from cms.identity import identity_dns_name
 
     try:
         cert = x509.load_pem_x509_certificate(pem)
@@ -96,6 +100,37 @@ def check_server_certificate(pem: bytes, where: Path | None = None) -> str:
             f"carry the DNS SAN {expected}, which its clients check, and no other identity's "
             f"(identities in its DNS SANs: {found}); see docs/operations.md")
     return identity
+
+
+def certificate_server_identities(cert: x509.Certificate) -> set[str]:
+    """The identities a certificate's DNS SANs name (``<identity>.identity.cms.internal``)."""
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    found = (identity_from_dns_name(d) for d in san.get_values_for_type(x509.DNSName))
+    return {name for name in found if name is not None}
+
+
+def certificate_identity(cert: x509.Certificate) -> str | None:
+    """The cms identity in a certificate's URI SAN, or None.
+
+    Reading an identity is the runtime's job on every certificate, whichever
+    CA issued it: the development PKI issues certificates, it does not define them.
+    """
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        name = identity_from_uri(uri)
+        if name is not None:
+            return name
+    return None
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -257,8 +292,6 @@ def _identity_from_pem(pem: bytes) -> str | None:
         if pem in _identity_cache:
             return _identity_cache[pem]
     from cryptography import x509
-
-    from cms.pki import certificate_identity
 
     try:
         identity = certificate_identity(x509.load_pem_x509_certificate(pem))

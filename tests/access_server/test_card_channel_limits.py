@@ -20,7 +20,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from card_agent.session import AgentInfo, run_session
-from card_agent.virtual import VirtualTransport
 from cms.runtime.client import load_endpoints
 from cms.runtime.tls import channel_credentials
 from cms.v1 import access_pb2 as apb
@@ -29,6 +28,7 @@ from cms.v1 import card_channel_pb2 as pb
 from tests.support.card_keys import provision
 from tests.support.launcher import dev_stack
 from tests.support.reconfigure import restart_with
+from virtual_psd.agent_source import VirtualTransport
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import new_card_state
 

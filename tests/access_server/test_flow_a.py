@@ -12,7 +12,6 @@ import pytest
 
 from access_server.store import Store
 from card_agent.session import AgentInfo, run_session
-from card_agent.virtual import VirtualTransport
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
 from cms.v1 import access_pb2_grpc
@@ -21,6 +20,7 @@ from deploy.local import Stack, access_database_url
 from tests.support.card_keys import provision
 from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
+from virtual_psd.agent_source import VirtualTransport
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 from virtual_psd.state import load_state

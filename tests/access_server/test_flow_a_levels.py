@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from card_agent.session import AgentInfo, SessionReport, run_session
-from card_agent.virtual import VirtualTransport
 from cardcore.kcv import kcv_aes
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
@@ -20,6 +19,7 @@ from cms.v1 import card_channel_pb2 as pb
 from tests.support.card_keys import provision
 from tests.support.launcher import cms, dev_stack
 from tests.support.reconfigure import restart_with
+from virtual_psd.agent_source import VirtualTransport
 from virtual_psd.card import VirtualCard
 from virtual_psd.state import load_state
 

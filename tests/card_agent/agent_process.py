@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cms.pki import Pki
+from deploy.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_CMD = (sys.executable, "-m", "cms.cli", "card-agent")

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cms.pki import Pki
 from cms.runtime.tls import TlsFiles, peer_identity, server_credentials
 from cms.v1 import card_channel_pb2 as pb
 from cms.v1 import card_channel_pb2_grpc as pb_grpc
+from deploy.pki import Pki
 
 Receive = Callable[[], pb.AgentMessage]
 Conversation = Callable[[pb.AgentHello, Receive, grpc.ServicerContext],

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from card_agent.connection import ServerTarget
-from cms.pki import Pki, init_pki
+from deploy.pki import Pki, init_pki
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from card_agent.agent import AgentSettings, CardAgent, ExitStatus
 from card_agent.backoff import Backoff
 from card_agent.cancel import Cancellation
 from card_agent.session import AgentInfo, SessionReport, SessionStatus
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.cards import ScriptedCard
 from tests.card_agent.channel_server import ChannelServer, free_port
 from tests.card_agent.conftest import target_for

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from card_agent.agent import ExitStatus
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.agent_process import (
     AgentProcess,
     agent_env,
@@ -218,6 +218,41 @@ def test_bad_input_is_one_line_without_traceback(pki: Pki, card_state: Path, tmp
     assert lines[0].startswith("cms card-agent: ") and needle in lines[0]
 
 
+# Runs the agent in a process where the package named by argv[1] cannot be imported,
+# as on a user PC that installed the agent alone.
+WITHOUT_PACKAGE = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == sys.argv[1]:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+from cms.cli import main
+sys.exit(main(["card-agent", *sys.argv[2:]]))
+"""
+
+
+def test_virtual_card_missing_from_the_install_is_one_line(pki: Pki, card_state: Path) -> None:
+    """The agent finds the virtual card by name; without it, --virtual says what to install."""
+    import subprocess
+    import sys
+
+    from tests.card_agent.agent_process import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PACKAGE, "virtual_psd",
+         *tls_args(pki, f"127.0.0.1:{free_port()}"), "--virtual", str(card_state), "--once"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env=agent_env(), check=False)
+    assert done.returncode == ExitStatus.ERROR, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("cms card-agent: the virtual card is not available")
+    assert "install 'cms[card]'" in lines[0]
+
+
 def test_unreachable_server_gives_up_with_a_clear_line(pki: Pki, card_state: Path) -> None:
     done = run_agent([*tls_args(pki, f"127.0.0.1:{free_port()}"), "--virtual",
                       str(card_state), "--once", "--give-up-after", "1", "--backoff-max", "0.5",
@@ -266,7 +301,7 @@ def test_server_authenticated_only_deployment_without_client_certificate(
 
 
 def test_wrong_ca_never_reaches_the_server(pki: Pki, card_state: Path, tmp_path: Path) -> None:
-    from cms.pki import init_pki
+    from deploy.pki import init_pki
 
     other = init_pki(tmp_path / "other-pki", ("card-agent",))
     with ChannelServer(pki, install_conversation) as server:

@@ -15,8 +15,8 @@ import textwrap
 import tomllib
 from pathlib import Path
 
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.agent_process import REPO, agent_env
 from tests.card_agent.channel_server import ChannelServer
 from tests.card_agent.scripts import command, done_message, script_message
@@ -26,8 +26,6 @@ SERVER_ONLY = ("cryptography", "yaml", "pkcs11", "sqlalchemy", "prometheus_clien
 # Distribution name -> top-level module, for what the agent may import.
 AGENT_DISTRIBUTIONS = {"grpcio": "grpc", "protobuf": "google", "pyscard": "smartcard"}
 FIRST_PARTY = {"card_agent", "cardcore", "cms"}
-# Needs the virtual card (the 'card' extra); imported only for --virtual.
-OPTIONAL_MODULES = {"virtual.py"}
 
 # Runs in a fresh interpreter: makes the server-only packages unimportable, then
 # uses the agent the way a user PC would.
@@ -160,8 +158,7 @@ def test_declared_dependencies_cover_every_import() -> None:
     assert declared == set(AGENT_DISTRIBUTIONS)
     allowed = {AGENT_DISTRIBUTIONS[d] for d in declared} | FIRST_PARTY \
         | set(sys.stdlib_module_names) | {"__future__"}
-    agent_modules = [module for module in sorted((REPO / "card_agent").glob("*.py"))
-                     if module.name not in OPTIONAL_MODULES]
+    agent_modules = sorted((REPO / "card_agent").glob("*.py"))
     shared = _cardcore_modules_of_the_agent(agent_modules)
     assert REPO / "cardcore" / "processor.py" in shared
     for module in agent_modules + shared:

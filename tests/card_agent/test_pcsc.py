@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from card_agent.agent import ExitStatus
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.agent_process import REPO, AgentProcess, run_agent, tls_args
 from tests.card_agent.channel_server import ChannelServer
 from tests.card_agent.scripts import command, done_message, script_message

@@ -10,8 +10,8 @@ import pytest
 
 from card_agent.cancel import Cancellation
 from card_agent.session import AgentInfo, SessionStatus, run_session, run_session_async
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.cards import TEST_ATR, TEST_READER, ScriptedCard
 from tests.card_agent.channel_server import ChannelServer, free_port
 from tests.card_agent.conftest import target_for

@@ -9,15 +9,19 @@ import pytest
 from card_agent.agent import AgentSettings, CardAgent, ExitStatus
 from card_agent.backoff import Backoff
 from card_agent.cancel import Cancellation
-from card_agent.connection import AgentConfigError
 from card_agent.runner import run_script
 from card_agent.session import AgentInfo, SessionReport
-from card_agent.virtual import VirtualCardSource, VirtualTransport, open_virtual_card
-from cms.pki import Pki
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import Pki
 from tests.card_agent.channel_server import ChannelServer
 from tests.card_agent.conftest import target_for
 from tests.card_agent.scripts import command, done_message, script, script_message
+from virtual_psd.agent_source import (
+    VirtualCardError,
+    VirtualCardSource,
+    VirtualTransport,
+    open_virtual_card,
+)
 
 card_module = pytest.importorskip("virtual_psd.card")
 faults_module = pytest.importorskip("virtual_psd.faults")
@@ -120,14 +124,14 @@ def test_power_loss_counts_as_pull_and_reinsert_for_a_running_agent(pki: Pki) ->
 
 
 def test_open_virtual_card_reports_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(AgentConfigError, match="no virtual card state"):
+    with pytest.raises(VirtualCardError, match="no virtual card state"):
         open_virtual_card(tmp_path / "missing.json")
     state = tmp_path / "card.json"
     factory.create_card(state, psd_id=PSD_ID)
-    with pytest.raises(AgentConfigError, match="--virtual-fault"):
+    with pytest.raises(VirtualCardError, match="--virtual-fault"):
         open_virtual_card(state, "power-loss@zero")
     (tmp_path / "junk.json").write_text("{not json")
-    with pytest.raises(AgentConfigError, match="cannot open virtual card"):
+    with pytest.raises(VirtualCardError, match="cannot open virtual card"):
         open_virtual_card(tmp_path / "junk.json")
 
 

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from cms import keynames
-from cms.softhsm import find_p11kit_client
 from cms.v1 import hsm_pb2 as pb
+from deploy.softhsm import find_p11kit_client
 from hsm_proxy.audit import GENESIS, canonical, key_fingerprint, record_hash, signed_bytes
 from tests.hsm_proxy.helpers import TIMEOUT, label_ref, rpc_error, template, unique
 from tests.support.hsm_proxy import REPO, ProxyEnv, ProxyProcess

@@ -19,8 +19,8 @@ import grpc
 import pytest
 from cryptography.exceptions import InvalidSignature
 
-from cms.softhsm import find_p11kit_client
 from cms.v1 import hsm_pb2 as pb
+from deploy.softhsm import find_p11kit_client
 from tests.hsm_proxy.helpers import (
     TIMEOUT,
     handle_ref,

@@ -36,24 +36,24 @@ from cms.identity import (
     identity_dns_name,
     identity_uri,
 )
-from cms.pki import (
-    PkiError,
-    certificate_identity,
-    certificate_server_identities,
-    init_pki,
-    issue_identity,
-    load_ca,
-    write_identity,
-)
 from cms.runtime.client import load_endpoints
 from cms.runtime.tls import (
     ServerIdentityError,
     TlsConfigError,
     TlsFiles,
+    certificate_identity,
+    certificate_server_identities,
     secure_channel,
     server_credentials,
 )
 from cms.v1 import card_channel_pb2 as pb
+from deploy.pki import (
+    PkiError,
+    init_pki,
+    issue_identity,
+    load_ca,
+    write_identity,
+)
 from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
 from virtual_psd.factory import create_card

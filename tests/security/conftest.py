@@ -25,11 +25,11 @@ from cardcore.diversify import diversify_key_set_software
 from cardcore.kcv import kcv_zero_block
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.pki import CUSTODIANS
 from cms.v1 import card_keys_pb2_grpc, hsm_pb2_grpc, key_blocks_pb2_grpc
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import key_blocks_pb2 as bpb
 from deploy.local import default_policy
+from deploy.pki import CUSTODIANS
 from tests.hsm_proxy.helpers import ceremony
 from tests.support.hsm_proxy import TEST_IDENTITIES, ProxyEnv, ProxyProcess
 from tests.support.token import RawToken

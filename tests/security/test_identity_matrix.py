@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.pki import CUSTODIANS
 from cms.v1 import card_keys_pb2, hsm_pb2, key_blocks_pb2
 from cms.v1 import card_keys_pb2 as kpb
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import key_blocks_pb2 as bpb
+from deploy.pki import CUSTODIANS
 from tests.security.conftest import PSD_ID, TRANSPORT, World
 
 pytestmark = pytest.mark.integration

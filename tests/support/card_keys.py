@@ -15,11 +15,11 @@ from pathlib import Path
 
 from cardcore.kcv import kcv_zero_block
 from cms import keynames
-from cms.pki import CUSTODIANS
 from cms.runtime.client import Endpoints, load_endpoints
 from cms.v1 import key_blocks_pb2 as bpb
 from cms.v1 import key_blocks_pb2_grpc, key_mgmt_pb2_grpc
 from cms.v1 import key_mgmt_pb2 as mpb
+from deploy.pki import CUSTODIANS
 
 TOKEN = keynames.HSM1_TOKEN
 IDENTITY = "access-server"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from card_agent.session import AgentInfo, SessionReport, StepsHook, run_session
-from card_agent.virtual import VirtualTransport
 from cms.runtime.client import load_endpoints
+from virtual_psd.agent_source import VirtualTransport
 from virtual_psd.card import VirtualCard
 from virtual_psd.faults import FaultPlan
 

@@ -33,10 +33,10 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cms.pki import CUSTODIANS, DEFAULT_IDENTITIES, Pki
 from cms.runtime.tls import TlsFiles, secure_channel
-from cms.softhsm import SoftHsm, find_module
 from cms.v1 import hsm_pb2_grpc
+from deploy.pki import CUSTODIANS, DEFAULT_IDENTITIES, Pki
+from deploy.softhsm import SoftHsm, find_module
 from tests.support.pki import make_pki
 from tests.support.softhsm import make_softhsm
 

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Iterable
 from pathlib import Path
 
-from cms.pki import (
+from deploy.pki import (
     DEFAULT_IDENTITIES,
     IdentityFiles,
     Pki,

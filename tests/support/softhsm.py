@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from cms.softhsm import SoftHsm, find_module
+from deploy.softhsm import SoftHsm, find_module
 
 P11KIT_START_TIMEOUT_S = 10.0
 

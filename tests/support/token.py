@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from cms.softhsm import SoftHsm, find_module
+from deploy.softhsm import SoftHsm, find_module
 
 _CHILD = r"""
 import json, sys

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from cms.pki import DEFAULT_IDENTITIES, init_pki
+    from deploy.pki import DEFAULT_IDENTITIES, init_pki
 
     identities = args.identity or list(DEFAULT_IDENTITIES)
     pki = init_pki(args.dir, identities)

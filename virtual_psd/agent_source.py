@@ -1,9 +1,11 @@
-"""The in-process virtual card as a transport and a card source.
+"""The in-process virtual card as a card agent's transport and card source.
 
-For tests, the demo and crash tests (``--virtual STATE``), and for running many
-agents in one process (``VirtualTransport(card)``). The virtual card needs
-``cryptography`` for its secure channel, so this module is imported only when
-a virtual card is asked for: the agent on a user PC never loads it.
+For tests, the demo and crash tests (``cms card-agent --virtual STATE``), and
+for running many agents in one process (``VirtualTransport(card)``). It fits
+the agent's link contract (``cardcore.link``) and card source shape without
+importing the agent: the agent finds this module by name only when a virtual
+card is asked for, so the agent on a user PC never loads it, nor the
+``cryptography`` the card's secure channel needs.
 
 A power loss injected by the card's fault plan looks to the agent like a card
 pulled out and put back: the command fails with CardRemovedError, and the
@@ -15,37 +17,45 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from card_agent.cancel import Cancellation
-from card_agent.connection import AgentConfigError
-from card_agent.transport import CardRemovedError, ReaderError, relay_transmit
-
-if TYPE_CHECKING:
-    from virtual_psd.card import VirtualCard
+from cardcore.link import CardRemovedError, ReaderError
+from virtual_psd.card import CardNotPowered, VirtualCard
+from virtual_psd.faults import CardPowerLost, FaultPlan, FaultPlanError
+from virtual_psd.state import StateError
 
 VIRTUAL_READER = "Virtual PSD (in-process)"
 # In --virtual-fault, "kill@K:self" signals the agent process itself.
 SELF_PID = "self"
 
 
+class VirtualCardError(Exception):
+    """A virtual card that cannot be opened as asked (the agent reports it as one line)."""
+
+
+class Stop(Protocol):
+    """What a card source waits on: the agent's stop request (its ``Cancellation``)."""
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def sleep(self, seconds: float) -> bool: ...
+
+
 class VirtualTransport:
-    """A powered virtual card. Closing powers it off, as a reader resets a released card."""
+    """A powered virtual card. Closing powers it off, as a reader resets a released card.
+
+    Commands go to the card as they are: it answers each one whole, never with
+    61xx or 6Cxx, so there is no GET RESPONSE for a reader's transport to run.
+    """
 
     def __init__(self, card: VirtualCard, reader_name: str = VIRTUAL_READER):
         self.card = card
         self.reader_name = reader_name
         self.atr = bytes(card.power_on())
         self.power_lost = False
-        self._relay = relay_transmit(self._transmit_raw)
 
     def transmit(self, apdu: bytes) -> bytes:
-        return self._relay(apdu)
-
-    def _transmit_raw(self, apdu: bytes) -> bytes:
-        from virtual_psd.card import CardNotPowered
-        from virtual_psd.faults import CardPowerLost
-
         try:
             return self.card.transmit(apdu)
         except CardPowerLost as exc:
@@ -72,25 +82,18 @@ def _fault_plan_text(spec: str | None) -> str | None:
 
 
 def open_virtual_card(state: Path, fault: str | None = None) -> VirtualCard:
-    """Open the card kept in ``state`` with fault plan ``fault``; AgentConfigError if not."""
-    try:
-        from virtual_psd.card import VirtualCard
-        from virtual_psd.faults import FaultPlan, FaultPlanError
-        from virtual_psd.state import StateError
-    except ImportError as exc:
-        raise AgentConfigError(
-            f"the virtual card is not available ({exc}); install 'cms[card]'") from None
+    """Open the card kept in ``state`` with fault plan ``fault``; VirtualCardError if not."""
     if not Path(state).is_file():
-        raise AgentConfigError(f"no virtual card state at {state} (create one with "
+        raise VirtualCardError(f"no virtual card state at {state} (create one with "
                                f"'cms card init')")
     try:
         plan = FaultPlan.parse(_fault_plan_text(fault))
     except FaultPlanError as exc:
-        raise AgentConfigError(f"--virtual-fault: {exc}") from None
+        raise VirtualCardError(f"--virtual-fault: {exc}") from None
     try:
         return VirtualCard.open(state, faults=plan)
     except (StateError, OSError, ValueError) as exc:
-        raise AgentConfigError(f"cannot open virtual card {state}: {exc}") from None
+        raise VirtualCardError(f"cannot open virtual card {state}: {exc}") from None
 
 
 class VirtualCardSource:
@@ -115,11 +118,11 @@ class VirtualCardSource:
         self._note_power_loss()
         return not self._removed
 
-    def wait_for_card(self, cancellation: Cancellation) -> bool:
+    def wait_for_card(self, cancellation: Stop) -> bool:
         self._removed = False
         return not cancellation.cancelled
 
-    def wait_for_removal(self, cancellation: Cancellation) -> bool:
+    def wait_for_removal(self, cancellation: Stop) -> bool:
         self._note_power_loss()
         if self._removed:
             return True

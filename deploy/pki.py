@@ -40,6 +40,7 @@ from cms.identity import (  # noqa: F401  (re-exported: the names of identities)
     identity_uri,
     valid_identity,
 )
+from cms.runtime.tls import certificate_server_identities
 
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -285,26 +286,3 @@ def _names_its_identity(cert_file: Path, identity: str) -> bool:
     except (OSError, ValueError):
         return False
     return certificate_server_identities(cert) == {identity}
-
-
-def certificate_server_identities(cert: x509.Certificate) -> set[str]:
-    """The identities a certificate's DNS SANs name (``<identity>.identity.cms.internal``)."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    found = (identity_from_dns_name(d) for d in san.get_values_for_type(x509.DNSName))
-    return {name for name in found if name is not None}
-
-
-def certificate_identity(cert: x509.Certificate) -> str | None:
-    """The cms identity in a certificate's URI SAN, or None."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        name = identity_from_uri(uri)
-        if name is not None:
-            return name
-    return None

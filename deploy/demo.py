@@ -59,7 +59,7 @@ def _say(step: str, text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cms.cli import CliError
+    from cms.runtime.cli_error import CliError
     from deploy.local import down, up
 
     if not 1 <= args.cards <= 1000:
@@ -191,7 +191,7 @@ class Demo:
         if master is None:
             self.ceremony(FACTORY_MASTER_LABEL, DEMO_TRANSPORT_MASTER, purpose=pb.TRANSPORT_MASTER)
         elif master.kcv != _kcv(DEMO_TRANSPORT_MASTER):
-            from cms.cli import CliError
+            from cms.runtime.cli_error import CliError
 
             raise CliError(f"HSM1's {FACTORY_MASTER_LABEL} is not the demo's; run the demo in "
                            f"a directory of its own (--dir)")
@@ -297,7 +297,7 @@ class Demo:
 
     def _contacts(self, paths: list[Path], role: int) -> dict[str, int]:
         from card_agent.session import AgentInfo, run_session
-        from card_agent.virtual import VirtualTransport
+        from virtual_psd.agent_source import VirtualTransport
         from virtual_psd.card import VirtualCard
 
         channel = self.endpoints.channel("access_server", "card-agent")
