@@ -22,7 +22,7 @@ from cms.v1 import card_keys_pb2_grpc
 from cms.v1 import hsm_pb2 as hpb
 from hsm_proxy import card_keys_messages as cm
 from hsm_proxy import key_classes as kc
-from hsm_proxy.core import Call, ProxyCore, creation_failed, rpc
+from hsm_proxy.core import Call, ProxyCore, rpc
 from hsm_proxy.errors import failure_item_error, item_error
 from hsm_proxy.worker import Failure
 
@@ -171,15 +171,9 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         source, label = self._source(call, request.spec, "spec", workers)
         record = core.new_handle(call, CARD_KEY_SET_KIND, source.token, label,
                                  worker=self._pin(workers))
-        try:
-            reply = core.pool.call("card_keys.derive_set", cm.DeriveSet(record.handle, source),
-                                   worker=record.worker, idempotent=False,
-                                   timeout=call.timeout())
-        except ServiceError as exc:
-            core.handles.discard(record)
-            raise creation_failed(exc) from None
-        core.activate(record, reply)
-        enc, mac, dek, cryptogram = reply.value
+        enc, mac, dek, cryptogram = core.create_state(
+            call, record, "card_keys.derive_set", cm.DeriveSet(record.handle, source),
+            idempotent=False)
         return pb.KeySet(handle=record.handle, kcv_enc=enc, kcv_mac=mac, kcv_dek=dek,
                          cryptogram=cryptogram)
 
@@ -238,18 +232,12 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         core = self.core
         call.items = len(request.commands)
         payload, worker, record = self._open_payload(call, request)
-        try:
-            reply = core.pool.call("card_keys.open", payload, worker=worker,
-                                   idempotent=False, timeout=call.timeout())
-        except ServiceError as exc:
-            if record is None:
-                raise
-            core.handles.discard(record)
-            raise creation_failed(exc) from None
         if record is None:
-            return self._opened(request, reply.value)
-        core.activate(record, reply)
-        return self._opened(request, reply.value, record.handle)
+            wrapped = core.pool.call("card_keys.open", payload, worker=worker,
+                                     idempotent=False, timeout=call.timeout()).value
+            return self._opened(request, wrapped)
+        wrapped = core.create_state(call, record, "card_keys.open", payload, idempotent=False)
+        return self._opened(request, wrapped, record.handle)
 
     @rpc
     def OpenSecureChannelBatch(self, request: pb.OpenSecureChannelBatchRequest,

@@ -25,10 +25,9 @@ from cms.v1 import hsm_pb2 as pb
 from cms.v1 import hsm_pb2_grpc
 from hsm_proxy import key_classes as kc
 from hsm_proxy import messages as m
-from hsm_proxy.core import Call, ProxyCore, Target, creation_failed, rpc
+from hsm_proxy.core import Call, ProxyCore, Target, rpc
 from hsm_proxy.errors import failure_item_error, item_error
 from hsm_proxy.handles import HandleRecord
-from hsm_proxy.pool import Reply
 from hsm_proxy.worker import Failure
 
 AES_BLOCK = 16
@@ -84,15 +83,8 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         core = self.core
         if template.session:
             record = core.new_handle(call, kind, token, template.label)
-            try:
-                reply: Reply = core.pool.call(op, payload_for(template._replace(
-                    handle=record.handle)), worker=record.worker, idempotent=idempotent,
-                    timeout=call.timeout())
-            except ServiceError as exc:
-                core.handles.discard(record)
-                raise creation_failed(exc) from None
-            core.activate(record, reply)
-            return reply.value, record
+            return core.create_state(call, record, op, payload_for(template._replace(
+                handle=record.handle)), idempotent=idempotent), record
         with core.creating([(token, template.label)]):
             reply = core.pool.call(op, payload_for(template), idempotent=False,
                                    timeout=call.timeout())
@@ -211,15 +203,9 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         if t.session:
             # The new key lives beside its base when the base is a handle.
             record = core.new_handle(call, "key", base.token, t.label, worker=base.worker)
-            try:
-                reply = core.pool.call("derive", item._replace(
-                    template=t._replace(handle=record.handle)), worker=record.worker,
-                    idempotent=True, timeout=call.timeout())
-            except ServiceError as exc:
-                core.handles.discard(record)
-                raise creation_failed(exc) from None
-            core.activate(record, reply)
-            return self._key_info(reply.value, record)
+            raw = core.create_state(call, record, "derive", item._replace(
+                template=t._replace(handle=record.handle)), idempotent=True)
+            return self._key_info(raw, record)
         with core.creating([(base.token, t.label)]):
             raw = core.pool.call("derive", item, worker=base.worker, idempotent=False,
                                  timeout=call.timeout()).value
