@@ -22,9 +22,8 @@ from cms.v1 import card_keys_pb2_grpc
 from cms.v1 import hsm_pb2 as hpb
 from hsm_proxy import card_keys_messages as cm
 from hsm_proxy import key_classes as kc
+from hsm_proxy.batches import BatchItem, run_batch
 from hsm_proxy.core import Call, ProxyCore, rpc
-from hsm_proxy.errors import failure_item_error, item_error
-from hsm_proxy.worker import Failure
 
 KEY_LENGTHS = (16, 24, 32)
 MIN_AID_BYTES, MAX_AID_BYTES = 5, 16
@@ -252,43 +251,16 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         fails the whole call, as in the Hsm batches); other item failures
         come back in the item. Items run spread over the workers.
         """
-        core = self.core
-        n = core.batch_size(len(request.items))
-        call.items = n
-        results: list[Any] = [None] * n
-        work: list[int] = []
-        payloads: list[cm.OpenChannel] = []
-        affinity: list[int | None] = []
-        for i, item in enumerate(request.items):
-            try:
-                if not item.predict_responses:
-                    raise InvalidArgument("predict_responses: required in a batch (a batch "
-                                          "keeps no channel open)")
-                payload, worker, _ = self._open_payload(call, item)
-            except ServiceError as exc:
-                if exc.code == grpc.StatusCode.PERMISSION_DENIED:
-                    raise
-                results[i] = exc
-                continue
-            work.append(i)
-            payloads.append(payload)
-            affinity.append(worker)
-        if work:
-            raw = core.pool.batch("card_keys.open", payloads,
-                                  affinity=affinity if any(a is not None for a in affinity)
-                                  else None, idempotent=False, timeout=call.timeout(),
-                                  min_chunk=1)
-            for i, value in zip(work, raw, strict=True):
-                results[i] = value
-        out = pb.OpenSecureChannelBatchResponse()
-        for item, value in zip(request.items, results, strict=True):
-            if isinstance(value, ServiceError):
-                out.results.add(error=item_error(value))
-            elif isinstance(value, Failure):
-                out.results.add(error=failure_item_error(value))
-            else:
-                out.results.add(opened=self._opened(item, value))
-        return out
+        def check(item: pb.OpenSecureChannelRequest) -> BatchItem:
+            if not item.predict_responses:
+                raise InvalidArgument("predict_responses: required in a batch (a batch "
+                                      "keeps no channel open)")
+            payload, worker, _ = self._open_payload(call, item)
+            return BatchItem(payload, worker)
+
+        return run_batch(self.core, call, request.items, check, "card_keys.open",
+                         pb.OpenSecureChannelBatchResponse(), "opened", idempotent=False,
+                         min_chunk=1, answer=lambda item, wrapped, _: self._opened(item, wrapped))
 
     def _channel(self, call: Call, handle: str) -> Any:
         record = self.core.handles.lookup(call.identity, handle,
