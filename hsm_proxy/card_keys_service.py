@@ -63,44 +63,70 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         of another class is refused here (PERMISSION_DENIED), before any HSM
         work; the worker checks the key itself (its origin and template).
         """
-        kind = spec.WhichOneof("source")
-        if kind is None:
-            raise InvalidArgument(f"{what}: give a source (diversified, new_random, "
-                                  f"from_cryptogram or handle)")
-        if kind == "handle":
-            record = self.core.handles.lookup(call.identity, spec.handle,
-                                              worker_state=self.core.pool.worker_state)
-            if record.kind != CARD_KEY_SET_KIND:
-                raise InvalidArgument(f"{what}.handle is not a card key set")
-            call.authorize(record.token, record.label)
-            workers.add(record.worker)
-            return cm.KeySetSource("handle", record.token, 0, handle=spec.handle), record.label
+        match spec.WhichOneof("source"):
+            case "handle":
+                return self._held_set(call, spec.handle, what, workers)
+            case "diversified":
+                return self._diversified(call, spec, what)
+            case "new_random":
+                return self._new_random(call, spec, what)
+            case "from_cryptogram":
+                return self._from_cryptogram(call, spec, what)
+            case _:
+                raise InvalidArgument(f"{what}: give a source (diversified, new_random, "
+                                      f"from_cryptogram or handle)")
+
+    def _held_set(self, call: Call, handle: str, what: str, workers: set[int]
+                  ) -> tuple[cm.KeySetHandle, str]:
+        record = self.core.handles.lookup(call.identity, handle,
+                                          worker_state=self.core.pool.worker_state)
+        if record.kind != CARD_KEY_SET_KIND:
+            raise InvalidArgument(f"{what}.handle is not a card key set")
+        call.authorize(record.token, record.label)
+        workers.add(record.worker)
+        return cm.KeySetHandle(record.token, handle), record.label
+
+    def _checked_master(self, call: Call, spec: pb.KeySetSpec, kind: str,
+                        masters: frozenset[int], what: str) -> str:
+        """What every derived source checks first (the key length, the token, a master of
+        ``masters`` the caller may use); the token."""
         token = spec.token
         if spec.key_length not in KEY_LENGTHS:
             raise InvalidArgument(f"{what}.key_length: 16, 24 or 32")
         self.core.require_token(token, f"{what}.token")
-        source = getattr(spec, kind)
-        if not source.master_label:
+        master_label = getattr(spec, kind).master_label
+        if not master_label:
             raise InvalidArgument(f"{what}.{kind}.master_label: required")
-        masters = DIVERSIFIED_MASTERS if kind == "diversified" else RANDOM_MASTERS
-        kc.require_role(source.master_label, masters, f"{what}.{kind}.master_label")
-        call.authorize(token, source.master_label)
-        if kind == "diversified":
-            if not 1 <= len(source.element) <= MAX_ELEMENT_BYTES:
-                raise InvalidArgument(f"{what}.diversified.element: 1 to "
-                                      f"{MAX_ELEMENT_BYTES} bytes (e.g. the 10-byte PSD id)")
-            return cm.KeySetSource("diversified", token, spec.key_length,
-                                   master_label=source.master_label,
-                                   element=bytes(source.element)), source.master_label
-        if kind == "new_random":
-            if not source.public_key_label:
-                raise InvalidArgument(f"{what}.new_random.public_key_label: required")
-            kc.require_role(source.public_key_label, CRYPTOGRAM_KEYS,
-                            f"{what}.new_random.public_key_label")
-            call.authorize(token, source.public_key_label)
-            return cm.KeySetSource("new_random", token, spec.key_length,
-                                   master_label=source.master_label,
-                                   public_label=source.public_key_label), source.master_label
+        kc.require_role(master_label, masters, f"{what}.{kind}.master_label")
+        call.authorize(token, master_label)
+        return token
+
+    def _diversified(self, call: Call, spec: pb.KeySetSpec, what: str
+                     ) -> tuple[cm.Diversified, str]:
+        token = self._checked_master(call, spec, "diversified", DIVERSIFIED_MASTERS, what)
+        source = spec.diversified
+        if not 1 <= len(source.element) <= MAX_ELEMENT_BYTES:
+            raise InvalidArgument(f"{what}.diversified.element: 1 to "
+                                  f"{MAX_ELEMENT_BYTES} bytes (e.g. the 10-byte PSD id)")
+        return cm.Diversified(token, spec.key_length, source.master_label,
+                              bytes(source.element)), source.master_label
+
+    def _new_random(self, call: Call, spec: pb.KeySetSpec, what: str
+                    ) -> tuple[cm.NewRandom, str]:
+        token = self._checked_master(call, spec, "new_random", RANDOM_MASTERS, what)
+        source = spec.new_random
+        if not source.public_key_label:
+            raise InvalidArgument(f"{what}.new_random.public_key_label: required")
+        kc.require_role(source.public_key_label, CRYPTOGRAM_KEYS,
+                        f"{what}.new_random.public_key_label")
+        call.authorize(token, source.public_key_label)
+        return cm.NewRandom(token, spec.key_length, source.master_label,
+                            source.public_key_label), source.master_label
+
+    def _from_cryptogram(self, call: Call, spec: pb.KeySetSpec, what: str
+                         ) -> tuple[cm.FromCryptogram, str]:
+        token = self._checked_master(call, spec, "from_cryptogram", RANDOM_MASTERS, what)
+        source = spec.from_cryptogram
         if not source.private_key_label:
             raise InvalidArgument(f"{what}.from_cryptogram.private_key_label: required")
         kc.require_role(source.private_key_label, CRYPTOGRAM_KEYS,
@@ -109,10 +135,9 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
             raise InvalidArgument(f"{what}.from_cryptogram.cryptogram: 1 to "
                                   f"{MAX_CRYPTOGRAM_BYTES} bytes")
         call.authorize(token, source.private_key_label)
-        return cm.KeySetSource("from_cryptogram", token, spec.key_length,
-                               master_label=source.master_label,
-                               private_label=source.private_key_label,
-                               cryptogram=bytes(source.cryptogram)), source.master_label
+        return cm.FromCryptogram(token, spec.key_length, source.master_label,
+                                 source.private_key_label,
+                                 bytes(source.cryptogram)), source.master_label
 
     def _commands(self, call: Call, commands: Any, workers: set[int]) -> tuple[cm.Command, ...]:
         if len(commands) > MAX_COMMANDS:
