@@ -50,6 +50,13 @@ def _check_foreseeable(commands: Any) -> None:
                                   f"expect 9000 only (other answers cannot be foreseen)")
 
 
+def _cryptogram_key(label: str, where: str) -> None:
+    """A half of a cryptogram key pair is named, and of that class (PERMISSION_DENIED if not)."""
+    if not label:
+        raise InvalidArgument(f"{where}: required")
+    kc.require_role(label, CRYPTOGRAM_KEYS, where)
+
+
 class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
@@ -115,10 +122,7 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
                     ) -> tuple[cm.NewRandom, str]:
         token = self._checked_master(call, spec, "new_random", RANDOM_MASTERS, what)
         source = spec.new_random
-        if not source.public_key_label:
-            raise InvalidArgument(f"{what}.new_random.public_key_label: required")
-        kc.require_role(source.public_key_label, CRYPTOGRAM_KEYS,
-                        f"{what}.new_random.public_key_label")
+        _cryptogram_key(source.public_key_label, f"{what}.new_random.public_key_label")
         call.authorize(token, source.public_key_label)
         return cm.NewRandom(token, spec.key_length, source.master_label,
                             source.public_key_label), source.master_label
@@ -127,10 +131,7 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
                          ) -> tuple[cm.FromCryptogram, str]:
         token = self._checked_master(call, spec, "from_cryptogram", RANDOM_MASTERS, what)
         source = spec.from_cryptogram
-        if not source.private_key_label:
-            raise InvalidArgument(f"{what}.from_cryptogram.private_key_label: required")
-        kc.require_role(source.private_key_label, CRYPTOGRAM_KEYS,
-                        f"{what}.from_cryptogram.private_key_label")
+        _cryptogram_key(source.private_key_label, f"{what}.from_cryptogram.private_key_label")
         if not 1 <= len(source.cryptogram) <= MAX_CRYPTOGRAM_BYTES:
             raise InvalidArgument(f"{what}.from_cryptogram.cryptogram: 1 to "
                                   f"{MAX_CRYPTOGRAM_BYTES} bytes")
