@@ -180,12 +180,12 @@ def test_handle_quota_per_identity(proxy):
 
 
 def test_a_derive_batch_over_the_quota_fails_whole_and_holds_no_handle(proxy):
+    base = template(unique("demo/derive-base"), pb.DERIVE)
     admin = proxy.hsm("admin")
-    base = unique("demo/derive-base")
-    admin.GenerateSecretKey(pb.GenerateSecretKeyRequest(
-        token="access", algorithm=pb.AES_128, template=template(base, pb.DERIVE)),
-        timeout=TIMEOUT)
-    items = [pb.DeriveKeyRequest(base_key=label_ref(base), mechanism=pb.AES_ECB_ENCRYPT_DATA,
+    admin.GenerateSecretKey(pb.GenerateSecretKeyRequest(token="access", algorithm=pb.AES_128,
+                                                        template=base), timeout=TIMEOUT)
+    items = [pb.DeriveKeyRequest(base_key=label_ref(base.label),
+                                 mechanism=pb.AES_ECB_ENCRYPT_DATA,
                                  data=bytes([i]) * 16, algorithm=pb.AES_128,
                                  template=template("demo/d", pb.ENCRYPT, session=True))
              for i in range(MAX_HANDLES + 1)]
