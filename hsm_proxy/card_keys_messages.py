@@ -9,18 +9,46 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
-class KeySetSource(NamedTuple):
-    """Where a card key set comes from (one of the KeySetSpec forms)."""
+class Diversified(NamedTuple):
+    """A set diversified from an MK block or the factory transport master by an element
+    (the PSD id)."""
 
-    kind: str                      # diversified | new_random | from_cryptogram | handle
     token: str
     key_length: int
-    master_label: str = ""
-    element: bytes = b""
-    public_label: str = ""
-    private_label: str = ""
-    cryptogram: bytes = b""
-    handle: str = ""
+    master_label: str
+    element: bytes
+
+
+class NewRandom(NamedTuple):
+    """A set diversified from an MKRK block by a new R, returned encrypted to
+    ``public_label`` (the cryptogram)."""
+
+    token: str
+    key_length: int
+    master_label: str
+    public_label: str
+
+
+class FromCryptogram(NamedTuple):
+    """A set diversified from an MKRK block by the R in a cryptogram, decrypted with
+    ``private_label``."""
+
+    token: str
+    key_length: int
+    master_label: str
+    private_label: str
+    cryptogram: bytes
+
+
+class KeySetHandle(NamedTuple):
+    """A set derived earlier, held in its worker under a card key set handle."""
+
+    token: str
+    handle: str
+
+
+KeySetSource = Diversified | NewRandom | FromCryptogram | KeySetHandle
+"""Where a card key set comes from: one record per KeySetSpec form."""
 
 
 class Command(NamedTuple):

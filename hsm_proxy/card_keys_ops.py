@@ -33,7 +33,7 @@ same operation, and are destroyed straight after.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, assert_never
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -176,26 +176,43 @@ def key_set(ctx: WorkerContext, src: cm.KeySetSource, *, for_put: bool = False
     ``for_put``: the set is to be installed by a PUT KEY (its keys are then
     extractable for the DEK wrap, in this operation only).
     """
-    if src.kind == "handle":
-        if for_put:
-            raise InvalidArgument("a key set handle opens channels; a PUT KEY derives the set "
-                                  "it installs inside the call (give its source)")
-        return ctx.states.get(src.handle, KeySetState).keys, b""
-    if src.kind == "diversified":
-        master = _master(ctx, src.token, src.master_label, MK_SOURCES)
-        return _derive(master, src.element, src.key_length, src.token, for_put=for_put), b""
+    match src:
+        case cm.KeySetHandle():
+            if for_put:
+                raise InvalidArgument("a key set handle opens channels; a PUT KEY derives the "
+                                      "set it installs inside the call (give its source)")
+            return ctx.states.get(src.handle, KeySetState).keys, b""
+        case cm.Diversified():
+            master = _master(ctx, src.token, src.master_label, MK_SOURCES)
+            return _derive(master, src.element, src.key_length, src.token,
+                           for_put=for_put), b""
+        case cm.NewRandom():
+            return _new_random(ctx, src, for_put)
+        case cm.FromCryptogram():
+            return _from_cryptogram(ctx, src, for_put)
+        case _:
+            assert_never(src)
+
+
+def _new_random(ctx: WorkerContext, src: cm.NewRandom, for_put: bool
+                ) -> tuple[KeySetObjects, bytes]:
+    """An MKRK set from a new R made by the HSM, and R encrypted to the cryptogram key."""
     master = _master(ctx, src.token, src.master_label, MKRK_SOURCES)
     session = ctx.backend.session(src.token)
-    if src.kind == "new_random":
-        public = _master(ctx, src.token, src.public_label, CRYPTOGRAM, ObjectClass.PUBLIC_KEY)
-        r = bytearray(session.generate_random(R_BYTES * 8))
-        try:
-            cryptogram = public.encrypt(bytes(r), mechanism=Mechanism.RSA_PKCS_OAEP,
-                                        mechanism_param=OAEP_SHA1)
-            return _derive(master, r, src.key_length, src.token, for_put=for_put), cryptogram
-        finally:
-            _wipe(r)
-    # from_cryptogram
+    public = _master(ctx, src.token, src.public_label, CRYPTOGRAM, ObjectClass.PUBLIC_KEY)
+    r = bytearray(session.generate_random(R_BYTES * 8))
+    try:
+        cryptogram = public.encrypt(bytes(r), mechanism=Mechanism.RSA_PKCS_OAEP,
+                                    mechanism_param=OAEP_SHA1)
+        return _derive(master, r, src.key_length, src.token, for_put=for_put), cryptogram
+    finally:
+        _wipe(r)
+
+
+def _from_cryptogram(ctx: WorkerContext, src: cm.FromCryptogram, for_put: bool
+                     ) -> tuple[KeySetObjects, bytes]:
+    """The MKRK set of a card again, from the R its stored cryptogram holds."""
+    master = _master(ctx, src.token, src.master_label, MKRK_SOURCES)
     private = _master(ctx, src.token, src.private_label, CRYPTOGRAM, ObjectClass.PRIVATE_KEY)
     try:
         r = bytearray(private.decrypt(src.cryptogram, mechanism=Mechanism.RSA_PKCS_OAEP,
@@ -209,6 +226,11 @@ def key_set(ctx: WorkerContext, src: cm.KeySetSource, *, for_put: bool = False
         return _derive(master, r, src.key_length, src.token, for_put=for_put), b""
     finally:
         _wipe(r)
+
+
+def _master_label(src: cm.KeySetSource) -> str:
+    """The master a state's keys were derived from; none for a set taken from a handle."""
+    return "" if isinstance(src, cm.KeySetHandle) else src.master_label
 
 
 def _kcv(obj: Any) -> bytes:
@@ -262,14 +284,14 @@ def _wrap_commands(ctx: WorkerContext, state: ChannelState,
 @operation("card_keys.derive_set", idempotent=False)
 def derive_set(ctx: WorkerContext, req: cm.DeriveSet) -> tuple[bytes, bytes, bytes, bytes]:
     keys, cryptogram = key_set(ctx, req.source)
-    ctx.states.put(req.handle, KeySetState(keys, req.source.master_label))
+    ctx.states.put(req.handle, KeySetState(keys, _master_label(req.source)))
     return (*kcvs(keys), cryptogram)
 
 
 @operation("card_keys.open", idempotent=False)
 def open_channel(ctx: WorkerContext, req: cm.OpenChannel) -> list[cm.Wrapped]:
     keys, cryptogram = key_set(ctx, req.source)
-    owned_here = req.source.kind != "handle"
+    owned_here = not isinstance(req.source, cm.KeySetHandle)
     try:
         def prf(obj: Any):
             return lambda data: obj.sign(data, mechanism=Mechanism.AES_CMAC)
@@ -294,7 +316,7 @@ def open_channel(ctx: WorkerContext, req: cm.OpenChannel) -> list[cm.Wrapped]:
                                      f"({type(exc).__name__})") from None
         state = ChannelState(keys if owned_here else KeySetObjects(
             keys.token, keys.key_length, [keys.enc, keys.mac, keys.dek], owned=False),
-            host, req.source.master_label)
+            host, _master_label(req.source))
         state.pending.append(host.checkpoint())
         wrapped = [cm.Wrapped(ext_auth, cryptogram=cryptogram)]
         wrapped += _wrap_commands(ctx, state, req.commands)

@@ -22,9 +22,8 @@ from cms.v1 import card_keys_pb2_grpc
 from cms.v1 import hsm_pb2 as hpb
 from hsm_proxy import card_keys_messages as cm
 from hsm_proxy import key_classes as kc
-from hsm_proxy.core import Call, ProxyCore, creation_failed, rpc
-from hsm_proxy.errors import failure_item_error, item_error
-from hsm_proxy.worker import Failure
+from hsm_proxy.batches import BatchItem, run_batch
+from hsm_proxy.core import Call, ProxyCore, rpc
 
 KEY_LENGTHS = (16, 24, 32)
 MIN_AID_BYTES, MAX_AID_BYTES = 5, 16
@@ -51,6 +50,13 @@ def _check_foreseeable(commands: Any) -> None:
                                   f"expect 9000 only (other answers cannot be foreseen)")
 
 
+def _cryptogram_key(label: str, where: str) -> None:
+    """A half of a cryptogram key pair is named, and of that class (PERMISSION_DENIED if not)."""
+    if not label:
+        raise InvalidArgument(f"{where}: required")
+    kc.require_role(label, CRYPTOGRAM_KEYS, where)
+
+
 class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
@@ -64,56 +70,75 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         of another class is refused here (PERMISSION_DENIED), before any HSM
         work; the worker checks the key itself (its origin and template).
         """
-        kind = spec.WhichOneof("source")
-        if kind is None:
-            raise InvalidArgument(f"{what}: give a source (diversified, new_random, "
-                                  f"from_cryptogram or handle)")
-        if kind == "handle":
-            record = self.core.handles.lookup(call.identity, spec.handle,
-                                              worker_state=self.core.pool.worker_state)
-            if record.kind != CARD_KEY_SET_KIND:
-                raise InvalidArgument(f"{what}.handle is not a card key set")
-            call.authorize(record.token, record.label)
-            workers.add(record.worker)
-            return cm.KeySetSource("handle", record.token, 0, handle=spec.handle), record.label
+        match spec.WhichOneof("source"):
+            case "handle":
+                return self._held_set(call, spec.handle, what, workers)
+            case "diversified":
+                return self._diversified(call, spec, what)
+            case "new_random":
+                return self._new_random(call, spec, what)
+            case "from_cryptogram":
+                return self._from_cryptogram(call, spec, what)
+            case _:
+                raise InvalidArgument(f"{what}: give a source (diversified, new_random, "
+                                      f"from_cryptogram or handle)")
+
+    def _held_set(self, call: Call, handle: str, what: str, workers: set[int]
+                  ) -> tuple[cm.KeySetHandle, str]:
+        record = self.core.handles.lookup(call.identity, handle,
+                                          worker_state=self.core.pool.worker_state)
+        if record.kind != CARD_KEY_SET_KIND:
+            raise InvalidArgument(f"{what}.handle is not a card key set")
+        call.authorize(record.token, record.label)
+        workers.add(record.worker)
+        return cm.KeySetHandle(record.token, handle), record.label
+
+    def _checked_master(self, call: Call, spec: pb.KeySetSpec, kind: str,
+                        masters: frozenset[int], what: str) -> str:
+        """What every derived source checks first (the key length, the token, a master of
+        ``masters`` the caller may use); the token."""
         token = spec.token
         if spec.key_length not in KEY_LENGTHS:
             raise InvalidArgument(f"{what}.key_length: 16, 24 or 32")
         self.core.require_token(token, f"{what}.token")
-        source = getattr(spec, kind)
-        if not source.master_label:
+        master_label = getattr(spec, kind).master_label
+        if not master_label:
             raise InvalidArgument(f"{what}.{kind}.master_label: required")
-        masters = DIVERSIFIED_MASTERS if kind == "diversified" else RANDOM_MASTERS
-        kc.require_role(source.master_label, masters, f"{what}.{kind}.master_label")
-        call.authorize(token, source.master_label)
-        if kind == "diversified":
-            if not 1 <= len(source.element) <= MAX_ELEMENT_BYTES:
-                raise InvalidArgument(f"{what}.diversified.element: 1 to "
-                                      f"{MAX_ELEMENT_BYTES} bytes (e.g. the 10-byte PSD id)")
-            return cm.KeySetSource("diversified", token, spec.key_length,
-                                   master_label=source.master_label,
-                                   element=bytes(source.element)), source.master_label
-        if kind == "new_random":
-            if not source.public_key_label:
-                raise InvalidArgument(f"{what}.new_random.public_key_label: required")
-            kc.require_role(source.public_key_label, CRYPTOGRAM_KEYS,
-                            f"{what}.new_random.public_key_label")
-            call.authorize(token, source.public_key_label)
-            return cm.KeySetSource("new_random", token, spec.key_length,
-                                   master_label=source.master_label,
-                                   public_label=source.public_key_label), source.master_label
-        if not source.private_key_label:
-            raise InvalidArgument(f"{what}.from_cryptogram.private_key_label: required")
-        kc.require_role(source.private_key_label, CRYPTOGRAM_KEYS,
-                        f"{what}.from_cryptogram.private_key_label")
+        kc.require_role(master_label, masters, f"{what}.{kind}.master_label")
+        call.authorize(token, master_label)
+        return token
+
+    def _diversified(self, call: Call, spec: pb.KeySetSpec, what: str
+                     ) -> tuple[cm.Diversified, str]:
+        token = self._checked_master(call, spec, "diversified", DIVERSIFIED_MASTERS, what)
+        source = spec.diversified
+        if not 1 <= len(source.element) <= MAX_ELEMENT_BYTES:
+            raise InvalidArgument(f"{what}.diversified.element: 1 to "
+                                  f"{MAX_ELEMENT_BYTES} bytes (e.g. the 10-byte PSD id)")
+        return cm.Diversified(token, spec.key_length, source.master_label,
+                              bytes(source.element)), source.master_label
+
+    def _new_random(self, call: Call, spec: pb.KeySetSpec, what: str
+                    ) -> tuple[cm.NewRandom, str]:
+        token = self._checked_master(call, spec, "new_random", RANDOM_MASTERS, what)
+        source = spec.new_random
+        _cryptogram_key(source.public_key_label, f"{what}.new_random.public_key_label")
+        call.authorize(token, source.public_key_label)
+        return cm.NewRandom(token, spec.key_length, source.master_label,
+                            source.public_key_label), source.master_label
+
+    def _from_cryptogram(self, call: Call, spec: pb.KeySetSpec, what: str
+                         ) -> tuple[cm.FromCryptogram, str]:
+        token = self._checked_master(call, spec, "from_cryptogram", RANDOM_MASTERS, what)
+        source = spec.from_cryptogram
+        _cryptogram_key(source.private_key_label, f"{what}.from_cryptogram.private_key_label")
         if not 1 <= len(source.cryptogram) <= MAX_CRYPTOGRAM_BYTES:
             raise InvalidArgument(f"{what}.from_cryptogram.cryptogram: 1 to "
                                   f"{MAX_CRYPTOGRAM_BYTES} bytes")
         call.authorize(token, source.private_key_label)
-        return cm.KeySetSource("from_cryptogram", token, spec.key_length,
-                               master_label=source.master_label,
-                               private_label=source.private_key_label,
-                               cryptogram=bytes(source.cryptogram)), source.master_label
+        return cm.FromCryptogram(token, spec.key_length, source.master_label,
+                                 source.private_key_label,
+                                 bytes(source.cryptogram)), source.master_label
 
     def _commands(self, call: Call, commands: Any, workers: set[int]) -> tuple[cm.Command, ...]:
         if len(commands) > MAX_COMMANDS:
@@ -171,15 +196,9 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         source, label = self._source(call, request.spec, "spec", workers)
         record = core.new_handle(call, CARD_KEY_SET_KIND, source.token, label,
                                  worker=self._pin(workers))
-        try:
-            reply = core.pool.call("card_keys.derive_set", cm.DeriveSet(record.handle, source),
-                                   worker=record.worker, idempotent=False,
-                                   timeout=call.timeout())
-        except ServiceError as exc:
-            core.handles.discard(record)
-            raise creation_failed(exc) from None
-        core.activate(record, reply)
-        enc, mac, dek, cryptogram = reply.value
+        enc, mac, dek, cryptogram = core.create_state(
+            call, record, "card_keys.derive_set", cm.DeriveSet(record.handle, source),
+            idempotent=False)
         return pb.KeySet(handle=record.handle, kcv_enc=enc, kcv_mac=mac, kcv_dek=dek,
                          cryptogram=cryptogram)
 
@@ -238,18 +257,12 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         core = self.core
         call.items = len(request.commands)
         payload, worker, record = self._open_payload(call, request)
-        try:
-            reply = core.pool.call("card_keys.open", payload, worker=worker,
-                                   idempotent=False, timeout=call.timeout())
-        except ServiceError as exc:
-            if record is None:
-                raise
-            core.handles.discard(record)
-            raise creation_failed(exc) from None
         if record is None:
-            return self._opened(request, reply.value)
-        core.activate(record, reply)
-        return self._opened(request, reply.value, record.handle)
+            wrapped = core.pool.call("card_keys.open", payload, worker=worker,
+                                     idempotent=False, timeout=call.timeout()).value
+            return self._opened(request, wrapped)
+        wrapped = core.create_state(call, record, "card_keys.open", payload, idempotent=False)
+        return self._opened(request, wrapped, record.handle)
 
     @rpc
     def OpenSecureChannelBatch(self, request: pb.OpenSecureChannelBatchRequest,
@@ -264,43 +277,16 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         fails the whole call, as in the Hsm batches); other item failures
         come back in the item. Items run spread over the workers.
         """
-        core = self.core
-        n = core.batch_size(len(request.items))
-        call.items = n
-        results: list[Any] = [None] * n
-        work: list[int] = []
-        payloads: list[cm.OpenChannel] = []
-        affinity: list[int | None] = []
-        for i, item in enumerate(request.items):
-            try:
-                if not item.predict_responses:
-                    raise InvalidArgument("predict_responses: required in a batch (a batch "
-                                          "keeps no channel open)")
-                payload, worker, _ = self._open_payload(call, item)
-            except ServiceError as exc:
-                if exc.code == grpc.StatusCode.PERMISSION_DENIED:
-                    raise
-                results[i] = exc
-                continue
-            work.append(i)
-            payloads.append(payload)
-            affinity.append(worker)
-        if work:
-            raw = core.pool.batch("card_keys.open", payloads,
-                                  affinity=affinity if any(a is not None for a in affinity)
-                                  else None, idempotent=False, timeout=call.timeout(),
-                                  min_chunk=1)
-            for i, value in zip(work, raw, strict=True):
-                results[i] = value
-        out = pb.OpenSecureChannelBatchResponse()
-        for item, value in zip(request.items, results, strict=True):
-            if isinstance(value, ServiceError):
-                out.results.add(error=item_error(value))
-            elif isinstance(value, Failure):
-                out.results.add(error=failure_item_error(value))
-            else:
-                out.results.add(opened=self._opened(item, value))
-        return out
+        def check(item: pb.OpenSecureChannelRequest) -> BatchItem:
+            if not item.predict_responses:
+                raise InvalidArgument("predict_responses: required in a batch (a batch "
+                                      "keeps no channel open)")
+            payload, worker, _ = self._open_payload(call, item)
+            return BatchItem(payload, worker)
+
+        return run_batch(self.core, call, request.items, check, "card_keys.open",
+                         pb.OpenSecureChannelBatchResponse(), "opened", idempotent=False,
+                         min_chunk=1, answer=lambda item, wrapped, _: self._opened(item, wrapped))
 
     def _channel(self, call: Call, handle: str) -> Any:
         record = self.core.handles.lookup(call.identity, handle,

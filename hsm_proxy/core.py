@@ -214,9 +214,8 @@ class ProxyCore:
         """Reserve a handle for state a worker is about to create.
 
         ``worker``: where the state must live (beside a handle it derives from);
-        by default the least busy worker. Send the creating call pinned to
-        ``record.worker`` with ``record.handle`` in its payload, then
-        ``activate`` (or ``handles.discard`` on failure).
+        by default the least busy worker. Then ``create_state`` sends the
+        creating call (``record.handle`` in its payload) to that worker.
         """
         assert call.identity is not None
         if worker is None:
@@ -224,6 +223,24 @@ class ProxyCore:
         record = self.handles.reserve(call.identity, worker, kind, token, label, tokens)
         call.touch(None, handle=record.handle)
         return record
+
+    def create_state(self, call: Call, record: HandleRecord, op: str, payload: Any, *,
+                     idempotent: bool) -> Any:
+        """Run ``op``, which makes the state of a reserved handle, and return its value.
+
+        The handle becomes usable only once its worker answered, stamped with
+        that worker's incarnation (a restart since then expires it); if the
+        call fails the reservation is given back, so a failed creation leaves
+        no handle and counts nothing against the caller's quota.
+        """
+        try:
+            reply = self.pool.call(op, payload, worker=record.worker, idempotent=idempotent,
+                                   timeout=call.timeout())
+        except ServiceError as exc:
+            self.handles.discard(record)
+            raise creation_failed(exc) from None
+        self.activate(record, reply)
+        return reply.value
 
     def activate(self, record: HandleRecord, reply: Reply) -> None:
         self.handles.activate(record, reply.incarnation, reply.generation)

@@ -45,9 +45,8 @@ session keys are CMAC outputs kept in the worker that owns the channel):
 
        call.authorize(token, label)
        record = core.new_handle(call, "scp03-channel", token, label)
-       reply = core.pool.call("scp03.open", (record.handle, ...), worker=record.worker,
-                              idempotent=False, timeout=call.timeout())
-       core.activate(record, reply)         # handles.discard(record) on failure
+       opened = core.create_state(call, record, "scp03.open", (record.handle, ...),
+                                  idempotent=False)   # no handle left if it fails
 
    and for follow-up calls::
 

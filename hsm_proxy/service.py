@@ -5,9 +5,10 @@ HSM work), authorizes each key it touches (a new key's label is checked like
 any other), checks the key's class (this service creates and uses operator
 keys only: any other class is PERMISSION_DENIED, whatever the policy says;
 inspection and public keys excepted), resolves handles to their worker, and
-sends a ``hsm_proxy.messages`` payload to the worker pool. Batches are
-authorized once per distinct key; a denied key denies the whole batch, while
-per-item problems (unknown key, bad data) come back per item.
+sends a ``hsm_proxy.messages`` payload to the worker pool. Batches run
+through ``hsm_proxy.batches``: a denied key denies the whole batch, while
+per-item problems (unknown key, bad data) come back per item; SignBatch
+authorizes each distinct key once.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from cms.v1 import hsm_pb2 as pb
 from cms.v1 import hsm_pb2_grpc
 from hsm_proxy import key_classes as kc
 from hsm_proxy import messages as m
-from hsm_proxy.core import Call, ProxyCore, Target, creation_failed, rpc
-from hsm_proxy.errors import failure_item_error, item_error
+from hsm_proxy.batches import BatchItem, HandleItem, run_batch
+from hsm_proxy.core import Call, ProxyCore, Target, rpc
 from hsm_proxy.handles import HandleRecord
-from hsm_proxy.pool import Reply
-from hsm_proxy.worker import Failure
 
 AES_BLOCK = 16
 ECDSA_DIGEST_SIZES = (20, 28, 32, 48, 64)
@@ -84,15 +83,8 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         core = self.core
         if template.session:
             record = core.new_handle(call, kind, token, template.label)
-            try:
-                reply: Reply = core.pool.call(op, payload_for(template._replace(
-                    handle=record.handle)), worker=record.worker, idempotent=idempotent,
-                    timeout=call.timeout())
-            except ServiceError as exc:
-                core.handles.discard(record)
-                raise creation_failed(exc) from None
-            core.activate(record, reply)
-            return reply.value, record
+            return core.create_state(call, record, op, payload_for(template._replace(
+                handle=record.handle)), idempotent=idempotent), record
         with core.creating([(token, template.label)]):
             reply = core.pool.call(op, payload_for(template), idempotent=False,
                                    timeout=call.timeout())
@@ -211,15 +203,9 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         if t.session:
             # The new key lives beside its base when the base is a handle.
             record = core.new_handle(call, "key", base.token, t.label, worker=base.worker)
-            try:
-                reply = core.pool.call("derive", item._replace(
-                    template=t._replace(handle=record.handle)), worker=record.worker,
-                    idempotent=True, timeout=call.timeout())
-            except ServiceError as exc:
-                core.handles.discard(record)
-                raise creation_failed(exc) from None
-            core.activate(record, reply)
-            return self._key_info(reply.value, record)
+            raw = core.create_state(call, record, "derive", item._replace(
+                template=t._replace(handle=record.handle)), idempotent=True)
+            return self._key_info(raw, record)
         with core.creating([(base.token, t.label)]):
             raw = core.pool.call("derive", item, worker=base.worker, idempotent=False,
                                  timeout=call.timeout()).value
@@ -228,70 +214,18 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     @rpc
     def DeriveKeyBatch(self, request: pb.DeriveKeyBatchRequest, context: grpc.ServicerContext,
                        call: Call) -> pb.DeriveKeyBatchResponse:
-        core = self.core
-        n = core.batch_size(len(request.items))
-        call.items = n
-        results: list[pb.DeriveKeyResult | None] = [None] * n
-        work: list[int] = []
-        payloads: list[m.DeriveItem] = []
-        affinity: list[int | None] = []
-        records: dict[int, HandleRecord] = {}
-        persistent: list[tuple[str, str]] = []
-        persistent_worker: int | None = None
-        try:
-            for i, req in enumerate(request.items):
-                try:
-                    base, item = self._derive_item(call, req)
-                except ServiceError as exc:
-                    if exc.code == grpc.StatusCode.PERMISSION_DENIED:
-                        raise
-                    results[i] = pb.DeriveKeyResult(error=item_error(exc))
-                    continue
-                t = item.template
-                worker = base.worker
-                if t.session:
-                    record = core.new_handle(call, "key", base.token, t.label, worker=worker)
-                    records[i] = record
-                    worker = record.worker
-                    item = item._replace(template=t._replace(handle=record.handle))
-                else:
-                    persistent.append((base.token, t.label))
-                    # Persistent keys are created by one worker so duplicate labels
-                    # inside the batch are caught in order.
-                    if worker is None:
-                        if persistent_worker is None:
-                            persistent_worker = core.pool.choose().index
-                        worker = persistent_worker
-                work.append(i)
-                payloads.append(item)
-                affinity.append(worker)
-            raw: list[Any] = []
-            if work:
-                with core.creating(persistent):
-                    raw = core.pool.batch("derive", payloads, affinity=affinity,
-                                          idempotent=not persistent, timeout=call.timeout())
-        except BaseException:
-            for record in records.values():
-                core.handles.discard(record)
-            raise
-        for i, value in zip(work, raw, strict=True):
-            record = records.get(i)
-            if isinstance(value, Failure):
-                if record is not None:
-                    core.handles.discard(record)
-                results[i] = pb.DeriveKeyResult(error=failure_item_error(value))
-                continue
-            if record is not None:
-                state = core.pool.worker_state(record.worker)
-                if state is None:
-                    core.handles.discard(record)
-                    results[i] = pb.DeriveKeyResult(error=item_error(
-                        Unavailable("the HSM worker restarted; retry")))
-                    continue
-                core.handles.activate(record, *state)
-            results[i] = pb.DeriveKeyResult(key=self._key_info(value, record))
-        core.update_handle_gauge()
-        return pb.DeriveKeyBatchResponse(results=results)
+        def check(req: pb.DeriveKeyRequest) -> BatchItem | HandleItem:
+            base, item = self._derive_item(call, req)
+            t = item.template
+            if not t.session:
+                return BatchItem(item, base.worker, creates=(base.token, t.label))
+            # The new key lives beside its base when the base is a handle.
+            return HandleItem("key", base.token, t.label, lambda handle: item._replace(
+                template=t._replace(handle=handle)), worker=base.worker)
+
+        return run_batch(self.core, call, request.items, check, "derive",
+                         pb.DeriveKeyBatchResponse(), "key",
+                         answer=lambda _, raw, record: self._key_info(raw, record))
 
     # -- public keys ----------------------------------------------------------------------
     @rpc
@@ -342,42 +276,12 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     @rpc
     def EncryptBatch(self, request: pb.CipherBatchRequest, context: grpc.ServicerContext,
                      call: Call) -> pb.CipherBatchResponse:
-        results = self._batch(call, request.items, "cipher",
-                              lambda req: self._cipher_item(call, req, False, "EncryptBatch"))
-        out = pb.CipherBatchResponse()
-        for r in results:
-            if isinstance(r, pb.ItemError):
-                out.results.add(error=r)
-            else:
-                out.results.add(data=r)
-        return out
+        def check(req: pb.CipherRequest) -> BatchItem:
+            target, item = self._cipher_item(call, req, False, "EncryptBatch")
+            return BatchItem(item, target.worker)
 
-    def _batch(self, call: Call, items: Any, op: str, prepare: Any) -> list[Any]:
-        """Validate and authorize each item, run the valid ones, merge per-item errors."""
-        core = self.core
-        n = core.batch_size(len(items))
-        call.items = n
-        results: list[Any] = [None] * n
-        work: list[int] = []
-        payloads: list[Any] = []
-        affinity: list[int | None] = []
-        for i, req in enumerate(items):
-            try:
-                target, item = prepare(req)
-            except ServiceError as exc:
-                if exc.code == grpc.StatusCode.PERMISSION_DENIED:
-                    raise
-                results[i] = item_error(exc)
-                continue
-            work.append(i)
-            payloads.append(item)
-            affinity.append(target.worker)
-        if work:
-            raw = core.pool.batch(op, payloads, affinity=affinity, idempotent=True,
-                                  timeout=call.timeout())
-            for i, value in zip(work, raw, strict=True):
-                results[i] = failure_item_error(value) if isinstance(value, Failure) else value
-        return results
+        return run_batch(self.core, call, request.items, check, "cipher",
+                         pb.CipherBatchResponse(), "data")
 
     # -- signatures -------------------------------------------------------------------
     def _sign_item(self, call: Call, req: pb.SignRequest, operation: str
@@ -401,16 +305,12 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     def SignBatch(self, request: pb.SignBatchRequest, context: grpc.ServicerContext,
                   call: Call) -> pb.SignBatchResponse:
         core = self.core
-        n = core.batch_size(len(request.items))
-        call.items = n
-        # Hot path: authorize each distinct key once, then build payloads.
+        # Hot path: authorize each distinct key once; only an item whose mechanism
+        # or data looks wrong is checked in full, to answer it as Sign would.
         targets: dict[tuple[str, str, str], Target | ServiceError] = {}
-        results: list[Any] = [None] * n
-        work: list[int] = []
-        payloads: list[m.SignItem] = []
-        affinity: list[int | None] = []
         limit = core.limits.max_data_bytes
-        for i, req in enumerate(request.items):
+
+        def check(req: pb.SignRequest) -> BatchItem:
             ref = req.key
             k = (ref.token, ref.label, ref.handle)
             target = targets.get(k)
@@ -423,35 +323,16 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
                     target = exc
                 targets[k] = target
             if isinstance(target, ServiceError):
-                results[i] = item_error(target)
-                continue
+                # Every item naming this key gets the same answer (raised afresh).
+                raise target.with_traceback(None)
             mechanism, data = req.mechanism, req.data
             if (mechanism not in SIGN_MECHANISMS or len(data) > limit
                     or (mechanism == pb.ECDSA and len(data) not in ECDSA_DIGEST_SIZES)):
-                try:
-                    self._sign_item(call, req, "SignBatch")
-                except ServiceError as exc:
-                    results[i] = item_error(exc)
-                    continue
-            work.append(i)
-            payloads.append(m.SignItem(target.ref, mechanism, data))
-            affinity.append(target.worker)
-        if work:
-            raw = core.pool.batch("sign", payloads,
-                                  affinity=affinity if any(a is not None for a in affinity)
-                                  else None, idempotent=True, timeout=call.timeout())
-            for i, value in zip(work, raw, strict=True):
-                results[i] = value
-        out = pb.SignBatchResponse()
-        add = out.results.add
-        for r in results:
-            if isinstance(r, bytes):
-                add(signature=r)
-            elif isinstance(r, Failure):
-                add(error=failure_item_error(r))
-            else:
-                add(error=r)
-        return out
+                self._sign_item(call, req, "SignBatch")
+            return BatchItem(m.SignItem(target.ref, mechanism, data), target.worker)
+
+        return run_batch(core, call, request.items, check, "sign", pb.SignBatchResponse(),
+                         "signature")
 
     @rpc
     def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext,

@@ -179,6 +179,24 @@ def test_handle_quota_per_identity(proxy):
         handles=[other.ref.handle]), timeout=TIMEOUT)
 
 
+def test_a_derive_batch_over_the_quota_fails_whole_and_holds_no_handle(proxy):
+    base = template(unique("demo/derive-base"), pb.DERIVE)
+    admin = proxy.hsm("admin")
+    admin.GenerateSecretKey(pb.GenerateSecretKeyRequest(token="access", algorithm=pb.AES_128,
+                                                        template=base), timeout=TIMEOUT)
+    items = [pb.DeriveKeyRequest(base_key=label_ref(base.label),
+                                 mechanism=pb.AES_ECB_ENCRYPT_DATA,
+                                 data=bytes([i]) * 16, algorithm=pb.AES_128,
+                                 template=template("demo/d", pb.ENCRYPT, session=True))
+             for i in range(MAX_HANDLES + 1)]
+    err = rpc_error(admin.DeriveKeyBatch, pb.DeriveKeyBatchRequest(items=items))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "'admin'" in err.details()
+    # The handles reserved for the items before were given back: the whole quota is free.
+    made = [_session_key(admin).ref.handle for _ in range(MAX_HANDLES)]
+    assert admin.ReleaseHandles(pb.ReleaseHandlesRequest(handles=made),
+                                timeout=TIMEOUT).released == MAX_HANDLES
+
+
 def test_handles_expire_after_their_ttl(tmp_path):
     env = ProxyEnv.create(tmp_path, overrides={"handles": {"ttl_seconds": 1}})
     with ProxyProcess(env) as proxy:
