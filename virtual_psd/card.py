@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Final
 
 from cardcore import sw as SW
 from cardcore.apdu import ApduError, CommandApdu, encode_response, parse_command
 from cardcore.psd import ISD_AID
+from virtual_psd.applet import Applet, CommandContext, Session, StatusError
 from virtual_psd.faults import CardPowerLost, FaultPlan
+from virtual_psd.isd import IssuerSecurityDomain
 from virtual_psd.state import CardState, load_state, save_state
 
 log = logging.getLogger("virtual_psd")
@@ -44,45 +45,6 @@ class CardNotPowered(Exception):
     """A transmit to a card that is not powered."""
 
 
-class StatusError(Exception):
-    """Raised by command handlers: answer with this status word and change nothing."""
-
-    def __init__(self, sw: int, message: str = "") -> None:
-        super().__init__(message or SW.describe(sw))
-        self.sw = sw
-
-
-@dataclass
-class Session:
-    """Volatile card state: lost on power off, reset and power loss."""
-
-    selected: bytes | None = None
-    # Per-application volatile data (the ISD keeps its secure channel here).
-    app_data: dict[bytes, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CommandContext:
-    """What a handler may touch while processing one command."""
-
-    card: VirtualCard
-    state: CardState  # the working copy
-    session: Session
-    apdu_number: int
-
-
-class Application(Protocol):
-    """An on-card application, selected by AID."""
-
-    aid: bytes
-
-    def select(self, ctx: CommandContext, command: CommandApdu) -> bytes: ...
-
-    def deselect(self, ctx: CommandContext) -> None: ...
-
-    def process(self, ctx: CommandContext, command: CommandApdu) -> tuple[bytes, int]: ...
-
-
 class VirtualCard:
     """A GlobalPlatform card in a Python object.
 
@@ -92,15 +54,13 @@ class VirtualCard:
 
     def __init__(self, state: CardState, state_path: str | os.PathLike[str] | None = None,
                  *, faults: FaultPlan | None = None) -> None:
-        from virtual_psd.isd import IssuerSecurityDomain
-
         self.state = state
         self.state_path = state_path
         self.faults = faults or FaultPlan()
         self.apdu_count = 0
         self.powered = False
         self.session = Session()
-        self.applications: dict[bytes, Application] = {}
+        self.applets: dict[bytes, Applet] = {}
         self._lock = threading.Lock()
         self.register(IssuerSecurityDomain())
         self.default_aid = ISD_AID
@@ -110,8 +70,8 @@ class VirtualCard:
              faults: FaultPlan | None = None) -> VirtualCard:
         return cls(load_state(state_path), state_path, faults=faults)
 
-    def register(self, app: Application) -> None:
-        self.applications[bytes(app.aid)] = app
+    def register(self, app: Applet) -> None:
+        self.applets[bytes(app.aid)] = app
 
     @property
     def atr(self) -> bytes:
@@ -179,7 +139,7 @@ class VirtualCard:
 
     def _process(self, raw: bytes, n: int) -> bytes:
         work = self.state.copy()
-        ctx = CommandContext(self, work, self.session, n)
+        ctx = CommandContext(work, self.session, n, self.applets)
         try:
             command = parse_command(raw)
         except ApduError:
@@ -217,7 +177,7 @@ class VirtualCard:
                 raise StatusError(SW.SECURE_MESSAGING_NOT_SUPPORTED)
             return self._select(ctx, command)
         selected = ctx.session.selected
-        app = self.applications.get(selected) if selected is not None else None
+        app = self.applets.get(selected) if selected is not None else None
         if app is None:
             raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "no application selected")
         data, sw = app.process(ctx, command)
@@ -234,13 +194,13 @@ class VirtualCard:
         else:
             if len(command.data) > 16:
                 raise StatusError(SW.WRONG_DATA)
-            target = next((aid for aid in self.applications
+            target = next((aid for aid in self.applets
                            if aid.startswith(command.data)), None)
         if target is None:
             raise StatusError(SW.FILE_NOT_FOUND)
         current = ctx.session.selected
-        if current is not None and current in self.applications:
-            self.applications[current].deselect(ctx)
+        if current is not None and current in self.applets:
+            self.applets[current].deselect(ctx)
         ctx.session.selected = target
-        fci = self.applications[target].select(ctx, command)
+        fci = self.applets[target].select(ctx, command)
         return encode_response(b"" if command.p2 == 0x0C else fci, SW.OK)

@@ -60,7 +60,7 @@ from cardcore.scp03 import (
     offered_security_levels,
     pseudo_random_card_challenge,
 )
-from virtual_psd.card import CommandContext, StatusError
+from virtual_psd.applet import CommandContext, StatusError
 from virtual_psd.state import CardState, KeySet
 
 MAX_KEY_SETS: Final = 8
@@ -399,7 +399,7 @@ class IssuerSecurityDomain:
         if command.p1 == gp.STATUS_ISD and self.aid.startswith(prefix):
             entries.append(gp.ApplicationStatus(self.aid, ctx.state.life_cycle, ISD_PRIVILEGES))
         elif command.p1 == gp.STATUS_APPLICATIONS:
-            for aid in ctx.card.applications:
+            for aid in ctx.applets:
                 if aid != self.aid and aid.startswith(prefix):
                     info = ctx.state.applications.get(aid.hex().upper(), {})
                     entries.append(gp.ApplicationStatus(
