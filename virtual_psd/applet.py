@@ -8,13 +8,15 @@ module and the card can import its applets without an import cycle.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cardcore import sw as SW
 from cardcore.apdu import CommandApdu
-from virtual_psd.state import CardState
+from virtual_psd.state import AppletState, CardState, StateError
+
+S = TypeVar("S", bound=AppletState)
 
 
 class StatusError(Exception):
@@ -36,19 +38,59 @@ class Session:
 
 @dataclass
 class CommandContext:
-    """What an applet may touch while processing one command."""
+    """What an applet may touch while processing one command.
 
-    state: CardState  # the working copy
+    ``state`` is the card's state as committed before this command: an applet
+    reads the card's own data there and changes only its section, through
+    :meth:`section`, whose working copy the card commits when the command
+    succeeds. A command copies only the sections it uses.
+    """
+
+    state: CardState
     session: Session
     apdu_number: int
     # The card's applets by AID, for the ISD's registry (GET STATUS).
     applets: Mapping[bytes, Applet]
+    # Working copies of the sections this command used, by AID.
+    taken: dict[bytes, AppletState] = field(default_factory=dict)
+
+    def section(self, aid: bytes, kind: type[S], new: Callable[[], S] | None = None) -> S:
+        """This command's working copy of applet ``aid``'s section.
+
+        ``new`` makes the section of an applet the card did not hold yet (one
+        added to a card made before it); without it, a missing section is a
+        StateError.
+        """
+        held = self.taken.get(aid)
+        if held is None:
+            if new is not None and aid not in self.state.sections:
+                held = new()
+            else:
+                held = self.state.section(aid, kind).copy()
+            self.taken[aid] = held
+        if not isinstance(held, kind):
+            raise StateError(f"section of applet {aid.hex().upper()} taken as "
+                             f"{type(held).__name__}, not {kind.__name__}")
+        return held
+
+    def outcome(self) -> CardState | None:
+        """The card's state after this command, or None when it changed no section."""
+        changed = {aid: s for aid, s in self.taken.items() if self.state.sections.get(aid) != s}
+        return self.state.with_sections(changed) if changed else None
 
 
 class Applet(Protocol):
     """An on-card applet, selected by AID."""
 
     aid: bytes
+
+    def read_section(self, state: CardState) -> None:
+        """Decode this applet's section of a state just read from the file.
+
+        Called when the card opens or reloads its state, so a malformed
+        section is refused then (StateError), not at the applet's first command.
+        """
+        ...
 
     def select(self, ctx: CommandContext, command: CommandApdu) -> bytes: ...
 

@@ -1,11 +1,15 @@
-"""The virtual card: power, ATR, SELECT, an application registry, and
-all-or-nothing command processing over a persistent state.
+"""The virtual card: power, ATR, and a container of applets.
 
-Every command runs against a *working copy* of the persistent state; the copy
-is committed (written atomically to the state file) only when the command
-completes with a success or warning status. Volatile state (the selected
-application, the secure channel) lives in :class:`Session` and is lost on
-power off, reset, or an injected power loss.
+The card selects applets by AID (SELECT by name) and routes every other
+command to the selected one; the issuer security domain is one applet among
+them (:mod:`virtual_psd.isd`), selected at power on. Each applet keeps its
+persistent data in its own section of the card's state
+(:mod:`virtual_psd.state`) and works on a *copy* of it
+(:meth:`CommandContext.section`); the card commits the sections a command
+changed (one atomic write of the state file) only when the command completes
+with a success or warning status. Volatile state (the selected applet, the
+secure channel) lives in :class:`Session` and is lost on power off, reset,
+or an injected power loss.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ class VirtualCard:
     """A GlobalPlatform card in a Python object.
 
     ``state_path`` None keeps the state in memory only (unit tests). The ISD
-    is registered at construction; more applications can be registered by AID.
+    is registered at construction; more applets can be registered by AID,
+    each reading its section of the state as it is registered (StateError if
+    it is malformed).
     """
 
     def __init__(self, state: CardState, state_path: str | os.PathLike[str] | None = None,
@@ -71,6 +77,7 @@ class VirtualCard:
         return cls(load_state(state_path), state_path, faults=faults)
 
     def register(self, app: Applet) -> None:
+        app.read_section(self.state)
         self.applets[bytes(app.aid)] = app
 
     @property
@@ -106,7 +113,13 @@ class VirtualCard:
         """Re-read the persistent state from the file (after a power loss)."""
         with self._lock:
             if self.state_path is not None:
-                self.state = load_state(self.state_path)
+                self.state = self._read_state(self.state_path)
+
+    def _read_state(self, path: str | os.PathLike[str]) -> CardState:
+        state = load_state(path)
+        for app in self.applets.values():
+            app.read_section(state)
+        return state
 
     # commands ------------------------------------------------------------------
 
@@ -135,11 +148,10 @@ class VirtualCard:
     def _lose_power(self) -> None:
         self._drop_volatile()
         if self.state_path is not None:
-            self.state = load_state(self.state_path)
+            self.state = self._read_state(self.state_path)
 
     def _process(self, raw: bytes, n: int) -> bytes:
-        work = self.state.copy()
-        ctx = CommandContext(work, self.session, n, self.applets)
+        ctx = CommandContext(self.state, self.session, n, self.applets)
         try:
             command = parse_command(raw)
         except ApduError:
@@ -152,14 +164,16 @@ class VirtualCard:
             log.exception("unexpected error processing %r", command)
             return encode_response(b"", SW.NO_PRECISE_DIAGNOSIS)
         sw = int.from_bytes(response[-2:], "big")
-        if (SW.is_success(sw) or SW.is_warning(sw)) and work != self.state:
-            self._commit(work)
+        if SW.is_success(sw) or SW.is_warning(sw):
+            after = ctx.outcome()
+            if after is not None:
+                self._commit(after)
         return response
 
-    def _commit(self, work: CardState) -> None:
+    def _commit(self, after: CardState) -> None:
         if self.state_path is not None:
-            save_state(self.state_path, work)
-        self.state = work
+            save_state(self.state_path, after)
+        self.state = after
 
     def _dispatch(self, ctx: CommandContext, command: CommandApdu) -> bytes:
         cla = command.cla
@@ -179,7 +193,7 @@ class VirtualCard:
         selected = ctx.session.selected
         app = self.applets.get(selected) if selected is not None else None
         if app is None:
-            raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "no application selected")
+            raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "no applet selected")
         data, sw = app.process(ctx, command)
         return encode_response(data, sw)
 
