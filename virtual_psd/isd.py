@@ -1,5 +1,10 @@
 """The issuer security domain: GlobalPlatform card management over SCP03,
-and the PSD's *security executive* policy (DESIGN.md §3).
+and the PSD's *security executive* policy (docs/flows.md, flow A: A2 and
+"Strict cards").
+
+The ISD is one applet of the card (:mod:`virtual_psd.applet`); its
+persistent data (key sets, sequence counter, "i", stored data, the policy) is
+its own section of the card's state (:class:`IsdState`).
 
 Policy, by the key set that opened the secure channel:
 
