@@ -2,10 +2,14 @@
 
 * :class:`virtual_psd.card.VirtualCard`: the card in process
   (``power_on``/``power_off``/``reset``, ``atr``, ``transmit(apdu) -> response``),
-  an application registry keyed by AID, all-or-nothing commands over a
-  persistent state (:mod:`virtual_psd.state`).
-* :mod:`virtual_psd.isd`: the issuer security domain (SCP03, key sets, the
-  security executive policy of DESIGN.md §3, default or strict).
+  a container that selects applets by AID and routes commands to the
+  selected one, all or nothing over a persistent state.
+* :mod:`virtual_psd.applet`: what an applet is and what it may touch while it
+  processes a command.
+* :mod:`virtual_psd.state`: the state file, one section per applet.
+* :mod:`virtual_psd.isd`: the issuer security domain, one applet (SCP03, key
+  sets, the security executive policy of docs/flows.md, flow A, default or
+  strict).
 * :mod:`virtual_psd.faults`: fault plans (``power-loss@K``, ``tear@K``,
   ``kill@K:PID[:SIG]``, in-process hooks).
 * :mod:`virtual_psd.vpcd`: the card as a vsmartcard vpcd client

@@ -1,11 +1,15 @@
-"""The virtual card: power, ATR, SELECT, an application registry, and
-all-or-nothing command processing over a persistent state.
+"""The virtual card: power, ATR, and a container of applets.
 
-Every command runs against a *working copy* of the persistent state; the copy
-is committed (written atomically to the state file) only when the command
-completes with a success or warning status. Volatile state (the selected
-application, the secure channel) lives in :class:`Session` and is lost on
-power off, reset, or an injected power loss.
+The card selects applets by AID (SELECT by name) and routes every other
+command to the selected one; the issuer security domain is one applet among
+them (:mod:`virtual_psd.isd`), selected at power on. Each applet keeps its
+persistent data in its own section of the card's state
+(:mod:`virtual_psd.state`) and works on a *copy* of it
+(:meth:`CommandContext.section`); the card commits the sections a command
+changed (one atomic write of the state file) only when the command completes
+with a success or warning status. Volatile state (the selected applet, the
+secure channel) lives in :class:`Session` and is lost on power off, reset,
+or an injected power loss.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Final
 
 from cardcore import sw as SW
 from cardcore.apdu import ApduError, CommandApdu, encode_response, parse_command
 from cardcore.psd import ISD_AID
+from virtual_psd.applet import Applet, CommandContext, Session, StatusError
 from virtual_psd.faults import CardPowerLost, FaultPlan
+from virtual_psd.isd import IssuerSecurityDomain
 from virtual_psd.state import CardState, load_state, save_state
 
 log = logging.getLogger("virtual_psd")
@@ -44,63 +49,24 @@ class CardNotPowered(Exception):
     """A transmit to a card that is not powered."""
 
 
-class StatusError(Exception):
-    """Raised by command handlers: answer with this status word and change nothing."""
-
-    def __init__(self, sw: int, message: str = "") -> None:
-        super().__init__(message or SW.describe(sw))
-        self.sw = sw
-
-
-@dataclass
-class Session:
-    """Volatile card state: lost on power off, reset and power loss."""
-
-    selected: bytes | None = None
-    # Per-application volatile data (the ISD keeps its secure channel here).
-    app_data: dict[bytes, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CommandContext:
-    """What a handler may touch while processing one command."""
-
-    card: VirtualCard
-    state: CardState  # the working copy
-    session: Session
-    apdu_number: int
-
-
-class Application(Protocol):
-    """An on-card application, selected by AID."""
-
-    aid: bytes
-
-    def select(self, ctx: CommandContext, command: CommandApdu) -> bytes: ...
-
-    def deselect(self, ctx: CommandContext) -> None: ...
-
-    def process(self, ctx: CommandContext, command: CommandApdu) -> tuple[bytes, int]: ...
-
-
 class VirtualCard:
     """A GlobalPlatform card in a Python object.
 
     ``state_path`` None keeps the state in memory only (unit tests). The ISD
-    is registered at construction; more applications can be registered by AID.
+    is registered at construction; more applets can be registered by AID,
+    each reading its section of the state as it is registered (StateError if
+    it is malformed).
     """
 
     def __init__(self, state: CardState, state_path: str | os.PathLike[str] | None = None,
                  *, faults: FaultPlan | None = None) -> None:
-        from virtual_psd.isd import IssuerSecurityDomain
-
         self.state = state
         self.state_path = state_path
         self.faults = faults or FaultPlan()
         self.apdu_count = 0
         self.powered = False
         self.session = Session()
-        self.applications: dict[bytes, Application] = {}
+        self.applets: dict[bytes, Applet] = {}
         self._lock = threading.Lock()
         self.register(IssuerSecurityDomain())
         self.default_aid = ISD_AID
@@ -110,8 +76,9 @@ class VirtualCard:
              faults: FaultPlan | None = None) -> VirtualCard:
         return cls(load_state(state_path), state_path, faults=faults)
 
-    def register(self, app: Application) -> None:
-        self.applications[bytes(app.aid)] = app
+    def register(self, app: Applet) -> None:
+        app.read_section(self.state)
+        self.applets[bytes(app.aid)] = app
 
     @property
     def atr(self) -> bytes:
@@ -146,7 +113,13 @@ class VirtualCard:
         """Re-read the persistent state from the file (after a power loss)."""
         with self._lock:
             if self.state_path is not None:
-                self.state = load_state(self.state_path)
+                self.state = self._read_state(self.state_path)
+
+    def _read_state(self, path: str | os.PathLike[str]) -> CardState:
+        state = load_state(path)
+        for app in self.applets.values():
+            app.read_section(state)
+        return state
 
     # commands ------------------------------------------------------------------
 
@@ -175,11 +148,10 @@ class VirtualCard:
     def _lose_power(self) -> None:
         self._drop_volatile()
         if self.state_path is not None:
-            self.state = load_state(self.state_path)
+            self.state = self._read_state(self.state_path)
 
     def _process(self, raw: bytes, n: int) -> bytes:
-        work = self.state.copy()
-        ctx = CommandContext(self, work, self.session, n)
+        ctx = CommandContext(self.state, self.session, n, self.applets)
         try:
             command = parse_command(raw)
         except ApduError:
@@ -192,14 +164,16 @@ class VirtualCard:
             log.exception("unexpected error processing %r", command)
             return encode_response(b"", SW.NO_PRECISE_DIAGNOSIS)
         sw = int.from_bytes(response[-2:], "big")
-        if (SW.is_success(sw) or SW.is_warning(sw)) and work != self.state:
-            self._commit(work)
+        if SW.is_success(sw) or SW.is_warning(sw):
+            after = ctx.outcome()
+            if after is not None:
+                self._commit(after)
         return response
 
-    def _commit(self, work: CardState) -> None:
+    def _commit(self, after: CardState) -> None:
         if self.state_path is not None:
-            save_state(self.state_path, work)
-        self.state = work
+            save_state(self.state_path, after)
+        self.state = after
 
     def _dispatch(self, ctx: CommandContext, command: CommandApdu) -> bytes:
         cla = command.cla
@@ -217,9 +191,9 @@ class VirtualCard:
                 raise StatusError(SW.SECURE_MESSAGING_NOT_SUPPORTED)
             return self._select(ctx, command)
         selected = ctx.session.selected
-        app = self.applications.get(selected) if selected is not None else None
+        app = self.applets.get(selected) if selected is not None else None
         if app is None:
-            raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "no application selected")
+            raise StatusError(SW.CONDITIONS_NOT_SATISFIED, "no applet selected")
         data, sw = app.process(ctx, command)
         return encode_response(data, sw)
 
@@ -234,13 +208,13 @@ class VirtualCard:
         else:
             if len(command.data) > 16:
                 raise StatusError(SW.WRONG_DATA)
-            target = next((aid for aid in self.applications
+            target = next((aid for aid in self.applets
                            if aid.startswith(command.data)), None)
         if target is None:
             raise StatusError(SW.FILE_NOT_FOUND)
         current = ctx.session.selected
-        if current is not None and current in self.applications:
-            self.applications[current].deselect(ctx)
+        if current is not None and current in self.applets:
+            self.applets[current].deselect(ctx)
         ctx.session.selected = target
-        fci = self.applications[target].select(ctx, command)
+        fci = self.applets[target].select(ctx, command)
         return encode_response(b"" if command.p2 == 0x0C else fci, SW.OK)

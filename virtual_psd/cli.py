@@ -86,19 +86,21 @@ def _scp_i(text: str) -> int:
 
 def _summary(state: object) -> dict[str, object]:
     from cardcore.psd import key_set_role
+    from virtual_psd.isd import isd_state
     from virtual_psd.state import CardState
 
     assert isinstance(state, CardState)
+    isd = isd_state(state)
     return {
         "psd_id": state.psd_id,
-        "scp_i": f"{state.scp_i:02X}",
-        "policy": "strict" if state.strict else "default",
-        "sequence_counter": state.sequence_counter,
+        "scp_i": f"{isd.scp_i:02X}",
+        "policy": "strict" if isd.strict else "default",
+        "sequence_counter": isd.sequence_counter,
         "key_sets": [
             {"kvn": f"{kvn:02X}", "role": key_set_role(kvn).value,
              "key_length": ks.key_length,
              "kcv": [k.hex().upper() for k in ks.kcvs()]}
-            for kvn, ks in sorted(state.key_sets.items())
+            for kvn, ks in sorted(isd.key_sets.items())
         ],
     }
 
@@ -110,10 +112,10 @@ def _show(args: argparse.Namespace) -> int:
     from virtual_psd.state import StateError, load_state
 
     try:
-        state = load_state(args.state)
+        summary = _summary(load_state(args.state))
     except StateError as exc:
         raise CliError(str(exc)) from exc
-    print(json.dumps(_summary(state), indent=2))
+    print(json.dumps(summary, indent=2))
     return 0
 
 

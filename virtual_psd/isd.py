@@ -1,5 +1,10 @@
 """The issuer security domain: GlobalPlatform card management over SCP03,
-and the PSD's *security executive* policy (DESIGN.md §3).
+and the PSD's *security executive* policy (docs/flows.md, flow A: A2 and
+"Strict cards").
+
+The ISD is one applet of the card (:mod:`virtual_psd.applet`); its
+persistent data (key sets, sequence counter, "i", stored data, the policy) is
+its own section of the card's state (:class:`IsdState`).
 
 Policy, by the key set that opened the secure channel:
 
@@ -14,7 +19,7 @@ Invariants, whoever asks (6985): the last MK set cannot be deleted, the
 transport set cannot be deleted while no MK set exists, and only a transport
 channel may delete the MKRK.
 
-A card made *strict* (``CardState.strict``, ``cms card init --strict``)
+A card made *strict* (``IsdState.strict``, ``cms card init --strict``)
 enforces the seed's rule to the letter: once the card holds the MKRK set, MK
 sets are put, replaced and deleted only in a channel opened with it. A
 transport channel opened while the card already held an MKRK set may still
@@ -29,15 +34,16 @@ transport channel manage MK sets whatever the card holds.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from cardcore import gp
 from cardcore import sw as SW
 from cardcore import tlv as T
 from cardcore.apdu import CommandApdu
-from cardcore.kcv import kcv_matches
+from cardcore.kcv import kcv_aes, kcv_matches
 from cardcore.psd import (
     ISD_AID,
     KVN_MKRK,
@@ -60,8 +66,8 @@ from cardcore.scp03 import (
     offered_security_levels,
     pseudo_random_card_challenge,
 )
-from virtual_psd.card import CommandContext, StatusError
-from virtual_psd.state import CardState, KeySet
+from virtual_psd.applet import CommandContext, StatusError
+from virtual_psd.state import CardState, StateError
 
 MAX_KEY_SETS: Final = 8
 MAX_SEQUENCE_COUNTER: Final = 0xFFFFFF
@@ -70,6 +76,108 @@ CLA_SM: Final = 0x04
 
 SECURED_INS: Final = frozenset({gp.INS_PUT_KEY, gp.INS_DELETE, gp.INS_GET_STATUS,
                                 gp.INS_STORE_DATA})
+
+
+@dataclass
+class KeySet:
+    """One SCP03 key set (ENC, MAC, DEK at KID 1, 2, 3)."""
+
+    enc: bytes = field(repr=False)
+    mac: bytes = field(repr=False)
+    dek: bytes = field(repr=False)
+
+    @property
+    def key_length(self) -> int:
+        return len(self.enc)
+
+    def kcvs(self) -> tuple[bytes, bytes, bytes]:
+        return kcv_aes(self.enc), kcv_aes(self.mac), kcv_aes(self.dek)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"enc": self.enc.hex(), "mac": self.mac.hex(), "dek": self.dek.hex()}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> KeySet:
+        ks = cls(bytes.fromhex(obj["enc"]), bytes.fromhex(obj["mac"]),
+                 bytes.fromhex(obj["dek"]))
+        if {len(ks.enc), len(ks.mac), len(ks.dek)} - {ks.key_length} or \
+                ks.key_length not in (16, 24, 32):
+            raise StateError("key set with keys of unequal or invalid length")
+        return ks
+
+
+@dataclass
+class IsdState:
+    """The ISD's section of the card's persistent state."""
+
+    key_sets: dict[int, KeySet]
+    sequence_counter: int = 0
+    scp_i: int = 0x70
+    life_cycle: int = 0x0F  # SECURED
+    stored_ber: dict[int, bytes] = field(default_factory=dict)
+    stored_dgi: dict[int, bytes] = field(default_factory=dict)
+    # The registry's entries for the other applets (life cycle, privileges), by AID in hex.
+    applications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The security executive's policy: False for the default one; True for a card
+    # that manages MK sets only in a channel opened with the MKRK set once it holds
+    # one. Set at the factory (``cms card init --strict``).
+    strict: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "life_cycle": self.life_cycle,
+            "scp_i": self.scp_i,
+            "strict": self.strict,
+            "sequence_counter": self.sequence_counter,
+            "key_sets": {f"{kvn:02X}": ks.to_json() for kvn, ks in sorted(self.key_sets.items())},
+            "stored_data": {
+                "ber_tlv": {f"{t:X}": v.hex().upper() for t, v in sorted(self.stored_ber.items())},
+                "dgi": {f"{t:04X}": v.hex().upper() for t, v in sorted(self.stored_dgi.items())},
+            },
+            "applications": copy.deepcopy(self.applications),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> IsdState:
+        strict = obj.get("strict", False)
+        if not isinstance(strict, bool):
+            # A policy flag read as truthy text would make a strict card lax.
+            raise StateError("malformed state file: strict must be true or false")
+        try:
+            stored = obj.get("stored_data", {})
+            return cls(
+                key_sets={int(k, 16): KeySet.from_json(v) for k, v in obj["key_sets"].items()},
+                sequence_counter=int(obj["sequence_counter"]),
+                scp_i=int(obj.get("scp_i", 0x70)),
+                life_cycle=int(obj.get("life_cycle", 0x0F)),
+                stored_ber={int(k, 16): bytes.fromhex(v)
+                            for k, v in stored.get("ber_tlv", {}).items()},
+                stored_dgi={int(k, 16): bytes.fromhex(v)
+                            for k, v in stored.get("dgi", {}).items()},
+                applications=copy.deepcopy(obj.get("applications", {})),
+                strict=strict,
+            )
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise StateError(f"malformed state file: {exc}") from exc
+
+    def copy(self) -> IsdState:
+        """A working copy: a command changes it, and it is committed only at the end.
+
+        Built field by field (bytes are immutable; the containers and key sets
+        are new), not through JSON: the card copies it for every APDU the ISD
+        processes.
+        """
+        return IsdState(
+            key_sets={kvn: KeySet(ks.enc, ks.mac, ks.dek) for kvn, ks in self.key_sets.items()},
+            sequence_counter=self.sequence_counter, scp_i=self.scp_i,
+            life_cycle=self.life_cycle, stored_ber=dict(self.stored_ber),
+            stored_dgi=dict(self.stored_dgi), applications=copy.deepcopy(self.applications),
+            strict=self.strict)
+
+
+def isd_state(state: CardState) -> IsdState:
+    """The ISD's section of ``state`` (StateError if the card has none or it is malformed)."""
+    return state.section(ISD_AID, IsdState)
 
 
 @dataclass
@@ -90,7 +198,7 @@ class IsdSession:
         return self.channel is not None and self.channel.authenticated
 
 
-def default_kvn(state: CardState) -> int | None:
+def default_kvn(state: IsdState) -> int | None:
     """KVN 0 in INITIALIZE UPDATE: transport if present, else newest MK, else MKRK."""
     sets = state.key_sets
     if KVN_TRANSPORT in sets:
@@ -113,7 +221,7 @@ def may_put(session_kvn: int, target_kvn: int) -> bool:
     return target is KeySetRole.OTHER
 
 
-def mk_locked(state: CardState, session_kvn: int) -> bool:
+def mk_locked(state: IsdState, session_kvn: int) -> bool:
     """Whether a channel opened now with ``session_kvn`` is barred from MK sets (strict).
 
     The seed lets only the MKRK unlock master key replacement; a strict card
@@ -136,6 +244,13 @@ class IssuerSecurityDomain:
     aid = ISD_AID
 
     # framework hooks ---------------------------------------------------------
+
+    def read_section(self, state: CardState) -> None:
+        isd_state(state)
+
+    def _state(self, ctx: CommandContext) -> IsdState:
+        """This command's working copy of the ISD's section."""
+        return ctx.section(self.aid, IsdState)
 
     def _session(self, ctx: CommandContext) -> IsdSession:
         data = ctx.session.app_data.get(self.aid)
@@ -220,7 +335,7 @@ class IssuerSecurityDomain:
     def _initialize_update(self, ctx: CommandContext, session: IsdSession,
                            command: CommandApdu) -> tuple[bytes, int]:
         self._end_session(ctx)  # any session in progress ends here
-        state = ctx.state
+        state = self._state(ctx)
         if command.cla != gp.CLA_GP:
             return b"", SW.CLA_NOT_SUPPORTED
         if command.p2 != 0x00:
@@ -250,7 +365,7 @@ class IssuerSecurityDomain:
         new = IsdSession(channel=channel, kvn=kvn, dek=keys.dek,
                          mk_locked=mk_locked(state, kvn))
         ctx.session.app_data[self.aid] = new
-        resp = InitializeUpdateResponse(psd_id_bytes(state.psd_id), kvn, 0x03, state.scp_i,
+        resp = InitializeUpdateResponse(psd_id_bytes(ctx.state.psd_id), kvn, 0x03, state.scp_i,
                                         card_challenge, cryptogram, counter)
         return resp.encode(), SW.OK
 
@@ -264,7 +379,7 @@ class IssuerSecurityDomain:
         self._end_session(ctx)
         # A level this card's "i" does not offer (R-MAC, R-ENCRYPTION) is refused as
         # many cards refuse it: incorrect P1.
-        if command.p2 != 0x00 or command.p1 not in offered_security_levels(ctx.state.scp_i):
+        if command.p2 != 0x00 or command.p1 not in offered_security_levels(self._state(ctx).scp_i):
             return b"", SW.INCORRECT_P1P2
         if len(command.data) != 2 * channel.mac_length:
             return b"", SW.WRONG_LENGTH
@@ -281,9 +396,9 @@ class IssuerSecurityDomain:
 
     def _get_data(self, ctx: CommandContext, command: CommandApdu) -> bytes:
         tag = (command.p1 << 8) | command.p2
-        state = ctx.state
+        state = self._state(ctx)
         if tag == gp.TAG_CPLC:
-            return T.tlv(gp.TAG_CPLC, state.cplc)
+            return T.tlv(gp.TAG_CPLC, ctx.state.cplc)
         if tag == gp.TAG_CARD_DATA:
             return gp.encode_card_data(state.scp_i)
         if tag == gp.TAG_KEY_INFORMATION:
@@ -291,7 +406,7 @@ class IssuerSecurityDomain:
                 gp.KeyInfo(kid, kvn, ((gp.KEY_TYPE_AES, ks.key_length),))
                 for kvn, ks in sorted(state.key_sets.items()) for kid in (1, 2, 3))
         if tag == gp.TAG_CIN:
-            return T.tlv(gp.TAG_CIN, psd_id_bytes(state.psd_id))
+            return T.tlv(gp.TAG_CIN, psd_id_bytes(ctx.state.psd_id))
         if tag in state.stored_ber:
             return T.tlv(tag, state.stored_ber[tag])
         raise StatusError(SW.REFERENCED_DATA_NOT_FOUND)
@@ -300,7 +415,7 @@ class IssuerSecurityDomain:
 
     def _put_key(self, ctx: CommandContext, session: IsdSession,
                  command: CommandApdu) -> bytes:
-        state = ctx.state
+        state = self._state(ctx)
         assert session.kvn is not None and session.dek is not None
         replace_kvn = command.p1
         if command.p2 != 0x81:
@@ -351,7 +466,7 @@ class IssuerSecurityDomain:
     # DELETE -------------------------------------------------------------------
 
     def _delete(self, ctx: CommandContext, session: IsdSession, command: CommandApdu) -> bytes:
-        state = ctx.state
+        state = self._state(ctx)
         assert session.kvn is not None
         if command.p1 != 0x00 or command.p2 not in (0x00, 0x80):
             raise StatusError(SW.INCORRECT_P1P2)
@@ -396,12 +511,13 @@ class IssuerSecurityDomain:
         if command.p2 & gp.STATUS_P2_NEXT:
             raise StatusError(SW.REFERENCED_DATA_NOT_FOUND)  # everything fits one response
         entries: list[gp.ApplicationStatus] = []
+        state = self._state(ctx)
         if command.p1 == gp.STATUS_ISD and self.aid.startswith(prefix):
-            entries.append(gp.ApplicationStatus(self.aid, ctx.state.life_cycle, ISD_PRIVILEGES))
+            entries.append(gp.ApplicationStatus(self.aid, state.life_cycle, ISD_PRIVILEGES))
         elif command.p1 == gp.STATUS_APPLICATIONS:
-            for aid in ctx.card.applications:
+            for aid in ctx.applets:
                 if aid != self.aid and aid.startswith(prefix):
-                    info = ctx.state.applications.get(aid.hex().upper(), {})
+                    info = state.applications.get(aid.hex().upper(), {})
                     entries.append(gp.ApplicationStatus(
                         aid, int(info.get("life_cycle", 0x07)),
                         bytes.fromhex(info.get("privileges", "000000"))))
@@ -431,15 +547,16 @@ class IssuerSecurityDomain:
             return b""
         data = bytes(session.store_buffer)
         self._reset_store(session)
+        state = self._state(ctx)
         try:
             if structure == gp.STORE_DGI:
                 for tag, value in gp.parse_dgis(data):
-                    ctx.state.stored_dgi[tag] = value
+                    state.stored_dgi[tag] = value
             else:
                 for item in T.parse_tlvs(data):
                     if item.tag > 0xFFFF:
                         raise gp.GpError("only one- and two-byte tags can be read back")
-                    ctx.state.stored_ber[item.tag] = item.value
+                    state.stored_ber[item.tag] = item.value
         except (gp.GpError, T.TlvError) as exc:
             raise StatusError(SW.WRONG_DATA) from exc
         return b""

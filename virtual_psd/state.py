@@ -5,6 +5,16 @@ in a real chip's protected memory. The file is never logged and is written
 with mode 0600. Writes are atomic (temporary file, fsync, rename, fsync of
 the directory) so a power loss or a killed process leaves either the old or
 the new state, never a mix.
+
+The card's own data (its PSD id and CPLC) sits at the top; each applet keeps
+its state in a section of its own under ``applets``, keyed by its AID. A
+section stays as read from the file until its applet decodes it
+(:meth:`CardState.section`), so this module knows no applet and a card file
+carries sections of applets that a given reader does not know, unchanged.
+
+Version 1 files kept the issuer security domain's data at the top level;
+they are read as version 2 with that data as the ISD's section, and written
+as version 2 at the card's next change.
 """
 
 from __future__ import annotations
@@ -13,65 +23,82 @@ import copy
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, Self, TypeVar
 
-from cardcore.kcv import kcv_aes
+from cardcore.psd import ISD_AID
 
 FORMAT: Final = "cms-virtual-psd"
-VERSION: Final = 1
+VERSION: Final = 2
+
+# What version 1 kept at the top level and version 2 keeps in the ISD's section.
+_V1_ISD_FIELDS: Final = ("key_sets", "sequence_counter", "scp_i", "life_cycle", "strict",
+                         "stored_data", "applications")
 
 
 class StateError(Exception):
     """The state file is missing, unreadable or of an unknown format."""
 
 
-@dataclass
-class KeySet:
-    """One SCP03 key set (ENC, MAC, DEK at KID 1, 2, 3)."""
+class AppletState(Protocol):
+    """One applet's section of the card's persistent memory.
 
-    enc: bytes = field(repr=False)
-    mac: bytes = field(repr=False)
-    dek: bytes = field(repr=False)
+    The card copies a section for every command that uses it and commits the
+    copy only when the command succeeds, so ``copy`` must share nothing
+    mutable, and equality must see every field (an unseen change would not be
+    written).
+    """
 
-    @property
-    def key_length(self) -> int:
-        return len(self.enc)
-
-    def kcvs(self) -> tuple[bytes, bytes, bytes]:
-        return kcv_aes(self.enc), kcv_aes(self.mac), kcv_aes(self.dek)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"enc": self.enc.hex(), "mac": self.mac.hex(), "dek": self.dek.hex()}
+    def to_json(self) -> dict[str, Any]: ...
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> KeySet:
-        ks = cls(bytes.fromhex(obj["enc"]), bytes.fromhex(obj["mac"]),
-                 bytes.fromhex(obj["dek"]))
-        if {len(ks.enc), len(ks.mac), len(ks.dek)} - {ks.key_length} or \
-                ks.key_length not in (16, 24, 32):
-            raise StateError("key set with keys of unequal or invalid length")
-        return ks
+    def from_json(cls, obj: dict[str, Any]) -> Self: ...
+
+    def copy(self) -> Self: ...
+
+    def __eq__(self, other: object) -> bool: ...
 
 
-@dataclass
+S = TypeVar("S", bound=AppletState)
+
+# A decoded section, or a section as read from the file until its applet asks for it.
+Section = AppletState | dict[str, Any]
+
+
+@dataclass(eq=False)
 class CardState:
     """Everything the card keeps across power cycles."""
 
     psd_id: str
     cplc: bytes
-    key_sets: dict[int, KeySet]
-    sequence_counter: int = 0
-    scp_i: int = 0x70
-    life_cycle: int = 0x0F  # SECURED
-    stored_ber: dict[int, bytes] = field(default_factory=dict)
-    stored_dgi: dict[int, bytes] = field(default_factory=dict)
-    applications: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The security executive's policy (virtual_psd/isd.py): False for the default
-    # one; True for a card that manages MK sets only in a channel opened with the
-    # MKRK set once it holds one. Set at the factory (``cms card init --strict``).
-    strict: bool = False
+    sections: dict[bytes, Section] = field(default_factory=dict)
+
+    def section(self, aid: bytes, kind: type[S]) -> S:
+        """The section of the applet ``aid``, decoded as ``kind`` (once, then kept).
+
+        StateError when the card has no such section or it does not decode.
+        """
+        held = self.sections.get(aid)
+        if isinstance(held, kind):
+            return held
+        if held is None:
+            raise StateError(f"card state has no section for applet {aid.hex().upper()}")
+        if not isinstance(held, dict):
+            raise StateError(f"section of applet {aid.hex().upper()} is held as "
+                             f"{type(held).__name__}, not {kind.__name__}")
+        decoded = kind.from_json(held)
+        self.sections[aid] = decoded
+        return decoded
+
+    def with_sections(self, changed: Mapping[bytes, AppletState]) -> CardState:
+        """The state after a command that changed ``changed``; the other sections are shared.
+
+        Sharing is safe: applets change only their working copies, never a
+        committed section.
+        """
+        return CardState(self.psd_id, self.cplc, {**self.sections, **changed})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,70 +106,63 @@ class CardState:
             "version": VERSION,
             "psd_id": self.psd_id,
             "cplc": self.cplc.hex().upper(),
-            "life_cycle": self.life_cycle,
-            "scp_i": self.scp_i,
-            "strict": self.strict,
-            "sequence_counter": self.sequence_counter,
-            "key_sets": {f"{kvn:02X}": ks.to_json() for kvn, ks in sorted(self.key_sets.items())},
-            "stored_data": {
-                "ber_tlv": {f"{t:X}": v.hex().upper() for t, v in sorted(self.stored_ber.items())},
-                "dgi": {f"{t:04X}": v.hex().upper() for t, v in sorted(self.stored_dgi.items())},
-            },
-            "applications": copy.deepcopy(self.applications),
+            "applets": {aid.hex().upper(): _section_json(s)
+                        for aid, s in sorted(self.sections.items())},
         }
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> CardState:
-        if obj.get("format") != FORMAT:
+    def from_json(cls, obj: object) -> CardState:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise StateError("not a virtual PSD state file")
+        if obj.get("version") == 1:
+            obj = _from_version_1(obj)
         if obj.get("version") != VERSION:
             raise StateError(f"unsupported state version {obj.get('version')!r}")
-        strict = obj.get("strict", False)
-        if not isinstance(strict, bool):
-            # A policy flag read as truthy text would make a strict card lax.
-            raise StateError("malformed state file: strict must be true or false")
         try:
-            stored = obj.get("stored_data", {})
+            applets = obj["applets"]
+            if not isinstance(applets, dict) or \
+                    not all(isinstance(v, dict) for v in applets.values()):
+                raise TypeError("applets must map AIDs to sections")
             return cls(
                 psd_id=str(obj["psd_id"]),
                 cplc=bytes.fromhex(obj["cplc"]),
-                key_sets={int(k, 16): KeySet.from_json(v) for k, v in obj["key_sets"].items()},
-                sequence_counter=int(obj["sequence_counter"]),
-                scp_i=int(obj.get("scp_i", 0x70)),
-                life_cycle=int(obj.get("life_cycle", 0x0F)),
-                stored_ber={int(k, 16): bytes.fromhex(v)
-                            for k, v in stored.get("ber_tlv", {}).items()},
-                stored_dgi={int(k, 16): bytes.fromhex(v)
-                            for k, v in stored.get("dgi", {}).items()},
-                applications=copy.deepcopy(obj.get("applications", {})),
-                strict=strict,
+                sections={bytes.fromhex(aid): copy.deepcopy(s) for aid, s in applets.items()},
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise StateError(f"malformed state file: {exc}") from exc
 
     def copy(self) -> CardState:
-        """A working copy: a command changes it, and it is committed only at the end.
-
-        Built field by field (bytes are immutable; the containers and key sets
-        are new), not through JSON: the card copies its state for every APDU.
-        """
-        return CardState(
-            psd_id=self.psd_id, cplc=bytes(self.cplc),
-            key_sets={kvn: KeySet(ks.enc, ks.mac, ks.dek) for kvn, ks in self.key_sets.items()},
-            sequence_counter=self.sequence_counter, scp_i=self.scp_i,
-            life_cycle=self.life_cycle, stored_ber=dict(self.stored_ber),
-            stored_dgi=dict(self.stored_dgi), applications=copy.deepcopy(self.applications),
-            strict=self.strict)
-
-    def _fields(self) -> tuple[Any, ...]:
-        return (self.psd_id, bytes(self.cplc), self.key_sets, self.sequence_counter,
-                self.scp_i, self.life_cycle, self.stored_ber, self.stored_dgi,
-                self.applications, self.strict)
+        """A copy that shares nothing mutable with this state."""
+        return CardState(self.psd_id, bytes(self.cplc),
+                         {aid: copy.deepcopy(s) if isinstance(s, dict) else s.copy()
+                          for aid, s in self.sections.items()})
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CardState) and self._fields() == other._fields()
+        if not isinstance(other, CardState):
+            return False
+        if (self.psd_id, bytes(self.cplc), set(self.sections)) != \
+                (other.psd_id, bytes(other.cplc), set(other.sections)):
+            return False
+        return all(_same_section(s, other.sections[aid]) for aid, s in self.sections.items())
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _section_json(section: Section) -> dict[str, Any]:
+    return copy.deepcopy(section) if isinstance(section, dict) else section.to_json()
+
+
+def _same_section(a: Section, b: Section) -> bool:
+    if isinstance(a, dict) or isinstance(b, dict) or type(a) is not type(b):
+        return _section_json(a) == _section_json(b)
+    return a == b
+
+
+def _from_version_1(obj: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 file read as version 2: its ISD data becomes the ISD's section."""
+    isd = {name: obj[name] for name in _V1_ISD_FIELDS if name in obj}
+    rest = {name: value for name, value in obj.items() if name not in _V1_ISD_FIELDS}
+    return {**rest, "version": VERSION, "applets": {ISD_AID.hex().upper(): isd}}
 
 
 def load_state(path: str | os.PathLike[str]) -> CardState:
@@ -150,6 +170,8 @@ def load_state(path: str | os.PathLike[str]) -> CardState:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise StateError(f"cannot read card state {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise StateError(f"card state {path} is not text") from exc
     try:
         obj = json.loads(text)
     except ValueError as exc:

@@ -16,6 +16,7 @@ from cms.v1 import card_channel_pb2 as pb
 from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -44,7 +45,7 @@ def _key_sets(card: Path) -> dict:
     """The card's key sets (INITIALIZE UPDATE moves its sequence counter; keys must not move)."""
     from virtual_psd.state import load_state
 
-    return dict(load_state(card).key_sets)
+    return dict(isd_state(load_state(card)).key_sets)
 
 
 def _register(stack: Path, psd_id: str) -> None:

@@ -23,6 +23,7 @@ from tests.support.launcher import dev_stack
 from virtual_psd.agent_source import VirtualTransport
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -50,7 +51,7 @@ def _session(stack: Path, card: Path, info: AgentInfo):
 
 
 def _kvns(card: Path) -> set[int]:
-    return set(load_state(card).key_sets)
+    return set(isd_state(load_state(card)).key_sets)
 
 
 def _new_card(stack: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
@@ -190,7 +191,7 @@ def test_a_card_that_does_not_prove_its_keys_gets_no_replacement_journaled(
     campaign = campaigns.StartCampaign(apb.StartCampaignRequest(
         from_mk_version=2, to_mk_version=1,
         filter=apb.CampaignFilter(psd_ids=[psd_id])), timeout=30)
-    key_sets = dict(load_state(card).key_sets)
+    key_sets = dict(isd_state(load_state(card)).key_sets)
 
     def registry_view() -> tuple:
         record = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
@@ -209,7 +210,7 @@ def test_a_card_that_does_not_prove_its_keys_gets_no_replacement_journaled(
         assert "opening the MKRK channel" in report.done.message and why in report.done.message
         assert report.scripts_run == 1                  # the probe only: nothing secured sent
         assert registry_view() == before
-        assert dict(load_state(card).key_sets) == key_sets
+        assert dict(isd_state(load_state(card)).key_sets) == key_sets
     honest = _session(stack, card, USER)
     assert honest.done.outcome == pb.SessionDone.OK, honest.done.message
     assert _kvns(card) == {0x70, 0x01}

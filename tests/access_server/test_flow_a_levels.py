@@ -21,6 +21,7 @@ from tests.support.launcher import cms, dev_stack
 from tests.support.reconfigure import restart_with
 from virtual_psd.agent_source import VirtualTransport
 from virtual_psd.card import VirtualCard
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -144,7 +145,7 @@ def test_a1_and_a2_open_at_the_highest_level_the_card_offers(
     assert seen.levels() == [level]
     answers = seen.answers_to(INS_PUT_KEY)
     assert [len(a) for a in answers] == [_put_key_answer_length(level)] * 2
-    keys = load_state(card).key_sets
+    keys = isd_state(load_state(card)).key_sets
     assert set(keys) == {0x70, 0x02}
     if not level & 0x10:
         # No R-MAC: the card's plain answer, KVN and the check values of the keys it holds,
@@ -163,7 +164,7 @@ def test_a1_and_a2_open_at_the_highest_level_the_card_offers(
     assert replaced.done.outcome == pb.SessionDone.OK, replaced.done.message
     assert seen.levels() == [level]
     assert [len(a) for a in seen.answers_to(INS_PUT_KEY)] == [_put_key_answer_length(level)]
-    assert set(load_state(card).key_sets) == {0x70, 0x01}
+    assert set(isd_state(load_state(card)).key_sets) == {0x70, 0x01}
     done = campaigns.GetCampaign(apb.GetCampaignRequest(campaign_id=campaign.campaign_id),
                                  timeout=30)
     assert (done.done, done.pending, done.failed) == (1, 0, 0)
@@ -179,13 +180,13 @@ def test_without_r_mac_an_altered_answer_still_fails_the_contact(
                                                            "answer_mismatch")
     honest, _ = _contact(stack, card, STATION)
     assert honest.done.outcome == pb.SessionDone.OK, honest.done.message
-    assert set(load_state(card).key_sets) == {0x70, 0x02}
+    assert set(isd_state(load_state(card)).key_sets) == {0x70, 0x02}
 
 
 def test_a1_below_the_minimum_ends_for_good_until_an_operator_acts(
         stack: Path, minimum: Minimum, tmp_path: Path) -> None:
     card, psd_id = _new_card(stack, tmp_path, "weak-a1", "10")
-    key_sets = dict(load_state(card).key_sets)
+    key_sets = dict(isd_state(load_state(card)).key_sets)
     minimum.set("13")
     ep = str(stack)
 
@@ -198,7 +199,7 @@ def test_a1_below_the_minimum_ends_for_good_until_an_operator_acts(
                   "nothing was written to the card", "cms psd clear-attention"):
         assert words in done.message, done.message
     assert report.scripts_run == 1 and seen.levels() == []    # no EXTERNAL AUTHENTICATE
-    assert dict(load_state(card).key_sets) == key_sets         # FF only, as it came
+    assert dict(isd_state(load_state(card)).key_sets) == key_sets         # FF only, as it came
     shown = cms("psd", "--endpoints", ep, "show", psd_id).stdout
     assert "blank" in shown and "needs_attention=security_level" in shown
     assert "i=10" in shown and "cms psd clear-attention" in shown
@@ -224,7 +225,7 @@ def test_a1_below_the_minimum_ends_for_good_until_an_operator_acts(
     assert "needs_attention" not in cleared
     installed, seen = _contact(stack, card, STATION)
     assert installed.done.outcome == pb.SessionDone.OK, installed.done.message
-    assert seen.levels() == [0x03] and set(load_state(card).key_sets) == {0x70, 0x02}
+    assert seen.levels() == [0x03] and set(isd_state(load_state(card)).key_sets) == {0x70, 0x02}
     history = cms("psd", "--endpoints", ep, "history", psd_id).stdout
     assert "attention_cleared" in history and "minimum back to 03" in history
     bad = cms("psd", "--endpoints", ep, "clear-attention", psd_id, "--note", "x", check=False)
@@ -244,7 +245,7 @@ def test_a2_below_the_minimum_fails_its_campaign_item_until_an_operator_acts(
         from_mk_version=2, to_mk_version=1,
         filter=apb.CampaignFilter(psd_ids=[weak_id, strong_id])), timeout=30)
     minimum.set("33")
-    key_sets = dict(load_state(weak).key_sets)
+    key_sets = dict(isd_state(load_state(weak)).key_sets)
     ep = str(stack)
 
     report, seen = _contact(stack, weak, USER)
@@ -252,7 +253,7 @@ def test_a2_below_the_minimum_fails_its_campaign_item_until_an_operator_acts(
     assert (report.done.outcome, report.done.reason) == (pb.SessionDone.FAILED,
                                                          "security_level")
     assert "i=30" in report.done.message and "at least 33" in report.done.message
-    assert seen.levels() == [] and dict(load_state(weak).key_sets) == key_sets
+    assert seen.levels() == [] and dict(isd_state(load_state(weak)).key_sets) == key_sets
     request = apb.GetCampaignRequest(campaign_id=campaign.campaign_id)
     progress = campaigns.GetCampaign(request, timeout=30)
     assert (progress.pending, progress.failed, progress.done) == (1, 1, 0)
@@ -276,7 +277,7 @@ def test_a2_below_the_minimum_fails_its_campaign_item_until_an_operator_acts(
     assert campaigns.GetCampaign(request, timeout=30).pending == 1
     replaced, seen = _contact(stack, weak, USER)
     assert replaced.done.outcome == pb.SessionDone.OK, replaced.done.message
-    assert seen.levels() == [0x13] and set(load_state(weak).key_sets) == {0x70, 0x01}
+    assert seen.levels() == [0x13] and set(isd_state(load_state(weak)).key_sets) == {0x70, 0x01}
     final = campaigns.GetCampaign(request, timeout=30)
     assert (final.done, final.pending, final.failed, final.state) == (
         2, 0, 0, apb.CAMPAIGN_COMPLETED)
@@ -289,7 +290,7 @@ def test_a_card_refusing_the_level_its_i_announced_is_recorded_not_retried(
     first one flags the card, and the next ones leave it alone."""
     minimum.set("03")
     card, psd_id = _new_card(stack, tmp_path, "liar", "10")
-    key_sets = dict(load_state(card).key_sets)
+    key_sets = dict(isd_state(load_state(card)).key_sets)
 
     report, seen = _contact(stack, card, STATION, i_as=0x70)
 
@@ -298,7 +299,7 @@ def test_a_card_refusing_the_level_its_i_announced_is_recorded_not_retried(
                                                          "card_refused")
     assert "refused EXTERNAL AUTHENTICATE at level 33" in report.done.message
     assert "6A86" in report.done.message
-    assert dict(load_state(card).key_sets) == key_sets
+    assert dict(isd_state(load_state(card)).key_sets) == key_sets
     registry, _ = _admin(stack)
     psd = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
     assert psd.attention == "card_refused" and "6A86" in psd.attention_detail

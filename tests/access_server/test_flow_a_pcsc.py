@@ -19,6 +19,7 @@ import pytest
 from tests.support.card_keys import provision
 from tests.support.launcher import cms, dev_stack
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 pcsc = pytest.importorskip("tests.support.pcsc")
@@ -55,13 +56,13 @@ def test_install_then_replace_through_pcscd(pcscd, tmp_path: Path) -> None:
             station = _agent(pcscd, endpoints, "station")
             assert station.returncode == 0, station.stdout + station.stderr
             assert "A1.4 cryptogram stored" in station.stdout + station.stderr
-            assert set(load_state(state).key_sets) == {0x70, 0x02}
+            assert set(isd_state(load_state(state)).key_sets) == {0x70, 0x02}
             cms("campaign", "--endpoints", str(endpoints), "start", "--from-version", "2",
                 "--to-version", "1", "--psd", psd_id)
             user = _agent(pcscd, endpoints, "user")
             assert user.returncode == 0, user.stdout + user.stderr
             assert "A2.4 secure channel opened with the MKRK key set" in user.stdout + user.stderr
-            assert set(load_state(state).key_sets) == {0x70, 0x01}
+            assert set(isd_state(load_state(state)).key_sets) == {0x70, 0x01}
             shown = cms("psd", "--endpoints", str(endpoints), "show", psd_id).stdout
             assert "active mk=1 mkrk=1" in shown
         finally:

@@ -24,6 +24,7 @@ from tests.support.card_keys import provision
 from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 pytest_plugins = ("tests.support.postgres",)
@@ -84,7 +85,7 @@ def test_a1_and_a2_with_postgresql(postgres_url: str, tmp_path: Path) -> None:
                 from_mk_version=2, to_mk_version=1,
                 filter=apb.CampaignFilter(psd_ids=[psd_id])), timeout=30)
             assert _session(endpoints, card, pb.USER_PC).done.outcome == pb.SessionDone.OK
-            assert set(load_state(card).key_sets) == {0x70, 0x01}
+            assert set(isd_state(load_state(card)).key_sets) == {0x70, 0x01}
             psd = registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
             assert psd.state == apb.PSD_ACTIVE and psd.mk_version == 1
             channel.close()

@@ -27,6 +27,7 @@ from tests.support.contacts import contact
 from tests.support.launcher import dev_stack
 from virtual_psd.factory import create_card
 from virtual_psd.faults import FaultPlan
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -72,7 +73,7 @@ def _new_card(stack: Path, tmp_path: Path, name: str, *, strict: bool) -> tuple[
 
 
 def _kvns(card: Path) -> set[int]:
-    return set(load_state(card).key_sets)
+    return set(isd_state(load_state(card)).key_sets)
 
 
 def _station(stack: Path, card: Path, faults: str | None = None) -> SessionReport:

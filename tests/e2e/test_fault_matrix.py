@@ -33,6 +33,7 @@ from tests.support.card_keys import provision, reproduces_card_keys
 from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 pytest_plugins = ("tests.support.postgres",)
@@ -131,7 +132,7 @@ def _recovered(stack: Path, card: Path, psd_id: str, mk_version: int) -> bool:
     with Store.from_url(_database_url(stack)) as store:
         record = store.get_psd(psd_id)
         cryptogram = store.get_cryptogram(psd_id) if record.has_cryptogram else None
-    kvns = set(load_state(card).key_sets)
+    kvns = set(isd_state(load_state(card)).key_sets)
     if (record.state.value != "active" or record.mk_version != mk_version
             or kvns != {0x70, mk_version} or cryptogram is None):
         return False

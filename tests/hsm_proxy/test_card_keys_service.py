@@ -23,6 +23,7 @@ from tests.support.card_keys import provision
 from tests.support.launcher import dev_stack
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -112,7 +113,7 @@ def test_transport_channel_installs_key_sets_whose_kcvs_the_card_confirms(
         channel=opened.channel, responses=responses, close=True), timeout=30).responses
     for index in (1, 2):                                # the card's KCVs are the HSM's
         assert plain[index].data == opened.commands[index].expected_put_key_response
-    assert set(virtual.state.key_sets) == {0x70, 0x01}
+    assert set(isd_state(virtual.state).key_sets) == {0x70, 0x01}
 
     # The MKRK set re-derived from the cryptogram opens a channel at 0x70 ...
     challenge, iu = _initialize(virtual, 0x70)
@@ -257,7 +258,7 @@ def test_the_card_refuses_mk_replacement_in_a_channel_opened_with_the_mk(stack: 
     answers = _run(virtual, mk_channel)
     assert answers[0].sw == OK                           # the MK set authenticates ...
     assert answers[1].sw != OK                           # ... but may not put an MK
-    assert set(virtual.state.key_sets) == {0xFF, 0x70, 0x01}
+    assert set(isd_state(virtual.state).key_sets) == {0xFF, 0x70, 0x01}
 
 
 def _worker_states(stack: Path) -> float:
@@ -310,7 +311,7 @@ def test_foreseen_answers_are_exactly_what_the_card_sends_and_nothing_stays_behi
     assert answers == [c.expected_response for c in opened.commands]
     assert answers[0] == b"\x90\x00"                    # EXTERNAL AUTHENTICATE: bare
     assert all(len(a) > 2 for a in answers[1:])         # R-MAC (and R-ENC data) on the rest
-    assert set(virtual.state.key_sets) == {0x70, 0x01}
+    assert set(isd_state(virtual.state).key_sets) == {0x70, 0x01}
 
     # Another card's answers (other session keys) never match.
     other_state = create_card(tmp_path / "other.json", transport_master=MASTER)
@@ -386,7 +387,7 @@ def test_a_batch_opens_each_cards_channel_and_fails_items_alone(stack: Path,
     for (virtual, _), result in zip(cards[:2], reply.results[:2], strict=True):
         answers = [bytes(r.data) + r.sw.to_bytes(2, "big") for r in _run(virtual, result.opened)]
         assert answers == [c.expected_response for c in result.opened.commands]
-        assert 0x01 in virtual.state.key_sets
+        assert 0x01 in isd_state(virtual.state).key_sets
     assert _worker_states(stack) == before              # nothing stays behind
 
 
@@ -442,7 +443,7 @@ def test_foreseen_answers_match_the_card_at_every_level_it_offers(
     assert opened.commands[0].apdu[2] == level             # EXTERNAL AUTHENTICATE's P1
     answers = [bytes(r.data) + r.sw.to_bytes(2, "big") for r in _run(virtual, opened)]
     assert answers == [c.expected_response for c in opened.commands]
-    assert set(virtual.state.key_sets) == {0x70, 0x01}
+    assert set(isd_state(virtual.state).key_sets) == {0x70, 0x01}
     put_mk, delete = opened.commands[2], opened.commands[3]
     plain_put = bytes(put_mk.expected_put_key_response) + b"\x90\x00"
     if level & 0x10:                                        # R-MAC: 8 bytes more
@@ -462,7 +463,7 @@ def test_a_level_the_card_does_not_offer_is_refused_and_nothing_is_written(
                                             timeout=60)
     answers = _run(virtual, opened)
     assert [a.sw for a in answers] == [0x6A86]             # EXTERNAL AUTHENTICATE refused
-    assert set(virtual.state.key_sets) == {0xFF}
+    assert set(isd_state(virtual.state).key_sets) == {0xFF}
 
 
 def test_a_pseudo_random_challenge_is_checked_against_the_named_security_domain(

@@ -27,6 +27,7 @@ from tests.support.card_keys import reproduces_card_keys
 from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -261,7 +262,7 @@ def test_flow_a_runs_on_transferred_blocks_and_a_factory_master_from_a_ceremony(
         timeout=30)
     report = contact(stack.path, card, USER)
     assert report.done.outcome == cpb.SessionDone.OK, report.done.message
-    assert set(load_state(card).key_sets) == {0x70, 0x01}
+    assert set(isd_state(load_state(card)).key_sets) == {0x70, 0x01}
     psd = stack.registry.GetPsd(apb.GetPsdRequest(psd_id=psd_id), timeout=30)
     assert psd.mk_version == 1 and psd.state == apb.PSD_ACTIVE
     store = Store.from_url(f"sqlite:///{stack.path.parent / 'data' / 'access.db'}")

@@ -57,6 +57,7 @@ from deploy.pki import (
 from tests.support.contacts import contact
 from tests.support.launcher import cms, dev_stack
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 TRANSPORT_MASTER = bytes(range(16))
@@ -259,7 +260,7 @@ def test_the_card_agent_refuses_a_stand_in_for_the_access_server(
         stack: Path, tmp_path: Path) -> None:
     card = tmp_path / "card.json"
     create_card(card, transport_master=TRANSPORT_MASTER)
-    key_sets = dict(load_state(card).key_sets)
+    key_sets = dict(isd_state(load_state(card)).key_sets)
     forged = _endpoints_with(stack, tmp_path, "access_server", _address(stack, "key_mgmt"))
     done = subprocess.run(
         [sys.executable, "-m", "cms.cli", "card-agent", "--endpoints", str(forged),
@@ -268,7 +269,7 @@ def test_the_card_agent_refuses_a_stand_in_for_the_access_server(
     assert done.returncode == 6, done.stderr                 # refused, not retried
     assert IDENTITY_NOT_PROVEN in done.stderr and "is not access-server" in done.stderr
     assert "Traceback" not in done.stderr
-    assert dict(load_state(card).key_sets) == key_sets
+    assert dict(isd_state(load_state(card)).key_sets) == key_sets
 
 
 @pytest.mark.integration
@@ -296,13 +297,13 @@ def test_the_access_server_refuses_a_stand_in_for_the_proxy(stack: Path, tmp_pat
         card = tmp_path / "card.json"
         psd_id = create_card(card, transport_master=TRANSPORT_MASTER).psd_id
         cms("psd", "--endpoints", str(forged), "register", psd_id)
-        key_sets = dict(load_state(card).key_sets)
+        key_sets = dict(isd_state(load_state(card)).key_sets)
         report = contact(forged, card, AgentInfo(role=pb.PERSONALIZATION_STATION, label="s"))
         assert report.done is not None, report.error
         assert report.done.outcome == pb.SessionDone.RETRY_LATER
         assert IDENTITY_NOT_PROVEN in report.done.message
         assert "is not hsm-proxy" in report.done.message
-        assert dict(load_state(card).key_sets) == key_sets
+        assert dict(isd_state(load_state(card)).key_sets) == key_sets
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -15,6 +15,7 @@ from cardcore.psd import GP_DEFAULT_KEY
 from tests.support.pcsc import pcscd_fixture
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 
 PSD_ID = "4790504012340000ABCD"
 TRANSPORT = StaticKeySet(GP_DEFAULT_KEY, GP_DEFAULT_KEY, GP_DEFAULT_KEY)
@@ -67,4 +68,4 @@ def personalize(card: VirtualCard) -> None:
 
 
 def key_versions(card: VirtualCard) -> list[int]:
-    return sorted(card.state.key_sets)
+    return sorted(isd_state(card.state).key_sets)

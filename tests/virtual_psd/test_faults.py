@@ -13,10 +13,12 @@ import pytest
 from cardcore import gp, host
 from cardcore import sw as SW
 from cardcore.kcv import kcv_aes
+from cardcore.psd import ISD_AID
 from tests.virtual_psd.conftest import MK1, MK2, MKRK, TRANSPORT, open_session, personalize
 from virtual_psd.card import VirtualCard
 from virtual_psd.faults import CardPowerLost, FaultPlan, FaultPlanError
-from virtual_psd.state import FORMAT, load_state
+from virtual_psd.isd import isd_state
+from virtual_psd.state import FORMAT, VERSION, load_state
 
 
 def test_fault_plan_text_form() -> None:
@@ -40,7 +42,7 @@ def _replace_mk_script(card: VirtualCard, start: int) -> tuple[host.SecureSessio
 
 def test_power_loss_before_put_key_leaves_the_previous_state(card: VirtualCard) -> None:
     personalize(card)
-    before = load_state(card.state_path)
+    before = isd_state(load_state(card.state_path))
     start = card.apdu_count
     card.faults = FaultPlan().add("power-loss", start + 4)
     s, cmd = _replace_mk_script(card, start)
@@ -49,8 +51,8 @@ def test_power_loss_before_put_key_leaves_the_previous_state(card: VirtualCard) 
     assert not info.value.torn and not card.powered
     # The INITIALIZE UPDATE of this session moved the sequence counter; the key
     # sets are exactly as before.
-    assert load_state(card.state_path).key_sets == before.key_sets
-    assert sorted(card.state.key_sets) == [0x01, 0x70]
+    assert isd_state(load_state(card.state_path)).key_sets == before.key_sets
+    assert sorted(isd_state(card.state).key_sets) == [0x01, 0x70]
     card.power_on()
     # The secure channel was volatile: the old session is gone.
     assert s.send(gp.get_status_command())[1] == SW.SECURITY_STATUS_NOT_SATISFIED
@@ -65,7 +67,7 @@ def test_tear_during_put_key_leaves_the_full_new_state(card: VirtualCard) -> Non
     with pytest.raises(CardPowerLost) as info:
         s.send(cmd)
     assert info.value.torn
-    after = load_state(card.state_path)
+    after = isd_state(load_state(card.state_path))
     assert sorted(after.key_sets) == [0x02, 0x70]
     assert after.key_sets[0x02].kcvs() == tuple(kcv_aes(k) for k in MK2.keys())
     card.power_on()
@@ -75,7 +77,7 @@ def test_tear_during_put_key_leaves_the_full_new_state(card: VirtualCard) -> Non
 def test_hook_runs_before_the_apdu(card: VirtualCard) -> None:
     seen: list[tuple[int, bytes, list[int]]] = []
     card.faults = FaultPlan().add_hook(
-        2, lambda n, apdu: seen.append((n, apdu, sorted(card.state.key_sets))))
+        2, lambda n, apdu: seen.append((n, apdu, sorted(isd_state(card.state).key_sets))))
     card.transmit(gp.select_command())
     card.transmit(gp.get_data_command(0x9F7F))
     card.transmit(gp.get_data_command(0x9F7F))
@@ -112,14 +114,14 @@ def test_every_step_of_personalization_is_recoverable(tmp_path: Path, kind: str)
         except CardPowerLost:
             pass
         state = load_state(path)
-        sets = sorted(state.key_sets)
+        sets = sorted(isd_state(state).key_sets)
         assert sets in ([0xFF], [0x70, 0xFF], [0x01, 0x70, 0xFF], [0x01, 0x70]), (k, sets)
-        for kvn, ks in state.key_sets.items():
+        for kvn, ks in isd_state(state).key_sets.items():
             expected = {0xFF: TRANSPORT, 0x70: MKRK, 0x01: MK1}[kvn]
             assert (ks.enc, ks.mac, ks.dek) == expected.keys()
         card = VirtualCard.open(path)
         card.power_on()
-        kvn = 0xFF if 0xFF in state.key_sets else 0x01
+        kvn = 0xFF if 0xFF in isd_state(state).key_sets else 0x01
         keys = TRANSPORT if kvn == 0xFF else MK1
         assert open_session(card, kvn, keys).send(gp.get_status_command())[1] == SW.OK
 
@@ -127,8 +129,9 @@ def test_every_step_of_personalization_is_recoverable(tmp_path: Path, kind: str)
 def test_state_file_is_versioned_and_written_atomically(card: VirtualCard) -> None:
     personalize(card)
     obj = json.loads(Path(card.state_path).read_text())
-    assert obj["format"] == FORMAT and obj["version"] == 1
-    assert sorted(obj["key_sets"]) == ["01", "70"]
+    assert obj["format"] == FORMAT and obj["version"] == VERSION == 2
+    assert sorted(obj["applets"]) == [ISD_AID.hex().upper()]
+    assert sorted(obj["applets"][ISD_AID.hex().upper()]["key_sets"]) == ["01", "70"]
     leftovers = [p for p in Path(card.state_path).parent.iterdir() if p.suffix == ".tmp"]
     assert leftovers == []
     assert Path(card.state_path).stat().st_mode & 0o077 == 0

@@ -21,6 +21,7 @@ from tests.virtual_psd.conftest import (
     send,
 )
 from virtual_psd.card import ATR, CardNotPowered, VirtualCard
+from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
 
 h = bytes.fromhex
@@ -73,7 +74,7 @@ def test_initialize_update(card: VirtualCard) -> None:
     assert int.from_bytes(second.sequence_counter, "big") == \
         int.from_bytes(first.sequence_counter, "big") + 1
     assert second.card_challenge != first.card_challenge
-    assert load_state(card.state_path).sequence_counter == 2
+    assert isd_state(load_state(card.state_path)).sequence_counter == 2
     assert send(card, h("8050FF0007" + "00" * 7))[1] == SW.WRONG_LENGTH
 
 
@@ -103,7 +104,7 @@ def test_secured_commands_refused_outside_a_channel(card: VirtualCard) -> None:
     for apdu in (cmd, gp.delete_key_command(0xFF), gp.get_status_command(),
                  gp.store_data_commands(h("5F200101"))[0], h("84F28002024F0000")):
         assert send(card, apdu)[1] == SW.SECURITY_STATUS_NOT_SATISFIED
-    assert sorted(card.state.key_sets) == [0xFF]
+    assert sorted(isd_state(card.state).key_sets) == [0xFF]
 
 
 def test_put_key_returns_kcvs_and_the_new_set_authenticates(card: VirtualCard) -> None:
@@ -115,7 +116,7 @@ def test_put_key_returns_kcvs_and_the_new_set_authenticates(card: VirtualCard) -
         assert gp.parse_put_key_response(data)[0] == kvn
         s2 = open_session(card, kvn, new)
         assert s2.send(gp.get_status_command())[1] == SW.OK
-    assert sorted(load_state(card.state_path).key_sets) == [0x30, 0x31, 0x32, 0xFF]
+    assert sorted(isd_state(load_state(card.state_path)).key_sets) == [0x30, 0x31, 0x32, 0xFF]
 
 
 def test_put_key_with_a_bad_kcv_is_refused(card: VirtualCard) -> None:
@@ -129,7 +130,7 @@ def test_put_key_with_a_bad_kcv_is_refused(card: VirtualCard) -> None:
     cmd, _ = host.put_key_set_command(
         bytes(16), StaticKeySet(b"\x01" * 16, b"\x02" * 16, b"\x03" * 16), 0x30)
     assert s.send(cmd)[1] == SW.WRONG_DATA
-    assert sorted(card.state.key_sets) == [0xFF]
+    assert sorted(isd_state(card.state).key_sets) == [0xFF]
 
 
 def test_altered_mac_ends_the_session(card: VirtualCard) -> None:
@@ -199,7 +200,7 @@ def test_store_data_is_kept_and_readable(card: VirtualCard) -> None:
     assert sw == SW.OK and parse_single(data).value == b"\x03" * 64
     dgis = gp.encode_dgi(0x0101, b"\xAA" * 10)
     assert s.send(gp.store_data_commands(dgis, structure=gp.STORE_DGI)[0])[1] == SW.OK
-    stored = load_state(card.state_path)
+    stored = isd_state(load_state(card.state_path))
     assert stored.stored_dgi[0x0101] == b"\xAA" * 10 and 0x5F27 in stored.stored_ber
     # Out-of-sequence block number and truncated TLV are refused.
     assert s.send(h("80E2900104") + h("5F200101"))[1] == SW.INCORRECT_P1P2
@@ -245,7 +246,7 @@ def test_random_garbage_never_crashes_the_card(card: VirtualCard) -> None:
         resp = card.transmit(raw)
         assert len(resp) >= 2
         assert parse_response(resp)[1] != SW.NO_PRECISE_DIAGNOSIS
-    assert sorted(card.state.key_sets) == [0xFF]
+    assert sorted(isd_state(card.state).key_sets) == [0xFF]
     del s
 
 
@@ -253,6 +254,9 @@ def test_application_registry(card: VirtualCard) -> None:
     class Echo:
         aid = h("F0000000CA01")
         selected = 0
+
+        def read_section(self, state):
+            pass
 
         def select(self, ctx, command):
             self.selected += 1
@@ -285,11 +289,11 @@ def test_yubikit_in_process(card: VirtualCard) -> None:
     session.put_key(KeyRef(0x01, 0x30), new)  # yubikit checks the returned KCVs
     session.authenticate(Scp03KeyParams(KeyRef(0x01, 0x30), new))
     assert gp.parse_card_data_scp(session.get_data(0x66)) == [(0x03, 0x70)]
-    assert 0x30 in card.state.key_sets
+    assert 0x30 in isd_state(card.state).key_sets
 
 
 def test_card_keys_are_never_in_reprs(card: VirtualCard) -> None:
-    text = repr(card.state) + repr(card.state.key_sets[0xFF])
+    text = repr(card.state) + repr(isd_state(card.state).key_sets[0xFF])
     assert TRANSPORT.enc.hex() not in text
 
 
@@ -350,7 +354,7 @@ def test_a_random_challenge_card_sends_no_sequence_counter(tmp_path) -> None:
         send(card, gp.initialize_update_command(0xFF, bytes(8)))[0])
     assert first.i == 0x60 and first.sequence_counter is None
     assert first.card_challenge != second.card_challenge
-    assert load_state(card.state_path).sequence_counter == 0
+    assert isd_state(load_state(card.state_path)).sequence_counter == 0
     s = open_session(card, 0xFF, TRANSPORT, level=0x33)
     assert s.send(gp.get_data_command(0x9F7F))[1] == SW.OK
 

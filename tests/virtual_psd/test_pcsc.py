@@ -24,6 +24,7 @@ from tests.support.pcsc import PrivatePcscd, transmit_fn
 from tests.virtual_psd.conftest import PSD_ID, TRANSPORT, put_key, send
 from virtual_psd.card import ATR, VirtualCard
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.vpcd import VpcdCard, run
 
 pytestmark = pytest.mark.pcsc
@@ -76,7 +77,7 @@ def test_scp03_level_33_through_pcsc(private_pcscd: PrivatePcscd, served_card: A
         data, sw = s2.send(gp.get_data_command(0x9F7F))
         assert sw == SW.OK and psd_id_from_cplc(data) == PSD_ID
         assert s2.send(gp.get_status_command())[1] == SW.OK
-    assert 0x32 in card.state.key_sets
+    assert 0x32 in isd_state(card.state).key_sets
 
 
 def test_yubikit_scp03_through_pcsc(private_pcscd: PrivatePcscd, served_card: Any) -> None:
@@ -98,7 +99,8 @@ def test_yubikit_scp03_through_pcsc(private_pcscd: PrivatePcscd, served_card: An
         assert session.get_data(0x5F20) == bytes.fromhex("5F2003414243")
         session.authenticate(Scp03KeyParams(KeyRef(0x01, 0xFF), StaticKeys.default()))
         session.delete_key(kvn=0x31)
-    assert 0x31 not in card.state.key_sets and card.state.stored_ber[0x5F20] == b"ABC"
+    isd = isd_state(card.state)
+    assert 0x31 not in isd.key_sets and isd.stored_ber[0x5F20] == b"ABC"
 
 
 def test_cli_card_power_loss_over_vpcd(private_pcscd: PrivatePcscd, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from cardcore import gp
 from cardcore import sw as SW
 from cardcore.diversify import StaticKeySet
+from cardcore.psd import ISD_AID
 from tests.virtual_psd.conftest import (
     MK1,
     MK2,
@@ -26,6 +27,7 @@ from tests.virtual_psd.conftest import (
 )
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
+from virtual_psd.isd import isd_state
 from virtual_psd.state import StateError, load_state
 
 OTHER = StaticKeySet(b"\x51" * 16, b"\x52" * 16, b"\x53" * 16)
@@ -34,7 +36,7 @@ OTHER = StaticKeySet(b"\x51" * 16, b"\x52" * 16, b"\x53" * 16)
 def test_initial_personalization(card: VirtualCard) -> None:
     personalize(card)
     assert key_versions(card) == [0x01, 0x70]
-    assert sorted(load_state(card.state_path).key_sets) == [0x01, 0x70]
+    assert sorted(isd_state(load_state(card.state_path)).key_sets) == [0x01, 0x70]
     # The transport keys no longer open anything; MK and MKRK do.
     assert open_session(card, 0x01, MK1).send(gp.get_status_command())[1] == SW.OK
     assert open_session(card, 0x70, MKRK).send(gp.get_status_command())[1] == SW.OK
@@ -118,7 +120,7 @@ def test_add_at_a_used_kvn_and_card_memory_limit(card: VirtualCard) -> None:
     for kvn in range(0x02, 0x08):
         assert put_key(s, TRANSPORT.dek, MK2, kvn)[1] == SW.OK
     assert put_key(s, TRANSPORT.dek, MK2, 0x08)[1] == SW.NOT_ENOUGH_MEMORY
-    assert len(card.state.key_sets) == 8
+    assert len(isd_state(card.state).key_sets) == 8
 
 
 # -- the strict security executive (cms card init --strict) ----------------------------
@@ -146,7 +148,8 @@ def test_a_strict_card_takes_the_whole_installation_in_one_transport_channel(
         strict_card: VirtualCard) -> None:
     """What a channel may do is fixed when it opens: the personalization channel of a
     fresh card registers the MKRK and installs the first MK after it."""
-    assert strict_card.state.strict and load_state(strict_card.state_path).strict
+    assert isd_state(strict_card.state).strict
+    assert isd_state(load_state(strict_card.state_path)).strict
     personalize(strict_card)
     assert key_versions(strict_card) == [0x01, 0x70]
 
@@ -164,7 +167,7 @@ def test_only_a_strict_card_refuses_the_mk_in_a_transport_channel_once_it_holds_
     if strict:
         assert sw == SW.SECURITY_STATUS_NOT_SATISFIED
         assert key_versions(card) == [0x70, 0xFF]
-        assert sorted(load_state(path).key_sets) == [0x70, 0xFF]
+        assert sorted(isd_state(load_state(path)).key_sets) == [0x70, 0xFF]
     else:
         assert sw == SW.OK                      # the default policy, unchanged
         assert key_versions(card) == [0x01, 0x70, 0xFF]
@@ -179,7 +182,7 @@ def test_a_strict_card_refuses_every_mk_change_outside_the_mkrk_channel(
             SW.SECURITY_STATUS_NOT_SATISFIED
     assert s.send(gp.delete_key_command(0x01))[1] == SW.SECURITY_STATUS_NOT_SATISFIED
     assert key_versions(strict_card) == [0x01, 0x70, 0xFF]
-    assert strict_card.state.key_sets[0x01].enc == MK1.enc
+    assert isd_state(strict_card.state).key_sets[0x01].enc == MK1.enc
     # The refusals did not end the channel, and what is not an MK set is still the
     # transport channel's: the MKRK may be rotated, the transport set retired.
     new_mkrk = StaticKeySet(b"\x81" * 16, b"\x82" * 16, b"\x83" * 16)
@@ -217,13 +220,16 @@ def test_the_policy_is_kept_in_the_state_file_and_set_by_cms_card_init(
                           capture_output=True, text=True, check=False, timeout=60)
     assert init.returncode == 0, init.stderr
     assert json.loads(init.stdout)["policy"] == "strict"
-    assert json.loads(path.read_text())["strict"] is True
-    assert VirtualCard.open(path).state.strict
+    isd_section = json.loads(path.read_text())["applets"][ISD_AID.hex().upper()]
+    assert isd_section["strict"] is True
+    assert isd_state(VirtualCard.open(path).state).strict
     create_card(tmp_path / "default.json")
-    assert load_state(tmp_path / "default.json").strict is False
+    assert isd_state(load_state(tmp_path / "default.json")).strict is False
     # A file whose flag is not a boolean is refused rather than read as lax or strict.
     obj = json.loads(path.read_text())
-    obj["strict"] = "yes"
+    obj["applets"][ISD_AID.hex().upper()]["strict"] = "yes"
     path.write_text(json.dumps(obj))
     with pytest.raises(StateError, match="strict"):
-        load_state(path)
+        isd_state(load_state(path))
+    with pytest.raises(StateError, match="strict"):
+        VirtualCard.open(path)
