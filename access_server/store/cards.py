@@ -3,15 +3,16 @@
 A campaign contact reads the card (``Store.read_contact``), has the card
 prove its keys, then runs two write transactions (``Store.start_contact``,
 which takes the lease and journals the replacement, and
-``Store.complete_intent``'s replacement); a station's installation runs the
-same kind of transactions. Through the ORM's unit of work each statement
+``Store.complete_replacement``); a station's installation runs the same
+kind of transactions. Through the ORM's unit of work each statement
 cost about 0.4 ms of CPU, and through SQLAlchemy's statement layer still
 about 0.15 ms; these are Core expressions over the model tables compiled
 once per dialect (``driver``) and run on the transaction's driver
 connection, several times cheaper again. Each operation on a card's row, on
-the intent journal and on the history has its one helper here; the
-operator's transactions (``registry``, ``campaigns``) call them on their
-session's connection and keep the ORM for campaign items.
+the intent journal and on the history has its one helper here, with the
+rules a card's state sets; the transactions that also change campaign items
+(``registry``, and ``reconcile`` and ``abandon_intent`` in ``contacts``)
+call them on their session's connection and keep the ORM for the items.
 
 The rules the ORM's version counter enforced are kept here: the card's row
 is locked first (``FOR UPDATE`` on PostgreSQL; SQLite has one writer), and
@@ -139,6 +140,24 @@ def _update_card_statement(columns: frozenset[str]) -> Statement:
 # -- the card's row -------------------------------------------------------------------
 
 
+def not_registered(psd_id: str) -> NotFound:
+    return NotFound(f"PSD {psd_id} is not registered")
+
+
+def refuse_revoked(card: PsdRecord, action: str) -> None:
+    """FailedPrecondition for a revoked card: the server does no more work on it."""
+    if card.state is PsdState.REVOKED:
+        raise FailedPrecondition(
+            f"PSD {card.psd_id} is revoked: the server does no further work on it ({action})"
+        )
+
+
+def expect_state(card: PsdRecord, state: PsdState) -> None:
+    """FailedPrecondition unless the card is in ``state``."""
+    if card.state is not state:
+        raise FailedPrecondition(f"PSD {card.psd_id} is {card.state}, not {state.value}")
+
+
 def lock_card(conn: Connection, psd_id: str) -> PsdRecord:
     """The card's record, its row locked for the rest of the transaction; NotFound if absent."""
     return rows.psd_record(_card(conn, _LOCK_CARD, psd_id))
@@ -163,7 +182,7 @@ def card_and_cryptogram(conn: Connection, psd_id: str, *,
 def _card(conn: Connection, statement: Statement, psd_id: str) -> Any:
     card = execute(conn, statement, {"psd_id": psd_id}).one_or_none()
     if card is None:
-        raise rows.not_registered(psd_id)
+        raise not_registered(psd_id)
     return card
 
 
@@ -290,7 +309,7 @@ def _allow_install(conn: Connection, card: PsdRecord, restart: bool, actor: str,
                    now: datetime) -> None:
     if card.state is PsdState.BLANK:
         return
-    rows.refuse_revoked(card, "installation")
+    refuse_revoked(card, "installation")
     if card.state is not PsdState.INSTALLING:
         raise FailedPrecondition(
             f"PSD {card.psd_id} is {card.state}; installation starts from blank")
@@ -316,8 +335,8 @@ def journal_replacement(conn: Connection, card: PsdRecord, *, from_version: int,
     ``campaign_checked`` says this transaction already read (and share-locked)
     the campaign as running with these versions, through ``pending_work``.
     """
-    rows.refuse_revoked(card, "replacement")
-    rows.expect_state(card, PsdState.ACTIVE)
+    refuse_revoked(card, "replacement")
+    expect_state(card, PsdState.ACTIVE)
     if card.mk_version != from_version:
         raise FailedPrecondition(
             f"PSD {card.psd_id} holds MK v{card.mk_version}, not v{from_version}")
@@ -354,9 +373,9 @@ def complete_intent(conn: Connection, psd_id: str, intent_id: int, kind: IntentK
     """
     waiting_state, action, event = _COMPLETING[kind]
     card = lock_card(conn, psd_id)
-    rows.refuse_revoked(card, action)
+    refuse_revoked(card, action)
     intent = checked_open_intent(conn, psd_id, intent_id, kind)
-    rows.expect_state(card, waiting_state)
+    expect_state(card, waiting_state)
     values: dict[str, Any] = {"state": PsdState.ACTIVE.value, "mk_version": intent.to_version,
                               "pending_mk_version": None, "updated": now}
     if kind is IntentKind.INSTALL:

@@ -252,7 +252,7 @@ class Contacts(Transactions):
         reason = v.text("reason", reason, v.MAX_DETAIL)
         actor = v.actor(actor)
         with self._change_card(psd_id) as (session, conn, card, now):
-            rows.refuse_revoked(card, "abandon intent")
+            cards.refuse_revoked(card, "abandon intent")
             intent = cards.checked_open_intent(conn, psd_id, intent_id, None)
             values: dict[str, Any] = {"state": PsdState.ACTIVE.value,
                                       "pending_mk_version": None, "updated": now}
@@ -313,7 +313,7 @@ class Contacts(Transactions):
         detail = v.text("detail", detail, v.MAX_DETAIL, required=False)
         actor = v.actor(actor)
         with self._change_card(psd_id) as (session, conn, card, now):
-            rows.refuse_revoked(card, "reconcile")
+            cards.refuse_revoked(card, "reconcile")
             intent = cards.open_intent(conn, psd_id)
             if target in TRANSIENT_STATES:
                 pending = probe.check_transient(card, intent, target, mk_version, pending)

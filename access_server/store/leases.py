@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import update
 
-from access_server.store import cards, rows
+from access_server.store import cards
 from access_server.store import validate as v
 from access_server.store.models import PsdRow
 from access_server.store.records import PsdRecord, PsdState
@@ -80,7 +80,7 @@ class Leases(Transactions):
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount != 1:
-                raise rows.not_registered(psd_id)
+                raise cards.not_registered(psd_id)
             return now
 
 

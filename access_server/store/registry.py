@@ -238,7 +238,7 @@ class Registry(Transactions):
         detail = v.text("detail", detail, v.MAX_DETAIL)
         actor = v.actor(actor)
         with self._change_card(psd_id) as (session, conn, card, now):
-            rows.refuse_revoked(card, "flag for attention")
+            cards.refuse_revoked(card, "flag for attention")
             values = {"attention": reason, "attention_detail": detail,
                       "attention_since": card.attention_since or now, "updated": now}
             cards.release_lease(card, release_lease_of, values)

@@ -35,7 +35,7 @@ from access_server.store.records import (
     PsdState,
 )
 from access_server.store.validate import MAX_DETAIL
-from cms.runtime.errors import FailedPrecondition, NotFound
+from cms.runtime.errors import NotFound
 
 LIVE_CAMPAIGN_STATES = (CampaignState.RUNNING.value, CampaignState.PAUSED.value)
 """Campaigns whose pending items still wait for their cards."""
@@ -113,24 +113,6 @@ def item_record(item: CampaignItemRow, campaign: CampaignRow) -> CampaignItem:
         from_version=campaign.from_version,
         to_version=campaign.to_version,
     )
-
-
-def not_registered(psd_id: str) -> NotFound:
-    return NotFound(f"PSD {psd_id} is not registered")
-
-
-def refuse_revoked(card: Any, action: str) -> None:
-    """FailedPrecondition for a revoked card (a record, or a row of ``psd``)."""
-    if card.state == PsdState.REVOKED.value:
-        raise FailedPrecondition(
-            f"PSD {card.psd_id} is revoked: the server does no further work on it ({action})"
-        )
-
-
-def expect_state(card: Any, state: PsdState) -> None:
-    """FailedPrecondition unless the card (a record, or a row of ``psd``) is in ``state``."""
-    if card.state != state.value:
-        raise FailedPrecondition(f"PSD {card.psd_id} is {card.state}, not {state.value}")
 
 
 def item_counts(session: Session, campaign_ids: Iterable[str]) -> dict[str, Counter[str]]:
