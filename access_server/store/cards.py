@@ -31,7 +31,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.sql import ColumnElement
 
 from access_server.store import rows
-from access_server.store.driver import Statement, execute
+from access_server.store.driver import Statement, execute, fixed
 from access_server.store.models import CampaignItemRow, CampaignRow, IntentRow, PsdEventRow, PsdRow
 from access_server.store.records import (
     CampaignItem,
@@ -68,6 +68,7 @@ def _insert(table: Any, columns: list[str]) -> Any:
     return insert(table).values({name: _param(table.c[name]) for name in columns})
 
 
+_PENDING = fixed(_ITEM.c.status, ItemStatus.PENDING.value)
 _CARD_COLUMNS = [column for column in _PSD.c if column.key != "cryptogram"]
 _BY_PSD_ID = _PSD.c.psd_id == _param(_PSD.c.psd_id)
 _LOCK_CARD = Statement(select(*_CARD_COLUMNS).where(_BY_PSD_ID).with_for_update())
@@ -80,7 +81,7 @@ _INSERT_INTENT = Statement(
     .returning(_INTENT.c.intent_id))
 _OPEN_INTENT = Statement(select(_INTENT).where(
     _INTENT.c.psd_id == _param(_INTENT.c.psd_id),
-    _INTENT.c.status == IntentStatus.OPEN.value))
+    _INTENT.c.status == fixed(_INTENT.c.status, IntentStatus.OPEN.value)))
 _INTENT_BY_ID = Statement(select(_INTENT).where(
     _INTENT.c.intent_id == _param(_INTENT.c.intent_id)))
 _CLOSE_INTENT = Statement(
@@ -91,8 +92,8 @@ _WORK = (
            _ITEM.c.updated, _CAMPAIGN.c.from_version, _CAMPAIGN.c.to_version)
     .join_from(_ITEM, _CAMPAIGN, _CAMPAIGN.c.campaign_id == _ITEM.c.campaign_id)
     .where(_ITEM.c.psd_id == _param(_ITEM.c.psd_id),
-           _ITEM.c.status == ItemStatus.PENDING.value,
-           _CAMPAIGN.c.state == CampaignState.RUNNING.value,
+           _ITEM.c.status == _PENDING,
+           _CAMPAIGN.c.state == fixed(_CAMPAIGN.c.state, CampaignState.RUNNING.value),
            _CAMPAIGN.c.from_version == _param(_CAMPAIGN.c.from_version, "mk_version")))
 _READ_WORK = Statement(_WORK)
 # The campaign row share-locked: a pause or cancel waits for this transaction.
@@ -106,7 +107,7 @@ _LOCK_CAMPAIGN_STATE = Statement(
 _THE_ITEM = (_ITEM.c.campaign_id == _param(_ITEM.c.campaign_id),
              _ITEM.c.psd_id == _param(_ITEM.c.psd_id))
 _COUNT_ATTEMPT = Statement(
-    update(_ITEM).where(*_THE_ITEM, _ITEM.c.status == ItemStatus.PENDING.value)
+    update(_ITEM).where(*_THE_ITEM, _ITEM.c.status == _PENDING)
     .values(attempts=_ITEM.c.attempts + 1, updated=_param(_ITEM.c.updated)))
 _ITEM_STATUS = Statement(select(_ITEM.c.status).where(*_THE_ITEM))
 _FINISH_ITEM = Statement(
@@ -115,7 +116,7 @@ _FINISH_ITEM = Statement(
 _ANY_PENDING_OF_CARD = Statement(
     select(_ITEM.c.campaign_id)
     .where(_ITEM.c.psd_id == _param(_ITEM.c.psd_id),
-           _ITEM.c.status == ItemStatus.PENDING.value).limit(1))
+           _ITEM.c.status == _PENDING).limit(1))
 
 UPDATABLE_CARD_COLUMNS = frozenset(_PSD.c.keys()) - {"psd_id", "row_version"}
 _UPDATE_CARD: dict[frozenset[str], Statement] = {}

@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, or_, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from access_server.store.driver import Statement, execute
+from access_server.store.driver import Statement, execute, fixed
 from access_server.store.models import (
     CampaignItemRow,
     CampaignRow,
@@ -159,9 +159,8 @@ _CAMPAIGN = CampaignRow.__table__
 _ANY_OPEN_IN_CAMPAIGN = Statement(
     select(_ITEM.c.psd_id)
     .where(_ITEM.c.campaign_id == bindparam("campaign_id", type_=_ITEM.c.campaign_id.type),
-           # Not IN (...): an IN list is rendered only as a statement runs.
-           or_(_ITEM.c.status == ItemStatus.PENDING.value,
-               _ITEM.c.status == ItemStatus.FAILED.value))
+           _ITEM.c.status.in_([fixed(_ITEM.c.status, ItemStatus.PENDING.value),
+                               fixed(_ITEM.c.status, ItemStatus.FAILED.value)]))
     .limit(1))
 _COMPLETE_CAMPAIGN = Statement(
     update(_CAMPAIGN)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from access_server.store import Store, cards
 from access_server.store.dberrors import translate
-from access_server.store.driver import Statement, execute
+from access_server.store.driver import Statement, execute, fixed
 from access_server.store.models import CampaignItemRow, CampaignRow, PsdEventRow, PsdRow
 from cms.runtime.errors import Aborted
 from tests.access_server.test_store_fixtures import ACTOR, psd, register
@@ -48,6 +48,18 @@ def test_each_backend_gets_its_parameter_style_and_locks() -> None:
     assert "FOR" not in shared.compiled(SQLITE).text
     assert locked.compiled(SQLITE).parameters({"campaign_id": "c1"}) == ("c1",)
     assert locked.compiled(POSTGRES).parameters({"campaign_id": "c1"}) == {"campaign_id": "c1"}
+
+
+def test_fixed_state_names_are_written_into_the_statement() -> None:
+    # A bound state name would have SQLite plan the statement again at every run.
+    pending = Statement(select(ITEM.c.psd_id)
+                        .where(ITEM.c.psd_id == bindparam("psd_id"),
+                               ITEM.c.status == fixed(ITEM.c.status, "pending")))
+
+    for dialect in (SQLITE, POSTGRES):
+        assert pending.compiled(dialect).text.endswith("campaign_item.status = 'pending'")
+    assert pending.compiled(SQLITE).parameters({"psd_id": "p1"}) == ("p1",)
+    assert "o''clock" in str(fixed(ITEM.c.status, "o'clock"))
 
 
 def test_a_statement_renders_completely_or_is_refused() -> None:
