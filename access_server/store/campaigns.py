@@ -1,4 +1,4 @@
-"""Campaign operations on an open write transaction.
+"""Campaigns: the store's campaign operations, and what they do in their transaction.
 
 A campaign snapshots, when it starts, the cards it will move from one MK
 version to another: one ``campaign_item`` per card. Cards are then updated
@@ -26,10 +26,21 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, case, func, insert, literal, null, select, text
 from sqlalchemy.orm import Session
 
-from access_server.store import rows
+from access_server.store import paging, rows
+from access_server.store import validate as v
 from access_server.store.models import CampaignItemRow, CampaignRow, PsdRow, UtcDateTime
-from access_server.store.records import CampaignState, ItemStatus, PsdState
-from cms.runtime.errors import FailedPrecondition, NotFound
+from access_server.store.records import (
+    Campaign,
+    CampaignItem,
+    CampaignState,
+    ItemPage,
+    ItemStatus,
+    PsdState,
+)
+from access_server.store.transactions import Transactions
+from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+MAX_CAMPAIGN_IDS = 100_000
 
 CHUNK = 500
 """Ids per IN (...) list: well under SQLite's bound-parameter limit."""
@@ -277,3 +288,158 @@ def _refuse_pending_elsewhere(session: Session, campaign_id: str, psd_id: str) -
             f"PSD {psd_id} is already waiting in campaign {other}; a card waits in one "
             "campaign at a time"
         )
+
+
+class Campaigns(Transactions):
+    """The store's campaign operations."""
+
+    def start_campaign(
+        self,
+        name: str,
+        from_version: int,
+        to_version: int,
+        psd_ids: Sequence[str] | None = None,
+        psd_id_prefix: str | None = None,
+        *,
+        actor: str,
+    ) -> Campaign:
+        """Snapshot the active cards at MK ``from_version`` that match the filter.
+
+        ``psd_ids`` (empty means no list) and ``psd_id_prefix`` both narrow
+        the set. Listed ids must be registered (NotFound otherwise); listed
+        cards that do not qualify become skipped items with the reason. See
+        the module's docstring for the overlap rule.
+        """
+        name = v.text("name", name, v.MAX_NAME)
+        from_version = v.key_version("from_version", from_version)
+        to_version = v.key_version("to_version", to_version)
+        if from_version == to_version:
+            raise InvalidArgument("to_version must differ from from_version")
+        listed = _listed_ids(psd_ids)
+        prefix = None if not psd_id_prefix else v.psd_id_prefix(psd_id_prefix)
+        actor = v.actor(actor)
+        with self._write() as session:
+            campaign_id = start(
+                session,
+                name=name,
+                from_version=from_version,
+                to_version=to_version,
+                psd_ids=listed,
+                prefix=prefix,
+                actor=actor,
+                now=self._now(),
+            )
+            return _campaign(session, campaign_id)
+
+    def get_campaign(self, campaign_id: str) -> Campaign:
+        with self._read() as session:
+            return _campaign(session, campaign_id)
+
+    def list_campaigns(self, state: CampaignState | None = None) -> list[Campaign]:
+        """All campaigns (or those in ``state``), oldest first, with counts."""
+        query = select(CampaignRow).order_by(CampaignRow.created, CampaignRow.campaign_id)
+        if state is not None:
+            try:
+                wanted = CampaignState(state)
+            except ValueError:
+                raise InvalidArgument(f"unknown campaign state {state!r}") from None
+            query = query.where(CampaignRow.state == wanted.value)
+        with self._read() as session:
+            found = list(session.scalars(query))
+            counts = rows.item_counts(session, (c.campaign_id for c in found))
+            return [rows.campaign_record(c, counts[c.campaign_id]) for c in found]
+
+    def pause_campaign(self, campaign_id: str) -> Campaign:
+        return self._transition(campaign_id, "pause")
+
+    def resume_campaign(self, campaign_id: str) -> Campaign:
+        return self._transition(campaign_id, "resume")
+
+    def cancel_campaign(self, campaign_id: str) -> Campaign:
+        """Cancel: pending items become skipped; replacements in flight may still finish."""
+        return self._transition(campaign_id, "cancel")
+
+    def _transition(self, campaign_id: str, action: str) -> Campaign:
+        with self._write() as session:
+            transition(session, campaign_id, action, self._now())
+            session.flush()
+            return _campaign(session, campaign_id)
+
+    def get_campaign_item(self, campaign_id: str, psd_id: str) -> CampaignItem:
+        psd_id = v.psd_id(psd_id)
+        with self._read() as session:
+            campaign = session.get(CampaignRow, campaign_id)
+            item = session.get(CampaignItemRow, (campaign_id, psd_id))
+            if campaign is None or item is None:
+                raise NotFound(f"PSD {psd_id} is not part of campaign {campaign_id}")
+            return rows.item_record(item, campaign)
+
+    def list_campaign_items(
+        self,
+        campaign_id: str,
+        status: ItemStatus | None = None,
+        page_size: int = paging.DEFAULT_PAGE_SIZE,
+        after: str = "",
+    ) -> ItemPage:
+        """One page of a campaign's items (``status`` only, if given) in PSD id order,
+        starting after the PSD id ``after``; the PSD id the next page starts after
+        ("" on the last page), and how many there are in all."""
+        if status is not None:
+            status = _item_status(status)
+        size = paging.page_size(page_size)
+        if after:
+            after = v.psd_id(after)
+        filters = [CampaignItemRow.campaign_id == campaign_id]
+        if status is not None:
+            filters.append(CampaignItemRow.status == status.value)
+        with self._read() as session:
+            campaign = session.get(CampaignRow, campaign_id)
+            if campaign is None:
+                raise NotFound(f"campaign {campaign_id} not found")
+            total = session.scalar(select(func.count()).select_from(CampaignItemRow)
+                                   .where(*filters))
+            query = select(CampaignItemRow).where(*filters).order_by(CampaignItemRow.psd_id)
+            if after:
+                query = query.where(CampaignItemRow.psd_id > after)
+            found = [rows.item_record(item, campaign)
+                     for item in session.scalars(query.limit(size + 1))]
+        more = len(found) > size
+        return ItemPage(found[:size], found[size - 1].psd_id if more else "", int(total or 0))
+
+    def mark_item(
+        self, campaign_id: str, psd_id: str, status: ItemStatus, error: str | None = None
+    ) -> CampaignItem:
+        """Set an item's outcome (pending again retries it); completes a drained campaign."""
+        psd_id = v.psd_id(psd_id)
+        status = _item_status(status)
+        if error is not None:
+            error = v.text("error", error, v.MAX_DETAIL, required=False)
+        with self._write() as session:
+            item, campaign = mark(session, campaign_id, psd_id, status, error, self._now())
+            return rows.item_record(item, campaign)
+
+
+def _campaign(session: Session, campaign_id: str) -> Campaign:
+    row = session.get(CampaignRow, campaign_id)
+    if row is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    counts = rows.item_counts(session, [campaign_id])
+    return rows.campaign_record(row, counts[campaign_id])
+
+
+def _item_status(value: object) -> ItemStatus:
+    try:
+        return ItemStatus(value)
+    except ValueError:
+        raise InvalidArgument(f"unknown item status {value!r}") from None
+
+
+def _listed_ids(psd_ids: Sequence[str] | None) -> list[str] | None:
+    """Validated, de-duplicated listed ids in their given order; None for no list."""
+    if not psd_ids:
+        return None
+    if isinstance(psd_ids, str):
+        raise InvalidArgument("psd_ids must be a list of PSD ids, not a string")
+    if len(psd_ids) > MAX_CAMPAIGN_IDS:
+        raise InvalidArgument(f"at most {MAX_CAMPAIGN_IDS} listed PSD ids per campaign")
+    return list(dict.fromkeys(v.psd_id(psd_id) for psd_id in psd_ids))

@@ -1,143 +1,164 @@
-"""Statements run on the driver's own connection: the per-contact hot path.
+"""SQLAlchemy Core statements run on the driver's own connection: the per-contact hot path.
 
 A campaign contact runs two short write transactions of about eighteen
-statements, and a fleet runs them for every card. SQLAlchemy Core spends
-about 0.15 ms of CPU on each statement before the driver sees it (cache key,
-parameter and result processing), five times what SQLite then spends
-running it, and together more than anything else a contact costs the access
-server. So these statements are written once here in SQL with ``:name``
-parameters and rendered for each backend when the module loads:
+statements, and a fleet runs them for every card. Executing a Core statement
+costs about 0.15 ms of CPU before the driver sees it (cache key, parameter
+and result processing), five times what SQLite then spends running it, and
+together more than anything else a contact costs the access server.
 
-- sqlite3 takes ``:name``, psycopg ``%(name)s``;
-- ``{for_update}``, ``{for_share}`` and ``{for_share_of:TABLE}`` become row
-  locks on PostgreSQL and nothing on SQLite, which has a single writer (as
-  SQLAlchemy renders ``with_for_update`` there).
+So the hot path's statements are ordinary Core expressions over the model
+tables (row locks as ``with_for_update``), and a ``Statement`` compiles each
+one once per dialect, when the store opens (``prepare``): SQLAlchemy renders
+the SQL, the parameter style and the row locks of the backend (none on
+SQLite, which has a single writer), and the column types give the bind and
+result processors (so times are stored and read exactly as the ORM stores
+and reads them). Running it then costs a dictionary or tuple of processed
+parameters and one driver call.
 
 The transaction stays SQLAlchemy's (pool, ``BEGIN IMMEDIATE``, rollback),
 and a driver error is raised as the SQLAlchemy exception it would have been,
 without the statement's parameters, so ``dberrors.translate`` and its safe
 messages apply unchanged.
-
-Times are aware UTC datetimes in and out, stored exactly as the models'
-``UtcDateTime`` stores them: naive UTC text in SQLAlchemy's fixed-width
-format on SQLite (text order is time order), ``timestamptz`` on PostgreSQL.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections import namedtuple
+from collections.abc import Callable, Mapping
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, literal, literal_column
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import ClauseElement, ColumnElement
+from sqlalchemy.types import DateTime, TypeEngine
 
-BACKENDS = ("sqlite", "postgresql")
-_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
-_LOCK = re.compile(r"\{for_(update|share)(?::(\w+))?\}")
-
-
-def _lock_clause(found: re.Match[str]) -> str:
-    mode, table = found.groups()
-    return f" FOR {mode.upper()}" + (f" OF {table}" if table else "")
-
-
-def _render(text: str, backend: str) -> str:
-    if backend == "postgresql":
-        text = _PARAMETER.sub(r"%(\1)s", _LOCK.sub(_lock_clause, text))
-    else:
-        text = _LOCK.sub("", text)
-    return " ".join(text.split())
+_Processor = Callable[[Any], Any] | None
+_TIME_PROCESSORS: dict[tuple[str, str, str], _Processor] = {}
+_PREPARED: list[Statement] = []
+"""Every statement made, so that ``prepare`` compiles them all for a store's dialect."""
 
 
-_LITERAL = re.compile(r"[a-z_]+")
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+class _Compiled:
+    """One statement as one dialect runs it: text, parameters in order, row shape."""
+
+    __slots__ = ("binds", "fixed", "positional", "results", "row", "text")
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        _refuse_incomplete(compiled.string)
+        self.text = compiled.string
+        by_name = {name: bind for bind, name in compiled.bind_names.items()}
+        self.positional = bool(dialect.positional)
+        order = compiled.positiontup if self.positional else list(by_name)
+        assert order is not None
+        # Values the statement itself carries (a state's name, a LIMIT).
+        self.fixed = {name: bind.effective_value for name, bind in by_name.items()
+                      if not bind.required}
+        self.binds: tuple[tuple[str, _Processor], ...] = tuple(
+            (name, _processor(by_name[name].type, dialect, "bind")) for name in order)
+        columns = list(getattr(statement, "exported_columns", ()))
+        self.results: tuple[tuple[int, _Processor], ...] = tuple(
+            (index, process) for index, column in enumerate(columns)
+            if (process := _processor(column.type, dialect, "result")) is not None)
+        # Rows are named by the selected columns of the model tables.
+        self.row = namedtuple("Row", [column.key for column in columns]) if columns else None
+
+    def parameters(self, params: Mapping[str, Any]) -> Any:
+        values = {**self.fixed, **params} if self.fixed else params
+        try:
+            processed = [(name, values[name] if process is None else process(values[name]))
+                         for name, process in self.binds]
+        except KeyError as missing:
+            raise ValueError(f"no value for the statement's parameter {missing}") from None
+        if self.positional:
+            return tuple(value for _, value in processed)
+        return dict(processed)
+
+    def convert(self, found: Any) -> Any:
+        if self.row is None:
+            return tuple(found)
+        values = list(found)
+        for index, process in self.results:
+            values[index] = process(values[index])
+        return self.row(*values)
 
 
-class Sql:
-    """One statement, rendered for SQLite and PostgreSQL; rows come back as ``row``.
+def _processor(type_: TypeEngine[Any], dialect: Dialect, way: str) -> _Processor:
+    """What ``type_`` does to a value going to (``bind``) or coming from the driver.
 
-    ``row`` is a NamedTuple whose fields are the selected columns in order,
-    and ``times`` names those that hold times. The text may say ``{columns}``
-    for the row's fields (those in ``nulls`` selected as NULL) and
-    ``{name}`` for each of ``literals``: fixed words such as a state's name,
-    spliced in as quoted SQL literals. They are checked to be plain words, so
-    only bound ``:parameters`` ever carry values from outside.
+    A time's conversion is shared by every statement and remembers its
+    recent values: a transaction binds one "now" to several statements, and
+    a card's row brings back times it brought back before; converting them
+    each time was a visible part of a contact's cost.
     """
-
-    def __init__(self, text: str, row: type[NamedTuple] | None = None, *,
-                 times: tuple[str, ...] = (), nulls: tuple[str, ...] = (),
-                 literals: Mapping[str, str] | None = None) -> None:
-        if "%" in text:
-            raise ValueError("a literal % would be a placeholder for psycopg")
-        fields: tuple[str, ...] = row._fields if row is not None else ()
-        if not set(times) | set(nulls) <= set(fields):
-            raise ValueError(f"times {times} and nulls {nulls} must be fields of the row")
-        words = dict(literals or {})
-        for name, word in words.items():
-            if not _LITERAL.fullmatch(word):
-                raise ValueError(f"literal {name}={word!r} is not a plain word")
-        spliced = {name: f"'{word}'" for name, word in words.items()}
-        if fields:
-            spliced["columns"] = ", ".join("NULL" if f in nulls else f for f in fields)
-
-        def splice(found: re.Match[str]) -> str:
-            name = found.group(1)
-            if name in spliced:
-                return spliced[name]
-            if _LOCK.fullmatch(found.group(0)):
-                return found.group(0)
-            raise ValueError(f"nothing to splice for {{{name}}}")
-
-        text = _PLACEHOLDER.sub(splice, text)
-        self.text = {backend: _render(text, backend) for backend in BACKENDS}
-        self.row = row
-        self.time_indexes = tuple(i for i, name in enumerate(fields) if name in times)
+    impl = type_.dialect_impl(dialect)
+    process = (impl.bind_processor(dialect) if way == "bind"
+               else impl.result_processor(dialect, None))
+    if process is None or not _is_time(type_):
+        return process
+    key = (dialect.name, repr(type_), way)
+    if key not in _TIME_PROCESSORS:
+        _TIME_PROCESSORS[key] = lru_cache(maxsize=512)(process)
+    return _TIME_PROCESSORS[key]
 
 
-@lru_cache(maxsize=256)
-def sqlite_time(value: datetime) -> str:
-    """``value`` as SQLAlchemy stores a SQLite DATETIME: naive UTC text,
-    ``YYYY-MM-DD HH:MM:SS.ffffff`` with the microseconds always present.
+def _is_time(type_: TypeEngine[Any]) -> bool:
+    # A TypeDecorator (the models' UtcDateTime) says what it is through its impl.
+    return isinstance(type_, DateTime) or isinstance(getattr(type_, "impl_instance", None),
+                                                      DateTime)
 
-    Cached: a transaction binds the same "now" to several statements, and
-    formatting was a visible part of a contact's cost.
+
+class Statement:
+    """A Core statement for the driver path, compiled once for each dialect it meets."""
+
+    def __init__(self, statement: ClauseElement) -> None:
+        _refuse_incomplete(str(statement))
+        self.statement = statement
+        self._by_dialect: dict[str, _Compiled] = {}
+        _PREPARED.append(self)
+
+    def compiled(self, dialect: Dialect) -> _Compiled:
+        found = self._by_dialect.get(dialect.name)
+        if found is None:
+            # Only a statement made after its store opened comes here.
+            found = self._by_dialect[dialect.name] = _Compiled(self.statement, dialect)
+        return found
+
+
+def fixed(column: ColumnElement[Any], value: str) -> ColumnElement[Any]:
+    """``value`` for ``column`` written into the statement (SQLAlchemy quotes it), not bound.
+
+    For the fixed names of states in a WHERE clause: SQLite plans a statement
+    that may use a partial index (``status = 'pending'``) when it is
+    prepared, but prepares it again at every execution when that value is a
+    parameter, which cost a contact's campaign lookup five times its run.
     """
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to a UTC column")
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    rendered = literal(value, column.type).compile(compile_kwargs={"literal_binds": True})
+    return literal_column(str(rendered), column.type)
 
 
-def _time_from_sqlite(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+def _refuse_incomplete(text: str) -> None:
+    if "POSTCOMPILE" in text:
+        # An IN list or a literal_execute parameter: rendered anew at each execution.
+        raise ValueError("a driver statement must render completely when it is compiled")
 
 
-def _time_from_postgres(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(UTC)
-
-
-def _bind(params: Mapping[str, Any], sqlite: bool) -> Mapping[str, Any]:
-    out = None
-    for name, x in params.items():
-        if isinstance(x, datetime):
-            if out is None:
-                out = dict(params)
-            if sqlite:
-                out[name] = sqlite_time(x)
-            elif x.tzinfo is None:
-                raise ValueError("naive datetime given to a UTC column")
-    return params if out is None else out
+def prepare(dialect: Dialect) -> None:
+    """Compile every driver statement for ``dialect`` (the store does so as it opens)."""
+    for statement in _PREPARED:
+        statement.compiled(dialect)
 
 
 class Result:
-    """The cursor of one statement: ``rowcount``, and rows as the statement's NamedTuple."""
+    """The cursor of one statement: ``rowcount``, and rows named by their columns."""
 
-    def __init__(self, cursor: Any, sql: Sql, sqlite: bool) -> None:
+    __slots__ = ("_compiled", "_cursor")
+
+    def __init__(self, cursor: Any, compiled: _Compiled) -> None:
         self._cursor = cursor
-        self._sql = sql
-        self._sqlite = sqlite
+        self._compiled = compiled
 
     @property
     def rowcount(self) -> int:
@@ -146,33 +167,25 @@ class Result:
     def one_or_none(self) -> Any:
         """The first row, or None (as SQLAlchemy's ``first()``: any further rows are left)."""
         found = self._cursor.fetchone()
-        if found is None:
-            return None
-        if self._sql.row is None:
-            return tuple(found)
-        values = list(found)
-        convert = _time_from_sqlite if self._sqlite else _time_from_postgres
-        for index in self._sql.time_indexes:
-            values[index] = convert(values[index])
-        return self._sql.row(*values)
+        return None if found is None else self._compiled.convert(found)
 
     def scalar(self) -> Any:
-        found = self._cursor.fetchone()
+        found = self.one_or_none()
         return None if found is None else found[0]
 
 
-def execute(conn: Connection, sql: Sql, params: Mapping[str, Any]) -> Result:
-    """Run ``sql`` in ``conn``'s transaction, on its driver connection."""
+def execute(conn: Connection, statement: Statement, params: Mapping[str, Any]) -> Result:
+    """Run ``statement`` in ``conn``'s transaction, on its driver connection."""
     dialect = conn.dialect
-    sqlite = dialect.name == "sqlite"
+    compiled = statement.compiled(dialect)
     driver = conn.connection.driver_connection
     assert driver is not None
     try:
-        cursor = driver.execute(sql.text[dialect.name], _bind(params, sqlite))
+        cursor = driver.execute(compiled.text, compiled.parameters(params))
     except dialect.loaded_dbapi.Error as exc:
         lost = dialect.is_disconnect(exc, driver, None)
         # No statement and no parameters in it: a parameter may be a cryptogram.
         raise sa_exc.DBAPIError.instance(
             None, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
             connection_invalidated=lost, dialect=dialect) from None
-    return Result(cursor, sql, sqlite)
+    return Result(cursor, compiled)

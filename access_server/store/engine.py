@@ -20,11 +20,11 @@ import sqlite3
 import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import StaticPool
 
-from access_server.store.driver import Sql, execute
+from access_server.store.driver import Statement, execute
 from cms.runtime.errors import InvalidArgument
 from cms.runtime.files import sqlite_file
 
@@ -120,8 +120,8 @@ def _sqlite_wal(cursor: Any) -> None:
             time.sleep(SQLITE_WAL_RETRY_S)
 
 
-_BEGIN_WRITE = Sql("BEGIN IMMEDIATE")
-_BEGIN_READ = Sql("BEGIN")
+_BEGIN_WRITE = Statement(text("BEGIN IMMEDIATE"))
+_BEGIN_READ = Statement(text("BEGIN"))
 
 
 def _sqlite_on_begin(connection: Connection) -> None:

@@ -1,4 +1,4 @@
-"""Opaque page tokens for keyset pagination of the PSD registry.
+"""Pages of the registry and of campaign items: their size, and opaque page tokens.
 
 A token carries the last PSD id of the page it ends and the filter it was
 made for, so the next page starts right after that id (stable while cards
@@ -14,6 +14,17 @@ import json
 from access_server.store import validate as v
 from access_server.store.records import PsdState
 from cms.runtime.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+"""Larger requested pages are clamped to this size."""
+
+
+def page_size(requested: object) -> int:
+    """The size of a page asked for as ``requested`` (0 for the default), clamped."""
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise InvalidArgument("page_size must be a non-negative integer")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def encode_token(after: str, state: PsdState | None, mk_version: int | None,

@@ -7,8 +7,7 @@ no open intent explains (FailedPrecondition).
 
 from __future__ import annotations
 
-from access_server.store.models import IntentRow, PsdRow
-from access_server.store.records import IntentKind, PsdState
+from access_server.store.records import Intent, IntentKind, PsdRecord, PsdState
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 
 
@@ -33,8 +32,8 @@ def check_shape(
 
 
 def check_transient(
-    row: PsdRow,
-    intent: IntentRow | None,
+    row: PsdRecord,
+    intent: Intent | None,
     state: PsdState,
     mk_version: int | None,
     pending: int | None,

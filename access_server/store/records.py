@@ -16,7 +16,7 @@ import grpc
 
 
 class PsdState(StrEnum):
-    """Where a card stands, as far as the server knows (see DESIGN.md, flow A)."""
+    """Where a card stands, as far as the server knows (docs/flows.md, flow A)."""
 
     BLANK = "blank"
     """Registered, transport keys only."""

@@ -1,6 +1,7 @@
-"""Session-level helpers shared by the store's operations.
+"""Records from rows, and the ORM's helpers for campaign items, shared by the store's parts.
 
-Everything here runs inside a transaction the Store opened. Lock order, to
+Everything here runs inside a transaction the Store opened; the card's row,
+its intents and its history have their helpers in ``cards``. Lock order, to
 keep PostgreSQL free of deadlocks: a card's ``psd`` row first, then a
 ``campaign`` row, then ``campaign_item`` rows. (SQLite has one writer at a
 time, and ``FOR UPDATE`` is simply not rendered there.)
@@ -13,17 +14,14 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from access_server.store.driver import Sql, execute
+from access_server.store.driver import Statement, execute, fixed
 from access_server.store.models import (
     CampaignItemRow,
     CampaignRow,
-    IntentRow,
-    PsdEventRow,
-    PsdRow,
 )
 from access_server.store.records import (
     Campaign,
@@ -36,13 +34,15 @@ from access_server.store.records import (
     PsdRecord,
     PsdState,
 )
-from cms.runtime.errors import FailedPrecondition, NotFound
+from access_server.store.validate import MAX_DETAIL
+from cms.runtime.errors import NotFound
 
 LIVE_CAMPAIGN_STATES = (CampaignState.RUNNING.value, CampaignState.PAUSED.value)
 """Campaigns whose pending items still wait for their cards."""
 
 
-def psd_record(row: PsdRow) -> PsdRecord:
+def psd_record(row: Any) -> PsdRecord:
+    """The record of a ``psd`` row (an ORM row, or one the contact path read)."""
     return PsdRecord(
         psd_id=row.psd_id,
         state=PsdState(row.state),
@@ -65,7 +65,8 @@ def psd_record(row: PsdRow) -> PsdRecord:
     )
 
 
-def intent_record(row: IntentRow) -> Intent:
+def intent_record(row: Any) -> Intent:
+    """The record of an ``intent`` row (an ORM row, or one the contact path read)."""
     return Intent(
         intent_id=row.intent_id,
         psd_id=row.psd_id,
@@ -114,81 +115,6 @@ def item_record(item: CampaignItemRow, campaign: CampaignRow) -> CampaignItem:
     )
 
 
-def not_registered(psd_id: str) -> NotFound:
-    return NotFound(f"PSD {psd_id} is not registered")
-
-
-def lock_psd(session: Session, psd_id: str) -> PsdRow:
-    """The card's row, locked for the rest of the transaction; NotFound if absent."""
-    row = session.scalars(
-        select(PsdRow).where(PsdRow.psd_id == psd_id).with_for_update()
-    ).one_or_none()
-    if row is None:
-        raise not_registered(psd_id)
-    return row
-
-
-def get_psd(session: Session, psd_id: str) -> PsdRow:
-    row = session.get(PsdRow, psd_id)
-    if row is None:
-        raise not_registered(psd_id)
-    return row
-
-
-def refuse_revoked(row: PsdRow, action: str) -> None:
-    if row.state == PsdState.REVOKED.value:
-        raise FailedPrecondition(
-            f"PSD {row.psd_id} is revoked: the server does no further work on it ({action})"
-        )
-
-
-def expect_state(row: Any, state: PsdState) -> None:
-    """FailedPrecondition unless the card's row (ORM or Core) is in ``state``."""
-    if row.state != state.value:
-        raise FailedPrecondition(f"PSD {row.psd_id} is {row.state}, not {state.value}")
-
-
-def add_event(
-    session: Session, psd_id: str, at: datetime, event: str, detail: str, actor: str
-) -> None:
-    session.add(PsdEventRow(psd_id=psd_id, at=at, event=event, detail=detail, actor=actor))
-
-
-def open_intent_row(session: Session, psd_id: str) -> IntentRow | None:
-    return session.scalars(
-        select(IntentRow).where(
-            IntentRow.psd_id == psd_id, IntentRow.status == IntentStatus.OPEN.value
-        )
-    ).one_or_none()
-
-
-def checked_open_intent(
-    session: Session, psd_id: str, intent_id: int, kind: IntentKind | None
-) -> IntentRow:
-    """The open intent ``intent_id`` of this card (of ``kind`` if given), or why not."""
-    return check_open_intent(session.get(IntentRow, intent_id), psd_id, intent_id, kind)
-
-
-def check_open_intent(intent: Any, psd_id: str, intent_id: int, kind: IntentKind | None) -> Any:
-    """``intent`` (an ORM or a Core row, or None) if it is the open intent asked for, or why not."""
-    if intent is None or intent.psd_id != psd_id:
-        raise NotFound(f"intent {intent_id} of PSD {psd_id} not found")
-    if intent.status != IntentStatus.OPEN.value:
-        raise FailedPrecondition(
-            f"intent {intent_id} of PSD {psd_id} is {intent.status}, not open"
-        )
-    if kind is not None and intent.kind != kind.value:
-        raise FailedPrecondition(
-            f"intent {intent_id} of PSD {psd_id} is an {intent.kind} intent, not {kind.value}"
-        )
-    return intent
-
-
-def close_intent(intent: IntentRow, status: IntentStatus, now: datetime) -> None:
-    intent.status = status.value
-    intent.updated = now
-
-
 def item_counts(session: Session, campaign_ids: Iterable[str]) -> dict[str, Counter[str]]:
     """Item counts by status for each campaign, in one grouped query."""
     ids = list(campaign_ids)
@@ -228,13 +154,19 @@ def lock_item(session: Session, campaign_id: str, psd_id: str) -> CampaignItemRo
     return item
 
 
-_ANY_OPEN_IN_CAMPAIGN = Sql(
-    "SELECT psd_id FROM campaign_item WHERE campaign_id = :campaign_id "
-    "AND status IN ({pending}, {failed}) LIMIT 1",
-    literals={"pending": ItemStatus.PENDING.value, "failed": ItemStatus.FAILED.value})
-_COMPLETE_CAMPAIGN = Sql(
-    "UPDATE campaign SET state = {completed}, updated = :updated "
-    "WHERE campaign_id = :campaign_id", literals={"completed": CampaignState.COMPLETED.value})
+_ITEM = CampaignItemRow.__table__
+_CAMPAIGN = CampaignRow.__table__
+_ANY_OPEN_IN_CAMPAIGN = Statement(
+    select(_ITEM.c.psd_id)
+    .where(_ITEM.c.campaign_id == bindparam("campaign_id", type_=_ITEM.c.campaign_id.type),
+           _ITEM.c.status.in_([fixed(_ITEM.c.status, ItemStatus.PENDING.value),
+                               fixed(_ITEM.c.status, ItemStatus.FAILED.value)]))
+    .limit(1))
+_COMPLETE_CAMPAIGN = Statement(
+    update(_CAMPAIGN)
+    .where(_CAMPAIGN.c.campaign_id == bindparam("campaign_id", type_=_CAMPAIGN.c.campaign_id.type))
+    .values(state=CampaignState.COMPLETED.value,
+            updated=bindparam("updated", type_=_CAMPAIGN.c.updated.type)))
 
 
 def complete_campaign_if_drained(conn: Connection, campaign_id: str, state: str,
@@ -268,6 +200,17 @@ def complete_if_drained(session: Session, campaign: CampaignRow, now: datetime) 
         set_committed_value(campaign, "updated", now)
 
 
+def abandon_campaign_attempt(session: Session, intent: Intent, reason: str,
+                             now: datetime) -> None:
+    """An abandoned campaign attempt leaves its item pending (retried on next contact)."""
+    if intent.campaign_id is None:
+        return
+    lock_campaign(session, intent.campaign_id)
+    item = lock_item(session, intent.campaign_id, intent.psd_id)
+    item.last_error = reason[:MAX_DETAIL]
+    item.updated = now
+
+
 def set_item(
     session: Session,
     campaign: CampaignRow,
@@ -282,7 +225,7 @@ def set_item(
     complete_if_drained(session, campaign, now)
 
 
-def settle_items(session: Session, row: PsdRow, now: datetime) -> None:
+def settle_items(session: Session, row: PsdRecord, now: datetime) -> None:
     """Close a card's pending or failed campaign item that its new state has made moot.
 
     Called after a card's MK version or state changed outside (or alongside)
@@ -307,7 +250,7 @@ def settle_items(session: Session, row: PsdRow, now: datetime) -> None:
         set_item(session, campaign, item, status, reason, now)
 
 
-def _settled_status(row: PsdRow, campaign: CampaignRow) -> tuple[ItemStatus, str | None] | None:
+def _settled_status(row: PsdRecord, campaign: CampaignRow) -> tuple[ItemStatus, str | None] | None:
     if row.state == PsdState.REVOKED.value:
         return ItemStatus.SKIPPED, "card revoked"
     if row.state != PsdState.ACTIVE.value:
