@@ -1,4 +1,4 @@
-"""The security executive policy of DESIGN.md §3 (flows A1 and A2 on the card), default
+"""The security executive policy of docs/flows.md (flows A1 and A2 on the card), default
 and strict."""
 
 from __future__ import annotations
