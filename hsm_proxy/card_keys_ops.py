@@ -39,7 +39,6 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from cardcore import gp
-from cardcore import sw as SW
 from cardcore.diversify import KEY_INDEXES, derivation_data
 from cardcore.scp03 import (
     CardChallengeError,
@@ -49,6 +48,7 @@ from cardcore.scp03 import (
     Scp03Error,
     open_host_channel,
 )
+from cardcore.sw import SW
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import card_keys_messages as cm
