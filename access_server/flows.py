@@ -63,6 +63,15 @@ from cardcore.scp03 import (
     offered_security_levels,
 )
 from cardcore.sw import SW
+from cms.keynames import (
+    FACTORY_TRANSPORT_MASTER,
+    HSM1_TOKEN,
+    MK,
+    MKRK,
+    cryptogram_label,
+    mk_label,
+    mkrk_label,
+)
 from cms.runtime.errors import ServiceError
 from cms.runtime.logs import fields
 from cms.v1 import card_channel_pb2 as cpb
@@ -70,23 +79,13 @@ from cms.v1 import card_keys_pb2 as kpb
 
 log = logging.getLogger("access_server.flows")
 
-HSM1_TOKEN = "access"
 HOST_CHALLENGE_BYTES = 8
 PROXY_TIMEOUT_S = 30.0
+CARD_KEY_LENGTH = 16
+"""Bytes of each key of the card key sets the flow asks the proxy for (AES-128)."""
 CLEAR_ATTENTION = "cms psd clear-attention {psd_id} --note TEXT"
 
 SessionGen = Generator[cpb.ApduScript, cpb.ScriptResult, cpb.SessionDone]
-
-
-@dataclass(frozen=True)
-class KeyLabels:
-    """Labels of the key blocks in HSM1 (placed there by key management)."""
-
-    mk: str = "mk/{v}"
-    mkrk: str = "mkrk/{v}"
-    cryptogram: str = "cryptogram/{v}"
-    transport_master: str = "factory/transport-master"
-    key_length: int = 16
 
 
 @dataclass
@@ -102,7 +101,6 @@ class FlowContext:
     # (kind, version) -> None, or FailedPrecondition when key management did not
     # transfer that version to HSM1 (access_server.masters); None: not checked.
     require_usable: Callable[[str, int], None] | None = None
-    labels: KeyLabels = field(default_factory=KeyLabels)
     steps: list[str] = field(default_factory=list)
     # Set once this contact holds the card's lease.
     leased: bool = False
@@ -278,8 +276,8 @@ def _security_level(ctx: FlowContext, probe: Probe, psd_id: str, key_set: kpb.Ke
                     f"nothing was written to the card")
 
 
-def _spec_diversified(labels: KeyLabels, master: str, psd_id: str) -> kpb.KeySetSpec:
-    return kpb.KeySetSpec(token=HSM1_TOKEN, key_length=labels.key_length,
+def _spec_diversified(master: str, psd_id: str) -> kpb.KeySetSpec:
+    return kpb.KeySetSpec(token=HSM1_TOKEN, key_length=CARD_KEY_LENGTH,
                           diversified=kpb.Diversified(master_label=master,
                                                       element=psd_id_bytes(psd_id)))
 
@@ -481,9 +479,9 @@ def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int,
         cryptogram = known if known is not None else ctx.store.get_cryptogram(psd_id)
         fresh = (cryptogram.key_label, cryptogram.ciphertext)
     return kpb.KeySetSpec(
-        token=HSM1_TOKEN, key_length=ctx.labels.key_length,
+        token=HSM1_TOKEN, key_length=CARD_KEY_LENGTH,
         from_cryptogram=kpb.FromCryptogram(
-            master_label=ctx.labels.mkrk.format(v=mkrk_version),
+            master_label=mkrk_label(mkrk_version),
             private_key_label=fresh[0], cryptogram=fresh[1]))
 
 
@@ -491,7 +489,6 @@ def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int,
 
 def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
     """DESIGN A1 / claims 1-14, 29-34 at a personalization station."""
-    labels = ctx.labels
     psd_id = psd.psd_id
     intent = _open_intent(ctx, psd_id)
     if Kvn.TRANSPORT not in probe.kvns:
@@ -514,7 +511,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     if probe.initialize_update is None:
         raise _unanswered(probe, psd_id, "the transport keys")
     level = _security_level(ctx, probe, psd_id,
-                            _spec_diversified(labels, labels.transport_master, psd_id),
+                            _spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
                             Kvn.TRANSPORT, host_challenge, "opening the transport channel")
     ctx.step(f"A1.1 PSD id {psd_id} read from the card (CPLC) and sent to HSM1")
     resuming = intent is not None and (Kvn.MKRK in probe.kvns or bool(probe.mk_kvns))
@@ -526,17 +523,16 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     else:
         mk_version, mkrk_version, cryptogram_version = ctx.install_versions()
         mkrk_spec = kpb.KeySetSpec(
-            token=HSM1_TOKEN, key_length=labels.key_length,
-            new_random=kpb.NewRandom(master_label=labels.mkrk.format(v=mkrk_version),
-                                     public_key_label=labels.cryptogram.format(
-                                         v=cryptogram_version)))
-    mk_spec = _spec_diversified(labels, labels.mk.format(v=mk_version), psd_id)
+            token=HSM1_TOKEN, key_length=CARD_KEY_LENGTH,
+            new_random=kpb.NewRandom(master_label=mkrk_label(mkrk_version),
+                                     public_key_label=cryptogram_label(cryptogram_version)))
+    mk_spec = _spec_diversified(mk_label(mk_version), psd_id)
     if resuming and Kvn.MKRK in probe.kvns:
         assert intent is not None
         return (yield from _resume_through_mkrk(ctx, psd_id, intent, probe, mkrk_spec,
                                                 mk_spec, level))
     request = kpb.OpenSecureChannelRequest(
-        key_set=_spec_diversified(labels, labels.transport_master, psd_id),
+        key_set=_spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
         kvn=Kvn.TRANSPORT, host_challenge=host_challenge,
         initialize_update_response=probe.initialize_update, security_level=level,
         commands=[_put(mkrk_spec, Kvn.MKRK, Kvn.MKRK in probe.kvns),
@@ -558,7 +554,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
             raise FlowError(why.PROXY_ERROR, "the proxy returned no cryptogram")
         intent = ctx.store.begin_install(
             psd_id, cryptogram=found[0],
-            cryptogram_key_label=labels.cryptogram.format(v=cryptogram_version),
+            cryptogram_key_label=cryptogram_label(cryptogram_version),
             mkrk_version=mkrk_version, mk_version=mk_version, actor=ctx.actor,
             card_holds_transport_keys=psd.state is PsdState.INSTALLING)
         ctx.step(f"A1.4 cryptogram stored for PSD {psd_id} before anything is written "
@@ -576,7 +572,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         return (yield from _resume_through_mkrk(
             ctx, psd_id, intent, probe,
             _mkrk_from_cryptogram(ctx, psd_id, mkrk_version, fresh=(
-                labels.cryptogram.format(v=cryptogram_version), found[0])),
+                cryptogram_label(cryptogram_version), found[0])),
             mk_spec, level, first_script=3))
     ctx.step(f"A1.7 MKRK installed at KVN {Kvn.MKRK:02X}, MK v{mk_version} at KVN "
              f"{mk_version:02X}; key check values match the HSM's")
@@ -652,7 +648,7 @@ def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: P
     initialize_update = _initialize_update_answer(result, len(opened.commands), psd_id,
                                                   "transport keys")
     closing = _open_channel(ctx, kpb.OpenSecureChannelRequest(
-        key_set=_spec_diversified(ctx.labels, ctx.labels.transport_master, psd_id),
+        key_set=_spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
         kvn=Kvn.TRANSPORT, host_challenge=transport_challenge,
         initialize_update_response=initialize_update, security_level=level,
         commands=[_delete(Kvn.TRANSPORT)]), "opening the transport channel")
@@ -734,10 +730,9 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     commands = []
     if new not in card_mks:
         if ctx.require_usable is not None:
-            ctx.require_usable("mk", new)
-            ctx.require_usable("mkrk", psd.mkrk_version)
-        commands.append(_put(_spec_diversified(ctx.labels, ctx.labels.mk.format(v=new),
-                                               psd_id), new, False))
+            ctx.require_usable(MK, new)
+            ctx.require_usable(MKRK, psd.mkrk_version)
+        commands.append(_put(_spec_diversified(mk_label(new), psd_id), new, False))
         ctx.step(f"A2.3 HSM1 diversified the new MK block v{new} with the PSD id")
     if old in card_mks:
         commands.append(_delete(old))
