@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from cardcore.apdu import ApduError, CommandApdu, parse_command, parse_response
 from cardcore.ins import Ins
+from cardcore.kcv import AES_KEY_LENGTHS
 from cardcore.sw import SW
 
 Prf = Callable[[bytes], bytes]
@@ -62,8 +63,6 @@ I_DEFINED_BITS: Final = I_S16 | I_PSEUDO_RANDOM_CHALLENGE | I_RMAC_SUPPORT | I_R
 SCP_ID: Final = 0x03
 """The SCP identifier an SCP03 card puts in its INITIALIZE UPDATE answer (byte 11)."""
 CLA_SECURE_MESSAGING: Final = 0x04
-
-AES_KEY_LENGTHS: Final = (16, 24, 32)
 
 
 class Scp03Error(Exception):
