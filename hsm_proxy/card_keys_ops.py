@@ -40,6 +40,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from cardcore import gp
 from cardcore.diversify import KEY_INDEXES, derivation_data
+from cardcore.kcv import KCV_INPUT, KCV_LENGTH
 from cardcore.scp03 import (
     CardChallengeError,
     CryptogramError,
@@ -58,8 +59,6 @@ from hsm_proxy.keyspec import session_secret_template
 from hsm_proxy.registry import State, WorkerContext, operation
 
 OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)
-GP_KCV_BLOCK = b"\x01" * 16
-KCV_LENGTH = 3
 R_BYTES = 16
 ZERO_IV = bytes(16)
 # A channel's static keys: CMAC (session keys), WRAP (the DEK wraps PUT KEY data),
@@ -234,7 +233,7 @@ def _master_label(src: cm.KeySetSource) -> str:
 
 
 def _kcv(obj: Any) -> bytes:
-    return obj.encrypt(GP_KCV_BLOCK, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
+    return obj.encrypt(KCV_INPUT, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
 
 
 def kcvs(keys: KeySetObjects) -> tuple[bytes, bytes, bytes]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from cardcore.kcv import AES_KEY_LENGTHS
 from cardcore.psd import ISD_AID
 from cardcore.scp03 import VALID_SECURITY_LEVELS
 from cardcore.sw import SW
@@ -27,7 +28,6 @@ from hsm_proxy import key_classes as kc
 from hsm_proxy.batches import BatchItem, run_batch
 from hsm_proxy.core import Call, ProxyCore, rpc
 
-KEY_LENGTHS = (16, 24, 32)
 MIN_AID_BYTES, MAX_AID_BYTES = 5, 16
 MAX_ELEMENT_BYTES = 64
 MAX_CRYPTOGRAM_BYTES = 512
@@ -98,7 +98,7 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         """What every derived source checks first (the key length, the token, a master of
         ``masters`` the caller may use); the token."""
         token = spec.token
-        if spec.key_length not in KEY_LENGTHS:
+        if spec.key_length not in AES_KEY_LENGTHS:
             raise InvalidArgument(f"{what}.key_length: 16, 24 or 32")
         self.core.require_token(token, f"{what}.token")
         master_label = getattr(spec, kind).master_label
