@@ -52,14 +52,25 @@ from access_server.outcomes import Reason
 from access_server.store import ContactStart, Intent, IntentKind, PsdRecord, PsdState, Store
 from access_server.store.validate import MAX_DETAIL
 from cardcore import gp
-from cardcore import sw as SW
-from cardcore.psd import psd_id_bytes, psd_id_from_cplc
+from cardcore.ins import Ins
+from cardcore.psd import MK_KVNS, Kvn, psd_id_bytes, psd_id_from_cplc
 from cardcore.scp03 import (
+    SCP_ID,
     InitializeUpdateResponse,
     Scp03Error,
     SecurityLevel,
     describe_i,
     offered_security_levels,
+)
+from cardcore.sw import SW
+from cms.keynames import (
+    FACTORY_TRANSPORT_MASTER,
+    HSM1_TOKEN,
+    MK,
+    MKRK,
+    cryptogram_label,
+    mk_label,
+    mkrk_label,
 )
 from cms.runtime.errors import ServiceError
 from cms.runtime.logs import fields
@@ -68,31 +79,13 @@ from cms.v1 import card_keys_pb2 as kpb
 
 log = logging.getLogger("access_server.flows")
 
-HSM1_TOKEN = "access"
-KVN_TRANSPORT = 0xFF
-KVN_MKRK = 0x70
-MK_KVNS = range(0x01, 0x70)
-TAG_CPLC = 0x9F7F
-TAG_KEY_INFORMATION = 0x00E0
-SW_OK = 0x9000
 HOST_CHALLENGE_BYTES = 8
 PROXY_TIMEOUT_S = 30.0
-SCP03 = 0x03
-INS_DELETE = 0xE4
+CARD_KEY_LENGTH = 16
+"""Bytes of each key of the card key sets the flow asks the proxy for (AES-128)."""
 CLEAR_ATTENTION = "cms psd clear-attention {psd_id} --note TEXT"
 
 SessionGen = Generator[cpb.ApduScript, cpb.ScriptResult, cpb.SessionDone]
-
-
-@dataclass(frozen=True)
-class KeyLabels:
-    """Labels of the key blocks in HSM1 (placed there by key management)."""
-
-    mk: str = "mk/{v}"
-    mkrk: str = "mkrk/{v}"
-    cryptogram: str = "cryptogram/{v}"
-    transport_master: str = "factory/transport-master"
-    key_length: int = 16
 
 
 @dataclass
@@ -108,7 +101,6 @@ class FlowContext:
     # (kind, version) -> None, or FailedPrecondition when key management did not
     # transfer that version to HSM1 (access_server.masters); None: not checked.
     require_usable: Callable[[str, int], None] | None = None
-    labels: KeyLabels = field(default_factory=KeyLabels)
     steps: list[str] = field(default_factory=list)
     # Set once this contact holds the card's lease.
     leased: bool = False
@@ -162,12 +154,12 @@ class Probe:
 
 
 def _expect_ok() -> list[cpb.ExpectedStatus]:
-    return [cpb.ExpectedStatus(value=SW_OK, mask=0xFFFF)]
+    return [cpb.ExpectedStatus(value=SW.OK, mask=0xFFFF)]
 
 
 def probe_script(kvn: int, host_challenge: bytes) -> cpb.ApduScript:
-    commands = [gp.select_command(), gp.get_data_command(TAG_CPLC),
-                gp.get_data_command(TAG_KEY_INFORMATION),
+    commands = [gp.select_command(), gp.get_data_command(gp.TAG_CPLC),
+                gp.get_data_command(gp.TAG_KEY_INFORMATION),
                 gp.initialize_update_command(kvn, host_challenge)]
     return cpb.ApduScript(script_id=1, commands=[
         cpb.ScriptCommand(apdu=apdu, expect=_expect_ok()) for apdu in commands])
@@ -180,8 +172,8 @@ CARD_GONE = frozenset({cpb.SCRIPT_CARD_REMOVED, cpb.SCRIPT_READER_ERROR})
 def parse_probe(result: cpb.ScriptResult) -> Probe:
     """PSD id, key versions and INITIALIZE UPDATE response from script 1's result."""
     responses = list(result.responses)
-    if len(responses) < 3 or any(r.sw != SW_OK for r in responses[:3]):
-        where = next((i for i, r in enumerate(responses[:3]) if r.sw != SW_OK), len(responses))
+    if len(responses) < 3 or any(r.sw != SW.OK for r in responses[:3]):
+        where = next((i for i, r in enumerate(responses[:3]) if r.sw != SW.OK), len(responses))
         names = ("SELECT", "GET DATA CPLC", "GET DATA key information")
         name = names[min(where, 2)]
         if where < len(responses):
@@ -194,7 +186,7 @@ def parse_probe(result: cpb.ScriptResult) -> Probe:
         raise FlowError(why.AGENT_ERROR, f"card probe failed at {name} (no answer): "
                                          f"{result.message or 'the agent sent no answer'}")
     try:
-        psd_id = psd_id_from_cplc(gp.unwrap_get_data(TAG_CPLC, responses[1].data))
+        psd_id = psd_id_from_cplc(gp.unwrap_get_data(gp.TAG_CPLC, responses[1].data))
     except (ValueError, gp.GpError) as exc:
         raise FlowError(why.PROBE_MALFORMED,
                         f"the card's CPLC is malformed ({exc})") from None
@@ -208,7 +200,7 @@ def parse_probe(result: cpb.ScriptResult) -> Probe:
     except (ValueError, gp.GpError):
         aid = None       # the proxy then checks pseudo-random challenges against the ISD
     iu_sw = responses[3].sw if len(responses) > 3 else None
-    iu = responses[3].data if iu_sw == SW_OK else None
+    iu = responses[3].data if iu_sw == SW.OK else None
     return Probe(psd_id, frozenset(i.kvn for i in infos), iu, aid=aid,
                  initialize_update_sw=iu_sw, script_outcome=result.outcome)
 
@@ -237,7 +229,7 @@ def _initialize_update(probe: Probe, psd_id: str, kvn: int, what: str
     SCP03 answer for key set ``kvn``."""
     data = probe.initialize_update
     assert data is not None
-    if len(data) >= 13 and data[11] != SCP03:
+    if len(data) >= 13 and data[11] != SCP_ID:
         raise FlowError(why.SCP_VERSION, f"{what}: PSD {psd_id} answered INITIALIZE UPDATE "
                                          f"with SCP{data[11]:02X}; this server speaks SCP03")
     try:
@@ -284,8 +276,8 @@ def _security_level(ctx: FlowContext, probe: Probe, psd_id: str, key_set: kpb.Ke
                     f"nothing was written to the card")
 
 
-def _spec_diversified(labels: KeyLabels, master: str, psd_id: str) -> kpb.KeySetSpec:
-    return kpb.KeySetSpec(token=HSM1_TOKEN, key_length=labels.key_length,
+def _spec_diversified(master: str, psd_id: str) -> kpb.KeySetSpec:
+    return kpb.KeySetSpec(token=HSM1_TOKEN, key_length=CARD_KEY_LENGTH,
                           diversified=kpb.Diversified(master_label=master,
                                                       element=psd_id_bytes(psd_id)))
 
@@ -389,7 +381,7 @@ def _check_answers(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptResu
         got = bytes(answer.data) + answer.sw.to_bytes(2, "big")
         if hmac.compare_digest(got, bytes(wrapped.expected_response)):
             plain.append(cpb.ApduResponse(data=wrapped.expected_put_key_response, sw=answer.sw))
-        elif answer.sw != SW_OK and not answer.data and (
+        elif answer.sw != SW.OK and not answer.data and (
                 not SW.is_protected(answer.sw) or index == 0 or not r_mac):
             plain.append(cpb.ApduResponse(sw=answer.sw))
         else:
@@ -408,7 +400,7 @@ def _secured_name(opened: kpb.OpenSecureChannelResponse, index: int) -> str:
     if put is not None:
         return f"PUT KEY (KVN {put.new_kvn:02X})"
     apdu = bytes(opened.commands[index].apdu) if index < len(opened.commands) else b""
-    if len(apdu) > 1 and apdu[1] == INS_DELETE:
+    if len(apdu) > 1 and apdu[1] == Ins.DELETE:
         return "DELETE KEY"
     return f"secured command {index}"
 
@@ -424,10 +416,10 @@ def _check_complete(opened: kpb.OpenSecureChannelResponse, result: cpb.ScriptRes
     INITIALIZE UPDATE in progress any more), is finished by the next contact.
     """
     if (result.outcome == cpb.SCRIPT_COMPLETED and len(plain) == len(opened.commands)
-            and all(p.sw == SW_OK for p in plain)):
+            and all(p.sw == SW.OK for p in plain)):
         return
     total = len(opened.commands)
-    refused = next(((i, p.sw) for i, p in enumerate(plain) if p.sw != SW_OK), None)
+    refused = next(((i, p.sw) for i, p in enumerate(plain) if p.sw != SW.OK), None)
     if refused is not None:
         index, sw = refused
         name = _secured_name(opened, index)
@@ -487,9 +479,9 @@ def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int,
         cryptogram = known if known is not None else ctx.store.get_cryptogram(psd_id)
         fresh = (cryptogram.key_label, cryptogram.ciphertext)
     return kpb.KeySetSpec(
-        token=HSM1_TOKEN, key_length=ctx.labels.key_length,
+        token=HSM1_TOKEN, key_length=CARD_KEY_LENGTH,
         from_cryptogram=kpb.FromCryptogram(
-            master_label=ctx.labels.mkrk.format(v=mkrk_version),
+            master_label=mkrk_label(mkrk_version),
             private_key_label=fresh[0], cryptogram=fresh[1]))
 
 
@@ -497,11 +489,10 @@ def _mkrk_from_cryptogram(ctx: FlowContext, psd_id: str, mkrk_version: int,
 
 def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: bytes) -> SessionGen:
     """DESIGN A1 / claims 1-14, 29-34 at a personalization station."""
-    labels = ctx.labels
     psd_id = psd.psd_id
     intent = _open_intent(ctx, psd_id)
-    if KVN_TRANSPORT not in probe.kvns:
-        if (intent is not None and KVN_MKRK in probe.kvns
+    if Kvn.TRANSPORT not in probe.kvns:
+        if (intent is not None and Kvn.MKRK in probe.kvns
                 and probe.mk_kvns == {intent.to_version}):
             ctx.store.reconcile(psd_id, state=PsdState.ACTIVE, mk_version=intent.to_version,
                                 mkrk_version=intent.mkrk_version, event="reconciled",
@@ -520,10 +511,10 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     if probe.initialize_update is None:
         raise _unanswered(probe, psd_id, "the transport keys")
     level = _security_level(ctx, probe, psd_id,
-                            _spec_diversified(labels, labels.transport_master, psd_id),
-                            KVN_TRANSPORT, host_challenge, "opening the transport channel")
+                            _spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
+                            Kvn.TRANSPORT, host_challenge, "opening the transport channel")
     ctx.step(f"A1.1 PSD id {psd_id} read from the card (CPLC) and sent to HSM1")
-    resuming = intent is not None and (KVN_MKRK in probe.kvns or bool(probe.mk_kvns))
+    resuming = intent is not None and (Kvn.MKRK in probe.kvns or bool(probe.mk_kvns))
     if resuming:
         mk_version, mkrk_version = intent.to_version, intent.mkrk_version
         mkrk_spec = _mkrk_from_cryptogram(ctx, psd_id, mkrk_version)
@@ -532,26 +523,25 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     else:
         mk_version, mkrk_version, cryptogram_version = ctx.install_versions()
         mkrk_spec = kpb.KeySetSpec(
-            token=HSM1_TOKEN, key_length=labels.key_length,
-            new_random=kpb.NewRandom(master_label=labels.mkrk.format(v=mkrk_version),
-                                     public_key_label=labels.cryptogram.format(
-                                         v=cryptogram_version)))
-    mk_spec = _spec_diversified(labels, labels.mk.format(v=mk_version), psd_id)
-    if resuming and KVN_MKRK in probe.kvns:
+            token=HSM1_TOKEN, key_length=CARD_KEY_LENGTH,
+            new_random=kpb.NewRandom(master_label=mkrk_label(mkrk_version),
+                                     public_key_label=cryptogram_label(cryptogram_version)))
+    mk_spec = _spec_diversified(mk_label(mk_version), psd_id)
+    if resuming and Kvn.MKRK in probe.kvns:
         assert intent is not None
         return (yield from _resume_through_mkrk(ctx, psd_id, intent, probe, mkrk_spec,
                                                 mk_spec, level))
     request = kpb.OpenSecureChannelRequest(
-        key_set=_spec_diversified(labels, labels.transport_master, psd_id),
-        kvn=KVN_TRANSPORT, host_challenge=host_challenge,
+        key_set=_spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
+        kvn=Kvn.TRANSPORT, host_challenge=host_challenge,
         initialize_update_response=probe.initialize_update, security_level=level,
-        commands=[_put(mkrk_spec, KVN_MKRK, KVN_MKRK in probe.kvns),
+        commands=[_put(mkrk_spec, Kvn.MKRK, Kvn.MKRK in probe.kvns),
                   _put(mk_spec, mk_version, mk_version in probe.kvns),
-                  _delete(KVN_TRANSPORT)])
+                  _delete(Kvn.TRANSPORT)])
     # An MKRK no open intent explains (an operator abandoned its installation):
     # the transport channel replaces only the MKRK, since a card that holds one
     # may allow MK changes only under it; the MK follows through the MKRK channel.
-    mkrk_first = not resuming and KVN_MKRK in probe.kvns
+    mkrk_first = not resuming and Kvn.MKRK in probe.kvns
     if mkrk_first:
         del request.commands[1:]
     opened = _open_channel(ctx, request, "opening the transport channel")
@@ -564,7 +554,7 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
             raise FlowError(why.PROXY_ERROR, "the proxy returned no cryptogram")
         intent = ctx.store.begin_install(
             psd_id, cryptogram=found[0],
-            cryptogram_key_label=labels.cryptogram.format(v=cryptogram_version),
+            cryptogram_key_label=cryptogram_label(cryptogram_version),
             mkrk_version=mkrk_version, mk_version=mk_version, actor=ctx.actor,
             card_holds_transport_keys=psd.state is PsdState.INSTALLING)
         ctx.step(f"A1.4 cryptogram stored for PSD {psd_id} before anything is written "
@@ -577,14 +567,14 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     _check_complete(opened, result, plain, psd_id)
     if mkrk_first:
         assert intent is not None
-        ctx.step(f"A1.7 the MKRK no intent explained replaced at KVN {KVN_MKRK:02X}; key "
+        ctx.step(f"A1.7 the MKRK no intent explained replaced at KVN {Kvn.MKRK:02X}; key "
                  f"check values match the HSM's")
         return (yield from _resume_through_mkrk(
             ctx, psd_id, intent, probe,
             _mkrk_from_cryptogram(ctx, psd_id, mkrk_version, fresh=(
-                labels.cryptogram.format(v=cryptogram_version), found[0])),
+                cryptogram_label(cryptogram_version), found[0])),
             mk_spec, level, first_script=3))
-    ctx.step(f"A1.7 MKRK installed at KVN {KVN_MKRK:02X}, MK v{mk_version} at KVN "
+    ctx.step(f"A1.7 MKRK installed at KVN {Kvn.MKRK:02X}, MK v{mk_version} at KVN "
              f"{mk_version:02X}; key check values match the HSM's")
     ctx.step("A1.8 transport keys retired (KVN FF deleted); channel closed")
     ctx.store.complete_install(psd_id, intent.intent_id, ctx.actor,
@@ -598,7 +588,7 @@ def _initialize_update_answer(result: cpb.ScriptResult, index: int, psd_id: str,
                               key_set: str) -> bytes:
     """The card's answer to the INITIALIZE UPDATE at ``index`` of ``result``."""
     responses = list(result.responses)
-    if index < len(responses) and responses[index].sw == SW_OK:
+    if index < len(responses) and responses[index].sw == SW.OK:
         return bytes(responses[index].data)
     if index < len(responses):
         raise FlowError(cpb.SessionDone.FAILED,
@@ -637,10 +627,10 @@ def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: P
     mk_version = intent.to_version
     mkrk_challenge = os.urandom(HOST_CHALLENGE_BYTES)
     result = yield cpb.ApduScript(script_id=first_script, commands=[cpb.ScriptCommand(
-        apdu=gp.initialize_update_command(KVN_MKRK, mkrk_challenge), expect=_expect_ok())])
+        apdu=gp.initialize_update_command(Kvn.MKRK, mkrk_challenge), expect=_expect_ok())])
     initialize_update = _initialize_update_answer(result, 0, psd_id, "MKRK key set")
     opened = _open_channel(ctx, kpb.OpenSecureChannelRequest(
-        key_set=mkrk_spec, kvn=KVN_MKRK, host_challenge=mkrk_challenge,
+        key_set=mkrk_spec, kvn=Kvn.MKRK, host_challenge=mkrk_challenge,
         initialize_update_response=initialize_update, security_level=level,
         commands=[_put(mk_spec, mk_version, mk_version in probe.kvns)]),
         "opening the MKRK channel")
@@ -648,20 +638,20 @@ def _resume_through_mkrk(ctx: FlowContext, psd_id: str, intent: Intent, probe: P
     ctx.step(f"A1.6 secure channel opened with the card's MKRK key set (SCP03, level "
              f"{level:02X}): the security executive compared it with its own and unlocked")
     transport_challenge = os.urandom(HOST_CHALLENGE_BYTES)
-    then = gp.initialize_update_command(KVN_TRANSPORT, transport_challenge)
+    then = gp.initialize_update_command(Kvn.TRANSPORT, transport_challenge)
     result = yield _secured_script(opened, script_id=first_script + 1, then=then)
     plain = _check_answers(opened, result, psd_id)
-    if len(plain) != len(opened.commands) or any(p.sw != SW_OK for p in plain):
+    if len(plain) != len(opened.commands) or any(p.sw != SW.OK for p in plain):
         _check_complete(opened, result, plain, psd_id)
     ctx.step(f"A1.7 MK v{mk_version} installed at KVN {mk_version:02X} through the MKRK "
              f"channel; key check values match the HSM's")
     initialize_update = _initialize_update_answer(result, len(opened.commands), psd_id,
                                                   "transport keys")
     closing = _open_channel(ctx, kpb.OpenSecureChannelRequest(
-        key_set=_spec_diversified(ctx.labels, ctx.labels.transport_master, psd_id),
-        kvn=KVN_TRANSPORT, host_challenge=transport_challenge,
+        key_set=_spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
+        kvn=Kvn.TRANSPORT, host_challenge=transport_challenge,
         initialize_update_response=initialize_update, security_level=level,
-        commands=[_delete(KVN_TRANSPORT)]), "opening the transport channel")
+        commands=[_delete(Kvn.TRANSPORT)]), "opening the transport channel")
     result = yield _secured_script(closing, script_id=first_script + 2)
     plain = _check_answers(closing, result, psd_id)
     _check_complete(closing, result, plain, psd_id)
@@ -703,7 +693,7 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     if probe.initialize_update is None:
         raise _unanswered(probe, psd_id, "the MKRK key set")
     mkrk_spec = _mkrk_from_cryptogram(ctx, psd_id, psd.mkrk_version)
-    level = _security_level(ctx, probe, psd_id, mkrk_spec, KVN_MKRK, host_challenge,
+    level = _security_level(ctx, probe, psd_id, mkrk_spec, Kvn.MKRK, host_challenge,
                             "opening the MKRK channel")
     if work is not None:
         old, new = psd.mk_version, work.to_version
@@ -716,7 +706,7 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         consistent = card_mks == {new} or (bool(card_mks) and card_mks <= {old, new})
     if not consistent:
         # Recorded on the card: only once the card has proven its MKRK in this contact.
-        _prove_keys(ctx, probe, mkrk_spec, KVN_MKRK, host_challenge, level,
+        _prove_keys(ctx, probe, mkrk_spec, Kvn.MKRK, host_challenge, level,
                     "checking the card's MKRK")
         raise FlowError(why.KEY_VERSIONS,
                         f"PSD {psd_id} holds MK key versions "
@@ -724,7 +714,7 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     if intent is not None and card_mks == {new}:
         # The card says it finished last contact: it proves its MKRK (a channel
         # with no command) before the registry follows it.
-        _prove_keys(ctx, probe, mkrk_spec, KVN_MKRK, host_challenge, level,
+        _prove_keys(ctx, probe, mkrk_spec, Kvn.MKRK, host_challenge, level,
                     "checking the card's MKRK")
         _take_lease(ctx, psd_id)
         ctx.store.reconcile(psd_id, state=PsdState.ACTIVE, mk_version=new,
@@ -740,15 +730,14 @@ def replace(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
     commands = []
     if new not in card_mks:
         if ctx.require_usable is not None:
-            ctx.require_usable("mk", new)
-            ctx.require_usable("mkrk", psd.mkrk_version)
-        commands.append(_put(_spec_diversified(ctx.labels, ctx.labels.mk.format(v=new),
-                                               psd_id), new, False))
+            ctx.require_usable(MK, new)
+            ctx.require_usable(MKRK, psd.mkrk_version)
+        commands.append(_put(_spec_diversified(mk_label(new), psd_id), new, False))
         ctx.step(f"A2.3 HSM1 diversified the new MK block v{new} with the PSD id")
     if old in card_mks:
         commands.append(_delete(old))
     request = kpb.OpenSecureChannelRequest(
-        key_set=mkrk_spec, kvn=KVN_MKRK, host_challenge=host_challenge,
+        key_set=mkrk_spec, kvn=Kvn.MKRK, host_challenge=host_challenge,
         initialize_update_response=probe.initialize_update, security_level=level,
         commands=commands)
     opened = _open_channel(ctx, request, "opening the MKRK channel")
@@ -822,7 +811,7 @@ def card_session(ctx: FlowContext, role: int) -> SessionGen:
     station = role == cpb.PERSONALIZATION_STATION
     psd_id = ""
     try:
-        result = yield probe_script(KVN_TRANSPORT if station else KVN_MKRK, host_challenge)
+        result = yield probe_script(Kvn.TRANSPORT if station else Kvn.MKRK, host_challenge)
         probe = parse_probe(result)
         psd_id = probe.psd_id
         ctx.card_aid = probe.aid

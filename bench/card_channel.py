@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from cardcore import gp  # noqa: E402
 
-GET_CPLC = gp.get_data_command(0x9F7F)
+GET_CPLC = gp.get_data_command(gp.TAG_CPLC)
 WARM_UP = 20
 
 
@@ -101,7 +101,9 @@ def _tree(pid: int) -> list[int]:
 def server_cpu_per_card(cards: int) -> dict[str, float]:
     from cardcore.apdu import parse_command
     from cardcore.processor import apdu_link
-    from cardcore.psd import psd_id_bytes
+    from cardcore.psd import Kvn, mk_kvn, psd_id_bytes
+    from cardcore.sw import SW
+    from cms.keynames import FACTORY_TRANSPORT_MASTER, HSM1_TOKEN, mk_label
     from cms.runtime.client import load_endpoints
     from cms.v1 import card_keys_pb2 as kpb
     from cms.v1 import card_keys_pb2_grpc
@@ -126,17 +128,18 @@ def server_cpu_per_card(cards: int) -> dict[str, float]:
             link = apdu_link(card.transmit)
             link.send(parse_command(gp.select_command()))
             challenge = os.urandom(8)
-            iu = link.send(parse_command(gp.initialize_update_command(0xFF, challenge))).data
+            iu = link.send(parse_command(
+                gp.initialize_update_command(Kvn.TRANSPORT, challenge))).data
             element = psd_id_bytes(state.psd_id)
             opened = stub.OpenSecureChannel(kpb.OpenSecureChannelRequest(
-                key_set=kpb.KeySetSpec(token="access", key_length=16, diversified=kpb.Diversified(
-                    master_label="factory/transport-master", element=element)),
-                kvn=0xFF, host_challenge=challenge, initialize_update_response=iu,
+                key_set=kpb.KeySetSpec(token=HSM1_TOKEN, key_length=16, diversified=kpb.Diversified(
+                    master_label=FACTORY_TRANSPORT_MASTER, element=element)),
+                kvn=Kvn.TRANSPORT, host_challenge=challenge, initialize_update_response=iu,
                 security_level=0x33, commands=[kpb.ChannelCommand(put_key_set=kpb.PutKeySet(
-                    key_set=kpb.KeySetSpec(token="access", key_length=16,
-                                           diversified=kpb.Diversified(master_label="mk/1",
+                    key_set=kpb.KeySetSpec(token=HSM1_TOKEN, key_length=16,
+                                           diversified=kpb.Diversified(master_label=mk_label(1),
                                                                        element=element)),
-                    new_kvn=0x01))]), timeout=30)
+                    new_kvn=mk_kvn(1)))]), timeout=30)
             from cms.v1 import card_channel_pb2 as cpb
 
             answers = []
@@ -145,7 +148,7 @@ def server_cpu_per_card(cards: int) -> dict[str, float]:
                 answers.append(cpb.ApduResponse(data=answer.data, sw=answer.sw))
             stub.UnwrapResponses(kpb.UnwrapResponsesRequest(
                 channel=opened.channel, responses=answers, close=True), timeout=30)
-            if answers[-1].sw != 0x9000:
+            if answers[-1].sw != SW.OK:
                 raise RuntimeError(f"PUT KEY answered {answers[-1].sw:04X}")
 
         for state in states[:5]:                      # warm-up: connections, key caches

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from card_agent.transport import CardRemovedError, CardTransport, ReaderError
-from cardcore import sw as SW
 from cardcore.apdu import ApduError, CommandApdu, parse_command, parse_response
+from cardcore.sw import SW
 from cms.runtime.logs import fields
 from cms.v1 import card_channel_pb2 as pb
 

@@ -25,12 +25,13 @@ from typing import Final
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from cardcore.kcv import AES_KEY_LENGTHS
+
 DOMAIN: Final = b"cms-psd-kdf/1"
 KEY_INDEX_ENC: Final = 1
 KEY_INDEX_MAC: Final = 2
 KEY_INDEX_DEK: Final = 3
 KEY_INDEXES: Final = (KEY_INDEX_ENC, KEY_INDEX_MAC, KEY_INDEX_DEK)
-KEY_LENGTHS: Final = (16, 24, 32)
 
 
 def derivation_data(element: bytes, key_index: int, key_length: int) -> bytes:
@@ -39,7 +40,7 @@ def derivation_data(element: bytes, key_index: int, key_length: int) -> bytes:
         raise ValueError("the derivation element is at most 255 bytes")
     if not 0 <= key_index <= 0xFF:
         raise ValueError("key index is one byte")
-    if key_length not in KEY_LENGTHS:
+    if key_length not in AES_KEY_LENGTHS:
         raise ValueError(f"key length must be 16, 24 or 32, got {key_length}")
     d = hashlib.sha256(DOMAIN + bytes((len(element),)) + bytes(element)).digest()
 
@@ -52,7 +53,7 @@ def derivation_data(element: bytes, key_index: int, key_length: int) -> bytes:
 def diversify_software(master_key: bytes, element: bytes, key_index: int,
                        key_length: int) -> bytes:
     """What the HSM derives, computed in software (virtual card factory, tests)."""
-    if len(master_key) not in KEY_LENGTHS:
+    if len(master_key) not in AES_KEY_LENGTHS:
         raise ValueError("the master key is an AES key")
     data = derivation_data(element, key_index, key_length)
     enc = Cipher(algorithms.AES(bytes(master_key)), modes.ECB()).encryptor()  # noqa: S305
@@ -69,7 +70,7 @@ class StaticKeySet:
 
     def __post_init__(self) -> None:
         lengths = {len(self.enc), len(self.mac), len(self.dek)}
-        if len(lengths) != 1 or lengths.pop() not in KEY_LENGTHS:
+        if len(lengths) != 1 or lengths.pop() not in AES_KEY_LENGTHS:
             raise ValueError("a key set holds three AES keys of one length")
 
     @property

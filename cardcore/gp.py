@@ -15,19 +15,11 @@ from typing import Final
 
 from cardcore import tlv as T
 from cardcore.apdu import encode_command
+from cardcore.ins import Ins
 from cardcore.scp03 import InitializeUpdateResponse
 
 CLA_ISO: Final = 0x00
 CLA_GP: Final = 0x80
-
-INS_SELECT: Final = 0xA4
-INS_GET_DATA: Final = 0xCA
-INS_INITIALIZE_UPDATE: Final = 0x50
-INS_EXTERNAL_AUTHENTICATE: Final = 0x82
-INS_PUT_KEY: Final = 0xD8
-INS_DELETE: Final = 0xE4
-INS_GET_STATUS: Final = 0xF2
-INS_STORE_DATA: Final = 0xE2
 
 # The whole response data of a successful DELETE (Card Specification v2.3 §11.2.3.1).
 DELETE_CONFIRMATION: Final = b"\x00"
@@ -93,10 +85,10 @@ def _parse(data: bytes) -> list[T.Tlv]:
 def select_command(aid: bytes | None = None) -> bytes:
     """SELECT by name (P1=04, first or only occurrence); no AID = default selection."""
     if aid is None:
-        return encode_command(CLA_ISO, INS_SELECT, 0x04, 0x00, ne=256)
+        return encode_command(CLA_ISO, Ins.SELECT, 0x04, 0x00, ne=256)
     if not 5 <= len(aid) <= 16:
         raise GpError("an AID is 5 to 16 bytes")
-    return encode_command(CLA_ISO, INS_SELECT, 0x04, 0x00, aid, ne=256)
+    return encode_command(CLA_ISO, Ins.SELECT, 0x04, 0x00, aid, ne=256)
 
 
 def select_response(aid: bytes, max_command_length: int = 0xFF) -> bytes:
@@ -125,7 +117,7 @@ def get_data_command(tag: int, data: bytes = b"") -> bytes:
     """GET DATA for a one- or two-byte tag (e.g. CPLC 9F7F, card data 66, keys E0)."""
     if not 0 < tag <= 0xFFFF:
         raise GpError("GET DATA takes a one- or two-byte tag")
-    return encode_command(CLA_GP, INS_GET_DATA, tag >> 8, tag & 0xFF, data, ne=256)
+    return encode_command(CLA_GP, Ins.GET_DATA, tag >> 8, tag & 0xFF, data, ne=256)
 
 
 def unwrap_get_data(tag: int, data: bytes) -> bytes:
@@ -222,7 +214,7 @@ def initialize_update_command(kvn: int, host_challenge: bytes) -> bytes:
         raise GpError("host challenge is 8 (S8) or 16 (S16) bytes")
     if not 0 <= kvn <= 0xFF:
         raise GpError("KVN is one byte")
-    return encode_command(CLA_GP, INS_INITIALIZE_UPDATE, kvn, 0x00, host_challenge, ne=256)
+    return encode_command(CLA_GP, Ins.INITIALIZE_UPDATE, kvn, 0x00, host_challenge, ne=256)
 
 
 def parse_initialize_update_response(data: bytes) -> InitializeUpdateResponse:
@@ -262,7 +254,7 @@ def put_key_command(new_kvn: int, components: Sequence[KeyComponent], *,
         raise GpError("PUT KEY needs at least one key and a KID of 1..127")
     p2 = first_kid | (0x80 if len(components) > 1 else 0)
     data = bytes((new_kvn,)) + b"".join(c.encode() for c in components)
-    return encode_command(CLA_GP, INS_PUT_KEY, replace_kvn, p2, data, ne=256)
+    return encode_command(CLA_GP, Ins.PUT_KEY, replace_kvn, p2, data, ne=256)
 
 
 def parse_put_key_data(data: bytes) -> tuple[int, list[KeyComponent]]:
@@ -339,7 +331,7 @@ def delete_key_command(kvn: int, kid: int | None = None) -> bytes:
     data = T.tlv(TAG_DELETE_KVN, bytes((kvn,)))
     if kid is not None:
         data = T.tlv(TAG_DELETE_KID, bytes((kid,))) + data
-    return encode_command(CLA_GP, INS_DELETE, 0x00, 0x00, data, ne=256)
+    return encode_command(CLA_GP, Ins.DELETE, 0x00, 0x00, data, ne=256)
 
 
 def foreseen_answer(apdu: bytes) -> bytes | None:
@@ -349,7 +341,7 @@ def foreseen_answer(apdu: bytes) -> bytes | None:
     a PUT KEY's answer depends on its keys (:func:`put_key_response`) and
     other commands' on the card's content: ``None``.
     """
-    if len(apdu) >= 4 and apdu[1] == INS_DELETE:
+    if len(apdu) >= 4 and apdu[1] == Ins.DELETE:
         return DELETE_CONFIRMATION
     return None
 
@@ -390,7 +382,7 @@ def get_status_command(p1: int = STATUS_ISD, aid_prefix: bytes = b"", *,
                        next_occurrence: bool = False) -> bytes:
     """GET STATUS, response in TLV format (P2 b2), search on AID prefix."""
     p2 = STATUS_P2_TLV | (STATUS_P2_NEXT if next_occurrence else 0)
-    return encode_command(CLA_GP, INS_GET_STATUS, p1, p2, T.tlv(TAG_AID, aid_prefix), ne=256)
+    return encode_command(CLA_GP, Ins.GET_STATUS, p1, p2, T.tlv(TAG_AID, aid_prefix), ne=256)
 
 
 def parse_get_status_response(data: bytes) -> list[ApplicationStatus]:
@@ -434,7 +426,7 @@ def store_data_commands(data: bytes, *, structure: int = STORE_BER_TLV,
     out = []
     for n, chunk in enumerate(chunks):
         p1 = structure | (STORE_LAST_BLOCK if n == len(chunks) - 1 else 0)
-        out.append(encode_command(CLA_GP, INS_STORE_DATA, p1, n, chunk))
+        out.append(encode_command(CLA_GP, Ins.STORE_DATA, p1, n, chunk))
     return out
 
 

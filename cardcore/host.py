@@ -13,7 +13,6 @@ import secrets
 from dataclasses import dataclass, field
 
 from cardcore import gp
-from cardcore import sw as SW
 from cardcore.apdu import SHORT_MAX_DATA, CommandApdu, parse_command
 from cardcore.diversify import StaticKeySet
 from cardcore.kcv import kcv_aes
@@ -33,6 +32,7 @@ from cardcore.scp03 import (
     encrypt_key_data,
     open_host_channel,
 )
+from cardcore.sw import SW
 
 BLOCK = 16  # AES block: C-DECRYPTION pads each command's data to a multiple of it
 

@@ -19,6 +19,8 @@ KCV_INPUT: Final = b"\x01" * 16
 ZERO_BLOCK: Final = bytes(16)
 KCV_LENGTH: Final = 3
 AES_KEY_LENGTHS: Final = (16, 24, 32)
+"""AES-128, -192 and -256 key lengths in bytes, for every AES key cardcore takes
+(check values, SCP03 static keys, diversification)."""
 
 
 def _first_block(key: bytes, block: bytes, length: int) -> bytes:

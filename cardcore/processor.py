@@ -37,7 +37,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from cardcore import sw as SW
 from cardcore.apdu import (
     SHORT_MAX_DATA,
     SHORT_MAX_NE,
@@ -47,10 +46,11 @@ from cardcore.apdu import (
     chain_command,
     parse_command,
 )
+from cardcore.ins import Ins
+from cardcore.sw import SW
 
 Transmit = Callable[[bytes], bytes]
 
-INS_GET_RESPONSE: Final = 0xC0
 SW1_BYTES_REMAINING: Final = SW.BYTES_REMAINING >> 8
 SW1_WRONG_LE: Final = 0x6C
 # A card that keeps answering 61xx must not keep the host looping forever.
@@ -187,7 +187,7 @@ def get_response_command(cla: int, sw2: int) -> CommandApdu:
     """GET RESPONSE for ``sw2`` bytes (0: 256) on the logical channel of ``cla``."""
     channel = logical_channel(cla)
     get_cla = channel if channel < 4 else 0x40 | (channel - 4)
-    return CommandApdu(get_cla, INS_GET_RESPONSE, 0x00, 0x00, ne=sw2 or SHORT_MAX_NE)
+    return CommandApdu(get_cla, Ins.GET_RESPONSE, 0x00, 0x00, ne=sw2 or SHORT_MAX_NE)
 
 
 def apdu_link(link: Transmit, *, extended_length: bool = True) -> ApduProcessor:

@@ -15,27 +15,41 @@ IC serial number (4), as 20 uppercase hex digits.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Final
 
 from cardcore import tlv as T
+from cardcore.gp import TAG_CPLC
 
 ISD_AID: Final = bytes.fromhex("A000000151000000")
 KID_ENC: Final = 1
 KID_MAC: Final = 2
 KID_DEK: Final = 3
 
-KVN_TRANSPORT: Final = 0xFF
-KVN_MKRK: Final = 0x70
-KVN_MK_MIN: Final = 0x01
-KVN_MK_MAX: Final = 0x6F
+
+class Kvn(IntEnum):
+    """The key version numbers that give a key set its role on a PSD.
+
+    Members are the KVN bytes on the wire (INITIALIZE UPDATE P1, PUT KEY,
+    the key information template), so they compare with what a card reports.
+    """
+
+    MK_MIN = 0x01
+    """The first master key set: MK version 1."""
+    MK_MAX = 0x6F
+    """The last master key set: MK version 111."""
+    MKRK = 0x70
+    TRANSPORT = 0xFF
+
+
+MK_KVNS: Final = range(Kvn.MK_MIN, Kvn.MK_MAX + 1)
+"""The KVNs of master key sets (KVN = MK version)."""
 
 # GlobalPlatform's well-known test key, for factory sets used with third-party hosts.
 GP_DEFAULT_KEY: Final = bytes(range(0x40, 0x50))
 
 PSD_ID_LENGTH: Final = 10
 CPLC_LENGTH: Final = 42
-TAG_CPLC: Final = 0x9F7F
 
 # CPLC field offsets (GlobalPlatform Card Specification, Card Production Life Cycle).
 _CPLC_FABRICATOR = slice(0, 2)
@@ -55,23 +69,23 @@ def key_set_role(kvn: int) -> KeySetRole:
     """What a KVN is for in this system."""
     if not 0 <= kvn <= 0xFF:
         raise ValueError("a KVN is one byte")
-    if kvn == KVN_TRANSPORT:
+    if kvn == Kvn.TRANSPORT:
         return KeySetRole.TRANSPORT
-    if kvn == KVN_MKRK:
+    if kvn == Kvn.MKRK:
         return KeySetRole.MKRK
-    if KVN_MK_MIN <= kvn <= KVN_MK_MAX:
+    if kvn in MK_KVNS:
         return KeySetRole.MASTER
     return KeySetRole.OTHER
 
 
 def is_mk_kvn(kvn: int) -> bool:
-    return KVN_MK_MIN <= kvn <= KVN_MK_MAX
+    return kvn in MK_KVNS
 
 
 def mk_kvn(version: int) -> int:
     """The KVN of master key version ``version`` (1..111)."""
-    if not KVN_MK_MIN <= version <= KVN_MK_MAX:
-        raise ValueError(f"MK version must be {KVN_MK_MIN}..{KVN_MK_MAX}, got {version}")
+    if not Kvn.MK_MIN <= version <= Kvn.MK_MAX:
+        raise ValueError(f"MK version must be {Kvn.MK_MIN}..{Kvn.MK_MAX}, got {version}")
     return version
 
 

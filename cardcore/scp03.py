@@ -31,8 +31,10 @@ from typing import Final
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from cardcore import sw as SW
 from cardcore.apdu import ApduError, CommandApdu, parse_command, parse_response
+from cardcore.ins import Ins
+from cardcore.kcv import AES_KEY_LENGTHS
+from cardcore.sw import SW
 
 Prf = Callable[[bytes], bytes]
 """AES-CMAC under a static key: ``prf(message) -> 16 bytes``."""
@@ -58,10 +60,9 @@ I_RMAC_SUPPORT: Final = 0x20
 I_RENC_SUPPORT: Final = 0x40
 I_DEFINED_BITS: Final = I_S16 | I_PSEUDO_RANDOM_CHALLENGE | I_RMAC_SUPPORT | I_RENC_SUPPORT
 
+SCP_ID: Final = 0x03
+"""The SCP identifier an SCP03 card puts in its INITIALIZE UPDATE answer (byte 11)."""
 CLA_SECURE_MESSAGING: Final = 0x04
-INS_EXTERNAL_AUTHENTICATE: Final = 0x82
-
-AES_KEY_LENGTHS: Final = (16, 24, 32)
 
 
 class Scp03Error(Exception):
@@ -559,7 +560,7 @@ def external_authenticate(keys: SessionKeys, host_challenge: bytes, card_challen
     s16 = _check_challenges(host_challenge, card_challenge)
     mac_length = 16 if s16 else 8
     cryptogram = host_cryptogram(keys.s_mac, host_challenge, card_challenge)
-    command = CommandApdu(0x80 | CLA_SECURE_MESSAGING, INS_EXTERNAL_AUTHENTICATE,
+    command = CommandApdu(0x80 | CLA_SECURE_MESSAGING, Ins.EXTERNAL_AUTHENTICATE,
                           int(level), 0x00, cryptogram)
     full = _mac(keys.s_mac, ZERO_CHAIN, _mac_input(command, cryptogram, mac_length))
     apdu = command.replace(data=cryptogram + full[:mac_length]).encode()
@@ -590,7 +591,7 @@ class InitializeUpdateResponse:
         if len(data) < 13:
             raise Scp03Error(f"INITIALIZE UPDATE response too short ({len(data)} bytes)")
         kvn, scp, i = data[10], data[11], data[12]
-        if scp != 0x03:
+        if scp != SCP_ID:
             raise Scp03Error(f"card answered with SCP{scp:02X}, not SCP03")
         n = 16 if i & I_S16 else 8
         counter_len = 3 if i & I_PSEUDO_RANDOM_CHALLENGE else 0

@@ -13,6 +13,11 @@ Labels::
     factory/transport-master   FACTORY_TRANSPORT_MASTER   diversifies the cards' initial keys
     audit/<name>               AUDIT_KEY             signs the proxy's audit head
     anything else              OPERATOR_KEY          an operator's own keys (policy: demo/*)
+
+Each form is made and read by the functions here (``mk_label(3)``,
+``parse_block_label``, ``parse_named_label``, ``label_pattern``), never by
+formatting or splitting a label elsewhere: the proxy's policy patterns, key
+management's checks and the access server's requests then cannot drift apart.
 """
 
 from __future__ import annotations
@@ -42,9 +47,31 @@ def block_label(kind: str, version: int) -> str:
     """``mk/3``, ``mkrk/1``, ``cryptogram/2``."""
     if kind not in BLOCK_KINDS:
         raise ValueError(f"a key block is one of {', '.join(BLOCK_KINDS)}, not {kind!r}")
-    if version < 1:
-        raise ValueError("block versions start at 1")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"block versions start at 1, not {version!r}")
     return f"{kind}/{version}"
+
+
+def mk_label(version: int) -> str:
+    """The master key block of MK version ``version``: ``mk/3``."""
+    return block_label(MK, version)
+
+
+def mkrk_label(version: int) -> str:
+    """The master key replacement key block of version ``version``: ``mkrk/1``."""
+    return block_label(MKRK, version)
+
+
+def cryptogram_label(version: int) -> str:
+    """The RSA pair of version ``version`` that makes and opens the cryptograms of R."""
+    return block_label(CRYPTOGRAM, version)
+
+
+def label_pattern(kind: str) -> str:
+    """``mk/*``: every label of ``kind``, as the proxy's policy and its listings match them."""
+    if kind not in (*BLOCK_KINDS, TRANSPORT, AUDIT):
+        raise ValueError(f"no label pattern for {kind!r}")
+    return f"{kind}/*"
 
 
 def parse_block_label(label: str) -> tuple[str, int] | None:
@@ -57,6 +84,13 @@ def transport_label(name: str) -> str:
     return f"{TRANSPORT}/{name}"
 
 
+def parse_named_label(label: str) -> tuple[str, str] | None:
+    """(kind, name) of ``transport/NAME`` or ``audit/NAME``, or None; NAME is letters,
+    digits, '.', '_', '-', up to 64, first a letter or digit."""
+    m = _NAMED.match(label)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def label_kind(label: str) -> str | None:
     """The kind a label names (mk, mkrk, cryptogram, transport, factory, audit), or None
     for an operator's label."""
@@ -65,9 +99,9 @@ def label_kind(label: str) -> str | None:
         return parsed[0]
     if label == FACTORY_TRANSPORT_MASTER:
         return FACTORY
-    m = _NAMED.match(label)
-    if m:
-        return m.group(1)
+    named = parse_named_label(label)
+    if named is not None:
+        return named[0]
     head = label.split("/", 1)[0]
     if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT):
         # A reserved prefix with a malformed rest is nobody's key: refused.

@@ -33,10 +33,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cms.keynames import FACTORY_TRANSPORT_MASTER, HSM1_TOKEN, HSM2_TOKEN, transport_label
+
 # The card factory's transport master for demo cards: the GlobalPlatform test
 # key 40..4F (public, as any transport master of a demo must be).
 DEMO_TRANSPORT_MASTER = bytes(range(0x40, 0x50))
-FACTORY_MASTER_LABEL = "factory/transport-master"
 FLEET_CARDS = 30
 FLEET_AGENTS = 8
 
@@ -118,7 +119,7 @@ class Demo:
             _say("stack", f"{name}: grpc {entry['grpc']} (mutual TLS), "
                  f"{health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
         for token in self.hsm.ListTokens(hpb.ListTokensRequest(), timeout=10).tokens:
-            role = {"access": "HSM1", "kms": "HSM2"}.get(token.label, "")
+            role = {HSM1_TOKEN: "HSM1", HSM2_TOKEN: "HSM2"}.get(token.label, "")
             _say("hsm", f"token {token.label!r} ({role}, {token.manufacturer} {token.model})")
 
     # -- 2. key blocks, ceremonies, transfer -------------------------------------------------
@@ -180,25 +181,26 @@ class Demo:
             if kind not in kinds:
                 labels.append(self.new_block(kind).label)
         labels += [label for label, b in existing.items() if not b.in_hsm1]
-        self.transport = f"transport/demo-{self.run_id}"
+        self.transport = transport_label(f"demo-{self.run_id}")
         self.ceremony(self.transport, None)
         self.transfer(self.transport, labels)
         try:
             master = self.hsm.GetKeyAttributes(hpb.GetKeyAttributesRequest(
-                key=hpb.KeyRef(token="access", label=FACTORY_MASTER_LABEL)), timeout=30)
+                key=hpb.KeyRef(token=HSM1_TOKEN, label=FACTORY_TRANSPORT_MASTER)), timeout=30)
         except Exception:
             master = None
         if master is None:
-            self.ceremony(FACTORY_MASTER_LABEL, DEMO_TRANSPORT_MASTER, purpose=pb.TRANSPORT_MASTER)
+            self.ceremony(FACTORY_TRANSPORT_MASTER, DEMO_TRANSPORT_MASTER,
+                          purpose=pb.TRANSPORT_MASTER)
         elif master.kcv != _kcv(DEMO_TRANSPORT_MASTER):
             from cms.runtime.cli_error import CliError
 
-            raise CliError(f"HSM1's {FACTORY_MASTER_LABEL} is not the demo's; run the demo in "
+            raise CliError(f"HSM1's {FACTORY_TRANSPORT_MASTER} is not the demo's; run the demo in "
                            f"a directory of its own (--dir)")
         else:
-            _say("ceremony", f"{FACTORY_MASTER_LABEL} already in HSM1 (KCV {master.kcv.hex()})")
+            _say("ceremony", f"{FACTORY_TRANSPORT_MASTER} already in HSM1 (KCV {master.kcv.hex()})")
         attrs = self.hsm.GetKeyAttributes(hpb.GetKeyAttributesRequest(
-            key=hpb.KeyRef(token="access", label=labels[0])), timeout=30)
+            key=hpb.KeyRef(token=HSM1_TOKEN, label=labels[0])), timeout=30)
         _say("HSM1", f"{labels[0]} in HSM1: class {hpb.KeyRole.Name(attrs.role)}, origin "
              f"{hpb.KeyOrigin.Name(attrs.origin)}, sensitive={attrs.sensitive} "
              f"extractable={attrs.extractable} modifiable={attrs.modifiable}")
@@ -233,7 +235,7 @@ class Demo:
         state = self.cards_dir / f"pcsc-{self.run_id}.json"
         psd_id = self.new_card(state)
         _say("card", f"virtual card {psd_id} made by the factory (transport keys diversified "
-             f"from {FACTORY_MASTER_LABEL}); registered blank")
+             f"from {FACTORY_TRANSPORT_MASTER}); registered blank")
         with CardReader(state, use_pcsc) as reader:
             _say("pc/sc", reader.description)
             _say("A1", "personalization station: install the MKRK and MK key sets")

@@ -207,9 +207,10 @@ def default_policy() -> dict:
     only its own demo keys. The key classes bound what each purpose can do
     whatever this file says (docs/threat-model.md).
     """
-    masters = [f"{kn.MK}/*", f"{kn.MKRK}/*", f"{kn.CRYPTOGRAM}/*", kn.FACTORY_TRANSPORT_MASTER]
-    blocks = [f"{kn.MK}/*", f"{kn.MKRK}/*", f"{kn.CRYPTOGRAM}/*"]
-    ceremony_keys = [f"{kn.TRANSPORT}/*", kn.FACTORY_TRANSPORT_MASTER]
+    blocks = [kn.label_pattern(kind) for kind in kn.BLOCK_KINDS]
+    masters = [*blocks, kn.FACTORY_TRANSPORT_MASTER]
+    transport_keys = kn.label_pattern(kn.TRANSPORT)
+    ceremony_keys = [transport_keys, kn.FACTORY_TRANSPORT_MASTER]
     both = [kn.HSM2_TOKEN, kn.HSM1_TOKEN]
     identities: dict[str, list[dict]] = {
         "access-server": [
@@ -221,9 +222,9 @@ def default_policy() -> dict:
             {"operations": ["ListBlocks"], "tokens": both,
              "keys": [*blocks, *ceremony_keys]},
             {"operations": ["TransferBlocks"], "tokens": both,
-             "keys": [*blocks, f"{kn.TRANSPORT}/*"]},
+             "keys": [*blocks, transport_keys]},
             {"operations": ["EstablishTransportKey"], "tokens": both,
-             "keys": [f"{kn.TRANSPORT}/*"]},
+             "keys": [transport_keys]},
             {"operations": ["BeginCeremony", "GetCeremony", "CancelCeremony"], "tokens": both,
              "keys": ceremony_keys},
         ],
@@ -272,7 +273,7 @@ def key_mgmt_config(stack: Stack) -> dict:
         "tls": stack.tls(KEY_MGMT),
         "database": {"url": f"sqlite:///{stack.path('data', 'key-mgmt.db')}"},
         "proxy": {"address": stack.address("hsm_proxy")},
-        "tokens": {"hsm2": "kms", "hsm1": "access"},
+        "tokens": {"hsm2": kn.HSM2_TOKEN, "hsm1": kn.HSM1_TOKEN},
         "log": {"level": "info", "file": None},
     }
 

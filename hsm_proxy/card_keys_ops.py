@@ -39,8 +39,8 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from cardcore import gp
-from cardcore import sw as SW
 from cardcore.diversify import KEY_INDEXES, derivation_data
+from cardcore.kcv import KCV_INPUT, KCV_LENGTH
 from cardcore.scp03 import (
     CardChallengeError,
     CryptogramError,
@@ -49,6 +49,7 @@ from cardcore.scp03 import (
     Scp03Error,
     open_host_channel,
 )
+from cardcore.sw import SW
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import card_keys_messages as cm
@@ -58,8 +59,6 @@ from hsm_proxy.keyspec import session_secret_template
 from hsm_proxy.registry import State, WorkerContext, operation
 
 OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)
-GP_KCV_BLOCK = b"\x01" * 16
-KCV_LENGTH = 3
 R_BYTES = 16
 ZERO_IV = bytes(16)
 # A channel's static keys: CMAC (session keys), WRAP (the DEK wraps PUT KEY data),
@@ -234,7 +233,7 @@ def _master_label(src: cm.KeySetSource) -> str:
 
 
 def _kcv(obj: Any) -> bytes:
-    return obj.encrypt(GP_KCV_BLOCK, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
+    return obj.encrypt(KCV_INPUT, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
 
 
 def kcvs(keys: KeySetObjects) -> tuple[bytes, bytes, bytes]:

@@ -14,7 +14,10 @@ from typing import Any
 
 import grpc
 
+from cardcore.kcv import AES_KEY_LENGTHS
 from cardcore.psd import ISD_AID
+from cardcore.scp03 import VALID_SECURITY_LEVELS
+from cardcore.sw import SW
 from cms.runtime.errors import FailedPrecondition, InvalidArgument, ServiceError
 from cms.v1 import card_channel_pb2 as chpb
 from cms.v1 import card_keys_pb2 as pb
@@ -25,10 +28,7 @@ from hsm_proxy import key_classes as kc
 from hsm_proxy.batches import BatchItem, run_batch
 from hsm_proxy.core import Call, ProxyCore, rpc
 
-KEY_LENGTHS = (16, 24, 32)
 MIN_AID_BYTES, MAX_AID_BYTES = 5, 16
-SW_OK = 0x9000
-SECURITY_LEVELS = (0x00, 0x01, 0x03, 0x11, 0x13, 0x33)
 MAX_ELEMENT_BYTES = 64
 MAX_CRYPTOGRAM_BYTES = 512
 MAX_COMMANDS = 32
@@ -45,7 +45,7 @@ def _check_foreseeable(commands: Any) -> None:
     """predict_responses foresees successes only: every command must expect 9000 alone."""
     for i, c in enumerate(commands):
         # A zero mask compares all 16 bits (the card channel's rule).
-        if any(e.value != SW_OK or e.mask not in (0, 0xFFFF) for e in c.expect):
+        if any(e.value != SW.OK or e.mask not in (0, 0xFFFF) for e in c.expect):
             raise InvalidArgument(f"commands[{i}]: predict_responses needs commands that "
                                   f"expect 9000 only (other answers cannot be foreseen)")
 
@@ -98,7 +98,7 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         """What every derived source checks first (the key length, the token, a master of
         ``masters`` the caller may use); the token."""
         token = spec.token
-        if spec.key_length not in KEY_LENGTHS:
+        if spec.key_length not in AES_KEY_LENGTHS:
             raise InvalidArgument(f"{what}.key_length: 16, 24 or 32")
         self.core.require_token(token, f"{what}.token")
         master_label = getattr(spec, kind).master_label
@@ -210,7 +210,7 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
         channel will live under (None with ``predict_responses``: nothing
         stays in the worker).
         """
-        if request.security_level not in SECURITY_LEVELS:
+        if request.security_level not in VALID_SECURITY_LEVELS:
             raise InvalidArgument("security_level: one of 0x00, 0x01, 0x03, 0x11, 0x13, 0x33")
         if not 1 <= request.kvn <= 0xFF:
             raise InvalidArgument("kvn: 1..255")
@@ -244,7 +244,7 @@ class CardKeysServicer(card_keys_pb2_grpc.CardKeysServicer):
 
     def _opened(self, request: pb.OpenSecureChannelRequest, wrapped: list[Any],
                 channel: str = "") -> pb.OpenSecureChannelResponse:
-        expect = [[chpb.ExpectedStatus(value=SW_OK, mask=0xFFFF)]]
+        expect = [[chpb.ExpectedStatus(value=SW.OK, mask=0xFFFF)]]
         expect += [list(c.expect) for c in request.commands]
         commands, cryptograms, puts = self._answer(wrapped, expect, 0)
         return pb.OpenSecureChannelResponse(channel=channel, commands=commands,

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import pkcs11
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
-from cardcore.kcv import kcv_zero_block
+from cardcore.kcv import KCV_LENGTH, ZERO_BLOCK, kcv_zero_block
 from cms.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import key_classes as kc
@@ -51,7 +51,6 @@ from hsm_proxy.registry import State, WorkerContext, operation
 
 OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
 IMPORT_KEY_BITS = 2048
-ZERO_BLOCK = bytes(16)
 CEREMONY_KIND = "component-ceremony"
 
 
@@ -350,7 +349,7 @@ def _unwrap_checked(private: Any, wrapped: bytes, template: dict[Attribute, Any]
                       Attribute.UNWRAP: False, Attribute.SIGN: False, Attribute.VERIFY: False,
                       Attribute.DERIVE: False})
         try:
-            kcv = probe.encrypt(ZERO_BLOCK, mechanism=Mechanism.AES_ECB)[:3]
+            kcv = probe.encrypt(ZERO_BLOCK, mechanism=Mechanism.AES_ECB)[:KCV_LENGTH]
         finally:
             probe.destroy()
     except BaseException:

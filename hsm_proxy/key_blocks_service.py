@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from cardcore.kcv import KCV_LENGTH
 from cms.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError
 from cms.v1 import hsm_pb2 as hpb
 from cms.v1 import key_blocks_pb2 as pb
@@ -24,7 +25,6 @@ from hsm_proxy.ceremonies import CANCELLED, COMPLETED, FAILED
 from hsm_proxy.core import Call, ProxyCore, rpc
 from hsm_proxy.errors import from_wire
 
-KCV_BYTES = 3
 MAX_COMPONENTS = 16
 MAX_TRANSFER_LABELS = 64
 
@@ -196,8 +196,8 @@ class KeyBlocksServicer(key_blocks_pb2_grpc.KeyBlocksServicer):
         for token in record.tokens:
             call.authorize(token, record.label)
         assert call.identity is not None
-        if len(request.kcv) != KCV_BYTES:
-            raise InvalidArgument(f"kcv: {KCV_BYTES} bytes (KCV_ZERO_BLOCK of the component)")
+        if len(request.kcv) != KCV_LENGTH:
+            raise InvalidArgument(f"kcv: {KCV_LENGTH} bytes (KCV_ZERO_BLOCK of the component)")
         with record.lock:
             record = core.ceremonies.live(request.ceremony_id)
             core.ceremonies.check_contributor(record, call.identity)

@@ -22,12 +22,11 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from cardcore.kcv import KCV_LENGTH, ZERO_BLOCK
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import key_classes as kc
 
-KCV_LENGTH = 3
-ZERO_BLOCK = bytes(16)
 MAX_GENERIC_SECRET_BYTES = 512
 
 AES_SIZES = {pb.AES_128: 16, pb.AES_192: 24, pb.AES_256: 32}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cms.keynames import HSM1_TOKEN, HSM2_TOKEN
 from cms.runtime.config import ConfigError, Section, load_yaml
 from cms.runtime.tls import TlsFiles, tls_from_section
 
@@ -55,8 +56,8 @@ def load_config(path: Path) -> KeyMgmtConfig:
         tls=files,
         database_url=url,
         proxy_address=root.section("proxy", required=True).str("address", required=True),
-        hsm2_token=tokens.str("hsm2", "kms"),
-        hsm1_token=tokens.str("hsm1", "access"),
+        hsm2_token=tokens.str("hsm2", HSM2_TOKEN),
+        hsm1_token=tokens.str("hsm1", HSM1_TOKEN),
         log_level=level,
         log_file=log.path("file"),
     )

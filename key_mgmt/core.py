@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import TypeVar
 import grpc
 
 from cms import keynames
+from cms.keynames import CRYPTOGRAM, HSM1_TOKEN, HSM2_TOKEN, MK, MKRK
 from cms.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -66,14 +66,10 @@ from key_mgmt.store import (
 
 log = logging.getLogger("key_mgmt.core")
 
-HSM2_TOKEN = keynames.HSM2_TOKEN
-HSM1_TOKEN = keynames.HSM1_TOKEN
 PROXY_TIMEOUT_S = 60.0
-KCV_LENGTH = 3
 MAX_COMPONENTS = 9
 
 # Block kinds: label prefix in both HSMs, and the algorithms each may use.
-MK, MKRK, CRYPTOGRAM = keynames.MK, keynames.MKRK, keynames.CRYPTOGRAM
 AES_ALGORITHMS = {"AES_128": hpb.AES_128, "AES_256": hpb.AES_256}
 RSA_ALGORITHMS = {"RSA_2048": hpb.RSA_2048, "RSA_3072": hpb.RSA_3072}
 KIND_ALGORITHMS = {MK: AES_ALGORITHMS, MKRK: AES_ALGORITHMS, CRYPTOGRAM: RSA_ALGORITHMS}
@@ -82,7 +78,6 @@ KIND_ROLES = {MK: hpb.MK_BLOCK, MKRK: hpb.MKRK_BLOCK, CRYPTOGRAM: hpb.CRYPTOGRAM
 
 # Ceremony purposes.
 TRANSPORT, FACTORY_MASTER = "transport", "factory-master"
-LABEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CEREMONY_STATES = {
     bpb.COMPONENT_CEREMONY_AWAITING: CEREMONY_AWAITING,
     bpb.COMPONENT_CEREMONY_COMPLETED: CEREMONY_COMPLETED,
@@ -105,8 +100,8 @@ class ProxyError(ServiceError):
 def check_name(label: str, prefix: str) -> str:
     """``label`` must be ``prefix/NAME``: the proxy policy grants key management
     those label patterns and nothing else."""
-    head, _, name = label.partition("/")
-    if head != prefix or not LABEL_NAME.match(name):
+    parsed = keynames.parse_named_label(label)
+    if parsed is None or parsed[0] != prefix:
         raise InvalidArgument(f"label must be {prefix}/NAME (NAME: letters, digits, '.', '_', "
                               f"'-', up to 64), got {label!r}")
     return label
@@ -189,7 +184,7 @@ class KeyManager:
 
     def _versions_in(self, token: str, kind: str) -> set[int]:
         found = set()
-        for key in self._listed(token, [KIND_ROLES[kind]], f"{kind}/*"):
+        for key in self._listed(token, [KIND_ROLES[kind]], keynames.label_pattern(kind)):
             parsed = keynames.parse_block_label(key.label)
             if parsed is not None and parsed[0] == kind:
                 found.add(parsed[1])

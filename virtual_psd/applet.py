@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from cardcore import sw as SW
 from cardcore.apdu import CommandApdu
+from cardcore.sw import SW
 from virtual_psd.state import AppletState, CardState, StateError
 
 S = TypeVar("S", bound=AppletState)

@@ -19,9 +19,10 @@ import os
 import threading
 from typing import Final
 
-from cardcore import sw as SW
 from cardcore.apdu import ApduError, CommandApdu, encode_response, parse_command
+from cardcore.ins import Ins
 from cardcore.psd import ISD_AID
+from cardcore.sw import SW
 from virtual_psd.applet import Applet, CommandContext, Session, StatusError
 from virtual_psd.faults import CardPowerLost, FaultPlan
 from virtual_psd.isd import IssuerSecurityDomain
@@ -31,7 +32,6 @@ log = logging.getLogger("virtual_psd")
 
 # T=1 only, extended length announced in the historical bytes' card capabilities.
 _HISTORICAL: Final = bytes.fromhex("8073000040") + b"CMSPSD"
-INS_SELECT: Final = 0xA4
 
 
 def _make_atr() -> bytes:
@@ -186,7 +186,7 @@ class VirtualCard:
             raise StatusError(SW.CHAINING_NOT_SUPPORTED)
         if cla & 0x03:
             raise StatusError(SW.LOGICAL_CHANNEL_NOT_SUPPORTED)
-        if cla & 0x80 == 0 and command.ins == INS_SELECT:
+        if cla & 0x80 == 0 and command.ins == Ins.SELECT:
             if cla & 0x0C:
                 raise StatusError(SW.SECURE_MESSAGING_NOT_SUPPORTED)
             return self._select(ctx, command)

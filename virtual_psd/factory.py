@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 
 from cardcore.diversify import diversify_key_set_software
-from cardcore.psd import ISD_AID, KVN_TRANSPORT, cplc_for_psd_id, normalize_psd_id, psd_id_bytes
+from cardcore.psd import ISD_AID, Kvn, cplc_for_psd_id, normalize_psd_id, psd_id_bytes
 from cardcore.scp03 import Scp03Error, check_i_parameter
 from virtual_psd.isd import IsdState, KeySet
 from virtual_psd.state import CardState, save_state
@@ -57,7 +57,7 @@ def new_card_state(*, psd_id: str | None = None, transport_master: bytes | None 
     pid = normalize_psd_id(psd_id) if psd_id else secrets.token_bytes(10).hex().upper()
     keys = (default_transport_keys(key_length) if transport_master is None
             else diversified_transport_keys(transport_master, pid, key_length))
-    isd = IsdState(key_sets={KVN_TRANSPORT: keys}, scp_i=scp_i, strict=strict)
+    isd = IsdState(key_sets={Kvn.TRANSPORT: keys}, scp_i=scp_i, strict=strict)
     return CardState(psd_id=pid, cplc=cplc_for_psd_id(psd_id_bytes(pid)),
                      sections={ISD_AID: isd})
 

@@ -40,20 +40,20 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cardcore import gp
-from cardcore import sw as SW
 from cardcore import tlv as T
 from cardcore.apdu import CommandApdu
+from cardcore.ins import Ins
 from cardcore.kcv import kcv_aes, kcv_matches
 from cardcore.psd import (
     ISD_AID,
-    KVN_MKRK,
-    KVN_TRANSPORT,
     KeySetRole,
+    Kvn,
     is_mk_kvn,
     key_set_role,
     psd_id_bytes,
 )
 from cardcore.scp03 import (
+    CLA_SECURE_MESSAGING,
     I_PSEUDO_RANDOM_CHALLENGE,
     I_S16,
     CardChannel,
@@ -66,16 +66,16 @@ from cardcore.scp03 import (
     offered_security_levels,
     pseudo_random_card_challenge,
 )
+from cardcore.sw import SW
 from virtual_psd.applet import CommandContext, StatusError
 from virtual_psd.state import CardState, StateError
 
 MAX_KEY_SETS: Final = 8
 MAX_SEQUENCE_COUNTER: Final = 0xFFFFFF
 ISD_PRIVILEGES: Final = bytes.fromhex("9EFE80")
-CLA_SM: Final = 0x04
 
-SECURED_INS: Final = frozenset({gp.INS_PUT_KEY, gp.INS_DELETE, gp.INS_GET_STATUS,
-                                gp.INS_STORE_DATA})
+SECURED_INS: Final = frozenset({Ins.PUT_KEY, Ins.DELETE, Ins.GET_STATUS,
+                                Ins.STORE_DATA})
 
 
 @dataclass
@@ -201,13 +201,13 @@ class IsdSession:
 def default_kvn(state: IsdState) -> int | None:
     """KVN 0 in INITIALIZE UPDATE: transport if present, else newest MK, else MKRK."""
     sets = state.key_sets
-    if KVN_TRANSPORT in sets:
-        return KVN_TRANSPORT
+    if Kvn.TRANSPORT in sets:
+        return Kvn.TRANSPORT
     mks = [k for k in sets if is_mk_kvn(k)]
     if mks:
         return max(mks)
-    if KVN_MKRK in sets:
-        return KVN_MKRK
+    if Kvn.MKRK in sets:
+        return Kvn.MKRK
     return min(sets) if sets else None
 
 
@@ -227,7 +227,7 @@ def mk_locked(state: IsdState, session_kvn: int) -> bool:
     The seed lets only the MKRK unlock master key replacement; a strict card
     applies that from the moment it holds an MKRK set, to every other channel.
     """
-    return state.strict and KVN_MKRK in state.key_sets and \
+    return state.strict and Kvn.MKRK in state.key_sets and \
         key_set_role(session_kvn) is not KeySetRole.MKRK
 
 
@@ -275,11 +275,11 @@ class IssuerSecurityDomain:
     def process(self, ctx: CommandContext, command: CommandApdu) -> tuple[bytes, int]:
         session = self._session(ctx)
         ins = command.ins
-        if ins == gp.INS_INITIALIZE_UPDATE:
+        if ins == Ins.INITIALIZE_UPDATE:
             return self._initialize_update(ctx, session, command)
-        if ins == gp.INS_EXTERNAL_AUTHENTICATE:
+        if ins == Ins.EXTERNAL_AUTHENTICATE:
             return self._external_authenticate(ctx, session, command)
-        wrapped = bool(command.cla & CLA_SM)
+        wrapped = bool(command.cla & CLA_SECURE_MESSAGING)
         if wrapped:
             if not session.authenticated:
                 self._end_session(ctx)
@@ -316,16 +316,16 @@ class IssuerSecurityDomain:
         ins = command.ins
         # GlobalPlatform uses the proprietary class (80); like many cards, the
         # ISD also accepts the interindustry class (00) some hosts send.
-        if ins == gp.INS_GET_DATA:
+        if ins == Ins.GET_DATA:
             return self._get_data(ctx, command), SW.OK
         if ins in SECURED_INS:
             if not session.authenticated:
                 raise StatusError(SW.SECURITY_STATUS_NOT_SATISFIED)
-            if ins == gp.INS_PUT_KEY:
+            if ins == Ins.PUT_KEY:
                 return self._put_key(ctx, session, command), SW.OK
-            if ins == gp.INS_DELETE:
+            if ins == Ins.DELETE:
                 return self._delete(ctx, session, command), SW.OK
-            if ins == gp.INS_GET_STATUS:
+            if ins == Ins.GET_STATUS:
                 return self._get_status(ctx, command), SW.OK
             return self._store_data(ctx, session, command), SW.OK
         raise StatusError(SW.INS_NOT_SUPPORTED)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from card_agent.session import AgentInfo, SessionReport, run_session
+from cardcore.ins import Ins
 from cardcore.kcv import kcv_aes
 from cms.runtime.client import load_endpoints
 from cms.v1 import access_pb2 as apb
@@ -29,7 +30,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 TRANSPORT_MASTER = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
 STATION = AgentInfo(role=pb.PERSONALIZATION_STATION, label="station")
 USER = AgentInfo(role=pb.USER_PC, label="pc")
-INS_EXTERNAL_AUTHENTICATE, INS_PUT_KEY, INS_INITIALIZE_UPDATE = 0x82, 0xD8, 0x50
 
 
 class Minimum:
@@ -88,9 +88,9 @@ class Recording(VirtualTransport):
 
     def transmit(self, apdu: bytes) -> bytes:
         raw = super().transmit(apdu)
-        if self.i_as is not None and apdu[1] == INS_INITIALIZE_UPDATE and len(raw) > 15:
+        if self.i_as is not None and apdu[1] == Ins.INITIALIZE_UPDATE and len(raw) > 15:
             raw = raw[:12] + bytes((self.i_as,)) + raw[13:]
-        if self.alter_put_key and apdu[1] == INS_PUT_KEY and len(raw) > 2:
+        if self.alter_put_key and apdu[1] == Ins.PUT_KEY and len(raw) > 2:
             raw = bytes((raw[0] ^ 0x01,)) + raw[1:]
         self.exchanges.append((apdu, raw))
         return raw
@@ -99,7 +99,7 @@ class Recording(VirtualTransport):
         return [raw for apdu, raw in self.exchanges if apdu[1] == ins]
 
     def levels(self) -> list[int]:
-        return [apdu[2] for apdu, _ in self.exchanges if apdu[1] == INS_EXTERNAL_AUTHENTICATE]
+        return [apdu[2] for apdu, _ in self.exchanges if apdu[1] == Ins.EXTERNAL_AUTHENTICATE]
 
 
 def _contact(stack: Path, card: Path, info: AgentInfo, **recording) -> tuple[SessionReport,
@@ -143,7 +143,7 @@ def test_a1_and_a2_open_at_the_highest_level_the_card_offers(
     assert installed.done.outcome == pb.SessionDone.OK, installed.done.message
     assert installed.done.reason == "done"
     assert seen.levels() == [level]
-    answers = seen.answers_to(INS_PUT_KEY)
+    answers = seen.answers_to(Ins.PUT_KEY)
     assert [len(a) for a in answers] == [_put_key_answer_length(level)] * 2
     keys = isd_state(load_state(card)).key_sets
     assert set(keys) == {0x70, 0x02}
@@ -163,7 +163,7 @@ def test_a1_and_a2_open_at_the_highest_level_the_card_offers(
 
     assert replaced.done.outcome == pb.SessionDone.OK, replaced.done.message
     assert seen.levels() == [level]
-    assert [len(a) for a in seen.answers_to(INS_PUT_KEY)] == [_put_key_answer_length(level)]
+    assert [len(a) for a in seen.answers_to(Ins.PUT_KEY)] == [_put_key_answer_length(level)]
     assert set(isd_state(load_state(card)).key_sets) == {0x70, 0x01}
     done = campaigns.GetCampaign(apb.GetCampaignRequest(campaign_id=campaign.campaign_id),
                                  timeout=30)

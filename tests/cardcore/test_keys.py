@@ -22,9 +22,8 @@ from cardcore.diversify import (
 )
 from cardcore.kcv import kcv_aes, kcv_matches
 from cardcore.psd import (
-    KVN_MKRK,
-    KVN_TRANSPORT,
     KeySetRole,
+    Kvn,
     cplc_for_psd_id,
     key_set_role,
     mk_kvn,
@@ -101,8 +100,8 @@ def test_psd_id_from_cplc() -> None:
 
 
 def test_kvn_roles() -> None:
-    assert key_set_role(KVN_TRANSPORT) is KeySetRole.TRANSPORT
-    assert key_set_role(KVN_MKRK) is KeySetRole.MKRK
+    assert key_set_role(Kvn.TRANSPORT) is KeySetRole.TRANSPORT
+    assert key_set_role(Kvn.MKRK) is KeySetRole.MKRK
     assert key_set_role(0x01) is KeySetRole.MASTER
     assert key_set_role(0x6F) is KeySetRole.MASTER
     assert key_set_role(0x71) is KeySetRole.OTHER

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from cardcore import gp
-from cardcore import sw as SW
 from cardcore.apdu import CommandApdu
 from cardcore.psd import ISD_AID, psd_id_from_cplc
+from cardcore.sw import SW
 from tests.virtual_psd.conftest import PSD_ID, TRANSPORT, open_session, send
 from virtual_psd.applet import CommandContext, StatusError
 from virtual_psd.card import VirtualCard

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from cardcore import gp, host
-from cardcore import sw as SW
 from cardcore.kcv import kcv_aes
 from cardcore.psd import ISD_AID
+from cardcore.sw import SW
 from tests.virtual_psd.conftest import MK1, MK2, MKRK, TRANSPORT, open_session, personalize
 from virtual_psd.card import VirtualCard
 from virtual_psd.faults import CardPowerLost, FaultPlan, FaultPlanError

@@ -7,11 +7,11 @@ import random
 import pytest
 
 from cardcore import gp, host
-from cardcore import sw as SW
 from cardcore.apdu import parse_response
 from cardcore.diversify import StaticKeySet
 from cardcore.psd import ISD_AID, psd_id_from_cplc
 from cardcore.scp03 import HostChannel
+from cardcore.sw import SW
 from cardcore.tlv import parse_single, tlv
 from tests.virtual_psd.conftest import (
     PSD_ID,

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from cardcore import gp, host
-from cardcore import sw as SW
 from cardcore.diversify import StaticKeySet
 from cardcore.psd import psd_id_from_cplc
+from cardcore.sw import SW
 from tests.support.pcsc import PrivatePcscd, transmit_fn
 from tests.virtual_psd.conftest import PSD_ID, TRANSPORT, put_key, send
 from virtual_psd.card import ATR, VirtualCard

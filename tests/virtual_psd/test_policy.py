@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from cardcore import gp
-from cardcore import sw as SW
 from cardcore.diversify import StaticKeySet
 from cardcore.psd import ISD_AID
+from cardcore.sw import SW
 from tests.virtual_psd.conftest import (
     MK1,
     MK2,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cardcore import gp
-from cardcore import sw as SW
 from cardcore.psd import ISD_AID, cplc_for_psd_id, psd_id_bytes
+from cardcore.sw import SW
 from tests.virtual_psd.conftest import PSD_ID, TRANSPORT, open_session, send
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import new_card_state

@@ -1,0 +1,47 @@
+"""Key labels are made and read in one place: what is made parses back, and
+the forms the proxy's policy and key management check stay the documented ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from cms import keynames as kn
+
+
+def test_block_labels_parse_back_to_what_made_them() -> None:
+    assert (kn.mk_label(3), kn.mkrk_label(1), kn.cryptogram_label(2)) == (
+        "mk/3", "mkrk/1", "cryptogram/2")
+    for kind in kn.BLOCK_KINDS:
+        assert kn.parse_block_label(kn.block_label(kind, 7)) == (kind, 7)
+    assert kn.parse_block_label("mk/0") is None
+    assert kn.parse_block_label("mk/01") is None
+    assert kn.parse_block_label("transport/x") is None
+
+
+@pytest.mark.parametrize("version", [0, -1, None, "1"])
+def test_a_block_version_is_a_positive_int(version: object) -> None:
+    with pytest.raises(ValueError, match="block versions start at 1"):
+        kn.mk_label(version)  # type: ignore[arg-type]
+
+
+def test_named_labels() -> None:
+    assert kn.parse_named_label(kn.transport_label("link-1")) == (kn.TRANSPORT, "link-1")
+    assert kn.parse_named_label(kn.AUDIT_KEY) == (kn.AUDIT, "hsm-proxy")
+    for bad in ("transport/", "transport/-x", "transport/a/b", "transport/" + "x" * 65,
+                "mk/1", kn.FACTORY_TRANSPORT_MASTER):
+        assert kn.parse_named_label(bad) is None, bad
+
+
+def test_label_patterns_cover_every_label_of_their_kind() -> None:
+    assert [kn.label_pattern(k) for k in kn.BLOCK_KINDS] == ["mk/*", "mkrk/*", "cryptogram/*"]
+    assert kn.label_pattern(kn.TRANSPORT) == "transport/*"
+    with pytest.raises(ValueError):
+        kn.label_pattern(kn.FACTORY)
+
+
+def test_label_kind_reads_the_same_forms() -> None:
+    assert kn.label_kind(kn.mkrk_label(4)) == kn.MKRK
+    assert kn.label_kind(kn.transport_label("t")) == kn.TRANSPORT
+    assert kn.label_kind(kn.FACTORY_TRANSPORT_MASTER) == kn.FACTORY
+    assert kn.label_kind("transport/a/b") == "reserved"
+    assert kn.label_kind("demo/mine") is None
