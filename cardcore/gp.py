@@ -16,6 +16,7 @@ from typing import Final
 from cardcore import tlv as T
 from cardcore.apdu import encode_command
 from cardcore.ins import Ins
+from cardcore.psd import TAG_CPLC
 from cardcore.scp03 import InitializeUpdateResponse
 
 CLA_ISO: Final = 0x00
@@ -24,7 +25,6 @@ CLA_GP: Final = 0x80
 # The whole response data of a successful DELETE (Card Specification v2.3 §11.2.3.1).
 DELETE_CONFIRMATION: Final = b"\x00"
 
-TAG_CPLC: Final = 0x9F7F
 TAG_CARD_DATA: Final = 0x66
 TAG_CARD_RECOGNITION: Final = 0x73
 TAG_KEY_INFORMATION: Final = 0xE0

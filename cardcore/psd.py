@@ -19,9 +19,12 @@ from enum import Enum, IntEnum
 from typing import Final
 
 from cardcore import tlv as T
-from cardcore.gp import TAG_CPLC
 
 ISD_AID: Final = bytes.fromhex("A000000151000000")
+# The Card Production Life Cycle data object (GET DATA 9F7F), where a PSD keeps
+# the unique id of claims 2 and 29; kept here, free of dependencies, so that
+# light parts of the system can read a card's id.
+TAG_CPLC: Final = 0x9F7F
 KID_ENC: Final = 1
 KID_MAC: Final = 2
 KID_DEK: Final = 3

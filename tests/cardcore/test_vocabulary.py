@@ -1,5 +1,6 @@
 """The card vocabulary keeps its wire values, and the parts a light client reads
-import nothing but the standard library."""
+import nothing but the standard library (psd too: light parts read a card's id and
+the roles of its key sets)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_key_version_numbers_by_role() -> None:
 
 
 def test_light_modules_import_only_the_standard_library() -> None:
-    code = ("import sys; import cardcore.sw, cardcore.ins, cardcore.apdu; "
+    code = ("import sys; import cardcore.sw, cardcore.ins, cardcore.apdu, cardcore.psd; "
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('cryptography', 'cms', 'grpc'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
