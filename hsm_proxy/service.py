@@ -13,6 +13,7 @@ authorizes each distinct key once.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import grpc
@@ -133,17 +134,25 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
         return out
 
     # -- generation -------------------------------------------------------------------
-    @rpc
-    def GenerateSecretKey(self, request: pb.GenerateSecretKeyRequest,
-                          context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
+    def _generation(self, call: Call, request: Any, allowed: Collection[int], kind: str,
+                    other_rpc: str) -> tuple[m.Template, int]:
+        """The checked template and algorithm of a generation request: authorized for
+        its token and label first, then an algorithm of the ``kind`` this RPC makes."""
         core = self.core
         call.authorize(request.token or None, request.template.label or None)
         core.require_token(request.token)
         template = core.template(request.template)
         algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
-        if algorithm not in SECRET_ALGORITHMS:
+        if algorithm not in allowed:
             raise InvalidArgument(f"algorithm {_enum_name(pb.KeyAlgorithm, algorithm)} is not a "
-                                  f"secret key algorithm; use GenerateKeyPair")
+                                  f"{kind} algorithm; use {other_rpc}")
+        return template, algorithm
+
+    @rpc
+    def GenerateSecretKey(self, request: pb.GenerateSecretKeyRequest,
+                          context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
+        template, algorithm = self._generation(call, request, SECRET_ALGORITHMS,
+                                               "secret key", "GenerateKeyPair")
         raw, record = self._create(call, "generate_secret", request.token, template,
                                    lambda t: m.GenerateSecret(request.token, algorithm,
                                                               request.length_bytes, t))
@@ -152,14 +161,8 @@ class HsmServicer(hsm_pb2_grpc.HsmServicer):
     @rpc
     def GenerateKeyPair(self, request: pb.GenerateKeyPairRequest,
                         context: grpc.ServicerContext, call: Call) -> pb.KeyInfo:
-        core = self.core
-        call.authorize(request.token or None, request.template.label or None)
-        core.require_token(request.token)
-        template = core.template(request.template)
-        algorithm = _check_enum(pb.KeyAlgorithm, request.algorithm, "algorithm")
-        if algorithm not in PAIR_ALGORITHMS:
-            raise InvalidArgument(f"algorithm {_enum_name(pb.KeyAlgorithm, algorithm)} is not a "
-                                  f"key pair algorithm; use GenerateSecretKey")
+        template, algorithm = self._generation(call, request, PAIR_ALGORITHMS,
+                                               "key pair", "GenerateSecretKey")
         raw, record = self._create(call, "generate_pair", request.token, template,
                                    lambda t: m.GeneratePair(request.token, algorithm, t))
         return self._key_info(raw, record)
