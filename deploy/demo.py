@@ -33,11 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cardcore.psd import GP_DEFAULT_KEY
 from cms.keynames import FACTORY_TRANSPORT_MASTER, HSM1_TOKEN, HSM2_TOKEN, transport_label
 
 # The card factory's transport master for demo cards: the GlobalPlatform test
 # key 40..4F (public, as any transport master of a demo must be).
-DEMO_TRANSPORT_MASTER = bytes(range(0x40, 0x50))
+DEMO_TRANSPORT_MASTER = GP_DEFAULT_KEY
 FLEET_CARDS = 30
 FLEET_AGENTS = 8
 
