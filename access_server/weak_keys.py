@@ -151,8 +151,8 @@ def batch_gcd(moduli: Sequence[int]) -> list[SharedFactor]:
 
     Product tree P = prod N_j, then the remainder tree gives P mod N_i^2; the
     quotient (P mod N_i^2) / N_i is (P / N_i) mod N_i, whose gcd with N_i is
-    the factor N_i shares with the others (Heninger et al. 2012, section
-    3.3). Partners are then found by pairwise gcds among the flagged moduli
+    the factor N_i shares with the others (Heninger et al. 2012). Partners are
+    then found by pairwise gcds among the flagged moduli
     only: a modulus sharing a prime with another flags both (up to
     ``MAX_PAIRWISE`` flagged moduli; past that, partners are left empty).
     """
@@ -235,12 +235,12 @@ _ROCA_SUBGROUPS: tuple[tuple[int, frozenset[int]], ...] = tuple(
 
 
 def has_roca_fingerprint(modulus: int) -> bool:
-    """True when ``modulus`` has the ROCA structure (Nemec et al., CCS 2017, section 2.3).
+    """True when ``modulus`` has the ROCA structure (Nemec et al., CCS 2017).
 
     Both primes are 65537^a mod M (M a primorial) plus a multiple of M, so N
     mod p is a power of 65537 modulo each prime p dividing M. A random modulus
     passes one prime's test with probability |<65537>| / (p - 1), all of them
-    with negligible probability; the paper reports no false positive.
+    with negligible probability.
     """
     return all(modulus % p in group for p, group in _ROCA_SUBGROUPS)
 

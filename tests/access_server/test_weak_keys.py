@@ -167,7 +167,7 @@ def _is_probable_prime(n: int, rng: random.Random) -> bool:
 
 
 def _roca_prime(rng: random.Random, m: int, bits: int) -> int:
-    """A prime k*M + (65537^a mod M), the structure of Nemec et al. 2017 (section 2.1)."""
+    """A prime k*M + (65537^a mod M), the structure of Nemec et al. 2017."""
     while True:
         k = rng.getrandbits(bits - m.bit_length()) | (1 << (bits - m.bit_length() - 1))
         cand = k * m + pow(65537, rng.getrandbits(64), m)
@@ -178,7 +178,7 @@ def _roca_prime(rng: random.Random, m: int, bits: int) -> int:
 def test_roca_constructed_key_is_flagged_and_random_keys_are_not(
     rsa2048: rsa.RSAPrivateKey, primes: list[int]
 ) -> None:
-    # For 2048-bit keys M is the product of the first 126 primes (paper, table 1).
+    # For 2048-bit keys M is the product of the first 126 primes (Nemec et al. 2017).
     small = [p for p in range(2, 800) if all(p % d for d in range(2, int(p**0.5) + 1))][:126]
     m = 1
     for p in small:
