@@ -22,7 +22,7 @@ from tests.card_agent.channel_server import ChannelServer
 from tests.card_agent.scripts import command, done_message, script_message
 
 SERVER_ONLY = ("cryptography", "yaml", "pkcs11", "sqlalchemy", "prometheus_client",
-               "alembic", "psycopg")
+               "alembic", "psycopg", "gmpy2")
 # Distribution name -> top-level module, for what the agent may import.
 AGENT_DISTRIBUTIONS = {"grpcio": "grpc", "protobuf": "google", "pyscard": "smartcard"}
 FIRST_PARTY = {"card_agent", "cardcore", "cms"}
