@@ -292,17 +292,7 @@ def test_foreseen_answers_are_exactly_what_the_card_sends_and_nothing_stays_behi
     virtual, psd_id = card
     stub = _stub(stack)
     before = _worker_states(stack)
-    challenge, iu = _initialize(virtual, 0xFF)
-    request = pb.OpenSecureChannelRequest(
-        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
-        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
-        predict_responses=True, commands=[
-            pb.ChannelCommand(put_key_set=pb.PutKeySet(key_set=pb.KeySetSpec(
-                token="access", key_length=16, new_random=pb.NewRandom(
-                    master_label="mkrk/1", public_key_label="cryptogram/1")), new_kvn=0x70)),
-            pb.ChannelCommand(put_key_set=pb.PutKeySet(
-                key_set=_diversified("mk/1", psd_id), new_kvn=0x01)),
-            pb.ChannelCommand(apdu=gp.delete_key_command(0xFF))])
+    request = _installing_request(virtual, psd_id, 0x33)
     opened = stub.OpenSecureChannel(request, timeout=60)
 
     assert opened.channel == ""                         # no handle: nothing to release
