@@ -531,19 +531,19 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
         assert intent is not None
         return (yield from _resume_through_mkrk(ctx, psd_id, intent, probe, mkrk_spec,
                                                 mk_spec, level))
-    request = kpb.OpenSecureChannelRequest(
-        key_set=_spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
-        kvn=Kvn.TRANSPORT, host_challenge=host_challenge,
-        initialize_update_response=probe.initialize_update, security_level=level,
-        commands=[_put(mkrk_spec, Kvn.MKRK, Kvn.MKRK in probe.kvns),
-                  _put(mk_spec, mk_version, mk_version in probe.kvns),
-                  _delete(Kvn.TRANSPORT)])
     # An MKRK no open intent explains (an operator abandoned its installation):
     # the transport channel replaces only the MKRK, since a card that holds one
     # may allow MK changes only under it; the MK follows through the MKRK channel.
     mkrk_first = not resuming and Kvn.MKRK in probe.kvns
-    if mkrk_first:
-        del request.commands[1:]
+    commands = [_put(mkrk_spec, Kvn.MKRK, Kvn.MKRK in probe.kvns)]
+    if not mkrk_first:
+        commands += [_put(mk_spec, mk_version, mk_version in probe.kvns),
+                     _delete(Kvn.TRANSPORT)]
+    request = kpb.OpenSecureChannelRequest(
+        key_set=_spec_diversified(FACTORY_TRANSPORT_MASTER, psd_id),
+        kvn=Kvn.TRANSPORT, host_challenge=host_challenge,
+        initialize_update_response=probe.initialize_update, security_level=level,
+        commands=commands)
     opened = _open_channel(ctx, request, "opening the transport channel")
     if not resuming:
         ctx.step("A1.2 HSM1 generated R and diversified the MKRK block with it "
@@ -559,7 +559,8 @@ def install(ctx: FlowContext, psd: PsdRecord, probe: Probe, host_challenge: byte
             card_holds_transport_keys=psd.state is PsdState.INSTALLING)
         ctx.step(f"A1.4 cryptogram stored for PSD {psd_id} before anything is written "
                  f"to the card; R deleted")
-    ctx.step(f"A1.5 HSM1 diversified MK block v{mk_version} with the PSD id")
+    if not mkrk_first:      # else the MK is diversified for the MKRK channel
+        ctx.step(f"A1.5 HSM1 diversified MK block v{mk_version} with the PSD id")
     ctx.step(f"A1.6 secure channel opened with the card's transport keys (SCP03, level "
              f"{level:02X})")
     result = yield _secured_script(opened)
