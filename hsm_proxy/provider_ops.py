@@ -155,6 +155,7 @@ def _certificate_template(label: str, der: bytes) -> dict[Attribute, Any]:
         Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
         Attribute.TOKEN: True,
         Attribute.PRIVATE: False,
+        Attribute.COPYABLE: False,
         Attribute.LABEL: label,
         Attribute.ID: kc.Tag(pb.PROVIDER_ROOT, pb.GENERATED).encode(),
         Attribute.SUBJECT: tbs["subject"].dump(),
