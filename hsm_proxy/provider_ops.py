@@ -20,7 +20,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-import pkcs11
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,11 +27,12 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from pkcs11 import Attribute, CertificateType, Mechanism, ObjectClass
 
 from cms import keynames
-from cms.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import key_classes as kc
 from hsm_proxy import provider_x509 as px
 from hsm_proxy.backend import ResolvedKey
+from hsm_proxy.key_blocks_ops import _destroy_quietly, _require_free
 from hsm_proxy.keyspec import finish, generate_signing_pair, spki_der
 from hsm_proxy.registry import WorkerContext, operation
 
@@ -131,19 +131,6 @@ def _random_serial(ctx: WorkerContext, token: str) -> int:
         px.SERIAL_BYTES * 8)))
 
 
-def _require_free(ctx: WorkerContext, token: str, label: str, what: str) -> None:
-    if ctx.backend.label_exists(token, label):
-        raise AlreadyExists(f"{what} {label!r} already exists on token {token!r}")
-
-
-def _destroy_quietly(objects: list[Any]) -> None:
-    for obj in objects:
-        try:
-            obj.destroy()
-        except pkcs11.PKCS11Error:
-            pass
-
-
 # ---------------------------------------------------------------------------
 # The root certificate in the token
 
@@ -206,7 +193,7 @@ def create_root(ctx: WorkerContext, req: CreateRoot) -> bytes:
     """The root key and its self-signed CA certificate, both in the token."""
     if keynames.parse_provider_root_label(req.label) != req.provider_id:
         raise InvalidArgument(f"label {req.label!r} does not name provider {req.provider_id!r}")
-    _require_free(ctx, req.token, req.label, "a root")
+    _require_free(ctx, req.token, req.label)
     session = ctx.backend.session(req.token)
     made = generate_signing_pair(session, req.label, pb.PROVIDER_ROOT)
     ctx.backend.forget(req.token, req.label)
@@ -275,7 +262,7 @@ def sign_pack(ctx: WorkerContext, req: SignPack) -> PackSignature:
 @operation("issuer.create", idempotent=False)
 def create_issuer_key(ctx: WorkerContext, req: IssuerKeyRef) -> IssuerKeyAnswer:
     label = keynames.issuer_key_label(req.version)
-    _require_free(ctx, req.token, label, "an issuer key")
+    _require_free(ctx, req.token, label)
     generate_signing_pair(ctx.backend.session(req.token), label, pb.ISSUER_KEY)
     ctx.backend.forget(req.token, label)
     return _issuer_key(ctx, req.token, label)
