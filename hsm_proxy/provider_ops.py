@@ -57,12 +57,16 @@ class CardKeys(NamedTuple):
     issuer_auth: bytes
 
 
-class IssueCards(NamedTuple):
+class IssueCard(NamedTuple):
+    """One card of an IssueCardCertificates call: one item of its batch across workers."""
+
     token: str
     label: str
     provider_id: str
-    cards: tuple[CardKeys, ...]
+    card: CardKeys
     validity_days: int          # 0: the default, within the root's validity
+    now: datetime               # the call's time, the same for every card
+    call_id: str                # the root is read and checked once per call and worker
 
 
 class Issued(NamedTuple):
@@ -227,23 +231,36 @@ def _card_validity(root: px.Root, now: datetime, requested: int) -> int:
     return requested
 
 
-@operation("provider.issue", idempotent=False)
-def issue_cards(ctx: WorkerContext, req: IssueCards) -> list[Issued]:
-    """Two end-entity certificates per card, issued by the root."""
-    key, der = _root(ctx, req.token, req.label)
-    root = px.read_root(der)
-    now = px.utc_now()
-    days = _card_validity(root, now, req.validity_days)
+_call_root: dict[tuple[str, str, str, int], tuple[ResolvedKey, px.Root]] = {}
+"""The root as checked for the call running in this worker (one entry: the last call)."""
 
-    def certificate(card: CardKeys, use: px.CardKeyUse, spki: bytes) -> bytes:
+
+def _root_for_call(ctx: WorkerContext, req: IssueCard) -> tuple[ResolvedKey, px.Root]:
+    key = (req.call_id, req.token, req.label, ctx.backend.generation)
+    found = _call_root.get(key)
+    if found is None:
+        resolved, der = _root(ctx, req.token, req.label)
+        found = (resolved, px.read_root(der))
+        _call_root.clear()
+        _call_root[key] = found
+    return found
+
+
+@operation("provider.issue", idempotent=True)
+def issue_card(ctx: WorkerContext, req: IssueCard) -> Issued:
+    """The two end-entity certificates of one card, issued by the root (nothing is
+    stored: running it again issues two new certificates)."""
+    key, root = _root_for_call(ctx, req)
+    days = _card_validity(root, req.now, req.validity_days)
+
+    def certificate(use: px.CardKeyUse, spki: bytes) -> bytes:
         return _sign(key, px.card_certificate(
-            root=root, provider_id=req.provider_id, serial=card.serial, use=use,
-            spki_der=spki, certificate_serial=_random_serial(ctx, req.token), now=now,
+            root=root, provider_id=req.provider_id, serial=req.card.serial, use=use,
+            spki_der=spki, certificate_serial=_random_serial(ctx, req.token), now=req.now,
             validity_days=days))
 
-    return [Issued(card.serial, certificate(card, px.DEVICE_KEY, card.device),
-                   certificate(card, px.ISSUER_AUTH_KEY, card.issuer_auth))
-            for card in req.cards]
+    return Issued(req.card.serial, certificate(px.DEVICE_KEY, req.card.device),
+                  certificate(px.ISSUER_AUTH_KEY, req.card.issuer_auth))
 
 
 @operation("provider.sign_pack", idempotent=True)
