@@ -343,11 +343,14 @@ def test_bad_names_and_versions_are_clear_errors(world: World):
      "does not match its class"),
     ("modifiable", {"tag": True}, "does not match its class"),
     ("p384", {"tag": True, "fixed": True, "curve": "secp384r1"}, "not a P-256 key"),
+    ("imported", {"tag": pb.IMPORTED, "fixed": True}, "no provider-root is made by imported"),
 ])
 def test_a_root_planted_with_the_token_pin_is_refused(world: World, keys, name: str,
                                                       plant: dict, reason: str):
     label = keynames.provider_root_label(f"planted-{name}")
-    tag = Tag(pb.PROVIDER_ROOT, pb.GENERATED).encode() if plant.pop("tag", False) else None
+    origin = plant.pop("tag", None)
+    tag = None if origin is None else Tag(pb.PROVIDER_ROOT, pb.GENERATED if origin is True
+                                          else origin).encode()
     RawToken(world.env.hsm, PROVIDER).generate_ec(label, tag=tag, **plant)
     provider_id = label.split("/", 1)[1]
     for method, request in (
