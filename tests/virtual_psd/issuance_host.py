@@ -75,6 +75,12 @@ def issuer_point(key: ec.EllipticCurvePrivateKey) -> bytes:
                                          serialization.PublicFormat.UncompressedPoint)
 
 
+SERIAL = "CMS-0001"
+ISSUER = ec.generate_private_key(ec.SECP256R1())
+"""The issuer's key pair of these tests (its private half is the HSM's in the system)."""
+ISSUER_POINT = issuer_point(ISSUER)
+
+
 class HostError(Exception):
     """The card refused EXTERNAL AUTHENTICATE."""
 

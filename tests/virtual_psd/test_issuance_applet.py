@@ -27,16 +27,19 @@ from cardcore.issuance_keys import ec_spki, rsa_spki
 from cardcore.psd import ISD_AID
 from cardcore.sw import SW
 from tests.virtual_psd.conftest import PSD_ID, TRANSPORT, put_key, send
-from tests.virtual_psd.issuance_host import SoftwareProvider, SoftwareRoot, issuer_point
+from tests.virtual_psd.issuance_host import (
+    ISSUER_POINT,
+    SERIAL,
+    SoftwareProvider,
+    SoftwareRoot,
+    issuer_point,
+)
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 from virtual_psd.isd import isd_state
 from virtual_psd.issuance import IssuanceState, device_public_key, issuance_state
 from virtual_psd.state import StateError, load_state
 
-SERIAL = "CMS-0001"
-ISSUER = ec.generate_private_key(ec.SECP256R1())
-ISSUER_POINT = issuer_point(ISSUER)
 OTHER_SET = StaticKeySet(b"\x31" * 16, b"\x32" * 16, b"\x33" * 16)
 PROVIDER_COMMANDS = {
     "generate keys": I.generate_keys(),
