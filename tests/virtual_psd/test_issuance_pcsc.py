@@ -34,6 +34,7 @@ def reader(private_pcscd: PrivatePcscd, tmp_path: Any) -> Iterator[tuple[Virtual
     path = tmp_path / "card.json"
     create_card(path, psd_id=PSD_ID)
     card = VirtualCard.open(path)
+    private_pcscd.wait_for_card(False)  # the slot's card of an earlier module has gone
     server = run(card, "127.0.0.1", private_pcscd.vpcd_port)
     private_pcscd.wait_for_card(True)
     conn = private_pcscd.connect(slot=0)
