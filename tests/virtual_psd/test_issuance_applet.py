@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,7 +90,7 @@ def initialized_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 
 @pytest.fixture
 def initialized(initialized_template: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "card.json"
+    path = tmp_path / "initialized.json"
     shutil.copy(initialized_template, path)
     return path
 
@@ -419,3 +421,19 @@ def test_a_card_made_before_the_applet_gains_it_in_factory(state_path: Path) -> 
     sections = json.loads(state_path.read_text())["applets"]
     assert sections[I.ISSUANCE_AID.hex().upper()]["life_cycle"] == "factory"
     assert sections[I.ISSUANCE_AID.hex().upper()]["serial"] == SERIAL
+
+
+def test_cms_card_show_gives_the_life_cycle_and_serial_and_no_key(initialized: Path,
+                                                                  state_path: Path) -> None:
+    def show(path: Path) -> tuple[dict[str, object], str]:
+        done = subprocess.run([sys.executable, "-m", "cms.cli", "card", "show", "--state",
+                               str(path)], capture_output=True, text=True, check=False,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout), done.stdout
+
+    summary, text = show(initialized)
+    assert summary["issuance"] == {"life_cycle": "initialized", "serial": SERIAL}
+    for secret in _private_secrets(issuance_state(load_state(initialized))):
+        assert secret.hex() not in text.lower()
+    assert show(state_path)[0]["issuance"] == {"life_cycle": "factory", "serial": None}
