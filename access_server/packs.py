@@ -70,11 +70,15 @@ class Refusal(IntEnum):
 
 
 class PackRefused(ValueError):
-    """The whole pack is refused: ``row`` (None: the file as a whole) and ``reason``."""
+    """The whole pack is refused: ``row`` (None: the file as a whole), the file's ``line``
+    when the shape is at fault, and ``reason``."""
 
-    def __init__(self, refusal: Refusal, reason: str, row: int | None = None) -> None:
-        where = "" if row is None else ("header: " if row == 0 else f"row {row}: ")
-        super().__init__(f"{where}{reason}")
+    def __init__(self, refusal: Refusal, reason: str, row: int | None = None,
+                 line: int | None = None) -> None:
+        where = [] if row is None else ["header" if row == 0 else f"row {row}"]
+        if line is not None:
+            where.append(f"line {line}")
+        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
         self.refusal = refusal
         self.reason = reason
         self.row = row
@@ -382,7 +386,7 @@ def verify_pack(data: bytes, signature: bytes, roots: Sequence[Root],
     try:
         pack = pack_format.read_pack(data)
     except PackFormatError as exc:
-        raise PackRefused(Refusal.MALFORMED, exc.reason, exc.row) from None
+        raise PackRefused(Refusal.MALFORMED, exc.reason, exc.row, exc.line) from None
     if pack.header.provider_id != root.provider_id:
         raise PackRefused(Refusal.UNKNOWN_ROOT,
                           f"provider id {pack.header.provider_id} is not the signing root's "

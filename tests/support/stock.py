@@ -154,6 +154,32 @@ def sign(root: Root, data: bytes) -> bytes:
                         pkcs7.PKCS7Options.Binary]))
 
 
+def roca_modulus(seed: int = 2017) -> int:
+    """A 2048-bit modulus with the ROCA structure (Nemec et al., CCS 2017): both primes
+    k*M + (65537^a mod M), M the product of the first 126 primes as for RSA-2048 keys."""
+    import random
+
+    import gmpy2
+
+    rng = random.Random(seed)
+    m = 1
+    for p in [p for p in range(2, 800) if gmpy2.is_prime(p)][:126]:
+        m *= p
+    k_bits = 1024 - m.bit_length()
+
+    def prime() -> int:
+        while True:
+            candidate = (rng.getrandbits(k_bits) | 3 << (k_bits - 2)) * m + \
+                pow(65537, rng.getrandbits(64), m)
+            if candidate.bit_length() == 1024 and gmpy2.is_prime(candidate):
+                return candidate
+
+    while True:
+        n = prime() * prime()
+        if n.bit_length() == 2048:
+            return n
+
+
 class Pack(NamedTuple):
     data: bytes
     signature: bytes
