@@ -18,7 +18,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from access_server import packs
 from access_server.cli import upload_chunks
+from access_server.store import StockState, Store
 from cms.pack_format import MAX_FIELD, PackRow
 from cms.runtime.client import load_endpoints
 from cms.v1 import stock_pb2 as pb
@@ -26,6 +28,7 @@ from cms.v1 import stock_pb2_grpc
 from tests.support import stock as S
 from tests.support.launcher import cms
 
+pytest_plugins = ("tests.support.postgres",)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PROVIDER = "acme-cards"
@@ -324,6 +327,17 @@ def test_a_bad_pack_is_refused_whole_with_its_row_and_reason(
     assert err.details().startswith("pack pack.csv refused: ")
 
 
+def test_an_upload_beyond_its_limits_or_without_a_part_is_refused(server: Server) -> None:
+    pack = _signed(server, "PK-LIM", rows(server, "LIM", 1))
+    for upload_pack, reason in (
+            (S.Pack(pack.data, b"\x30" * (packs.MAX_SIGNATURE_BYTES + 1)),
+             "signature larger than"),
+            (S.Pack(pack.data, b""), "no signature in the upload"),
+            (S.Pack(b"", pack.signature), "no pack file in the upload")):
+        err = refused(server, upload_pack)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in err.details()
+
+
 def test_a_key_sharing_a_prime_with_the_stock_is_refused(server: Server) -> None:
     a, b, c = _shared_prime_keys()
     upload(server.endpoints, _signed(server, "PK-P1", [_with(server, "P1-1", a),
@@ -409,3 +423,22 @@ def test_openssl_verifies_the_test_packs(server: Server, tmp_path: Path) -> None
                            "-purpose", "any", "-out", "/dev/null"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.postgres
+def test_import_and_first_in_first_out_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    root, keys = S.make_root(PROVIDER), S.DeviceKeys()
+    with S.access_server(tmp_path, postgres_url) as endpoints:
+        stub(endpoints).TrustProvider(pb.TrustProviderRequest(root_certificate=root.der),
+                                      timeout=30)
+        for pack_serial in ("PK-Z", "PK-A"):
+            upload(endpoints, S.make_pack(root, pack_serial, [
+                S.card_row(root, f"{pack_serial}-{i}", key)
+                for i, key in enumerate(keys.take(2), start=1)]))
+        counts = stub(endpoints).GetStock(pb.GetStockRequest(), timeout=30).packs
+        assert [(p.pack_serial, p.in_stock) for p in counts] == [("PK-Z", 2), ("PK-A", 2)]
+    with Store.from_url(postgres_url) as store:
+        taken = store.reserve_cards(3, "issuance")
+        assert [c.serial for c in taken] == ["PK-Z-1", "PK-Z-2", "PK-A-1"]
+        assert {p.pack_serial: p.counts[StockState.IN_STOCK]
+                for p in store.stock_counts()} == {"PK-Z": 0, "PK-A": 1}

@@ -96,8 +96,9 @@ def _usage(*, encipherment: bool) -> x509.KeyUsage:
 
 def card_certificate(root: Root, serial: str, public_key: rsa.RSAPublicKey |
                      ec.EllipticCurvePublicKey, *, encipherment: bool,
-                     days: int = 3650, ca: bool = False) -> bytes:
-    start = now() - dt.timedelta(days=1)
+                     days: int = 3650, ca: bool = False,
+                     not_before: dt.datetime | None = None) -> bytes:
+    start = not_before or now() - dt.timedelta(days=1)
     return (x509.CertificateBuilder().subject_name(name(common=serial, serial=serial))
             .issuer_name(root.certificate.subject).public_key(public_key)
             .serial_number(x509.random_serial_number())
