@@ -393,6 +393,14 @@ def _describe_provider(p: Any) -> str:
             f"{p.not_after.ToJsonString()}")
 
 
+def _print_all(items: Any, describe: Any, noun: str) -> int:
+    """One line per item, then how many."""
+    for item in items:
+        print(describe(item))
+    print(f"{len(items)} {noun}")
+    return 0
+
+
 def _providers_trust(args: argparse.Namespace) -> int:
     from cms.v1 import stock_pb2 as pb
 
@@ -407,10 +415,7 @@ def _providers_list(args: argparse.Namespace) -> int:
     from cms.v1 import stock_pb2 as pb
 
     providers = _stock_stub(args).ListProviders(pb.ListProvidersRequest(), timeout=30).providers
-    for p in providers:
-        print(_describe_provider(p))
-    print(f"{len(providers)} provider root(s)")
-    return 0
+    return _print_all(providers, _describe_provider, "provider root(s)")
 
 
 def upload_chunks(pack: bytes, signature: bytes, name: str, size: int = UPLOAD_CHUNK):
@@ -443,10 +448,7 @@ def _packs_list(args: argparse.Namespace) -> int:
     from cms.v1 import stock_pb2 as pb
 
     packs = _stock_stub(args).ListPacks(pb.ListPacksRequest(), timeout=30).packs
-    for p in packs:
-        print(_describe_pack(p))
-    print(f"{len(packs)} pack(s)")
-    return 0
+    return _print_all(packs, _describe_pack, "pack(s)")
 
 
 def stock_table(packs: list[dict[str, Any]]) -> str:

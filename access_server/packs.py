@@ -75,10 +75,8 @@ class PackRefused(ValueError):
 
     def __init__(self, refusal: Refusal, reason: str, row: int | None = None,
                  line: int | None = None) -> None:
-        where = [] if row is None else ["header" if row == 0 else f"row {row}"]
-        if line is not None:
-            where.append(f"line {line}")
-        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
+        # Worded as the shape's errors are, whatever the check.
+        super().__init__(str(PackFormatError(reason, row=row, line=line)))
         self.refusal = refusal
         self.reason = reason
         self.row = row

@@ -21,14 +21,13 @@ from sqlalchemy.orm import Session, undefer
 
 from access_server.packs import PackRefused, Refusal, Root, StockCard, VerifiedPack
 from access_server.store import records as r
+from access_server.store.campaigns import chunks
 from access_server.store.models import ProviderRootRow, StockCardRow, StockPackRow
 from access_server.store.transactions import Transactions
 from cms.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
 IMPORT_LOCK_KEY = 0x434D5350
 """PostgreSQL advisory lock that serializes pack imports (SQLite has one writer anyway)."""
-CHUNK = 500
-"""Values per IN (...) list: well under SQLite's bound-parameter limit."""
 INSERT_BATCH = 1000
 """Cards per multi-row INSERT."""
 MAX_RESERVE = 10_000
@@ -37,7 +36,7 @@ SharedPrimeCheck = Callable[[Sequence[StockCard], Sequence[tuple[str, bytes]]], 
 """``packs.check_shared_primes``: the pack's cards, the stock's (serial, modulus) pairs."""
 
 
-def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+def _batches(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
@@ -57,7 +56,7 @@ def _first_in_stock(session: Session, column: Any, values: dict[str, int],
                     what: str) -> None:
     """Refuse the pack at the first row whose ``column`` value the stock already holds."""
     found: set[str] = set()
-    for chunk in _chunks(list(values)):
+    for chunk in chunks(list(values)):
         found.update(session.scalars(select(column).where(column.in_(chunk))))
     if found:
         row = min(values[v] for v in found)
@@ -140,7 +139,7 @@ class Stock(Transactions):
                                imported_at=now, imported_by=actor)
             session.add(row)
             session.flush()
-            for batch in _chunks(pack.cards, INSERT_BATCH):
+            for batch in _batches(pack.cards, INSERT_BATCH):
                 session.execute(insert(StockCardRow),
                                 [_card_values(c, row.pack_id, now) for c in batch])
             return pack_record(row)
@@ -179,7 +178,7 @@ class Stock(Transactions):
             if len(taken) < count:
                 raise FailedPrecondition(f"{count} cards asked for, {len(taken)} in stock")
             serials = [card.serial for card, _ in taken]
-            for chunk in _chunks(serials):
+            for chunk in chunks(serials):
                 session.execute(update(StockCardRow).where(StockCardRow.serial.in_(chunk))
                                 .values(state=r.StockState.RESERVED.value, reserved_by=holder,
                                         updated=self._now()))
