@@ -1,4 +1,5 @@
-"""``cms access-server serve``, ``cms psd ...`` and ``cms campaign ...``.
+"""``cms access-server serve``, ``cms psd ...``, ``cms campaign ...``, and the issuer's
+stock: ``cms providers ...``, ``cms packs ...`` and ``cms stock``.
 
 The operator commands reach the access server through endpoints.json
 (``--endpoints``, $CMS_ENDPOINTS or ./var/demo/endpoints.json) as an identity
@@ -8,6 +9,7 @@ The operator commands reach the access server through endpoints.json
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ from typing import Any
 SERVICE = "access_server"
 BAR_WIDTH = 30
 ATTENTION_SHOWN = 50
+UPLOAD_CHUNK = 1024 * 1024
+"""Bytes per ImportPack message: well under gRPC's message limit."""
+STOCK_COLUMNS = ("in_stock", "reserved", "personalized", "shipped", "failed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +83,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = csub.add_parser(action, help=f"{action} a campaign")
         p.add_argument("campaign_id")
         p.set_defaults(func=_campaign_transition, action=action)
+
+
+    _register_stock(sub)
+
+
+def _register_stock(sub: argparse._SubParsersAction) -> None:
+    providers = sub.add_parser("providers", help="provider roots the issuer trusts")
+    _client_options(providers)
+    prsub = providers.add_subparsers(dest="providers_command", metavar="ACTION", required=True)
+    trust = prsub.add_parser("trust", help="trust a provider's root CA certificate")
+    trust.add_argument("--root-cert", required=True, type=Path, help="PEM or DER")
+    trust.set_defaults(func=_providers_trust)
+    prsub.add_parser("list", help="the trusted provider roots").set_defaults(
+        func=_providers_list)
+
+    pks = sub.add_parser("packs", help="packs of device initialization data")
+    _client_options(pks)
+    pksub = pks.add_subparsers(dest="packs_command", metavar="ACTION", required=True)
+    imp = pksub.add_parser("import", help="verify a pack and add its cards to the stock")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--signature", type=Path,
+                     help="the detached CMS signature (default FILE.p7s)")
+    imp.set_defaults(func=_packs_import)
+    pksub.add_parser("list", help="imported packs, in import order").set_defaults(
+        func=_packs_list)
+
+    stock = sub.add_parser("stock", help="the issuer's stock: cards per pack and state")
+    _client_options(stock)
+    stock.add_argument("--json", action="store_true", help="print JSON")
+    stock.set_defaults(func=_stock)
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -318,4 +353,124 @@ def _campaign_transition(args: argparse.Namespace) -> int:
               "cancel": stub.CancelCampaign}[args.action]
     print(describe_campaign(method(pb.GetCampaignRequest(campaign_id=args.campaign_id),
                                    timeout=30)))
+    return 0
+
+
+# -- the issuer's stock ---------------------------------------------------------
+
+def _stock_stub(args: argparse.Namespace) -> Any:
+    from cms.v1 import stock_pb2_grpc
+
+    return stock_pb2_grpc.StockStub(_channel(args))
+
+
+def _read_file(path: Path) -> bytes:
+    from cms.runtime.cli_error import CliError
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def certificate_der(data: bytes) -> bytes:
+    """A certificate file's DER, from PEM or DER."""
+    if not data.lstrip().startswith(b"-----BEGIN"):
+        return data
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from cms.runtime.cli_error import CliError
+
+    try:
+        return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+    except ValueError:
+        raise CliError("not a PEM certificate") from None
+
+
+def _describe_provider(p: Any) -> str:
+    return (f"{p.provider_id} {p.fingerprint} {p.subject!r} until "
+            f"{p.not_after.ToJsonString()}")
+
+
+def _print_all(items: Any, describe: Any, noun: str) -> int:
+    """One line per item, then how many."""
+    for item in items:
+        print(describe(item))
+    print(f"{len(items)} {noun}")
+    return 0
+
+
+def _providers_trust(args: argparse.Namespace) -> int:
+    from cms.v1 import stock_pb2 as pb
+
+    der = certificate_der(_read_file(args.root_cert))
+    provider = _stock_stub(args).TrustProvider(pb.TrustProviderRequest(root_certificate=der),
+                                               timeout=30)
+    print(f"trusted: {_describe_provider(provider)}")
+    return 0
+
+
+def _providers_list(args: argparse.Namespace) -> int:
+    from cms.v1 import stock_pb2 as pb
+
+    providers = _stock_stub(args).ListProviders(pb.ListProvidersRequest(), timeout=30).providers
+    return _print_all(providers, _describe_provider, "provider root(s)")
+
+
+def upload_chunks(pack: bytes, signature: bytes, name: str, size: int = UPLOAD_CHUNK):
+    """The ImportPack stream: the signature and the file's name first, then the file."""
+    from cms.v1 import stock_pb2 as pb
+
+    yield pb.ImportPackChunk(signature=signature, file_name=name)
+    for start in range(0, len(pack), size):
+        yield pb.ImportPackChunk(pack=pack[start:start + size])
+
+
+def _describe_pack(p: Any) -> str:
+    return (f"{p.pack_serial} #{p.import_order} {p.provider_id}: {p.card_count} cards, "
+            f"imported {p.imported_at.ToJsonString()} by {p.imported_by}, sha256 "
+            f"{p.file_sha256}")
+
+
+def _packs_import(args: argparse.Namespace) -> int:
+    from cms.pack_format import SIGNATURE_SUFFIX
+
+    signature_path = args.signature or args.file.with_name(args.file.name + SIGNATURE_SUFFIX)
+    pack, signature = _read_file(args.file), _read_file(signature_path)
+    reply = _stock_stub(args).ImportPack(upload_chunks(pack, signature, args.file.name),
+                                         timeout=600)
+    print(f"imported: {_describe_pack(reply)}")
+    return 0
+
+
+def _packs_list(args: argparse.Namespace) -> int:
+    from cms.v1 import stock_pb2 as pb
+
+    packs = _stock_stub(args).ListPacks(pb.ListPacksRequest(), timeout=30).packs
+    return _print_all(packs, _describe_pack, "pack(s)")
+
+
+def stock_table(packs: list[dict[str, Any]]) -> str:
+    """Counts per pack and state as a text table, with a total line."""
+    header = ("pack", *STOCK_COLUMNS)
+    totals = {c: sum(p[c] for p in packs) for c in STOCK_COLUMNS}
+    rows = [header, *((p["pack"], *(str(p[c]) for c in STOCK_COLUMNS)) for p in packs),
+            ("total", *(str(totals[c]) for c in STOCK_COLUMNS))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                     for row in rows)
+
+
+def _stock(args: argparse.Namespace) -> int:
+    from cms.v1 import stock_pb2 as pb
+
+    counts = _stock_stub(args).GetStock(pb.GetStockRequest(), timeout=30)
+    packs = [{"pack": p.pack_serial, "import_order": p.import_order,
+              **{c: getattr(p, c) for c in STOCK_COLUMNS}} for p in counts.packs]
+    if args.json:
+        print(json.dumps({"packs": packs}, indent=2))
+    else:
+        print(stock_table(packs))
     return 0

@@ -20,6 +20,7 @@ from access_server.config import AccessConfig, load_config
 from access_server.flows import FlowContext
 from access_server.masters import UsableMasters
 from access_server.operator import CampaignsServicer, PsdRegistryServicer
+from access_server.stock_service import StockServicer
 from access_server.store import Store
 from cms import keynames
 from cms.identity import KEY_MGMT
@@ -28,7 +29,13 @@ from cms.runtime.logs import fields, setup_logging
 from cms.runtime.loop_threads import LoopThreads
 from cms.runtime.server import AsyncGrpcService, ServerSettings
 from cms.runtime.tls import secure_channel
-from cms.v1 import access_pb2_grpc, card_channel_pb2_grpc, key_blocks_pb2_grpc, key_mgmt_pb2_grpc
+from cms.v1 import (
+    access_pb2_grpc,
+    card_channel_pb2_grpc,
+    key_blocks_pb2_grpc,
+    key_mgmt_pb2_grpc,
+    stock_pb2_grpc,
+)
 from cms.v1.card_keys_pb2_grpc import CardKeysStub
 
 log = logging.getLogger("access_server.server")
@@ -42,7 +49,7 @@ PROXY_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
                          ("grpc.max_reconnect_backoff_ms", 1000)]
 METRIC_CAMPAIGNS = 50
 """Campaigns exported as metrics (the newest)."""
-SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel")
+SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel", "cms.v1.Stock")
 
 
 class CampaignCollector:
@@ -83,6 +90,26 @@ class CampaignCollector:
         for reason, value in sorted(counts.items()):
             attention.add_metric([reason], value)
         yield attention
+        yield from stock_metrics(self.store)
+
+
+def stock_metrics(store: Store):
+    """``cms_stock_cards{pack, state}``: the issuer's blank cards per pack and state (seed
+    004), so a dashboard sees the stock run low; ``cms_packs_imported``: packs in stock."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    cards = GaugeMetricFamily("cms_stock_cards", "Cards of the issuer's stock by pack and state",
+                              labels=["pack", "state"])
+    try:
+        counts = store.stock_counts()
+    except Exception:  # as for the campaigns: the scrape goes on without it
+        counts = []
+    for pack in counts:
+        for state, value in pack.counts.items():
+            cards.add_metric([pack.pack_serial, state.value], value)
+    yield cards
+    yield GaugeMetricFamily("cms_packs_imported", "Packs imported into the issuer's stock",
+                            value=len(counts))
 
 
 class _NoProxy:
@@ -161,6 +188,7 @@ class AccessServer:
                                      self.cfg.answer_timeout_seconds),
             limits=self.cfg.stream_limits)
         card_channel_pb2_grpc.add_CardChannelServicer_to_server(self.card_channel, server)
+        stock_pb2_grpc.add_StockServicer_to_server(StockServicer(self.store), server)
         return list(SERVICE_NAMES)
 
     async def _shutdown(self) -> None:

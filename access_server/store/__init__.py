@@ -18,11 +18,16 @@ from access_server.store.records import (
     IntentStatus,
     ItemPage,
     ItemStatus,
+    PackRecord,
+    PackStock,
+    ProviderRecord,
     PsdEvent,
     PsdPage,
     PsdRecord,
     PsdState,
     RegisterOutcome,
+    StockCard,
+    StockState,
 )
 from access_server.store.store import Store
 
@@ -37,10 +42,15 @@ __all__ = [
     "IntentStatus",
     "ItemPage",
     "ItemStatus",
+    "PackRecord",
+    "PackStock",
+    "ProviderRecord",
     "PsdEvent",
     "PsdPage",
     "PsdRecord",
     "PsdState",
     "RegisterOutcome",
+    "StockCard",
+    "StockState",
     "Store",
 ]

@@ -243,3 +243,68 @@ class CampaignItemRow(Base):
         ),
         Index("ix_campaign_item_psd_id", "psd_id"),
     )
+
+
+# -- the issuer's stock (seed 004, B2) ---------------------------------------------------
+# Public material only: certificates, public keys, the card's own signature over its
+# device key. A pack carries no private key, and nothing here could hold one.
+
+STOCK_STATES = ("in_stock", "reserved", "personalized", "shipped", "failed")
+
+
+class ProviderRootRow(Base):
+    __tablename__ = "provider_root"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider_id: Mapped[str] = mapped_column(String(64), index=True)
+    certificate: Mapped[bytes] = mapped_column(LargeBinary)
+    subject: Mapped[str] = mapped_column(Text)
+    not_after: Mapped[datetime] = mapped_column(UtcDateTime)
+    trusted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    trusted_by: Mapped[str] = mapped_column(String(200))
+
+
+class StockPackRow(Base):
+    __tablename__ = "pack"
+
+    # Import order: the FIFO order of the stock, pack by pack.
+    pack_id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    pack_serial: Mapped[str] = mapped_column(String(64), unique=True)
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    file_name: Mapped[str] = mapped_column(String(255))
+    provider_id: Mapped[str] = mapped_column(String(64))
+    root_fingerprint: Mapped[str] = mapped_column(
+        String(64), ForeignKey("provider_root.fingerprint"))
+    card_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    imported_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    imported_by: Mapped[str] = mapped_column(String(200))
+
+    __table_args__ = (CheckConstraint("card_count > 0", name="card_count_positive"),)
+
+
+class StockCardRow(Base):
+    __tablename__ = "stock_card"
+
+    serial: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pack_id: Mapped[int] = mapped_column(ID_TYPE, ForeignKey("pack.pack_id"))
+    position: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    device_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # The RSA modulus again, so the batch GCD against the stock reads integers, not DER.
+    device_modulus: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    device_public_key: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    issuer_auth_public_key: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    device_certificate: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    issuer_auth_certificate: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    signed_device_key: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    updated: Mapped[datetime] = mapped_column(UtcDateTime)
+    reserved_by: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (
+        CheckConstraint(one_of("state", STOCK_STATES), name="state"),
+        CheckConstraint("position > 0", name="position_positive"),
+        Index("uq_stock_card_pack_id_position", "pack_id", "position", unique=True),
+        # The next cards in stock: by state, then pack (import order), then position.
+        Index("ix_stock_card_state_pack_id_position", "state", "pack_id", "position"),
+    )

@@ -209,3 +209,68 @@ class ContactStart:
     cryptogram: Cryptogram | None
     intent_begun: bool = False
     lease_free: bool = False
+
+
+class StockState(StrEnum):
+    """Where a blank card of the issuer's stock stands (seed 004, B2-B4)."""
+
+    IN_STOCK = "in_stock"
+    """Imported from a provider's pack, free."""
+    RESERVED = "reserved"
+    """Taken for an issuance that has not finished."""
+    PERSONALIZED = "personalized"
+    SHIPPED = "shipped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRecord:
+    """A provider root the issuer trusts (``provider_id``: the root's organization)."""
+
+    provider_id: str
+    fingerprint: str
+    certificate: bytes
+    subject: str
+    not_after: datetime
+    trusted_at: datetime
+    trusted_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class PackRecord:
+    """An imported pack; ``import_order`` is the FIFO order of its cards among packs."""
+
+    import_order: int
+    pack_serial: str
+    file_sha256: str
+    file_name: str
+    provider_id: str
+    root_fingerprint: str
+    card_count: int
+    created_at: datetime
+    imported_at: datetime
+    imported_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class PackStock:
+    """How many of a pack's cards are in each state (every state present, zeros too)."""
+
+    pack_serial: str
+    import_order: int
+    counts: dict[StockState, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StockCard:
+    """One card of the stock with its public material, as issuance needs it."""
+
+    serial: str
+    pack_serial: str
+    position: int
+    state: StockState
+    device_public_key: bytes
+    issuer_auth_public_key: bytes
+    device_certificate: bytes
+    issuer_auth_certificate: bytes
+    signed_device_key: bytes

@@ -26,7 +26,8 @@ so a lost update surfaces as Aborted rather than silently.
 ``Store`` is assembled from one part per concern, each in its own module:
 ``registry`` (cards registered, listed, revoked, flagged for an operator),
 ``contacts`` (what a contact reads, journals and completes, and reconcile),
-``leases`` and ``campaigns``; ``transactions`` is the base they share.
+``leases``, ``campaigns`` and ``stock`` (the issuer's blank cards, seed 004);
+``transactions`` is the base they share.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from access_server.store.contacts import Contacts
 from access_server.store.leases import Leases
 from access_server.store.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from access_server.store.registry import Registry
+from access_server.store.stock import Stock
 from access_server.store.transactions import utc_now
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Store", "utc_now"]
@@ -57,7 +59,7 @@ _MIGRATING = threading.Lock()
 """Alembic's ``context`` and ``op`` are process-wide: one migration at a time per process."""
 
 
-class Store(Registry, Contacts, Leases, Campaigns):
+class Store(Registry, Contacts, Leases, Campaigns, Stock):
     """Repository of the access server. Thread safe; one instance per process.
 
     ``clock`` returns aware datetimes; tests pass a fake one to move time

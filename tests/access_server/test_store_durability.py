@@ -41,8 +41,9 @@ pytest_plugins = ("tests.support.postgres", "tests.access_server.test_store_fixt
 
 REPO = Path(__file__).resolve().parents[2]
 A, B, C = psd(0xA), psd(0xB), psd(0xC)
-HEAD = "0002"
-TABLES = {"psd", "psd_event", "intent", "campaign", "campaign_item"}
+HEAD = "0003"
+TABLES = {"psd", "psd_event", "intent", "campaign", "campaign_item", "provider_root", "pack",
+          "stock_card"}
 
 # A child process that journals an installation and dies the instant the
 # call returns: no clean-up, no connection close, no WAL checkpoint.
@@ -239,13 +240,30 @@ COLUMNS = {
         "state", "created_by", "created", "updated",
     },
     "campaign_item": {"campaign_id", "psd_id", "status", "attempts", "last_error", "updated"},
+    "provider_root": {"fingerprint", "provider_id", "certificate", "subject", "not_after",
+                      "trusted_at", "trusted_by"},
+    "pack": {"pack_id", "pack_serial", "file_sha256", "file_name", "provider_id",
+             "root_fingerprint", "card_count", "created_at", "imported_at", "imported_by"},
+    "stock_card": {
+        "serial", "pack_id", "position", "state", "device_key_sha256", "device_modulus",
+        "device_public_key", "issuer_auth_public_key", "device_certificate",
+        "issuer_auth_certificate", "signed_device_key", "updated", "reserved_by",
+    },
 }
 """Every column there is. A new one fails this test until someone has asked
 whether it could ever hold a key, a PIN or R."""
 
 SECRET_SOUNDING = re.compile(r"key|pin|puk|secret|random|seed|kcv|session|^r$", re.IGNORECASE)
-NOT_SECRETS = {("psd", "cryptogram_key_label")}
-"""Names that match but hold a label, not a key."""
+NOT_SECRETS = {("psd", "cryptogram_key_label"), ("stock_card", "device_key_sha256"),
+               ("stock_card", "device_public_key"), ("stock_card", "issuer_auth_public_key"),
+               ("stock_card", "signed_device_key")}
+"""Names that match but hold a label, or a card's public key, its fingerprint and the
+card's signature over it (tests/access_server/test_packs.py: only public material)."""
+STOCK_BINARY = {("provider_root", "certificate")} | {
+    ("stock_card", name) for name in ("device_modulus", "device_public_key",
+                                      "issuer_auth_public_key", "device_certificate",
+                                      "issuer_auth_certificate", "signed_device_key")}
+"""Certificates and public keys: the only binary columns beside the cryptogram."""
 
 
 def test_schema_has_no_place_for_key_material(store: Store) -> None:
@@ -260,7 +278,7 @@ def test_schema_has_no_place_for_key_material(store: Store) -> None:
         for name, kind in found.items()
         if isinstance(kind, LargeBinary) or kind.python_type is bytes
     }
-    assert binary == {("psd", "cryptogram")}
+    assert binary == {("psd", "cryptogram")} | STOCK_BINARY
     suspicious = {
         (table, name)
         for table, names in COLUMNS.items()
