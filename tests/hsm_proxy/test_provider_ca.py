@@ -241,3 +241,33 @@ def test_each_call_writes_one_audit_record(proxy: ProxyProcess, root: pb.RootCer
     assert new[0]["items"] == 3 and new[0]["detail"] == "cards AUDIT-1 to AUDIT-3"
     assert new[0]["keys"] == [keynames.provider_root_label(PROVIDER_ID)]
     assert new[1]["detail"] == f"pack P-AUDIT, sha256 {bytes(32).hex()}"
+
+
+def test_the_issuers_checks_accept_what_the_proxy_makes(proxy: ProxyProcess,
+                                                        root: pb.RootCertificate) -> None:
+    """The stock's own verification (access_server.packs) of the root, a pack signature
+    and card certificates, on what ProviderCa made in the HSM."""
+    from datetime import UTC, datetime
+
+    from access_server import packs
+
+    now = datetime.now(UTC)
+    trusted = packs.check_root(root.certificate, now)
+    assert trusted.provider_id == PROVIDER_ID
+    data = b"a pack file's exact bytes\n"
+    signed = ca(proxy).SignPack(pb.SignPackRequest(
+        provider_id=PROVIDER_ID, pack_serial="P-STOCK", sha256=hashlib.sha256(data).digest()),
+        timeout=TIMEOUT)
+    assert packs.verify_signature(data, signed.signature, [trusted], now) == trusted
+    with pytest.raises(packs.PackRefused, match="message digest differs"):
+        packs.verify_signature(data + b"x", signed.signature, [trusted], now)
+    sent = card("STOCK-1")
+    got = ca(proxy).IssueCardCertificates(pb.IssueCardCertificatesRequest(
+        provider_id=PROVIDER_ID, cards=[sent]), timeout=TIMEOUT).certificates[0]
+    root_cert = x509.load_der_x509_certificate(root.certificate)
+    for der, spki, usage in ((got.device_certificate, sent.device_public_key,
+                              "key_encipherment"),
+                             (got.issuer_auth_certificate, sent.issuer_auth_public_key,
+                              "digital_signature")):
+        packs.check_card_certificate(der, what=usage, serial="STOCK-1", spki=spki, usage=usage,
+                                     root=root_cert, now=now, row=1)
