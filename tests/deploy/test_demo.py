@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cms import keynames
 from deploy.pcscd import unavailable_reason
 from tests.support.launcher import cms
 
@@ -44,7 +45,7 @@ def test_demo_runs_seed_000_end_to_end_and_stops_its_stack(tmp_path: Path) -> No
     assert "stopped " in out and "hsm_proxy" in out.split("stopped ")[-1]
     # The PINs of the tokens it created reach neither its output nor the logs.
     pins = [p.read_text().strip() for p in (tmp_path / "softhsm" / "secrets").glob("*pin")]
-    assert len(pins) == 4 and all(pins)
+    assert len(pins) == 2 * len(keynames.TOKENS) and all(pins)   # user and SO PIN of each
     logs = [f.read_text(errors="replace") for f in (tmp_path / "logs").rglob("*") if f.is_file()]
     assert logs
     for pin in pins:
