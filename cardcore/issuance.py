@@ -231,19 +231,31 @@ def decode_generated_keys(data: bytes) -> GeneratedKeys:
                          decode_ec_public(items[Tag.ISSUER_AUTH_PUBLIC_KEY]))
 
 
+LONG_TAGS: Final = frozenset({Tag.ALL, Tag.DEVICE_PUBLIC_KEY, Tag.DEVICE_CERTIFICATE,
+                              Tag.ISSUER_AUTH_CERTIFICATE})
+"""Objects that may not fit a short answer (256 bytes): read with an extended Le."""
+
+
 def get_data(tag: int) -> bytes:
-    """GET DATA (CLA 80): the command APDU, Le = 00 (extended 0000 for long objects)."""
-    return bytes((CLA, IssuanceIns.GET_DATA, tag >> 8, tag & 0xFF, 0x00))
+    """GET DATA (CLA 80): Le = 00, or the extended 000000 for the objects of LONG_TAGS."""
+    header = bytes((CLA, IssuanceIns.GET_DATA, tag >> 8, tag & 0xFF))
+    return header + (b"\x00\x00\x00" if tag in LONG_TAGS else b"\x00")
 
 
-def command(ins: int, p1: int = 0, p2: int = 0, data: bytes = b"") -> bytes:
-    """A plain command of the applet (the secure channel wraps it); extended Lc when long."""
-    if len(data) <= 255:
+def command(ins: int, p1: int = 0, p2: int = 0, data: bytes = b"", *,
+            long_answer: bool = False) -> bytes:
+    """A plain command of the applet (the secure channel wraps it).
+
+    Extended Lc and Le when the data is longer than 255 bytes or the answer
+    may be longer than 256 (``long_answer``); the card announces extended
+    length in its ATR.
+    """
+    if len(data) > 255 or long_answer:
+        lc = b"\x00" + len(data).to_bytes(2, "big") if data else b"\x00"
+        le = b"\x00\x00"
+    else:
         lc = bytes((len(data),)) if data else b""
         le = b"\x00"
-    else:
-        lc = b"\x00" + len(data).to_bytes(2, "big")
-        le = b"\x00\x00"
     return bytes((CLA, ins, p1, p2)) + lc + data + le
 
 
@@ -254,7 +266,8 @@ def put_data(tag: int, value: bytes) -> bytes:
 
 
 def generate_keys() -> bytes:
-    return command(IssuanceIns.GENERATE_KEYS)
+    """GENERATE KEYS: its answer (both public keys) is longer than 256 bytes."""
+    return command(IssuanceIns.GENERATE_KEYS, long_answer=True)
 
 
 def certify_device_key() -> bytes:

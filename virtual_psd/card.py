@@ -26,6 +26,7 @@ from cardcore.sw import SW
 from virtual_psd.applet import Applet, CommandContext, Session, StatusError
 from virtual_psd.faults import CardPowerLost, FaultPlan
 from virtual_psd.isd import IssuerSecurityDomain
+from virtual_psd.issuance import IssuanceApplet
 from virtual_psd.state import CardState, load_state, save_state
 
 log = logging.getLogger("virtual_psd")
@@ -53,7 +54,7 @@ class VirtualCard:
     """A GlobalPlatform card in a Python object.
 
     ``state_path`` None keeps the state in memory only (unit tests). The ISD
-    is registered at construction; more applets can be registered by AID,
+    and the issuance applet are registered at construction; more applets can be registered by AID,
     each reading its section of the state as it is registered (StateError if
     it is malformed).
     """
@@ -69,6 +70,7 @@ class VirtualCard:
         self.applets: dict[bytes, Applet] = {}
         self._lock = threading.Lock()
         self.register(IssuerSecurityDomain())
+        self.register(IssuanceApplet())
         self.default_aid = ISD_AID
 
     @classmethod

@@ -35,7 +35,6 @@ transport channel manage MK sets whatever the card holds.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -54,24 +53,16 @@ from cardcore.psd import (
 )
 from cardcore.scp03 import (
     CLA_SECURE_MESSAGING,
-    I_PSEUDO_RANDOM_CHALLENGE,
-    I_S16,
     CardChannel,
-    CryptogramError,
-    InitializeUpdateResponse,
     Scp03Error,
-    SecurityLevel,
-    cmac_prf,
     decrypt_key_data,
-    offered_security_levels,
-    pseudo_random_card_challenge,
 )
 from cardcore.sw import SW
 from virtual_psd.applet import CommandContext, StatusError
+from virtual_psd.secure_channel import ChannelSession, SecureChannel
 from virtual_psd.state import CardState, StateError
 
 MAX_KEY_SETS: Final = 8
-MAX_SEQUENCE_COUNTER: Final = 0xFFFFFF
 ISD_PRIVILEGES: Final = bytes.fromhex("9EFE80")
 
 SECURED_INS: Final = frozenset({Ins.PUT_KEY, Ins.DELETE, Ins.GET_STATUS,
@@ -181,21 +172,14 @@ def isd_state(state: CardState) -> IsdState:
 
 
 @dataclass
-class IsdSession:
+class IsdSession(ChannelSession):
     """The ISD's volatile state: the secure channel and a STORE DATA in progress."""
 
-    channel: CardChannel | None = None
-    kvn: int | None = None
-    dek: bytes | None = field(default=None, repr=False)
     # Strict policy: this channel was opened, with a set other than the MKRK,
     # on a card that already held the MKRK set, so it may not touch MK sets.
     mk_locked: bool = False
     store_buffer: bytearray = field(default_factory=bytearray, repr=False)
     store_next_block: int = 0
-
-    @property
-    def authenticated(self) -> bool:
-        return self.channel is not None and self.channel.authenticated
 
 
 def default_kvn(state: IsdState) -> int | None:
@@ -243,6 +227,9 @@ def may_delete(session_kvn: int, target_kvn: int) -> bool:
 class IssuerSecurityDomain:
     aid = ISD_AID
 
+    def __init__(self) -> None:
+        self.channel = SecureChannel(self.aid, self.aid, IsdSession)
+
     # framework hooks ---------------------------------------------------------
 
     def read_section(self, state: CardState) -> None:
@@ -253,14 +240,10 @@ class IssuerSecurityDomain:
         return ctx.section(self.aid, IsdState)
 
     def _session(self, ctx: CommandContext) -> IsdSession:
-        data = ctx.session.app_data.get(self.aid)
-        if not isinstance(data, IsdSession):
-            data = IsdSession()
-            ctx.session.app_data[self.aid] = data
-        return data
+        return self.channel.session(ctx)
 
     def _end_session(self, ctx: CommandContext) -> None:
-        ctx.session.app_data[self.aid] = IsdSession()
+        self.channel.end(ctx)
 
     def select(self, ctx: CommandContext, command: CommandApdu) -> bytes:
         # Selecting the ISD (again) ends any secure channel session.
@@ -273,43 +256,24 @@ class IssuerSecurityDomain:
     # dispatch ------------------------------------------------------------------
 
     def process(self, ctx: CommandContext, command: CommandApdu) -> tuple[bytes, int]:
-        session = self._session(ctx)
         ins = command.ins
         if ins == Ins.INITIALIZE_UPDATE:
-            return self._initialize_update(ctx, session, command)
+            return self._initialize_update(ctx, command)
         if ins == Ins.EXTERNAL_AUTHENTICATE:
-            return self._external_authenticate(ctx, session, command)
+            return self.channel.external_authenticate(ctx, self._state(ctx).scp_i, command)
         wrapped = bool(command.cla & CLA_SECURE_MESSAGING)
-        if wrapped:
-            if not session.authenticated:
-                self._end_session(ctx)
-                return b"", SW.SECURITY_STATUS_NOT_SATISFIED
-            assert session.channel is not None
-            try:
-                command = session.channel.unwrap_command(command)
-            except Scp03Error:
-                # A bad C-MAC ends the session: later commands are refused.
-                self._end_session(ctx)
-                return b"", SW.SECURITY_STATUS_NOT_SATISFIED
-        elif ins in SECURED_INS and session.authenticated:
-            assert session.channel is not None
-            if session.channel.security_level & SecurityLevel.C_MAC:
-                # A command stripped of its protection: refuse and close.
-                self._end_session(ctx)
-                return b"", SW.SECURITY_STATUS_NOT_SATISFIED
+        try:
+            command = self.channel.unwrap(ctx, command, SECURED_INS)
+        except StatusError as exc:
+            return b"", exc.sw
+        session = self._session(ctx)
         try:
             data, sw = self._handle(ctx, session, command)
         except StatusError as exc:
             data, sw = b"", exc.sw
-        if wrapped and session.channel is not None:
-            return self._protect(session, data, sw)
+        if wrapped:
+            return self.channel.protect(session, data, sw)
         return data, sw
-
-    @staticmethod
-    def _protect(session: IsdSession, data: bytes, sw: int) -> tuple[bytes, int]:
-        assert session.channel is not None
-        raw = session.channel.wrap_response(data, sw)
-        return raw[:-2], sw
 
     def _handle(self, ctx: CommandContext, session: IsdSession,
                 command: CommandApdu) -> tuple[bytes, int]:
@@ -332,65 +296,15 @@ class IssuerSecurityDomain:
 
     # INITIALIZE UPDATE / EXTERNAL AUTHENTICATE -----------------------------------
 
-    def _initialize_update(self, ctx: CommandContext, session: IsdSession,
-                           command: CommandApdu) -> tuple[bytes, int]:
-        self._end_session(ctx)  # any session in progress ends here
+    def _initialize_update(self, ctx: CommandContext, command: CommandApdu
+                           ) -> tuple[bytes, int]:
         state = self._state(ctx)
-        if command.cla != gp.CLA_GP:
-            return b"", SW.CLA_NOT_SUPPORTED
-        if command.p2 != 0x00:
-            return b"", SW.INCORRECT_P1P2
-        s16 = bool(state.scp_i & I_S16)
-        if len(command.data) != (16 if s16 else 8):
-            return b"", SW.WRONG_LENGTH
         kvn = default_kvn(state) if command.p1 == 0 else command.p1
-        if kvn is None or kvn not in state.key_sets:
-            return b"", SW.REFERENCED_DATA_NOT_FOUND
-        keys = state.key_sets[kvn]
-        counter: bytes | None = None
-        if state.scp_i & I_PSEUDO_RANDOM_CHALLENGE:
-            # Amendment D §6.2.2.1: the challenge comes from the key set's ENC key,
-            # the sequence counter and this domain's AID, and the counter follows the
-            # cryptogram in the answer. A card with random challenges sends neither.
-            if state.sequence_counter >= MAX_SEQUENCE_COUNTER:
-                return b"", SW.CONDITIONS_NOT_SATISFIED
-            counter = state.sequence_counter.to_bytes(3, "big")
-            state.sequence_counter += 1  # committed with this command: never reused
-            card_challenge = pseudo_random_card_challenge(cmac_prf(keys.enc), counter,
-                                                          self.aid, s16=s16)
-        else:
-            card_challenge = os.urandom(16 if s16 else 8)
-        channel, cryptogram = CardChannel.begin(keys.enc, keys.mac, command.data,
-                                                card_challenge)
-        new = IsdSession(channel=channel, kvn=kvn, dek=keys.dek,
-                         mk_locked=mk_locked(state, kvn))
-        ctx.session.app_data[self.aid] = new
-        resp = InitializeUpdateResponse(psd_id_bytes(ctx.state.psd_id), kvn, 0x03, state.scp_i,
-                                        card_challenge, cryptogram, counter)
-        return resp.encode(), SW.OK
 
-    def _external_authenticate(self, ctx: CommandContext, session: IsdSession,
-                               command: CommandApdu) -> tuple[bytes, int]:
-        channel = session.channel
-        if channel is None or channel.authenticated:
-            self._end_session(ctx)
-            return b"", SW.CONDITIONS_NOT_SATISFIED
-        # Whatever happens next, this handshake is used up unless it succeeds.
-        self._end_session(ctx)
-        # A level this card's "i" does not offer (R-MAC, R-ENCRYPTION) is refused as
-        # many cards refuse it: incorrect P1.
-        if command.p2 != 0x00 or command.p1 not in offered_security_levels(self._state(ctx).scp_i):
-            return b"", SW.INCORRECT_P1P2
-        if len(command.data) != 2 * channel.mac_length:
-            return b"", SW.WRONG_LENGTH
-        try:
-            channel.external_authenticate(command)
-        except CryptogramError:
-            return b"", 0x6300  # GP: authentication of host cryptogram failed
-        except Scp03Error:
-            return b"", SW.SECURITY_STATUS_NOT_SATISFIED
-        ctx.session.app_data[self.aid] = session
-        return b"", SW.OK
+        def opened(channel: CardChannel, kvn: int, dek: bytes) -> IsdSession:
+            return IsdSession(channel=channel, kvn=kvn, dek=dek, mk_locked=mk_locked(state, kvn))
+
+        return self.channel.initialize_update(ctx, state, command, kvn, opened)
 
     # GET DATA -----------------------------------------------------------------
 

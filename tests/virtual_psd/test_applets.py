@@ -17,6 +17,7 @@ import pytest
 
 from cardcore import gp
 from cardcore.apdu import CommandApdu
+from cardcore.issuance import ISSUANCE_AID
 from cardcore.psd import ISD_AID, psd_id_from_cplc
 from cardcore.sw import SW
 from tests.virtual_psd.conftest import PSD_ID, TRANSPORT, open_session, send
@@ -125,7 +126,7 @@ def test_the_card_selects_the_second_applet_by_aid_and_routes_its_commands(
     session = open_session(card, 0xFF, TRANSPORT)
     data, sw = session.send(gp.get_status_command(gp.STATUS_APPLICATIONS))
     assert sw == SW.OK
-    assert [e.aid for e in gp.parse_get_status_response(data)] == [COUNTER_AID]
+    assert [e.aid for e in gp.parse_get_status_response(data)] == [ISSUANCE_AID, COUNTER_AID]
 
 
 def test_each_applet_keeps_its_section_apart(state_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from cardcore import gp, host
 from cardcore.apdu import parse_response
 from cardcore.diversify import StaticKeySet
+from cardcore.issuance import ISSUANCE_AID
 from cardcore.psd import ISD_AID, psd_id_from_cplc
 from cardcore.scp03 import HostChannel
 from cardcore.sw import SW
@@ -187,7 +188,12 @@ def test_get_status(card: VirtualCard) -> None:
     assert sw == SW.OK
     (entry,) = gp.parse_get_status_response(data)
     assert entry.aid == ISD_AID and entry.life_cycle == 0x0F
-    assert s.send(gp.get_status_command(gp.STATUS_APPLICATIONS))[1] == \
+    # Every card holds the issuance applet beside the ISD, selectable (07).
+    data, sw = s.send(gp.get_status_command(gp.STATUS_APPLICATIONS))
+    assert sw == SW.OK
+    assert [(e.aid, e.life_cycle) for e in gp.parse_get_status_response(data)] == \
+        [(ISSUANCE_AID, 0x07)]
+    assert s.send(gp.get_status_command(gp.STATUS_APPLICATIONS, b"\xA0"))[1] == \
         SW.REFERENCED_DATA_NOT_FOUND
 
 
