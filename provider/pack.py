@@ -28,10 +28,9 @@ from provider.envelope import KeyTransport, envelop
 from provider.initializer import (
     PROXY_TIMEOUT_S,
     AlreadyInitialized,
-    Answer,
+    Answers,
     CardFailed,
     CardInitialization,
-    Script,
 )
 
 CERTIFY_BATCH = 8
@@ -56,9 +55,9 @@ class Outcome(NamedTuple):
     skipped: bool = False
 
 
-def run_script(transmit: Callable[[bytes], bytes], script: Script) -> list[Answer]:
+def run_script(transmit: Callable[[bytes], bytes], script: list[bytes]) -> Answers:
     """Each command in turn, stopping after the first answer other than 9000."""
-    answers: list[Answer] = []
+    answers: Answers = []
     for apdu in script:
         try:
             raw = transmit(apdu)
@@ -101,15 +100,8 @@ class Certifier:
             return [exc for _ in cards]
 
 
-def _first_half(link: CardLink, init: CardInitialization) -> ppb.CardPublicKeys:
-    answers = run_script(link.transmit, init.probe())
-    return init.public_keys(run_script(link.transmit, init.generate(answers)))
-
-
-def _second_half(link: CardLink, init: CardInitialization, certs: ppb.CardCertificates,
-                 root: x509.Certificate) -> PackRow:
-    answers = run_script(link.transmit, init.certify(certs))
-    return init.row(run_script(link.transmit, init.activated(answers)), root)
+def _runner(link: CardLink) -> Callable[[list[bytes]], Answers]:
+    return lambda script: run_script(link.transmit, script)
 
 
 def _initialize_batch(links: Sequence[CardLink], make: Callable[[], CardInitialization],
@@ -118,7 +110,7 @@ def _initialize_batch(links: Sequence[CardLink], make: Callable[[], CardInitiali
     for link in links:
         init = make()
         try:
-            started.append((link, init, _first_half(link, init)))
+            started.append((link, init, init.until_certificates(_runner(link))))
         except AlreadyInitialized as exc:
             yield Outcome(link.name, reason=str(exc), skipped=True)
         except CardFailed as exc:
@@ -131,7 +123,7 @@ def _initialize_batch(links: Sequence[CardLink], make: Callable[[], CardInitiali
         try:
             if isinstance(certs, CardFailed):
                 raise certs
-            yield Outcome(link.name, row=_second_half(link, init, certs, root))
+            yield Outcome(link.name, row=init.finish(certs, _runner(link), root))
         except CardFailed as exc:
             init.abandon()
             yield Outcome(link.name, reason=str(exc))
