@@ -34,11 +34,15 @@ ACCESS_SERVER = "access-server"
 KEY_MGMT = "key-mgmt"
 CARD_AGENT = "card-agent"
 ADMIN = "admin"
+PROVIDER = "provider"
+"""The card provider's system (seed 004): its root CA in the proxy, and the card
+channel card agents dial when it initializes cards in PC/SC readers."""
 
 CUSTODIANS = ("custodian-1", "custodian-2", "custodian-3")
 """Key custodians: each enters one component of a key ceremony, straight to the proxy."""
-DEFAULT_IDENTITIES = (HSM_PROXY, ACCESS_SERVER, KEY_MGMT, CARD_AGENT, ADMIN, *CUSTODIANS)
-SERVER_IDENTITIES = frozenset({HSM_PROXY, ACCESS_SERVER, KEY_MGMT})
+DEFAULT_IDENTITIES = (HSM_PROXY, ACCESS_SERVER, KEY_MGMT, CARD_AGENT, ADMIN, *CUSTODIANS,
+                      PROVIDER)
+SERVER_IDENTITIES = frozenset({HSM_PROXY, ACCESS_SERVER, KEY_MGMT, PROVIDER})
 """Identities that also serve: their certificates carry serverAuth and the DNS names."""
 
 SERVICE_IDENTITIES = {"hsm_proxy": HSM_PROXY, "access_server": ACCESS_SERVER,

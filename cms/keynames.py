@@ -12,10 +12,13 @@ Labels::
     transport/<name>           TRANSPORT_KEY         moves blocks from HSM2 to HSM1
     factory/transport-master   FACTORY_TRANSPORT_MASTER   diversifies the cards' initial keys
     audit/<name>               AUDIT_KEY             signs the proxy's audit head
+    provider-root/<provider>   PROVIDER_ROOT         the provider's root CA key (seed 004)
+    issuer/<version>           ISSUER_KEY            the issuer's P-256 key, injected into cards
     anything else              OPERATOR_KEY          an operator's own keys (policy: demo/*)
 
 Each form is made and read by the functions here (``mk_label(3)``,
-``parse_block_label``, ``parse_named_label``, ``label_pattern``), never by
+``parse_block_label``, ``parse_named_label``, ``provider_root_label``,
+``issuer_key_label``, ``label_pattern``), never by
 formatting or splitting a label elsewhere: the proxy's policy patterns, key
 management's checks and the access server's requests then cannot drift apart.
 """
@@ -28,10 +31,17 @@ HSM1_TOKEN = "access"
 """The access side's token (HSM1): blocks are used here, never made."""
 HSM2_TOKEN = "kms"
 """Key management's token (HSM2): blocks are generated here and leave only wrapped."""
-TOKENS = (HSM1_TOKEN, HSM2_TOKEN)
+PROVIDER_TOKEN = "provider"
+"""The provider's HSM (seed 004): its root CA key and the root certificate beside it."""
+ISSUER_TOKEN = "issuer"
+"""The issuer's HSM (seed 004): the issuer keys whose public halves go into every card."""
+TOKENS = (HSM1_TOKEN, HSM2_TOKEN, PROVIDER_TOKEN, ISSUER_TOKEN)
 
 MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT = (
     "mk", "mkrk", "cryptogram", "transport", "factory", "audit")
+PROVIDER_ROOT, ISSUER = "provider-root", "issuer"
+ISSUER_KEY_VERSIONS = range(1, 256)
+"""Issuer key versions: one byte, as cards and payloads name them."""
 BLOCK_KINDS = (MK, MKRK, CRYPTOGRAM)
 FACTORY_TRANSPORT_MASTER = "factory/transport-master"
 AUDIT_KEY = "audit/hsm-proxy"
@@ -41,6 +51,10 @@ OPERATOR_PREFIX = "demo/"
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _VERSIONED = re.compile(rf"^({MK}|{MKRK}|{CRYPTOGRAM})/([1-9][0-9]{{0,8}})$")
 _NAMED = re.compile(rf"^({TRANSPORT}|{AUDIT})/({_NAME})$")
+_PROVIDER_ROOT = re.compile(rf"^{PROVIDER_ROOT}/({_NAME})$")
+_ISSUER = re.compile(rf"^{ISSUER}/([1-9][0-9]{{0,2}})$")
+PROVIDER_ID_PATTERN = re.compile(rf"^{_NAME}$")
+"""A provider id: letters, digits, '.', '_', '-', up to 64, first a letter or digit."""
 
 
 def block_label(kind: str, version: int) -> str:
@@ -69,7 +83,7 @@ def cryptogram_label(version: int) -> str:
 
 def label_pattern(kind: str) -> str:
     """``mk/*``: every label of ``kind``, as the proxy's policy and its listings match them."""
-    if kind not in (*BLOCK_KINDS, TRANSPORT, AUDIT):
+    if kind not in (*BLOCK_KINDS, TRANSPORT, AUDIT, PROVIDER_ROOT, ISSUER):
         raise ValueError(f"no label pattern for {kind!r}")
     return f"{kind}/*"
 
@@ -91,9 +105,38 @@ def parse_named_label(label: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def provider_root_label(provider_id: str) -> str:
+    """The root CA key of provider ``provider_id``: ``provider-root/acme``."""
+    if not isinstance(provider_id, str) or not PROVIDER_ID_PATTERN.match(provider_id):
+        raise ValueError(f"provider id {provider_id!r}: 1-64 of letters, digits, '.', '_', "
+                         f"'-', first a letter or digit")
+    return f"{PROVIDER_ROOT}/{provider_id}"
+
+
+def parse_provider_root_label(label: str) -> str | None:
+    """The provider id of ``provider-root/<id>``, or None."""
+    m = _PROVIDER_ROOT.match(label)
+    return m.group(1) if m else None
+
+
+def issuer_key_label(version: int) -> str:
+    """The issuer key of version ``version`` (1..255): ``issuer/1``."""
+    if not isinstance(version, int) or version not in ISSUER_KEY_VERSIONS:
+        raise ValueError(f"issuer key versions are 1 to 255, not {version!r}")
+    return f"{ISSUER}/{version}"
+
+
+def parse_issuer_key_label(label: str) -> int | None:
+    """The version of ``issuer/<version>``, or None."""
+    m = _ISSUER.match(label)
+    if m is None or int(m.group(1)) not in ISSUER_KEY_VERSIONS:
+        return None
+    return int(m.group(1))
+
+
 def label_kind(label: str) -> str | None:
-    """The kind a label names (mk, mkrk, cryptogram, transport, factory, audit), or None
-    for an operator's label."""
+    """The kind a label names (mk, mkrk, cryptogram, transport, factory, audit,
+    provider-root, issuer), or None for an operator's label."""
     parsed = parse_block_label(label)
     if parsed is not None:
         return parsed[0]
@@ -102,8 +145,12 @@ def label_kind(label: str) -> str | None:
     named = parse_named_label(label)
     if named is not None:
         return named[0]
+    if parse_provider_root_label(label) is not None:
+        return PROVIDER_ROOT
+    if parse_issuer_key_label(label) is not None:
+        return ISSUER
     head = label.split("/", 1)[0]
-    if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT):
+    if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT, PROVIDER_ROOT, ISSUER):
         # A reserved prefix with a malformed rest is nobody's key: refused.
         return "reserved"
     return None

@@ -1,7 +1,8 @@
 """The local launcher: the whole system on one machine (the embedded default).
 
-``cms dev up --dir DIR`` creates on first use two SoftHSM2 tokens (``access``
-for HSM1, ``kms`` for HSM2), the development PKI, configuration and policy;
+``cms dev up --dir DIR`` creates on first use the SoftHSM2 tokens (``access``
+for HSM1, ``kms`` for HSM2, ``provider`` for the card provider's root CA and
+``issuer`` for the issuer keys), the development PKI, configuration and policy;
 starts each service in the background on free loopback ports (each binds port
 0 and reports the port it got in a ready file, so nothing races for ports);
 waits until the standard health check says SERVING; and writes
@@ -194,6 +195,7 @@ OPERATOR_KEY_OPERATIONS = ["GenerateSecretKey", "GenerateKeyPair", "DeriveKey", 
                            "SignBatch", "Verify", "DestroyKey"]
 INSPECT_OPERATIONS = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey",
                       "GenerateRandom", "ListBlocks", "GetCeremony"]
+PROVIDER_CA_OPERATIONS = ["CreateRoot", "GetRoot", "IssueCardCertificates", "SignPack"]
 
 
 def default_policy() -> dict:
@@ -203,19 +205,25 @@ def default_policy() -> dict:
     the access server opens card channels in HSM1 with the masters key
     management put there; key management generates blocks in HSM2, moves
     them to HSM1 under transport keys and begins ceremonies, whose components
-    only custodians enter; the operator (admin) inspects everything and uses
-    only its own demo keys. The key classes bound what each purpose can do
-    whatever this file says (docs/threat-model.md).
+    only custodians enter; the operator (admin) inspects everything, uses
+    only its own demo keys, makes the issuer keys and reads the provider's
+    root certificate; the provider signs with its root only what ProviderCa
+    builds and opens cards' transport channels with the factory master
+    alone. The key classes bound what each purpose can do whatever this file
+    says (docs/threat-model.md).
     """
     blocks = [kn.label_pattern(kind) for kind in kn.BLOCK_KINDS]
     masters = [*blocks, kn.FACTORY_TRANSPORT_MASTER]
     transport_keys = kn.label_pattern(kn.TRANSPORT)
     ceremony_keys = [transport_keys, kn.FACTORY_TRANSPORT_MASTER]
     both = [kn.HSM2_TOKEN, kn.HSM1_TOKEN]
+    roots = kn.label_pattern(kn.PROVIDER_ROOT)
+    issuer_keys = kn.label_pattern(kn.ISSUER)
     identities: dict[str, list[dict]] = {
         "access-server": [
             {"operations": [*CARD_CHANNEL_OPERATIONS, "ListBlocks"], "tokens": [kn.HSM1_TOKEN],
              "keys": masters},
+            {"operations": ["GetIssuerKey"], "tokens": [kn.ISSUER_TOKEN], "keys": [issuer_keys]},
         ],
         "key-mgmt": [
             {"operations": ["GenerateBlock"], "tokens": [kn.HSM2_TOKEN], "keys": blocks},
@@ -232,6 +240,17 @@ def default_policy() -> dict:
             {"operations": INSPECT_OPERATIONS, "tokens": ["*"], "keys": ["*"]},
             {"operations": OPERATOR_KEY_OPERATIONS, "tokens": ["*"],
              "keys": [f"{kn.OPERATOR_PREFIX}*"]},
+            {"operations": ["CreateIssuerKey", "GetIssuerKey"], "tokens": [kn.ISSUER_TOKEN],
+             "keys": [issuer_keys]},
+            {"operations": ["GetRoot"], "tokens": [kn.PROVIDER_TOKEN], "keys": [roots]},
+        ],
+        "provider": [
+            {"operations": PROVIDER_CA_OPERATIONS, "tokens": [kn.PROVIDER_TOKEN],
+             "keys": [roots]},
+            # A card's transport channel (keys diversified from the factory master),
+            # to run the issuance applet's initialization in it; no other master.
+            {"operations": CARD_CHANNEL_OPERATIONS, "tokens": [kn.HSM1_TOKEN],
+             "keys": [kn.FACTORY_TRANSPORT_MASTER]},
         ],
     }
     for custodian in CUSTODIANS:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Mechanism, ObjectClass
 
 from cms.runtime.errors import FailedPrecondition, InvalidArgument
 from cms.v1 import hsm_pb2 as pb
@@ -32,21 +32,12 @@ from hsm_proxy.audit import (
     signed_bytes,
 )
 from hsm_proxy.backend import ResolvedKey
-from hsm_proxy.keyspec import EC_PARAMS, finish, object_template, spki_der
+from hsm_proxy.keyspec import generate_signing_pair, spki_der
 from hsm_proxy.registry import WorkerContext, operation
-
-ALGORITHM = pb.EC_P256
 
 
 def _generate(ctx: WorkerContext, token: str, label: str) -> None:
-    objects = kc.AUDIT_TEMPLATE
-    common = {"label": label, "tag": kc.Tag(pb.AUDIT_KEY, pb.GENERATED), "token_object": True}
-    public = object_template(objects[kc.PUBLIC], **common)
-    public[Attribute.EC_PARAMS] = EC_PARAMS[ALGORITHM]
-    private = object_template(objects[kc.PRIVATE], **common)
-    ctx.backend.session(token).generate_keypair(
-        KeyType.EC, None, capabilities=0, public_template=finish(public),
-        private_template=private)
+    generate_signing_pair(ctx.backend.session(token), label, pb.AUDIT_KEY)
     ctx.backend.forget(token, label)
 
 

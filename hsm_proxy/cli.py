@@ -1,6 +1,8 @@
-"""Commands of the proxy: ``cms hsm-proxy``, ``cms audit`` and the operator client ``cms hsm``.
+"""Commands of the proxy: ``cms hsm-proxy``, ``cms audit`` and the operator clients ``cms hsm``
+and ``cms issuer key``.
 
-``cms hsm ...`` talks to a running proxy as one identity (default ``admin``),
+``cms hsm ...`` and ``cms issuer key ...`` talk to a running proxy as one
+identity (default ``admin``),
 finding it through endpoints.json (``--endpoints``, $CMS_ENDPOINTS or
 ./var/demo/endpoints.json). Binary values are given and shown in hex.
 """
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.set_defaults(func=_audit_verify)
 
     _register_client(sub)
+    _register_issuer(sub)
 
 
 # ---------------------------------------------------------------------------
@@ -337,3 +340,78 @@ def _destroy(args: argparse.Namespace) -> int:
                                    timeout=DEFAULT_TIMEOUT_S)
     _print(args, reply, f"destroyed {reply.destroyed} object(s)")
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Issuer keys (seed 004): made in the issuer's token, only their public halves leave
+
+def _register_issuer(sub: argparse._SubParsersAction) -> None:
+    issuer = sub.add_parser("issuer", help="the issuer's keys in the HSM (through the proxy)")
+    isub = issuer.add_subparsers(dest="issuer_command", metavar="WHAT", required=True)
+    key = isub.add_parser("key", help="the issuer key whose public half goes into every card")
+    key.add_argument("--endpoints", help="endpoints.json (default: $CMS_ENDPOINTS or "
+                                         "var/demo/endpoints.json)")
+    key.add_argument("--identity", default="admin", help="TLS identity to act as (default admin)")
+    key.add_argument("--json", action="store_true", help="print JSON")
+    ksub = key.add_subparsers(dest="issuer_key_command", metavar="ACTION", required=True)
+    p = ksub.add_parser("create", help="generate an issuer key in the issuer's token "
+                                       "(P-256, never extractable)")
+    p.add_argument("--version", type=int, default=1, help="key version, 1 to 255 (default 1)")
+    p.add_argument("--out", type=Path, metavar="PEM", help="also write the public key here")
+    p.set_defaults(func=_issuer_key_create)
+    p = ksub.add_parser("show", help="the public issuer key of a version (default the newest)")
+    p.add_argument("--version", type=int, default=0, help="key version (default: the newest)")
+    p.add_argument("--out", type=Path, metavar="PEM", help="also write the public key here")
+    p.set_defaults(func=_issuer_key_show)
+
+
+def _issuer_stub(args: argparse.Namespace) -> Any:
+    from cms.runtime.client import load_endpoints
+    from cms.v1 import provider_pb2_grpc
+
+    channel = load_endpoints(args.endpoints).channel("hsm_proxy", args.identity)
+    return provider_pb2_grpc.IssuerKeysStub(channel)
+
+
+def _issuer_version(version: int, *, newest: bool) -> int:
+    from cms import keynames
+    from cms.runtime.cli_error import CliError
+
+    if (newest and version == 0) or version in keynames.ISSUER_KEY_VERSIONS:
+        return version
+    raise CliError(f"--version: 1 to 255, not {version}")
+
+
+def _show_issuer_key(args: argparse.Namespace, key: Any) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    from cms.runtime.cli_error import CliError
+
+    pem = serialization.load_der_public_key(key.public_key).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if args.out is not None:
+        try:
+            args.out.write_bytes(pem)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+    _print(args, key, f"{key.label} version={key.version} key_id={key.key_id.hex()}\n"
+                      f"{pem.decode().rstrip()}")
+    return 0
+
+
+def _issuer_key_create(args: argparse.Namespace) -> int:
+    from cms.v1 import provider_pb2 as pb
+
+    version = _issuer_version(args.version, newest=False)
+    key = _issuer_stub(args).CreateIssuerKey(pb.CreateIssuerKeyRequest(version=version),
+                                             timeout=DEFAULT_TIMEOUT_S)
+    return _show_issuer_key(args, key)
+
+
+def _issuer_key_show(args: argparse.Namespace) -> int:
+    from cms.v1 import provider_pb2 as pb
+
+    version = _issuer_version(args.version, newest=True)
+    key = _issuer_stub(args).GetIssuerKey(pb.GetIssuerKeyRequest(version=version),
+                                          timeout=DEFAULT_TIMEOUT_S)
+    return _show_issuer_key(args, key)

@@ -44,6 +44,8 @@ ROLE_NAMES: dict[int, str] = {
     pb.FACTORY_TRANSPORT_MASTER: "factory-transport-master",
     pb.AUDIT_KEY: "audit-key",
     pb.OPERATOR_KEY: "operator-key",
+    pb.PROVIDER_ROOT: "provider-root",
+    pb.ISSUER_KEY: "issuer-key",
 }
 ROLE_BY_NAME = {v: k for k, v in ROLE_NAMES.items()}
 ORIGIN_NAMES: dict[int, str] = {
@@ -64,6 +66,8 @@ _KIND_ROLES = {
     keynames.TRANSPORT: pb.TRANSPORT_KEY,
     keynames.FACTORY: pb.FACTORY_TRANSPORT_MASTER,
     keynames.AUDIT: pb.AUDIT_KEY,
+    keynames.PROVIDER_ROOT: pb.PROVIDER_ROOT,
+    keynames.ISSUER: pb.ISSUER_KEY,
 }
 BLOCK_ROLES = frozenset({pb.MK_BLOCK, pb.MKRK_BLOCK, pb.CRYPTOGRAM_PAIR})
 CEREMONY_ROLES = frozenset({pb.TRANSPORT_KEY, pb.FACTORY_TRANSPORT_MASTER})
@@ -76,6 +80,8 @@ ALGORITHMS: dict[int, frozenset[int]] = {
     pb.TRANSPORT_KEY: AES,
     pb.FACTORY_TRANSPORT_MASTER: AES,
     pb.AUDIT_KEY: frozenset({pb.EC_P256}),
+    pb.PROVIDER_ROOT: frozenset({pb.EC_P256}),
+    pb.ISSUER_KEY: frozenset({pb.EC_P256}),
 }
 
 # Usage groups an operator key may have (one group, any non-empty part of it).
@@ -222,6 +228,11 @@ def transport_template(half: str) -> ObjectTemplate:
 FACTORY_MASTER_TEMPLATE = _secret(pb.DERIVE)
 AUDIT_TEMPLATE = {PRIVATE: ObjectTemplate(PRIVATE, frozenset({pb.SIGN})),
                   PUBLIC: ObjectTemplate(PUBLIC, frozenset({pb.VERIFY}), private=False)}
+SIGNING_PAIR_ROLES = frozenset({pb.AUDIT_KEY, pb.PROVIDER_ROOT, pb.ISSUER_KEY})
+"""Classes that are one P-256 pair generated in the token, private half SIGN only and
+never extractable: what each signs is decided by the one purpose that reaches it
+(audit heads; the certificates and pack signatures ProviderCa builds; seed 004 part 2)."""
+SIGNING_PAIR_TEMPLATE = AUDIT_TEMPLATE
 
 
 def expected_objects(tag: Tag) -> dict[str, ObjectTemplate] | None:
@@ -236,8 +247,8 @@ def expected_objects(tag: Tag) -> dict[str, ObjectTemplate] | None:
         return {SECRET: _TRANSPORT[tag.half]}
     if role == pb.FACTORY_TRANSPORT_MASTER and origin == pb.CEREMONY:
         return {SECRET: FACTORY_MASTER_TEMPLATE}
-    if role == pb.AUDIT_KEY and origin == pb.GENERATED:
-        return dict(AUDIT_TEMPLATE)
+    if role in SIGNING_PAIR_ROLES and origin == pb.GENERATED:
+        return dict(SIGNING_PAIR_TEMPLATE)
     return None
 
 

@@ -283,6 +283,23 @@ def derived_kcv(obj: pkcs11.Object) -> bytes:
         check.destroy()
 
 
+def generate_signing_pair(session: Any, label: str, role: int) -> list[pkcs11.Object]:
+    """A P-256 pair of a signing class (``kc.SIGNING_PAIR_ROLES``) generated in the token
+    with its class's template and a GENERATED tag: the private half signs and nothing
+    else, and never leaves the token."""
+    if role not in kc.SIGNING_PAIR_ROLES:
+        raise kc.KeyClassError(f"a {kc.role_name(role)} is not a signing pair")
+    objects = kc.SIGNING_PAIR_TEMPLATE
+    common = {"label": label, "tag": kc.Tag(role, pb.GENERATED), "token_object": True}
+    public = object_template(objects[kc.PUBLIC], **common)
+    public[Attribute.EC_PARAMS] = EC_PARAMS[pb.EC_P256]
+    private = object_template(objects[kc.PRIVATE], **common)
+    pub, priv = session.generate_keypair(KeyType.EC, None, capabilities=0,
+                                         public_template=finish(public),
+                                         private_template=private)
+    return [pub, priv]
+
+
 def spki_der(objects: dict[ObjectClass, dict[Attribute, Any]]) -> bytes | None:
     """DER SubjectPublicKeyInfo of a pair or public key from its public attributes."""
     from cryptography.hazmat.primitives import serialization
@@ -380,6 +397,9 @@ def _object_problem(tpl: kc.ObjectTemplate, attrs: dict[Attribute, Any], origin:
                    else (Attribute.SENSITIVE, True)]
     if origin == pb.GENERATED:
         checks.append((Attribute.LOCAL, True))
+        if tpl.object_class != kc.PUBLIC and not tpl.extractable:
+            # Generated in the token and never out of it: no copy of it was ever readable.
+            checks += [(Attribute.ALWAYS_SENSITIVE, True), (Attribute.NEVER_EXTRACTABLE, True)]
     elif origin in (pb.TRANSFERRED, pb.CEREMONY):
         checks.append((Attribute.LOCAL, False))
     for attr, value in checks:

@@ -45,3 +45,31 @@ def test_label_kind_reads_the_same_forms() -> None:
     assert kn.label_kind(kn.FACTORY_TRANSPORT_MASTER) == kn.FACTORY
     assert kn.label_kind("transport/a/b") == "reserved"
     assert kn.label_kind("demo/mine") is None
+
+
+def test_provider_root_and_issuer_key_labels_parse_back() -> None:
+    assert kn.provider_root_label("acme-1") == "provider-root/acme-1"
+    assert kn.parse_provider_root_label(kn.provider_root_label("acme-1")) == "acme-1"
+    assert kn.issuer_key_label(1) == "issuer/1"
+    assert [kn.parse_issuer_key_label(kn.issuer_key_label(v)) for v in (1, 255)] == [1, 255]
+    for bad in ("issuer/0", "issuer/256", "issuer/01", "issuer/x"):
+        assert kn.parse_issuer_key_label(bad) is None, bad
+        assert kn.label_kind(bad) == "reserved", bad
+    for bad in ("provider-root/", "provider-root/-x", "provider-root/a/b"):
+        assert kn.parse_provider_root_label(bad) is None, bad
+        assert kn.label_kind(bad) == "reserved", bad
+    assert kn.label_kind("issuer/7") == kn.ISSUER
+    assert kn.label_kind("provider-root/acme") == kn.PROVIDER_ROOT
+    assert kn.label_pattern(kn.PROVIDER_ROOT) == "provider-root/*"
+
+
+@pytest.mark.parametrize("version", [0, 256, None, "1"])
+def test_an_issuer_key_version_is_one_byte(version: object) -> None:
+    with pytest.raises(ValueError, match="1 to 255"):
+        kn.issuer_key_label(version)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("provider_id", ["", "-x", "a/b", "x" * 65, None])
+def test_a_provider_id_is_a_name(provider_id: object) -> None:
+    with pytest.raises(ValueError, match="provider id"):
+        kn.provider_root_label(provider_id)  # type: ignore[arg-type]
