@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cms.identity import PROVIDER
+
 SERVICE = "hsm_proxy"
-IDENTITY = "provider"
 KEY_TRANSPORTS = ("oaep", "pkcs1")
 
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "initialization and packs")
     prov.add_argument("--endpoints", help="endpoints.json (default: $CMS_ENDPOINTS or "
                                           "var/demo/endpoints.json)")
-    prov.add_argument("--identity", default=IDENTITY, help=f"TLS identity (default {IDENTITY})")
+    prov.add_argument("--identity", default=PROVIDER, help=f"TLS identity (default {PROVIDER})")
     prov.add_argument("--state", type=Path, help="provider state directory (default: "
                                                  "provider/ beside endpoints.json)")
     psub = prov.add_subparsers(dest="provider_command", metavar="ACTION", required=True)
