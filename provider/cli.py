@@ -17,6 +17,7 @@ from typing import Any
 from cms.identity import PROVIDER
 
 SERVICE = "hsm_proxy"
+DEFAULT_LISTEN = "127.0.0.1:0"
 KEY_TRANSPORTS = ("oaep", "pkcs1")
 
 
@@ -60,7 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="the card factory's transport master, to make missing virtual "
                            "cards (the key its ceremony put into the HSM)")
     init.add_argument("--agents", action="store_true",
-                      help="cards in PC/SC readers through card agents")
+                      help="cards in PC/SC readers through card agents: serve a card channel "
+                           "for the run (cms card-agent --server HOST:PORT --server-identity "
+                           "provider)")
+    init.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                      help=f"with --agents: where agents connect (default {DEFAULT_LISTEN}: "
+                           "a free port, printed)")
+    init.add_argument("--agent-wait", type=float, default=600.0, metavar="SECONDS",
+                      help="with --agents: end with the cards so far when none came for "
+                           "this long (default 600)")
     init.set_defaults(func=_init_pack)
 
 
@@ -250,9 +259,6 @@ def _init_pack(args: argparse.Namespace) -> int:
 
     if args.cards < 1:
         raise _fail(f"--cards {args.cards}: a pack has at least one card")
-    if args.agents:
-        raise _fail("--agents: cards through card agents are not available yet; "
-                    "use in-process virtual cards")
     issuer_point = _issuer_point(args.issuer_key)
     recipient = _recipient(args.encrypt_to)
     master = _transport_master(args.transport_master_hex)
@@ -274,13 +280,27 @@ def _init_pack(args: argparse.Namespace) -> int:
     def next_serial() -> str:
         return state.next_card_serial(provider_id)
 
+    def make() -> CardInitialization:
+        return CardInitialization(card_keys, issuer_point, next_serial)
+
+    certifier = Certifier(ca, provider_id)
+    if args.agents:
+        from provider.agents import agent_cards
+
+        def listening(address: str) -> None:
+            print(f"waiting for {args.cards} cards from card agents at {address} (cms "
+                  f"card-agent --server {address} --server-identity {PROVIDER})", flush=True)
+
+        outcomes = agent_cards(args.listen, endpoints.tls(args.identity), args.cards, make,
+                               certifier, root, on_listening=listening,
+                               timeout=args.agent_wait)
+    else:
+        outcomes = initialize_cards(virtual_cards(card_dir, master), args.cards, make,
+                                    certifier, root)
     report = _Report(args.cards)
     rows, failed, skipped = [], 0, 0
     try:
-        for outcome in initialize_cards(
-                virtual_cards(card_dir, master), args.cards,
-                lambda: CardInitialization(card_keys, issuer_point, next_serial),
-                Certifier(ca, provider_id), root):
+        for outcome in outcomes:
             report.card(outcome)
             if outcome.row is not None:
                 rows.append(outcome.row)
@@ -288,14 +308,16 @@ def _init_pack(args: argparse.Namespace) -> int:
                 skipped += 1
             else:
                 failed += 1
-    except (CardSourceError, StateError) as exc:
+    except (CardSourceError, StateError, OSError) as exc:
         report.close()
         raise _fail(str(exc)) from None
     report.close()
     short = args.cards - len(rows) - failed
     if short > 0:
-        print(f"{short} cards fewer than asked: {card_dir} has no more factory-fresh cards "
-              "(pass --transport-master-hex to make new ones)")
+        print(f"{short} cards fewer than asked: " + (
+            f"no card agent came for {args.agent_wait:g} s" if args.agents else
+            f"{card_dir} has no more factory-fresh cards (pass --transport-master-hex to "
+            "make new ones)"))
     if not rows:
         raise _fail(f"no card was initialized; pack {pack_serial} is not written")
 
