@@ -51,34 +51,38 @@ def server(tls: dict[str, TlsFiles]) -> Iterator[tuple[AgentCardServer, Tool]]:
         yield running, tool
 
 
-def _stream(server: AgentCardServer, files: TlsFiles, messages: queue.Queue):
+def _stream(server: AgentCardServer, files: TlsFiles):
+    """An agent's stream that has said hello: (what it sends next, channel, replies)."""
+    messages: queue.Queue = queue.Queue()
+    messages.put(pb.AgentMessage(hello=pb.AgentHello(agent_label="station-1",
+                                                     reader="Reader 0")))
     channel = secure_channel(server.address, files, server_identity=PROVIDER)
 
     def requests() -> Iterator[pb.AgentMessage]:
         while (message := messages.get()) is not None:
             yield message
 
-    return channel, pb_grpc.CardChannelStub(channel).Connect(requests(), timeout=TIMEOUT)
+    return messages, channel, pb_grpc.CardChannelStub(channel).Connect(requests(),
+                                                                        timeout=TIMEOUT)
 
 
-def _hello() -> pb.AgentMessage:
-    return pb.AgentMessage(hello=pb.AgentHello(agent_label="station-1", reader="Reader 0"))
+def _answer(messages: queue.Queue, replies, outcome: int, **result) -> pb.SessionDone:
+    """Answer the tool's script with ``outcome``; the SessionDone that follows."""
+    script = next(replies).script
+    messages.put(pb.AgentMessage(result=pb.ScriptResult(
+        script_id=script.script_id, outcome=outcome, **result)))
+    done = next(replies).done
+    messages.put(None)
+    return done
 
 
 def test_a_script_and_its_answers_reach_the_tool(server, tls) -> None:
     running, tool = server
-    messages: queue.Queue = queue.Queue()
-    messages.put(_hello())
-    channel, replies = _stream(running, tls[CARD_AGENT], messages)
+    messages, channel, replies = _stream(running, tls[CARD_AGENT])
     try:
-        script = next(replies).script
-        assert [c.apdu for c in script.commands] == [SELECT]
-        assert script.commands[0].sensitive
-        messages.put(pb.AgentMessage(result=pb.ScriptResult(
-            script_id=script.script_id, outcome=pb.SCRIPT_COMPLETED,
-            responses=[pb.ApduResponse(data=b"\x6f\x00", sw=0x9000)])))
-        assert next(replies).done.outcome == pb.SessionDone.OK
-        messages.put(None)
+        done = _answer(messages, replies, pb.SCRIPT_COMPLETED,
+                       responses=[pb.ApduResponse(data=b"\x6f\x00", sw=0x9000)])
+        assert done.outcome == pb.SessionDone.OK
     finally:
         channel.close()
     assert tool.seen.get(timeout=TIMEOUT) == ("station-1 (Reader 0)", [(b"\x6f\x00", 0x9000)])
@@ -86,9 +90,7 @@ def test_a_script_and_its_answers_reach_the_tool(server, tls) -> None:
 
 def test_another_identity_is_refused(server, tls) -> None:
     running, tool = server
-    messages: queue.Queue = queue.Queue()
-    messages.put(_hello())
-    channel, replies = _stream(running, tls[ADMIN], messages)
+    messages, channel, replies = _stream(running, tls[ADMIN])
     try:
         with pytest.raises(grpc.RpcError) as err:
             next(replies)
@@ -102,10 +104,9 @@ def test_another_identity_is_refused(server, tls) -> None:
 
 def test_an_agent_that_goes_away_ends_the_tools_card(server, tls) -> None:
     running, tool = server
-    messages: queue.Queue = queue.Queue()
-    messages.put(_hello())
-    channel, replies = _stream(running, tls[CARD_AGENT], messages)
-    assert next(replies).HasField("script")
+    messages, channel, replies = _stream(running, tls[CARD_AGENT])
+    script = next(replies).script
+    assert [c.apdu for c in script.commands] == [SELECT] and script.commands[0].sensitive
     messages.put(None)                # the agent half-closes without answering
     try:
         assert next(replies).done.outcome == pb.SessionDone.FAILED
@@ -116,15 +117,10 @@ def test_an_agent_that_goes_away_ends_the_tools_card(server, tls) -> None:
 
 def test_a_card_gone_in_the_reader_is_reported(server, tls) -> None:
     running, tool = server
-    messages: queue.Queue = queue.Queue()
-    messages.put(_hello())
-    channel, replies = _stream(running, tls[CARD_AGENT], messages)
+    messages, channel, replies = _stream(running, tls[CARD_AGENT])
     try:
-        script = next(replies).script
-        messages.put(pb.AgentMessage(result=pb.ScriptResult(
-            script_id=script.script_id, outcome=pb.SCRIPT_CARD_REMOVED, message="pulled out")))
-        assert next(replies).done.outcome == pb.SessionDone.FAILED
-        messages.put(None)
+        done = _answer(messages, replies, pb.SCRIPT_CARD_REMOVED, message="pulled out")
+        assert done.outcome == pb.SessionDone.FAILED
     finally:
         channel.close()
     gone = tool.seen.get(timeout=TIMEOUT)
