@@ -68,8 +68,7 @@ class InitializationError(Exception):
 
     def __init__(self, step: str, reason: str, sw: int | None = None) -> None:
         super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.sw = sw
+        self.step, self.sw = step, sw
 
 
 class ChannelOpening(NamedTuple):

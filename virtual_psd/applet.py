@@ -68,15 +68,34 @@ class CommandContext:
             else:
                 held = self.state.section(aid, kind).copy()
             self.taken[aid] = held
-        if not isinstance(held, kind):
-            raise StateError(f"section of applet {aid.hex().upper()} taken as "
-                             f"{type(held).__name__}, not {kind.__name__}")
-        return held
+        return _as_kind(aid, held, kind)
+
+    def peek(self, aid: bytes, kind: type[S], new: Callable[[], S]) -> S:
+        """Applet ``aid``'s section as this command sees it, without taking a copy.
+
+        For reads: a section not taken is not written, so a read of an applet
+        whose section the card does not hold yet (``new()``) writes nothing.
+        """
+        held = self.taken.get(aid)
+        if held is None:
+            return self.state.section(aid, kind) if aid in self.state.sections else new()
+        return _as_kind(aid, held, kind)
+
+    def put(self, aid: bytes, section: AppletState) -> None:
+        """Set this command's new value of applet ``aid``'s section (immutable sections)."""
+        self.taken[aid] = section
 
     def outcome(self) -> CardState | None:
         """The card's state after this command, or None when it changed no section."""
         changed = {aid: s for aid, s in self.taken.items() if self.state.sections.get(aid) != s}
         return self.state.with_sections(changed) if changed else None
+
+
+def _as_kind(aid: bytes, held: AppletState, kind: type[S]) -> S:
+    if not isinstance(held, kind):
+        raise StateError(f"section of applet {aid.hex().upper()} taken as "
+                         f"{type(held).__name__}, not {kind.__name__}")
+    return held
 
 
 class Applet(Protocol):

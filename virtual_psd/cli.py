@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "(default: $CMS_CARD_FAULTS)")
     virtual.set_defaults(func=_virtual)
 
-    show = csub.add_parser("show", help="print the card's id and key sets (KCVs, no keys)")
+    show = csub.add_parser("show", help="print the card's id, key sets (KCVs, no keys) "
+                                        "and its issuance life cycle and serial")
     show.add_argument("--state", required=True, type=Path)
     show.set_defaults(func=_show)
 
@@ -87,10 +88,12 @@ def _scp_i(text: str) -> int:
 def _summary(state: object) -> dict[str, object]:
     from cardcore.psd import key_set_role
     from virtual_psd.isd import isd_state
+    from virtual_psd.issuance import issuance_state
     from virtual_psd.state import CardState
 
     assert isinstance(state, CardState)
     isd = isd_state(state)
+    issuance = issuance_state(state)
     return {
         "psd_id": state.psd_id,
         "scp_i": f"{isd.scp_i:02X}",
@@ -102,6 +105,7 @@ def _summary(state: object) -> dict[str, object]:
              "kcv": [k.hex().upper() for k in ks.kcvs()]}
             for kvn, ks in sorted(isd.key_sets.items())
         ],
+        "issuance": {"life_cycle": issuance.life_cycle.name.lower(), "serial": issuance.serial},
     }
 
 

@@ -346,17 +346,10 @@ class IssuanceApplet:
             state.section(self.aid, IssuanceState)
 
     def _read(self, ctx: CommandContext) -> IssuanceState:
-        """The section as this command sees it, without taking it (a read writes nothing)."""
-        held = ctx.taken.get(self.aid)
-        if isinstance(held, IssuanceState):
-            return held
-        if self.aid in ctx.state.sections:
-            return ctx.state.section(self.aid, IssuanceState)
-        return IssuanceState()
+        return ctx.peek(self.aid, IssuanceState, IssuanceState)
 
     def _write(self, ctx: CommandContext, state: IssuanceState) -> None:
-        ctx.section(self.aid, IssuanceState, new=IssuanceState)
-        ctx.taken[self.aid] = state
+        ctx.put(self.aid, state)
 
     def select(self, ctx: CommandContext, command: CommandApdu) -> bytes:
         self.channel.end(ctx)

@@ -1,0 +1,121 @@
+"""A software provider for the issuance applet's tests.
+
+It drives :func:`cardcore.initialization.initialize` over a card's transmit
+function with the card's software transport keys (the GlobalPlatform test
+keys of tests/virtual_psd/conftest.py), and certifies the card's keys with
+a P-256 test root held in memory. The provider system does the same through
+the HSM proxy; these tests prove the card's side.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cardcore.apdu import parse_command, parse_response
+from cardcore.diversify import StaticKeySet
+from cardcore.host import SecureSession
+from cardcore.initialization import (
+    Answers,
+    CertificateRequest,
+    Certificates,
+    Initialized,
+    Script,
+    drive,
+    initialize,
+)
+from cardcore.issuance_keys import ec_spki, rsa_spki
+from cardcore.processor import apdu_link
+from cardcore.scp03 import cmac_prf, open_host_channel
+from cardcore.sw import SW
+from tests.virtual_psd.conftest import TRANSPORT
+
+Transmit = Callable[[bytes], bytes]
+_DAY = datetime.timedelta(days=1)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+@dataclass
+class SoftwareRoot:
+    """A provider root CA in software (the real one's key is in an HSM)."""
+
+    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(
+        ec.SECP256R1()))
+
+    def certify(self, serial: str, spki_der: bytes, role: str) -> bytes:
+        now = datetime.datetime.now(datetime.UTC)
+        public = serialization.load_der_public_key(spki_der)
+        cert = (x509.CertificateBuilder()
+                .subject_name(_name(f"{serial} {role}"))
+                .issuer_name(_name("test provider root"))
+                .public_key(public)  # type: ignore[arg-type]
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - _DAY).not_valid_after(now + 365 * _DAY)
+                .sign(self.key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    def certificates(self, request: CertificateRequest) -> Certificates:
+        return Certificates(
+            self.certify(request.serial, rsa_spki(request.device_public_key), "device"),
+            self.certify(request.serial, ec_spki(request.issuer_auth_public_key),
+                         "issuer authentication"))
+
+
+def issuer_point(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.X962,
+                                         serialization.PublicFormat.UncompressedPoint)
+
+
+SERIAL = "CMS-0001"
+ISSUER = ec.generate_private_key(ec.SECP256R1())
+"""The issuer's key pair of these tests (its private half is the HSM's in the system)."""
+ISSUER_POINT = issuer_point(ISSUER)
+
+
+class HostError(Exception):
+    """The card refused EXTERNAL AUTHENTICATE."""
+
+
+@dataclass
+class SoftwareProvider:
+    """Runs the initialization scripts over ``transmit`` with software transport keys."""
+
+    transmit: Transmit
+    root: SoftwareRoot = field(default_factory=SoftwareRoot)
+    keys: StaticKeySet = TRANSPORT
+    session: SecureSession | None = None
+    answers: list[tuple[bytes, int]] = field(default_factory=list)
+
+    def run(self, script: Script) -> Answers:
+        if script.opening is not None:
+            o = script.opening
+            channel, ext_auth = open_host_channel(
+                cmac_prf(self.keys.enc), cmac_prf(self.keys.mac), o.host_challenge,
+                o.initialize_update_response, key_length=self.keys.key_length,
+                security_level=o.security_level, aid=o.aid)
+            if parse_response(self.transmit(ext_auth))[1] != SW.OK:
+                raise HostError("EXTERNAL AUTHENTICATE refused")
+            self.session = SecureSession(self.transmit, channel, o.kvn)
+        out: list[tuple[bytes, int]] = []
+        link = apdu_link(self.transmit)
+        for command in script.commands:
+            if script.secured:
+                assert self.session is not None
+                out.append(self.session.send(command))
+            else:
+                response = link.send(parse_command(command))
+                out.append((response.data, response.sw))
+        self.answers.extend(out)
+        return out
+
+    def initialize(self, serial: str, issuer_public_key: bytes) -> Initialized:
+        return drive(initialize(serial, issuer_public_key), self.run, self.root.certificates)
