@@ -91,10 +91,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 def _register_client(sub: argparse._SubParsersAction) -> None:
     hsm = sub.add_parser("hsm", help="operate on the HSM through the proxy")
-    hsm.add_argument("--endpoints", help="endpoints.json (default: $CMS_ENDPOINTS or "
-                                         "var/demo/endpoints.json)")
-    hsm.add_argument("--identity", default="admin", help="TLS identity to act as (default admin)")
-    hsm.add_argument("--json", action="store_true", help="print JSON")
+    _client_args(hsm)
     hsub = hsm.add_subparsers(dest="hsm_command", metavar="ACTION", required=True)
 
     p = hsub.add_parser("tokens", help="list the tokens the proxy fronts")
@@ -147,6 +144,14 @@ def _register_client(sub: argparse._SubParsersAction) -> None:
     p = hsub.add_parser("destroy", help="destroy a persistent key (both halves of a pair)")
     _key_args(p)
     p.set_defaults(func=_destroy)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    """Where the proxy is, and who to be: the options of every client command."""
+    p.add_argument("--endpoints", help="endpoints.json (default: $CMS_ENDPOINTS or "
+                                       "var/demo/endpoints.json)")
+    p.add_argument("--identity", default="admin", help="TLS identity to act as (default admin)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _key_args(p: argparse.ArgumentParser) -> None:
@@ -349,10 +354,7 @@ def _register_issuer(sub: argparse._SubParsersAction) -> None:
     issuer = sub.add_parser("issuer", help="the issuer's keys in the HSM (through the proxy)")
     isub = issuer.add_subparsers(dest="issuer_command", metavar="WHAT", required=True)
     key = isub.add_parser("key", help="the issuer key whose public half goes into every card")
-    key.add_argument("--endpoints", help="endpoints.json (default: $CMS_ENDPOINTS or "
-                                         "var/demo/endpoints.json)")
-    key.add_argument("--identity", default="admin", help="TLS identity to act as (default admin)")
-    key.add_argument("--json", action="store_true", help="print JSON")
+    _client_args(key)
     ksub = key.add_subparsers(dest="issuer_key_command", metavar="ACTION", required=True)
     p = ksub.add_parser("create", help="generate an issuer key in the issuer's token "
                                        "(P-256, never extractable)")

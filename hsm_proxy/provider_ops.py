@@ -20,7 +20,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-import pkcs11
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,11 +27,12 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from pkcs11 import Attribute, CertificateType, Mechanism, ObjectClass
 
 from cms import keynames
-from cms.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import key_classes as kc
 from hsm_proxy import provider_x509 as px
 from hsm_proxy.backend import ResolvedKey
+from hsm_proxy.key_blocks_ops import _destroy_quietly, _require_free
 from hsm_proxy.keyspec import finish, generate_signing_pair, spki_der
 from hsm_proxy.registry import WorkerContext, operation
 
@@ -57,12 +57,16 @@ class CardKeys(NamedTuple):
     issuer_auth: bytes
 
 
-class IssueCards(NamedTuple):
+class IssueCard(NamedTuple):
+    """One card of an IssueCardCertificates call: one item of its batch across workers."""
+
     token: str
     label: str
     provider_id: str
-    cards: tuple[CardKeys, ...]
+    card: CardKeys
     validity_days: int          # 0: the default, within the root's validity
+    now: datetime               # the call's time, the same for every card
+    call_id: str                # the root is read and checked once per call and worker
 
 
 class Issued(NamedTuple):
@@ -131,19 +135,6 @@ def _random_serial(ctx: WorkerContext, token: str) -> int:
         px.SERIAL_BYTES * 8)))
 
 
-def _require_free(ctx: WorkerContext, token: str, label: str, what: str) -> None:
-    if ctx.backend.label_exists(token, label):
-        raise AlreadyExists(f"{what} {label!r} already exists on token {token!r}")
-
-
-def _destroy_quietly(objects: list[Any]) -> None:
-    for obj in objects:
-        try:
-            obj.destroy()
-        except pkcs11.PKCS11Error:
-            pass
-
-
 # ---------------------------------------------------------------------------
 # The root certificate in the token
 
@@ -155,6 +146,7 @@ def _certificate_template(label: str, der: bytes) -> dict[Attribute, Any]:
         Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
         Attribute.TOKEN: True,
         Attribute.PRIVATE: False,
+        Attribute.COPYABLE: False,
         Attribute.LABEL: label,
         Attribute.ID: kc.Tag(pb.PROVIDER_ROOT, pb.GENERATED).encode(),
         Attribute.SUBJECT: tbs["subject"].dump(),
@@ -205,7 +197,7 @@ def create_root(ctx: WorkerContext, req: CreateRoot) -> bytes:
     """The root key and its self-signed CA certificate, both in the token."""
     if keynames.parse_provider_root_label(req.label) != req.provider_id:
         raise InvalidArgument(f"label {req.label!r} does not name provider {req.provider_id!r}")
-    _require_free(ctx, req.token, req.label, "a root")
+    _require_free(ctx, req.token, req.label)
     session = ctx.backend.session(req.token)
     made = generate_signing_pair(session, req.label, pb.PROVIDER_ROOT)
     ctx.backend.forget(req.token, req.label)
@@ -239,23 +231,36 @@ def _card_validity(root: px.Root, now: datetime, requested: int) -> int:
     return requested
 
 
-@operation("provider.issue", idempotent=False)
-def issue_cards(ctx: WorkerContext, req: IssueCards) -> list[Issued]:
-    """Two end-entity certificates per card, issued by the root."""
-    key, der = _root(ctx, req.token, req.label)
-    root = px.read_root(der)
-    now = px.utc_now()
-    days = _card_validity(root, now, req.validity_days)
+_call_root: dict[tuple[str, str, str, int], tuple[ResolvedKey, px.Root]] = {}
+"""The root as checked for the call running in this worker (one entry: the last call)."""
 
-    def certificate(card: CardKeys, use: px.CardKeyUse, spki: bytes) -> bytes:
+
+def _root_for_call(ctx: WorkerContext, req: IssueCard) -> tuple[ResolvedKey, px.Root]:
+    key = (req.call_id, req.token, req.label, ctx.backend.generation)
+    found = _call_root.get(key)
+    if found is None:
+        resolved, der = _root(ctx, req.token, req.label)
+        found = (resolved, px.read_root(der))
+        _call_root.clear()
+        _call_root[key] = found
+    return found
+
+
+@operation("provider.issue", idempotent=True)
+def issue_card(ctx: WorkerContext, req: IssueCard) -> Issued:
+    """The two end-entity certificates of one card, issued by the root (nothing is
+    stored: running it again issues two new certificates)."""
+    key, root = _root_for_call(ctx, req)
+    days = _card_validity(root, req.now, req.validity_days)
+
+    def certificate(use: px.CardKeyUse, spki: bytes) -> bytes:
         return _sign(key, px.card_certificate(
-            root=root, provider_id=req.provider_id, serial=card.serial, use=use,
-            spki_der=spki, certificate_serial=_random_serial(ctx, req.token), now=now,
+            root=root, provider_id=req.provider_id, serial=req.card.serial, use=use,
+            spki_der=spki, certificate_serial=_random_serial(ctx, req.token), now=req.now,
             validity_days=days))
 
-    return [Issued(card.serial, certificate(card, px.DEVICE_KEY, card.device),
-                   certificate(card, px.ISSUER_AUTH_KEY, card.issuer_auth))
-            for card in req.cards]
+    return Issued(req.card.serial, certificate(px.DEVICE_KEY, req.card.device),
+                  certificate(px.ISSUER_AUTH_KEY, req.card.issuer_auth))
 
 
 @operation("provider.sign_pack", idempotent=True)
@@ -274,7 +279,7 @@ def sign_pack(ctx: WorkerContext, req: SignPack) -> PackSignature:
 @operation("issuer.create", idempotent=False)
 def create_issuer_key(ctx: WorkerContext, req: IssuerKeyRef) -> IssuerKeyAnswer:
     label = keynames.issuer_key_label(req.version)
-    _require_free(ctx, req.token, label, "an issuer key")
+    _require_free(ctx, req.token, label)
     generate_signing_pair(ctx.backend.session(req.token), label, pb.ISSUER_KEY)
     ctx.backend.forget(req.token, label)
     return _issuer_key(ctx, req.token, label)

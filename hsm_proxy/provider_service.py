@@ -13,6 +13,7 @@ certificates, signatures and public keys, never a private key.
 from __future__ import annotations
 
 import hashlib
+import uuid
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -27,6 +28,11 @@ from cms.v1 import provider_pb2_grpc
 from hsm_proxy import provider_ops as ops
 from hsm_proxy import provider_x509 as px
 from hsm_proxy.core import Call, ProxyCore, rpc
+from hsm_proxy.errors import from_wire
+from hsm_proxy.worker import Failure
+
+CARDS_CHUNK = 8
+"""Cards worth a worker of their own (each takes milliseconds, mostly building DER)."""
 
 
 def _provider_id(value: str) -> str:
@@ -124,10 +130,18 @@ class ProviderCaServicer(provider_pb2_grpc.ProviderCaServicer):
         root = self._root(call, request.token, request.provider_id)
         call.items = core.batch_size(len(request.cards))
         seen: set[str] = set()
-        cards = tuple(check_card(i, card, seen) for i, card in enumerate(request.cards))
-        issued = core.pool.call("provider.issue", ops.IssueCards(
-            root.token, root.label, request.provider_id, cards, request.validity_days),
-            idempotent=False, timeout=call.timeout()).value
+        cards = [check_card(i, card, seen) for i, card in enumerate(request.cards)]
+        call.detail = f"cards {cards[0].serial} to {cards[-1].serial}"
+        now, call_id = px.utc_now(), uuid.uuid4().hex
+        # Each card costs milliseconds (two certificates built and signed): the cards
+        # are spread over the workers, and the first that fails fails the call.
+        issued = core.pool.batch("provider.issue", [ops.IssueCard(
+            root.token, root.label, request.provider_id, card, request.validity_days, now,
+            call_id)
+            for card in cards], idempotent=True, timeout=call.timeout(), min_chunk=CARDS_CHUNK)
+        failed = next((i for i in issued if isinstance(i, Failure)), None)
+        if failed is not None:
+            raise from_wire(tuple(failed))
         return pb.IssueCardCertificatesResponse(certificates=[
             pb.CardCertificates(serial=i.serial, device_certificate=i.device,
                                 issuer_auth_certificate=i.issuer_auth) for i in issued])
@@ -192,13 +206,14 @@ class IssuerKeysServicer(provider_pb2_grpc.IssuerKeysServicer):
         core = self.core
         token = request.token or keynames.ISSUER_TOKEN
         version = _issuer_version(request.version, newest=True)
-        # The newest version is known only once the worker looked: the token is
-        # authorized first, the key it found before the answer leaves.
+        # The newest version is known only once the worker looked: then the token is
+        # authorized first, and the key it found before the answer leaves.
         call.authorize(token, keynames.issuer_key_label(version) if version else None)
         core.require_token(token)
         answer = core.pool.call("issuer.get", ops.IssuerKeyRef(token, version),
                                 idempotent=True, timeout=call.timeout()).value
-        call.authorize(token, answer.label)
+        if not version:
+            call.authorize(token, answer.label)
         return issuer_message(answer)
 
 

@@ -123,9 +123,9 @@ def _certificate(tbs: x509.TbsCertificate) -> ToSign:
             "tbs_certificate": tbs,
             "signature_algorithm": {"algorithm": SIGNATURE_ALGORITHM},
             "signature_value": ecdsa_der(signature),
-        }).dump(force=True)
+        }).dump()
 
-    return ToSign(tbs.dump(force=True), finish)
+    return ToSign(tbs.dump(), finish)
 
 
 def root_certificate(*, provider_id: str, spki_der: bytes, serial: int, now: datetime,
@@ -200,7 +200,7 @@ def pack_signature(*, root: Root, sha256: bytes, signing_time: datetime) -> ToSi
     if len(sha256) != hashlib.sha256().digest_size:
         raise ValueError("the message digest is a SHA-256")
     attributes = _signed_attributes(sha256, signing_time)
-    to_sign = attributes.dump(force=True)
+    to_sign = attributes.dump()
 
     def finish(signature: bytes) -> bytes:
         signer = cms.SignerInfo({

@@ -10,6 +10,7 @@ issuer keys are made by admin in token ``issuer`` and read by the access server.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -220,3 +221,23 @@ def test_issuer_key_commands(proxy: ProxyProcess, tmp_path: Path) -> None:
     assert bad.returncode != 0 and "--version: 1 to 255" in bad.stderr
     denied = issuer_cli(endpoints, "create", "--version", "8", identity="provider")
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+
+
+def test_each_call_writes_one_audit_record(proxy: ProxyProcess, root: pb.RootCertificate
+                                           ) -> None:
+    def records() -> list[dict]:
+        return [json.loads(line) for line in
+                proxy.env.audit_path.read_text().splitlines() if line.strip()]
+
+    before = len(records())
+    ca(proxy).IssueCardCertificates(pb.IssueCardCertificatesRequest(
+        provider_id=PROVIDER_ID, cards=[card("AUDIT-1"), card("AUDIT-2"), card("AUDIT-3")]),
+        timeout=TIMEOUT)
+    ca(proxy).SignPack(pb.SignPackRequest(provider_id=PROVIDER_ID, pack_serial="P-AUDIT",
+                                          sha256=bytes(32)), timeout=TIMEOUT)
+    new = [r for r in records()[before:] if r.get("operation") != "checkpoint"]
+    assert [(r["operation"], r["identity"], r["outcome"]) for r in new] == [
+        ("IssueCardCertificates", "provider", "ok"), ("SignPack", "provider", "ok")]
+    assert new[0]["items"] == 3 and new[0]["detail"] == "cards AUDIT-1 to AUDIT-3"
+    assert new[0]["keys"] == [keynames.provider_root_label(PROVIDER_ID)]
+    assert new[1]["detail"] == f"pack P-AUDIT, sha256 {bytes(32).hex()}"

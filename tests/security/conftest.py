@@ -25,9 +25,10 @@ from cardcore.diversify import diversify_key_set_software
 from cardcore.kcv import kcv_zero_block
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.v1 import card_keys_pb2_grpc, hsm_pb2_grpc, key_blocks_pb2_grpc
+from cms.v1 import card_keys_pb2_grpc, hsm_pb2_grpc, key_blocks_pb2_grpc, provider_pb2_grpc
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import key_blocks_pb2 as bpb
+from cms.v1 import provider_pb2 as ppb
 from deploy.local import default_policy
 from deploy.pki import CUSTODIANS
 from tests.hsm_proxy.helpers import ceremony
@@ -38,6 +39,9 @@ TIMEOUT = 60
 FACTORY_MASTER = bytes.fromhex("5A" * 16)
 TRANSPORT = "transport/attack"
 PSD_ID = "0102030405060708090A"
+PROVIDER_ID = "attack-provider"
+ROOT = keynames.provider_root_label(PROVIDER_ID)
+ISSUER_KEY = keynames.issuer_key_label(1)
 KEY_SIZES = (16, 24, 32)
 
 
@@ -49,11 +53,14 @@ class World:
     known: dict[str, bytes] = field(default_factory=dict)      # what must never appear
     attempts: int = 0
     sealed_r: bytes = b""                                      # RSA-OAEP(cryptogram/1, R)
+    root: bytes = b""                                          # the provider's root (DER)
 
     def stub(self, identity: str, service: str) -> Any:
         channel = self.proxy.channel(identity)
         return {"Hsm": hsm_pb2_grpc.HsmStub, "CardKeys": card_keys_pb2_grpc.CardKeysStub,
-                "KeyBlocks": key_blocks_pb2_grpc.KeyBlocksStub}[service](channel)
+                "KeyBlocks": key_blocks_pb2_grpc.KeyBlocksStub,
+                "ProviderCa": provider_pb2_grpc.ProviderCaStub,
+                "IssuerKeys": provider_pb2_grpc.IssuerKeysStub}[service](channel)
 
     def attempt(self, identity: str, service: str, method: str, request: Any
                 ) -> tuple[grpc.StatusCode, Any]:
@@ -140,11 +147,16 @@ def _provision(world: World) -> None:
     world.sealed_r = serialization.load_der_public_key(der).encrypt(  # type: ignore[union-attr]
         world.known["R"], padding.OAEP(mgf=padding.MGF1(SHA1()), algorithm=SHA1(),  # noqa: S303
                                        label=None))
+    # Seed 004: the provider's root in its token, an issuer key in the issuer's.
+    world.root = world.stub("provider", "ProviderCa").CreateRoot(
+        ppb.CreateRootRequest(provider_id=PROVIDER_ID), timeout=TIMEOUT).certificate
+    world.stub("admin", "IssuerKeys").CreateIssuerKey(ppb.CreateIssuerKeyRequest(version=1),
+                                                      timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="package")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    env = ProxyEnv.create(tmp_path_factory.mktemp("attacks"),
+    env = ProxyEnv.create(tmp_path_factory.mktemp("attacks"), tokens=keynames.TOKENS,
                           identities=(*TEST_IDENTITIES, *CUSTODIANS), policy=default_policy())
     with ProxyProcess(env) as proxy:
         made = World(proxy, env)

@@ -20,26 +20,30 @@ from typing import Any
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.v1 import card_keys_pb2, hsm_pb2, key_blocks_pb2
+from cms.v1 import card_keys_pb2, hsm_pb2, key_blocks_pb2, provider_pb2
 from cms.v1 import card_keys_pb2 as kpb
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import key_blocks_pb2 as bpb
+from cms.v1 import provider_pb2 as ppb
 from deploy.pki import CUSTODIANS
-from tests.security.conftest import PSD_ID, TRANSPORT, World
+from tests.security.conftest import PROVIDER_ID, PSD_ID, TRANSPORT, World
 
 pytestmark = pytest.mark.integration
 
 HSM1, HSM2 = keynames.HSM1_TOKEN, keynames.HSM2_TOKEN
 DOC = Path(__file__).resolve().parents[2] / "docs" / "threat-model.md"
-IDENTITIES = ("access-server", "key-mgmt", "admin", *CUSTODIANS, "card-agent", "stranger")
+IDENTITIES = ("access-server", "key-mgmt", "admin", *CUSTODIANS, "provider", "card-agent",
+              "stranger")
 COLUMNS = {"access-server": "access-server", "key-mgmt": "key-mgmt", "admin": "admin",
-           **{c: "custodian-N" for c in CUSTODIANS}, "card-agent": "any other",
-           "stranger": "any other"}
+           **{c: "custodian-N" for c in CUSTODIANS}, "provider": "provider",
+           "card-agent": "any other", "stranger": "any other"}
+MODULES = (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2)
 _serial = itertools.count(1000)
+_issuer_version = itertools.count(100)
 
 
 def _ref(label: str, token: str = HSM1) -> pb.KeyRef:
@@ -77,6 +81,8 @@ def setup(world: World) -> dict[str, Any]:
     admin.GenerateKeyPair(pb.GenerateKeyPairRequest(
         token=HSM1, algorithm=pb.EC_P256, template=_tpl(keys["ec"], pb.SIGN)), timeout=60)
     keys["spki"] = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    keys["device"] = rsa.generate_private_key(65537, 2048).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return keys
 
@@ -161,12 +167,24 @@ def _requests(world: World, keys: dict[str, Any]) -> dict[tuple[str, str], Calla
             ceremony_id=_ceremony(world)),
         ("KeyBlocks", "CancelCeremony"): lambda: bpb.GetComponentCeremonyRequest(
             ceremony_id=_ceremony(world)),
+        ("ProviderCa", "CreateRoot"): lambda: ppb.CreateRootRequest(
+            provider_id=_unique("matrix")),
+        ("ProviderCa", "GetRoot"): lambda: ppb.GetRootRequest(provider_id=PROVIDER_ID),
+        ("ProviderCa", "IssueCardCertificates"): lambda: ppb.IssueCardCertificatesRequest(
+            provider_id=PROVIDER_ID, cards=[ppb.CardPublicKeys(
+                serial=_unique("CARD"), device_public_key=keys["device"],
+                issuer_auth_public_key=keys["spki"])]),
+        ("ProviderCa", "SignPack"): lambda: ppb.SignPackRequest(
+            provider_id=PROVIDER_ID, pack_serial="P-1", sha256=bytes(32)),
+        ("IssuerKeys", "CreateIssuerKey"): lambda: ppb.CreateIssuerKeyRequest(
+            version=next(_issuer_version)),
+        ("IssuerKeys", "GetIssuerKey"): lambda: ppb.GetIssuerKeyRequest(version=1),
     }
 
 
 def _every_rpc() -> set[tuple[str, str]]:
     out = set()
-    for module in (hsm_pb2, card_keys_pb2, key_blocks_pb2):
+    for module in MODULES:
         for service in module.DESCRIPTOR.services_by_name.values():
             out.update((service.name, m.name) for m in service.methods)
     return out

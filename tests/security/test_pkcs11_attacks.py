@@ -281,9 +281,9 @@ def test_a_ceremony_needs_distinct_custodians_and_never_its_starter(world: World
 def test_no_rpc_changes_attributes_and_no_key_can_be_changed(world: World):
     """No RPC sets or copies attributes (flipping CKA_SENSITIVE or CKA_EXTRACTABLE), and
     every key the proxy made is neither modifiable nor copyable in the token itself."""
-    from cms.v1 import card_keys_pb2, hsm_pb2, key_blocks_pb2
+    from cms.v1 import card_keys_pb2, hsm_pb2, key_blocks_pb2, provider_pb2
 
-    names = {m.name for module in (hsm_pb2, card_keys_pb2, key_blocks_pb2)
+    names = {m.name for module in (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2)
              for service in module.DESCRIPTOR.services_by_name.values()
              for m in service.methods}
     assert not [n for n in names if n.startswith(("Set", "Copy", "Modify", "Update"))]

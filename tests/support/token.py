@@ -51,6 +51,32 @@ with token.open(rw=True, user_pin=req["pin"]) as session:
                               template={Attribute.TOKEN: False, Attribute.SENSITIVE: False,
                                         Attribute.EXTRACTABLE: True, Attribute.VALUE_LEN: 16})
         print(json.dumps(bytes(out[Attribute.VALUE]).hex()))
+    elif req["op"] == "generate_ec":
+        from pkcs11.util.ec import encode_named_curve_parameters
+        common = {Attribute.TOKEN: True, Attribute.LABEL: req["label"]}
+        if req["id"] is not None:
+            common[Attribute.ID] = bytes.fromhex(req["id"])
+        public = {**common, Attribute.VERIFY: True, Attribute.ENCRYPT: False,
+                  Attribute.WRAP: False, Attribute.DERIVE: False, Attribute.PRIVATE: False,
+                  Attribute.EC_PARAMS: encode_named_curve_parameters(req["curve"])}
+        private = {**common, Attribute.SIGN: True, Attribute.PRIVATE: True,
+                   Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: req["extractable"],
+                   Attribute.DECRYPT: False, Attribute.DERIVE: False, Attribute.UNWRAP: False}
+        if req["fixed"]:
+            for template in (public, private):
+                template[Attribute.COPYABLE] = False
+                template[Attribute.MODIFIABLE] = False
+        session.generate_keypair(KeyType.EC, None, capabilities=0, public_template=public,
+                                 private_template=private)
+        print(json.dumps({"ok": True}))
+    elif req["op"] == "create_certificate":
+        from pkcs11 import CertificateType
+        template = {Attribute.CLASS: ObjectClass.CERTIFICATE,
+                    Attribute.CERTIFICATE_TYPE: CertificateType.X_509, Attribute.TOKEN: True,
+                    Attribute.LABEL: req["label"], Attribute.SUBJECT: bytes.fromhex(req["subject"]),
+                    Attribute.VALUE: bytes.fromhex(req["value"])}
+        session.create_object(template)
+        print(json.dumps({"ok": True}))
     elif req["op"] == "read":
         found = list(session.get_objects({Attribute.LABEL: req["label"]}))
         out = []
@@ -93,6 +119,22 @@ class RawToken:
         self._run({"op": "create", "label": label, "value": value.hex(), "usages": usages,
                    "id": tag.hex() if tag is not None else None, "extractable": extractable,
                    "fixed": fixed})
+
+    def generate_ec(self, label: str, *, tag: bytes | None = None, curve: str = "secp256r1",
+                    extractable: bool = False, fixed: bool = False) -> None:
+        """A signing EC pair generated in the token by a PIN holder (CKA_LOCAL true);
+        ``tag`` is written into CKA_ID of both halves (None: no CKA_ID)."""
+        self._run({"op": "generate_ec", "label": label, "curve": curve,
+                   "id": tag.hex() if tag is not None else None, "extractable": extractable,
+                   "fixed": fixed})
+
+    def create_certificate(self, label: str, der: bytes) -> None:
+        """An X.509 certificate object of the PIN holder's choice under ``label``."""
+        from cryptography import x509
+
+        subject = x509.load_der_x509_certificate(der).subject.public_bytes()
+        self._run({"op": "create_certificate", "label": label, "value": der.hex(),
+                   "subject": subject.hex()})
 
     def ecb(self, label: str, block: bytes) -> bytes:
         """AES-ECB(key, block) of the DERIVE key ``label``, computed by the token: what a
