@@ -8,9 +8,12 @@ but grpcio, protobuf and pyscard.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cms.identity import ACCESS_SERVER
 
 if TYPE_CHECKING:
     from card_agent.agent import CardSource
@@ -55,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="endpoints.json (or its directory) of a deployment")
     server.add_argument("--identity", default="card-agent",
                         help="TLS identity in --endpoints (default: card-agent)")
+    server.add_argument("--server-identity", default=ACCESS_SERVER, metavar="IDENTITY",
+                        help="the identity the server must prove (default: access-server; "
+                             "provider: the provider system's init-pack --agents)")
     card = p.add_argument_group("card")
     card.add_argument("--reader", metavar="SUBSTRING",
                       help="use the first reader whose name contains this (default: first)")
@@ -169,7 +175,7 @@ def _server_target(args: argparse.Namespace) -> ServerTarget:
         if args.ca is None:
             raise AgentConfigError("--server needs --ca (the server is always authenticated)")
         target = ServerTarget(args.server, args.ca, args.cert, args.key)
-    return target
+    return dataclasses.replace(target, server_identity=args.server_identity)
 
 
 def _card_source(args: argparse.Namespace) -> CardSource:

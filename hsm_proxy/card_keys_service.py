@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from cardcore.issuance import MAX_CERTIFICATE
 from cardcore.kcv import AES_KEY_LENGTHS
 from cardcore.psd import ISD_AID
 from cardcore.scp03 import VALID_SECURITY_LEVELS
@@ -32,7 +33,9 @@ MIN_AID_BYTES, MAX_AID_BYTES = 5, 16
 MAX_ELEMENT_BYTES = 64
 MAX_CRYPTOGRAM_BYTES = 512
 MAX_COMMANDS = 32
-MAX_APDU_BYTES = 261 + 3            # extended-length headers included
+MAX_APDU_BYTES = 4 + 3 + MAX_CERTIFICATE + 2
+"""A command to wrap, extended length included: the longest is the issuance applet's PUT DATA
+of a certificate (seed 004), up to the MAX_CERTIFICATE bytes the card keeps."""
 MAX_RESPONSES = 64
 CARD_KEY_SET_KIND = "card-key-set"
 CHANNEL_KIND = "scp03-channel"

@@ -481,3 +481,29 @@ def test_a_pseudo_random_challenge_is_checked_against_the_named_security_domain(
         stub.OpenSecureChannel(_installing_request(virtual, psd_id, 0x33, aid=b"\xA0\x00"),
                                timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "aid" in err.value.details()
+
+
+def test_commands_up_to_a_certificate_put_are_wrapped_and_longer_ones_refused(
+        stack: Path, card) -> None:
+    """The longest command a card is sent is the issuance applet's PUT DATA of a certificate
+    (extended length); one byte more is refused before anything is wrapped."""
+    from cardcore.issuance import MAX_CERTIFICATE, Tag, put_data
+
+    virtual, psd_id = card
+    stub = _stub(stack)
+    challenge, iu = _initialize(virtual, 0xFF)
+    request = pb.OpenSecureChannelRequest(
+        key_set=_diversified("factory/transport-master", psd_id), kvn=0xFF,
+        host_challenge=challenge, initialize_update_response=iu, security_level=0x33,
+        commands=[pb.ChannelCommand(apdu=put_data(Tag.DEVICE_CERTIFICATE,
+                                                  os.urandom(MAX_CERTIFICATE)))])
+    opened = stub.OpenSecureChannel(request, timeout=60)
+    wrapped = opened.commands[1].apdu
+    assert wrapped[4] == 0 and int.from_bytes(wrapped[5:7], "big") > MAX_CERTIFICATE
+    stub.UnwrapResponses(pb.UnwrapResponsesRequest(channel=opened.channel, close=True),
+                         timeout=30)
+    request.commands[0].apdu = put_data(Tag.DEVICE_CERTIFICATE, os.urandom(MAX_CERTIFICATE + 1))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.OpenSecureChannel(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "commands[0].apdu: 4 to" in err.value.details()
