@@ -130,14 +130,19 @@ def _certificate(tbs: x509.TbsCertificate) -> ToSign:
 
 def root_certificate(*, provider_id: str, spki_der: bytes, serial: int, now: datetime,
                      validity_days: int) -> ToSign:
-    """The self-signed root: CA:TRUE pathlen 0 and keyCertSign + cRLSign, both critical."""
+    """The self-signed root: CA:TRUE pathlen 0, and keyCertSign + cRLSign + digitalSignature.
+
+    digitalSignature because the root also signs the packs (a CMS signature
+    by the root itself): without it a verifier's S/MIME signing purpose
+    (``openssl cms -verify``) refuses the signer.
+    """
     spki = keys.PublicKeyInfo.load(spki_der)
     name = root_name(provider_id)
     return _certificate(_tbs(
         serial=serial, issuer=name, subject=name, spki=spki, not_before=now,
         not_after=now + timedelta(days=validity_days), extensions=[
             _extension("basic_constraints", {"ca": True, "path_len_constraint": 0}, True),
-            _extension("key_usage", x509.KeyUsage({"key_cert_sign", "crl_sign"}), True),
+            _extension("key_usage", x509.KeyUsage({"digital_signature", "key_cert_sign", "crl_sign"}), True),
             _extension("key_identifier", key_identifier(spki), False),
         ]))
 
