@@ -1,4 +1,4 @@
-"""``cms demo``: seed 000 end to end on the embedded default.
+"""``cms demo``: seed 000 end to end on the embedded default, then seed 004's B1-B2.
 
 What an operator and a card would live through, on one machine:
 
@@ -59,7 +59,8 @@ DEMO_PROVIDER_ID = "demo-provider"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="run the seed 000 demo on a local stack")
+    demo = sub.add_parser("demo", help="run the demo of seed 000 and seed 004's B1-B2 on a "
+                                        "local stack")
     demo.add_argument("--dir", type=Path, default=Path("var/demo"),
                       help="state directory of the local stack (default: var/demo)")
     demo.add_argument("--cards", type=int, default=FLEET_CARDS,

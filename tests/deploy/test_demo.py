@@ -91,4 +91,6 @@ def test_demo_runs_again_on_the_same_directory(tmp_path: Path) -> None:
 def test_demo_refuses_a_bad_card_count(tmp_path: Path) -> None:
     done = cms("demo", "--dir", str(tmp_path), "--cards", "0", check=False)
     assert done.returncode == 1 and "--cards: 1 to 1000" in done.stderr
+    done = cms("demo", "--dir", str(tmp_path), "--pack-cards", "0", check=False)
+    assert done.returncode == 1 and "--pack-cards: 1 to 100" in done.stderr
     assert not (tmp_path / "endpoints.json").exists()
