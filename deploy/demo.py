@@ -1,4 +1,4 @@
-"""``cms demo``: seed 000 end to end on the embedded default.
+"""``cms demo``: seed 000 end to end on the embedded default, then seed 004's B1-B2.
 
 What an operator and a card would live through, on one machine:
 
@@ -15,10 +15,15 @@ What an operator and a card would live through, on one machine:
    and a user PC's card agent replaces the MK through a channel opened with
    the MKRK key set (flow A2), printing each seed step;
 5. a campaign replaces the MK of a few dozen in-process virtual cards whose
-   agents connect concurrently, with a progress bar.
+   agents connect concurrently, with a progress bar;
+6. seed 004, B1-B2: the issuer system makes its issuer key in its HSM, the
+   provider system its root in its own, and the provider initializes a pack
+   of user devices (one through PC/SC, driven by a card agent that dials the
+   provider, the rest in process); the issuer trusts the provider root and
+   imports the device initialization data into its stock.
 
-The demo can run again on the same directory: each run makes new MK versions
-and new cards, and reuses the rest.
+The demo can run again on the same directory: each run makes new MK versions,
+new cards and new packs, and reuses the rest (the issuer key, the provider root).
 """
 
 from __future__ import annotations
@@ -34,23 +39,36 @@ from pathlib import Path
 from typing import Any
 
 from cardcore.psd import GP_DEFAULT_KEY
-from cms.keynames import FACTORY_TRANSPORT_MASTER, HSM1_TOKEN, HSM2_TOKEN, transport_label
+from cms.identity import PROVIDER
+from cms.keynames import (
+    FACTORY_TRANSPORT_MASTER,
+    HSM1_TOKEN,
+    HSM2_TOKEN,
+    ISSUER_TOKEN,
+    PROVIDER_TOKEN,
+    transport_label,
+)
 
 # The card factory's transport master for demo cards: the GlobalPlatform test
 # key 40..4F (public, as any transport master of a demo must be).
 DEMO_TRANSPORT_MASTER = GP_DEFAULT_KEY
 FLEET_CARDS = 30
 FLEET_AGENTS = 8
+PACK_CARDS = 3
+DEMO_PROVIDER_ID = "demo-provider"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="run the seed 000 demo on a local stack")
+    demo = sub.add_parser("demo", help="run the demo of seed 000 and seed 004's B1-B2 on a "
+                                        "local stack")
     demo.add_argument("--dir", type=Path, default=Path("var/demo"),
                       help="state directory of the local stack (default: var/demo)")
     demo.add_argument("--cards", type=int, default=FLEET_CARDS,
                       help=f"cards in the campaign at the end (default {FLEET_CARDS})")
+    demo.add_argument("--pack-cards", type=int, default=PACK_CARDS,
+                      help=f"user devices the provider initializes (default {PACK_CARDS})")
     demo.add_argument("--no-pcsc", action="store_true",
-                      help="talk to the demo card in-process instead of through PC/SC")
+                      help="talk to the demo cards in-process instead of through PC/SC")
     demo.add_argument("--keep-running", action="store_true",
                       help="leave the services running at the end")
     demo.set_defaults(func=_run)
@@ -66,6 +84,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.cards <= 1000:
         raise CliError("--cards: 1 to 1000")
+    if not 1 <= args.pack_cards <= 100:
+        raise CliError("--pack-cards: 1 to 100")
     _say("stack", f"bringing up the local stack in {args.dir.resolve()}")
     endpoints_path = up(args.dir)
     try:
@@ -75,6 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         demo.card_over_pcsc(use_pcsc=not args.no_pcsc)
         demo.fleet_campaign(args.cards)
         demo.metrics()
+        StockDemo(demo).run(args.pack_cards, use_pcsc=not args.no_pcsc)
     finally:
         if args.keep_running:
             _say("stack", f"left running; stop with: cms dev down --dir {args.dir}")
@@ -349,14 +370,21 @@ class Demo:
         if tty:
             print()
 
-    def metrics(self) -> None:
+    def metrics_text(self) -> str:
+        """The access server's metrics page ("" when it serves none)."""
         import urllib.request
 
         url = self.endpoints.metrics_url("access_server")
         if not url:
-            return
+            return ""
         with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback)
-            text = resp.read().decode()
+            return resp.read().decode()
+
+    def metrics(self) -> None:
+        url = self.endpoints.metrics_url("access_server")
+        text = self.metrics_text()
+        if not text:
+            return
         campaign = getattr(self, "fleet_campaign_id", "")
         lines = [ln for ln in text.splitlines()
                  if ln.startswith('cms_grpc_server_handled_total{code="OK",method="Connect"')
@@ -364,6 +392,260 @@ class Demo:
         _say("metrics", f"{url}:")
         for ln in lines[:8]:
             print("    " + ln)
+
+
+# -- 6. seed 004: provider initialization and the issuer's stock ---------------------------
+def _stream(label: str, lines: Any) -> list[str]:
+    """Print a command's output lines under ``label`` as they come; the lines."""
+    seen = []
+    for line in lines:
+        seen.append(line.rstrip())
+        print(f"    {label} {seen[-1]}", flush=True)
+    return seen
+
+
+def _cms(label: str, *args: str) -> list[str]:
+    """Run one ``cms`` command as its operator would, its output shown under ``label``."""
+    proc = subprocess.Popen([sys.executable, "-m", "cms.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = _stream(label, proc.stdout)
+    if proc.wait(timeout=600) != 0:
+        raise RuntimeError(f"cms {args[0]} exited with status {proc.returncode}: "
+                           f"{lines[-1] if lines else 'no output'}")
+    return lines
+
+
+def _cards(count: int) -> str:
+    return f"{count} card{'' if count == 1 else 's'}"
+
+
+def _key_size(certificate: bytes) -> int:
+    from cryptography import x509
+
+    return int(getattr(x509.load_der_x509_certificate(certificate).public_key(), "key_size", 0))
+
+
+def _row_summary(row: Any) -> str:
+    """What a pack row says of its user device: the keys the card generated (their sizes
+    read from the root-signed keys) and what the card and the root signed."""
+    return (f"user device {row.serial}: device key pair RSA-{_key_size(row.device_certificate)} "
+            f"and issuer authentication key pair P-{_key_size(row.issuer_auth_certificate)} "
+            "generated on the card, serial number stored, public issuer key injected; "
+            "root-signed device key and root-signed issuer authentication key stored on it, "
+            f"signed device key ({len(row.signed_device_key)} bytes) made by it")
+
+
+class StockDemo:
+    """B1 and B2: the provider system initializes a pack of user devices, the issuer system
+    takes the pack's device initialization data into its stock.
+
+    The provider runs its own commands (``cms provider ...`` under the identity
+    ``provider``, its root in the ``provider`` token); the issuer acts as ``admin``
+    through the proxy's IssuerKeys and the access server's Stock service. What they
+    hand each other (the public issuer key, the root certificate, the packs) lies
+    in ``exchange/``.
+    """
+
+    def __init__(self, demo: Demo) -> None:
+        from cms.v1 import provider_pb2_grpc, stock_pb2_grpc
+
+        self.demo = demo
+        self.exchange = demo.directory / "exchange"
+        self.exchange.mkdir(exist_ok=True)
+        self.issuer_key_pem = self.exchange / "issuer-key.pem"
+        self.root_pem = self.exchange / "provider-root.pem"
+        self.issuer_keys = provider_pb2_grpc.IssuerKeysStub(
+            demo.endpoints.channel("hsm_proxy", "admin"))
+        self.stock = stock_pb2_grpc.StockStub(demo.endpoints.channel("access_server", "admin"))
+
+    def provider(self, *args: str) -> list[str]:
+        return _cms("provider", "provider", "--endpoints", str(self.demo.endpoints_path), *args)
+
+    def run(self, cards: int, use_pcsc: bool) -> None:
+        self.issuer_key()
+        self.root()
+        packs = self.packs(cards, use_pcsc)
+        self.trust()
+        for pack in packs:
+            self.import_pack(pack)
+        self.show_stock()
+        self.import_pack(packs[0], again=True)
+        self.metrics()
+
+    def issuer_key(self) -> None:
+        """B1.1: the issuer system's issuer key pair in the issuer HSM (made once)."""
+        import grpc
+        from cryptography.hazmat.primitives import serialization
+
+        from cms.v1 import provider_pb2 as ppb
+
+        try:
+            key = self.issuer_keys.GetIssuerKey(ppb.GetIssuerKeyRequest(), timeout=30)
+            made = "already in"
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            key = self.issuer_keys.CreateIssuerKey(ppb.CreateIssuerKeyRequest(version=1),
+                                                   timeout=60)
+            made = "generated in"
+        self.issuer_key_pem.write_bytes(serialization.load_der_public_key(key.public_key)
+                                        .public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat
+                                                      .SubjectPublicKeyInfo))
+        _say("B1.1", f"issuer system: private issuer key {key.label} {made} the issuer HSM "
+             f"(token {ISSUER_TOKEN!r}, P-256, never extractable); public issuer key "
+             f"{key.key_id.hex()} handed to the provider in {self.issuer_key_pem.name}")
+
+    def root(self) -> None:
+        """B1.2: the provider system's root key in its HSM token and its CA certificate."""
+        import grpc
+
+        from cms.v1 import provider_pb2 as ppb
+        from cms.v1 import provider_pb2_grpc
+
+        channel = self.demo.endpoints.channel("hsm_proxy", PROVIDER)
+        try:
+            ca = provider_pb2_grpc.ProviderCaStub(channel)
+            ca.GetRoot(ppb.GetRootRequest(provider_id=DEMO_PROVIDER_ID), timeout=30)
+            action = "show"
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            action = "create"
+        finally:
+            channel.close()
+        self.provider("root", action, "--provider-id", DEMO_PROVIDER_ID, "--out",
+                      str(self.root_pem))
+        verb = "made" if action == "create" else "already"
+        _say("B1.2", f"provider system: root key {verb} in its HSM (token "
+             f"{PROVIDER_TOKEN!r}), root CA certificate in {self.root_pem.name}")
+
+    def packs(self, cards: int, use_pcsc: bool) -> list[Path]:
+        """B1.3-B2.1: one user device through PC/SC (a pack of its own, since one run of
+        init-pack takes its cards either from card agents or in process), the rest in
+        process; the device initialization data of each pack."""
+        out = self.exchange / f"packs-{self.demo.run_id}"
+        packs = []
+        in_process = cards
+        if use_pcsc:
+            state = self.demo.cards_dir / f"provider-pcsc-{self.demo.run_id}.json"
+            from virtual_psd.factory import create_card
+
+            create_card(state, transport_master=DEMO_TRANSPORT_MASTER)
+            with CardReader(state, use_pcsc) as reader:
+                if reader.over_pcsc:
+                    _say("pc/sc", reader.description)
+                    packs.append(self.pack_over_pcsc(reader, out))
+                    in_process -= 1
+        if not packs:
+            _say("B1.3", f"PC/SC {'unavailable' if use_pcsc else 'not used (--no-pcsc)'}: "
+                 f"all {cards} user devices in process")
+        if in_process:
+            _say("B1.3", f"provider system: {in_process} user devices made by the card "
+                 f"factory, initialized in process")
+            packs.append(self.init_pack(out, in_process, "--card-dir", str(
+                self.demo.cards_dir / f"provider-{self.demo.run_id}"),
+                "--transport-master-hex", DEMO_TRANSPORT_MASTER.hex()))
+        return packs
+
+    def pack_over_pcsc(self, reader: CardReader, out: Path) -> Path:
+        _say("B1.3", "provider system: a user device in a PC/SC reader, driven by a card "
+             "agent that dials the provider's card channel (mutual TLS, the agent checks "
+             f"the server is {PROVIDER!r})")
+        command = [sys.executable, "-m", "cms.cli", "provider", "--endpoints",
+                   str(self.demo.endpoints_path), *self._init_args(out, 1), "--agents",
+                   "--agent-wait", "120"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            assert proc.stdout is not None
+            first = _stream("provider", [proc.stdout.readline()])[0]
+            address = first.split(" at ", 1)[1].split(" ", 1)[0] if " at " in first else ""
+            if not address:
+                raise RuntimeError(f"init-pack --agents did not say where: {first}")
+            reader.agent(self.demo.endpoints_path, "station", server=address)
+            lines = _stream("provider", proc.stdout)
+            if proc.wait(timeout=120) != 0:
+                raise RuntimeError(f"init-pack --agents exited with status {proc.returncode}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return self._report(out, lines)
+
+    def _init_args(self, out: Path, cards: int) -> list[str]:
+        return ["init-pack", "--cards", str(cards), "--out", str(out), "--issuer-key",
+                str(self.issuer_key_pem), "--provider-id", DEMO_PROVIDER_ID]
+
+    def init_pack(self, out: Path, cards: int, *extra: str) -> Path:
+        return self._report(out, self.provider(*self._init_args(out, cards), *extra))
+
+    def _report(self, out: Path, lines: list[str]) -> Path:
+        """B1.4 for each card of the pack init-pack just wrote in ``out``, B2.1 for the pack;
+        its path."""
+        from cms.pack_format import read_pack
+        from provider.pack import PACK_SUFFIX
+
+        done = next((ln for ln in lines if ln.startswith("pack ") and " cards in " in ln), "")
+        if not done:
+            raise RuntimeError("init-pack wrote no pack")
+        path = out / f"{done.split()[1].rstrip(':')}{PACK_SUFFIX}"
+        pack = read_pack(path.read_bytes())
+        for row in pack.rows:
+            _say("B1.4", _row_summary(row))
+        _say("B2.1", f"device initialization data of pack {pack.header.pack_serial} "
+             f"({_cards(pack.header.card_count)}) in {path.name}, signed by the root key in "
+             f"the provider's HSM ({path.name}.p7s, CMS)")
+        return path
+
+    def trust(self) -> None:
+        from access_server.cli import certificate_der
+        from cms.v1 import stock_pb2 as spb
+
+        root = self.stock.TrustProvider(spb.TrustProviderRequest(
+            root_certificate=certificate_der(self.root_pem.read_bytes())), timeout=30)
+        _say("B2.2", f"issuer system: trusts the provider root of {root.provider_id} "
+             f"(SHA-256 {root.fingerprint})")
+
+    def import_pack(self, path: Path, again: bool = False) -> None:
+        import grpc
+
+        from access_server.cli import upload_chunks
+        from cms.pack_format import SIGNATURE_SUFFIX
+
+        signature = path.with_name(path.name + SIGNATURE_SUFFIX).read_bytes()
+        step = "B2.5" if again else "B2.3"
+        try:
+            pack = self.stock.ImportPack(upload_chunks(path.read_bytes(), signature,
+                                                       path.name), timeout=600)
+        except grpc.RpcError as exc:
+            if not again or exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            _say(step, f"the same pack again: {exc.details()}")
+            return
+        _say(step, f"issuer system: pack {pack.pack_serial} verified (signature, root-signed "
+             f"keys, signed device keys, weak keys): {_cards(pack.card_count)} added to the "
+             f"stock, import #{pack.import_order}")
+
+    def show_stock(self) -> None:
+        from access_server.cli import STOCK_COLUMNS, stock_table
+        from cms.v1 import stock_pb2 as spb
+
+        counts = self.stock.GetStock(spb.GetStockRequest(), timeout=30)
+        table = stock_table([{"pack": p.pack_serial, **{c: getattr(p, c) for c in STOCK_COLUMNS}}
+                             for p in counts.packs])
+        _say("B2.4", "the stock (cms stock), first in, first out by import order:")
+        for line in table.splitlines():
+            print("    " + line, flush=True)
+
+    def metrics(self) -> None:
+        lines = [ln for ln in self.demo.metrics_text().splitlines()
+                 if ln.startswith(("cms_stock_cards{", "cms_packs_imported"))
+                 and (" 0.0" not in ln or ln.startswith("cms_packs_imported"))]
+        _say("metrics", "the stock in the access server's metrics:")
+        for ln in lines[:12]:
+            print("    " + ln, flush=True)
 
 
 class CardReader:
@@ -401,10 +683,18 @@ class CardReader:
                                 f"card in-process")
         return self
 
-    def agent(self, endpoints: Path, role: str) -> None:
+    @property
+    def over_pcsc(self) -> bool:
+        return self.daemon is not None
+
+    def agent(self, endpoints: Path, role: str, server: str | None = None) -> None:
+        """One card agent session; with ``server``, it dials the provider's card channel
+        there instead of the access server."""
         command = [sys.executable, "-m", "cms.cli", "card-agent", "--endpoints", str(endpoints),
                    "--identity", "card-agent", "--role", role, "--label", f"demo-{role}",
                    "--once", "--give-up-after", "30", "--log-level", "warning"]
+        if server is not None:
+            command += ["--server", server, "--server-identity", PROVIDER]
         env = dict(os.environ)
         if self.daemon is not None:
             env.update(self.daemon.env)

@@ -1,6 +1,8 @@
 """The README's demo (`cms demo`, run by scripts/demo) end to end in a scratch directory:
 key blocks in HSM2, ceremonies, transfer to HSM1, A1 and A2 on a card through PC/SC (or
-in-process where this machine cannot run a private pcscd), a campaign over a fleet."""
+in-process where this machine cannot run a private pcscd), a campaign over a fleet, and
+seed 004's B1-B2: a pack of user devices initialized by the provider (one through PC/SC)
+and imported into the issuer's stock."""
 
 from __future__ import annotations
 
@@ -42,6 +44,25 @@ def test_demo_runs_seed_000_end_to_end_and_stops_its_stack(tmp_path: Path) -> No
     assert "[fleet] installed: {'ok': 12}" in out
     assert re.search(r"MK 2 -> 3 completed: 12/12 done, 0 pending, 0 failed", out)
     assert re.search(r'cms_campaign_cards\{[^}]*state="done"[^}]*\} 12\.0', out)
+    # B1-B2: the issuer key and the provider root made, three user devices initialized (one
+    # over PC/SC, in a pack of its own), both packs imported, a second import refused.
+    assert "[B1.1] issuer system: private issuer key issuer/1 generated in the issuer HSM" in out
+    assert "[B1.2] provider system: root key made in its HSM" in out
+    devices = re.findall(r"\[B1\.4\] user device (\S+): device key pair RSA-2048 and issuer "
+                         r"authentication key pair P-256 generated on the card", out)
+    assert len(set(devices)) == 3
+    imported = re.findall(r"\[B2\.3\] issuer system: pack (\S+) verified .*: (\d) cards? "
+                          r"added to the stock", out)
+    if unavailable_reason() is None:
+        assert "card agent that dials the provider's card channel" in out
+        assert "B1 card initialized by the provider: serial" in out
+        assert [n for _, n in imported] == ["1", "2"]
+    else:
+        assert [n for _, n in imported] == ["3"]
+    assert re.search(r"total +3 +0 +0 +0 +0", out)
+    assert f"[B2.5] the same pack again: pack {imported[0][0]} already imported" in out
+    assert re.search(r'cms_stock_cards\{pack="[^"]+",state="in_stock"\} [123]\.0', out)
+    assert f"cms_packs_imported {len(imported)}.0" in out
     assert "stopped " in out and "hsm_proxy" in out.split("stopped ")[-1]
     # The PINs of the tokens it created reach neither its output nor the logs.
     pins = [p.read_text().strip() for p in (tmp_path / "softhsm" / "secrets").glob("*pin")]
@@ -59,9 +80,17 @@ def test_demo_runs_again_on_the_same_directory(tmp_path: Path) -> None:
     assert "factory/transport-master already in HSM1" in again.stdout
     assert "PC/SC unavailable (--no-pcsc)" in again.stdout
     assert re.search(r"MK 5 -> 6 completed: 2/2 done", again.stdout)
+    # The issuer key and the provider root are reused; a new pack joins the first in stock.
+    assert "issuer key issuer/1 already in the issuer HSM" in again.stdout
+    assert "[B1.2] provider system: root key already in its HSM" in again.stdout
+    assert "[B1.3] PC/SC not used (--no-pcsc): all 3 user devices in process" in again.stdout
+    assert re.search(r"total +6 +0 +0 +0 +0", again.stdout)
+    assert "cms_packs_imported 2.0" in again.stdout
 
 
 def test_demo_refuses_a_bad_card_count(tmp_path: Path) -> None:
     done = cms("demo", "--dir", str(tmp_path), "--cards", "0", check=False)
     assert done.returncode == 1 and "--cards: 1 to 1000" in done.stderr
+    done = cms("demo", "--dir", str(tmp_path), "--pack-cards", "0", check=False)
+    assert done.returncode == 1 and "--pack-cards: 1 to 100" in done.stderr
     assert not (tmp_path / "endpoints.json").exists()

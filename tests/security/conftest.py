@@ -33,6 +33,7 @@ from deploy.local import default_policy
 from deploy.pki import CUSTODIANS
 from tests.hsm_proxy.helpers import ceremony
 from tests.support.hsm_proxy import TEST_IDENTITIES, ProxyEnv, ProxyProcess
+from tests.support.scan import assert_absent
 from tests.support.token import RawToken
 
 TIMEOUT = 60
@@ -89,9 +90,7 @@ class World:
         raise AssertionError(f"{identity} {service}.{method} was not refused: {response}")
 
     def scan(self, blob: bytes, what: str) -> None:
-        for name, value in self.known.items():
-            for form in (value, value.hex().encode(), value.hex().upper().encode()):
-                assert form not in blob, f"{what} returned {name}"
+        assert_absent(blob, self.known, what)
         by_kcv = {kcv: label for label, kcv in self.kcvs.items()}
         for size in KEY_SIZES:
             for offset in range(len(blob) - size + 1):

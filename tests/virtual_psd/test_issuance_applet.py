@@ -28,6 +28,7 @@ from cardcore.initialization import verify_signed_device_key
 from cardcore.issuance_keys import ec_spki, rsa_spki
 from cardcore.psd import ISD_AID
 from cardcore.sw import SW
+from tests.support.scan import card_private_values
 from tests.virtual_psd.conftest import PSD_ID, TRANSPORT, put_key, send
 from tests.virtual_psd.issuance_host import (
     ISSUER_POINT,
@@ -346,17 +347,6 @@ def test_generating_again_in_factory_drops_what_was_made_for_the_old_keys(
     assert issuance_state(load_state(state_path)).signed_device_key is None
 
 
-def _private_secrets(state: IssuanceState) -> list[bytes]:
-    """The private keys' bytes and numbers, as they could leak."""
-    assert state.device_private_key is not None and state.issuer_auth_private_key is not None
-    rsa_key = serialization.load_der_private_key(state.device_private_key, None)
-    numbers = rsa_key.private_numbers()  # type: ignore[union-attr]
-    out = [state.device_private_key, state.issuer_auth_private_key]
-    for value in (numbers.d, numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp):
-        out.append(value.to_bytes((value.bit_length() + 7) // 8, "big"))
-    return out
-
-
 def test_no_answer_of_a_whole_run_carries_a_private_key(state_path: Path) -> None:
     card = _open(state_path)
     raw_answers: list[bytes] = []
@@ -371,7 +361,7 @@ def test_no_answer_of_a_whole_run_carries_a_private_key(state_path: Path) -> Non
     _select(card)
     for tag in I.Tag:
         raw_answers.append(card.transmit(I.get_data(tag)))
-    secrets = _private_secrets(issuance_state(load_state(state_path)))
+    secrets = card_private_values(issuance_state(load_state(state_path)))
     clear = [data for data, _ in provider.answers]
     assert len(clear) == 11 and any(len(a) > 1000 for a in raw_answers)
     for answer in raw_answers + clear:
@@ -434,6 +424,6 @@ def test_cms_card_show_gives_the_life_cycle_and_serial_and_no_key(initialized: P
 
     summary, text = show(initialized)
     assert summary["issuance"] == {"life_cycle": "initialized", "serial": SERIAL}
-    for secret in _private_secrets(issuance_state(load_state(initialized))):
+    for secret in card_private_values(issuance_state(load_state(initialized))):
         assert secret.hex() not in text.lower()
     assert show(state_path)[0]["issuance"] == {"life_cycle": "factory", "serial": None}
