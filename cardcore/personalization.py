@@ -178,3 +178,32 @@ def decode_bundle(data: bytes) -> SecretBundle:
     pin = _check_code("PIN", values[2]) if len(values) == 4 else None
     puk = _check_code("PUK", values[3]) if len(values) == 4 else None
     return SecretBundle(values[0], values[1], pin, puk)
+
+
+# Mutual authentication after issuance (claims 13 and 14) ----------------------
+
+CHALLENGE_LENGTHS: Final = range(16, 65)
+_CARD_AUTH: Final = b"cms card authentication v1"
+_ISSUER_AUTH: Final = b"cms issuer authentication v1"
+
+
+def _statement(context: bytes, serial: str, challenge: bytes) -> bytes:
+    if len(challenge) not in CHALLENGE_LENGTHS:
+        raise PayloadError("a challenge is 16 to 64 bytes")
+    return T.tlv(0xC0, context) + T.tlv(TAG_SERIAL, check_serial(serial).encode("ascii")) + \
+        T.tlv(0xC8, challenge)
+
+
+def card_auth_statement(serial: str, challenge: bytes) -> bytes:
+    """What the card signs with its private issuer authentication key for AUTHENTICATE
+    (claim 13): the issuer's challenge, bound to the card's serial and to this purpose."""
+    return _statement(_CARD_AUTH, serial, challenge)
+
+
+def issuer_auth_statement(serial: str, challenge: bytes) -> bytes:
+    """What the issuer signs with the card's private device authentication key for
+    VERIFY ISSUER (claim 14): the card's challenge, bound to its serial and this purpose.
+
+    The two contexts differ, so neither side's signature serves as the other's.
+    """
+    return _statement(_ISSUER_AUTH, serial, challenge)
