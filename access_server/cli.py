@@ -19,7 +19,7 @@ BAR_WIDTH = 30
 ATTENTION_SHOWN = 50
 UPLOAD_CHUNK = 1024 * 1024
 """Bytes per ImportPack message: well under gRPC's message limit."""
-STOCK_COLUMNS = ("in_stock", "reserved", "personalized", "shipped", "failed")
+STOCK_COLUMNS = ("in_stock", "reserved", "personalized", "shipped", "failed", "quarantined")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

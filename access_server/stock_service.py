@@ -31,7 +31,7 @@ OPERATORS = frozenset({"admin"})
 MAX_FILE_NAME = 255
 STOCK_FIELDS = {StockState.IN_STOCK: "in_stock", StockState.RESERVED: "reserved",
                 StockState.PERSONALIZED: "personalized", StockState.SHIPPED: "shipped",
-                StockState.FAILED: "failed"}
+                StockState.FAILED: "failed", StockState.QUARANTINED: "quarantined"}
 """PackStock's field for each state."""
 IN_THE_WAY = frozenset({packs.Refusal.UNKNOWN_ROOT, packs.Refusal.IN_STOCK})
 """Refusals that the stock or the trusted roots cause, not the pack itself."""
