@@ -127,13 +127,15 @@ def write_pack(header: PackHeader, rows: Iterable[PackRow]) -> bytes:
     return out.getvalue().encode("ascii")
 
 
-def _reader(data: bytes) -> Iterator[tuple[int, list[str]]]:
+def csv_lines(data: bytes, encoding: str = "ascii") -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of a CSV file of two header lines, a column line and rows
+    (``cms.perso_format``'s files have the same shape, in UTF-8 for users' names)."""
     if len(data) > MAX_FILE_BYTES:
         raise PackFormatError(f"file of {len(data)} bytes, more than {MAX_FILE_BYTES}")
     try:
-        text = data.decode("ascii")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise PackFormatError(f"not ASCII text (byte {exc.start})") from None
+        raise PackFormatError(f"not {encoding.upper()} text (byte {exc.start})") from None
     # A field larger than the limit is refused by the csv module itself.
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     while True:
@@ -148,7 +150,7 @@ def _reader(data: bytes) -> Iterator[tuple[int, list[str]]]:
         yield reader.line_num, fields
 
 
-def _decode_field(name: str, value: str, row: int, line: int) -> bytes:
+def decode_base64(name: str, value: str, row: int, line: int) -> bytes:
     if not value:
         raise PackFormatError(f"{name} is empty", row=row, line=line)
     try:
@@ -192,7 +194,7 @@ def read_header(lines: Iterator[tuple[int, list[str]]]) -> PackHeader:
 
 def read_pack(data: bytes) -> Pack:
     """Parse a pack file and check its shape (PackFormatError with the row and line)."""
-    lines = _reader(data)
+    lines = csv_lines(data)
     previous = csv.field_size_limit(MAX_FIELD)
     try:
         try:
@@ -218,7 +220,7 @@ def read_pack(data: bytes) -> Pack:
                     raise PackFormatError(f"serial {serial[:40]!r} is malformed", row=number,
                                           line=line)
                 rows.append(PackRow(serial, *(
-                    _decode_field(name, value, number, line)
+                    decode_base64(name, value, number, line)
                     for name, value in zip(COLUMNS[1:], fields[1:], strict=True))))
         except csv.Error as exc:  # raised lazily by the reader, e.g. an oversized field
             raise PackFormatError(f"not CSV: {exc}") from None
