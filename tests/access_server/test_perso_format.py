@@ -88,7 +88,7 @@ def test_malformed_headers_are_refused() -> None:
             (b"", "no header")):
         with pytest.raises(PackFormatError, match=message):
             F.read_results(bad)
-    with pytest.raises(PackFormatError, match="header fields .*, expected format,version,"):
+    with pytest.raises(PackFormatError, match=r"header fields .*, expected format,version,"):
         F.read_perso(good)
 
 
