@@ -1,5 +1,6 @@
 """``cms access-server serve``, ``cms psd ...``, ``cms campaign ...``, and the issuer's
-stock: ``cms providers ...``, ``cms packs ...`` and ``cms stock``.
+stock: ``cms providers ...``, ``cms packs ...`` and ``cms stock``; users, issuance and
+the bureau's results are ``access_server.issuance_cli``'s.
 
 The operator commands reach the access server through endpoints.json
 (``--endpoints``, $CMS_ENDPOINTS or ./var/demo/endpoints.json) as an identity
@@ -86,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
     _register_stock(sub)
+    from access_server import issuance_cli
+
+    issuance_cli.register(sub, _client_options)
 
 
 def _register_stock(sub: argparse._SubParsersAction) -> None:
