@@ -45,20 +45,20 @@ def register(sub: argparse._SubParsersAction, client_options: Any) -> None:
 
     issue = sub.add_parser("issue", help="issue cards from stock to users: the bureau's files")
     client_options(issue)
-    _issue_options(issue, batch_required=False)
+    _issue_options(issue)
     issue.add_argument("--users", type=Path, dest="users_file",
                        help=f"CSV of user ids (header {USER_COLUMN})")
     issue.set_defaults(func=_issue_batch)
     isub = issue.add_subparsers(dest="issue_command", metavar="ACTION")
     one = isub.add_parser("user", help="issue one card to one user")
     one.add_argument("user_id", type=_user_id)
-    client_options(one)
-    _issue_options(one, batch_required=False)
+    _repeated_options(one, client_options)
+    _repeated_options(one, _issue_options)
     one.set_defaults(func=_issue_user)
     results = isub.add_parser("results", help="import a bureau's signed result file")
     results.add_argument("file", type=Path)
     results.add_argument("--signature", type=Path, help="detached CMS (default FILE.p7s)")
-    client_options(results)
+    _repeated_options(results, client_options)
     results.set_defaults(func=_issue_results)
 
     bureaus = sub.add_parser("bureaus", help="bureaus whose result files the issuer trusts")
@@ -70,8 +70,19 @@ def register(sub: argparse._SubParsersAction, client_options: Any) -> None:
     bsub.add_parser("list", help="the trusted bureaus").set_defaults(func=_bureaus_list)
 
 
-def _issue_options(parser: argparse.ArgumentParser, *, batch_required: bool) -> None:
-    parser.add_argument("--pack", dest="batch", required=batch_required,
+def _repeated_options(parser: argparse.ArgumentParser, add: Any) -> None:
+    """``add``'s options again on a subcommand, without defaults: given before the
+    subcommand (``cms issue --out D user 5``) or after it, they count; not given, the
+    parent's default stands."""
+    group = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    add(group)
+    for action in group._actions:
+        action.default = argparse.SUPPRESS
+    parser._add_container_actions(group)
+
+
+def _issue_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pack", dest="batch",
                         help="the batch's name: the files are PACK.csv, PACK.csv.p7s, ...")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the files")
     parser.add_argument("--hsm-pins", action="store_true",
@@ -227,9 +238,17 @@ def issue_request(args: argparse.Namespace, user_ids: list[int], batch: str) -> 
     return request
 
 
-def _out_dir(path: Path) -> Path:
+def _out_dir(path: Path, request: Any) -> Path:
+    """``--out``, checked before any card leaves the stock: a directory, none of the files
+    there yet (once issued, the payloads exist only in what the server answers)."""
+    from cms.perso_format import file_names
+
     if not path.is_dir():
         raise _fail(f"--out {path}: no such directory")
+    for name in file_names(request.batch, sealed=bool(request.bureau_certificate),
+                           mailing=bool(request.mailer_public_key)):
+        if (path / name).exists():
+            raise _fail(f"{path / name} exists: nothing is written over it")
     return path
 
 
@@ -267,8 +286,8 @@ def write_files(out: Path, chunks: Any) -> tuple[Any, list[Path]]:
 
 
 def _issue(args: argparse.Namespace, user_ids: list[int], batch: str) -> int:
-    out = _out_dir(args.out)
     request = issue_request(args, user_ids, batch)
+    out = _out_dir(args.out, request)
     summary, written = write_files(out, _issuance_stub(args).Issue(request,
                                                                    timeout=ISSUE_TIMEOUT_S))
     print(f"issued {len(summary.serials)} card(s), file serial {summary.file_serial}:")

@@ -76,8 +76,6 @@ ITEMS_PER_CALL = 1000
 HSM_TIMEOUT_S = 600.0
 CHUNK = 1024 * 1024
 """Bytes per streamed piece of a file."""
-PERSO_SUFFIX = ".csv"
-MAILING_SUFFIX = "-mailing.csv"
 DEFAULT_VERSION = 1
 
 
@@ -280,14 +278,16 @@ def issuer_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
             if options.mailer_public_key else None)
     except PackFormatError as exc:
         raise ServiceError(f"the personalization file cannot be written: {exc}") from None
-    files = _signed(hsm, options, options.batch + PERSO_SUFFIX, perso_data,
+    files = _signed(hsm, options, options.batch + F.PERSO_SUFFIX, perso_data,
                     f"perso {options.batch}")
     if options.bureau is not None:
         files = [IssuerFile(f.name + ENVELOPE_SUFFIX, envelope.envelop(f.data, options.bureau))
                  for f in files]
     if mailing is not None:
-        files += _signed(hsm, options, options.batch + MAILING_SUFFIX, mailing,
+        files += _signed(hsm, options, options.batch + F.MAILING_SUFFIX, mailing,
                          f"mailing {options.batch}")
+    assert [f.name for f in files] == F.file_names(
+        options.batch, sealed=options.bureau is not None, mailing=mailing is not None)
     return files
 
 

@@ -62,9 +62,11 @@ from typing import Final, NamedTuple
 from cardcore.issuance import SERIAL_PATTERN
 from cardcore.personalization import ISSUANCE_ID_LENGTH, MAX_PAYLOAD
 from cms.pack_format import (
+    ENVELOPE_SUFFIX,
     MAX_CARDS,
     MAX_FIELD,
     NAME_PATTERN,
+    SIGNATURE_SUFFIX,
     TIME_FORMAT,
     PackFormatError,
     csv_lines,
@@ -84,6 +86,21 @@ MAX_MAILER_DATA: Final = 512
 ISSUER_KEY_ID_LENGTH: Final = 8
 CONTROL: Final = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 """Characters no printed name or address holds (a newline may end an address line)."""
+
+
+PERSO_SUFFIX: Final = ".csv"
+MAILING_SUFFIX: Final = "-mailing.csv"
+
+
+def file_names(pack: str, *, sealed: bool, mailing: bool) -> list[str]:
+    """The files an issuance of ``pack`` writes: the personalization file and its
+    signature (``.p7m`` each when sealed to the bureau), then the mailing file and its."""
+    perso = [pack + PERSO_SUFFIX, pack + PERSO_SUFFIX + SIGNATURE_SUFFIX]
+    if sealed:
+        perso = [name + ENVELOPE_SUFFIX for name in perso]
+    if mailing:
+        perso += [pack + MAILING_SUFFIX, pack + MAILING_SUFFIX + SIGNATURE_SUFFIX]
+    return perso
 
 
 class PinMaker(StrEnum):

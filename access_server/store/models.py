@@ -344,6 +344,9 @@ class UserRow(Base):
     # Set when a user with issued cards is removed (their records keep the row).
     removed: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
+    # A removed user's id is never given to another (SQLite would reuse the highest rowid).
+    __table_args__ = {"sqlite_autoincrement": True}
+
 
 class IssuanceRow(Base):
     __tablename__ = "issuance"

@@ -75,6 +75,7 @@ def test_derivation_elements_are_never_reused_after_removal(store: Store) -> Non
     # Bob's row is gone, so MAX()+1 over the users would hand out 2 again; the counter does not.
     c = store.add_user("Cy", "3 Lane", None, ACTOR)
     assert c.derivation_element == 3
+    assert c.user_id > b.user_id  # nor is Bob's id
     assert [u.name for u in store.list_users()] == ["Ada", "Cy"]
     with store.engine.connect() as connection:
         assert connection.scalar(select(DerivationCounterRow.next_element)) == 4

@@ -70,6 +70,8 @@ def upgrade() -> None:
         sa.Column("removed", TIME, nullable=True),
         sa.PrimaryKeyConstraint("user_id", name="pk_app_user"),
         sa.UniqueConstraint("derivation_element", name="uq_app_user_derivation_element"),
+        # A removed user's id is never given to another (SQLite reuses the highest rowid).
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "issuance",
