@@ -441,3 +441,76 @@ def _metrics(issuer: Issuer) -> str:
     url = load_endpoints(issuer.endpoints).metrics_url("access_server")
     with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (local test server)
         return resp.read().decode()
+
+
+def test_an_hsm_refusal_returns_the_cards_to_stock(issuer: Issuer) -> None:
+    issuer.add_pack("PK-H", 2)
+    users = [issuer.add_user("One"), issuer.add_user("Two")]
+    out = issuer.directory / "out"
+    out.mkdir()
+
+    done = issuer.cms("issue", "--pack", "B-H", "--users", str(issuer.users_file(users)),
+                      "--out", str(out), "--seed-version", "9", check=False)
+
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "the issuer HSM refused" in done.stderr
+    assert issuer.stock()["in_stock"] == 2 and list(out.iterdir()) == []
+    # Nothing was recorded: the same users are issued at once with the right seed.
+    issuer.cms("issue", "--pack", "B-H", "--users", str(issuer.users_file(users)), "--out",
+               str(out))
+    assert issuer.stock()["reserved"] == 2
+
+
+def test_only_admin_issues_and_bad_requests_are_named(issuer: Issuer) -> None:
+    import grpc
+
+    from cms.v1 import issuance_pb2 as pb
+    from cms.v1 import issuance_pb2_grpc
+
+    channel = load_endpoints(issuer.endpoints).channel
+
+    def calls(identity: str) -> list:
+        users = issuance_pb2_grpc.UsersStub(channel("access_server", identity))
+        issuance = issuance_pb2_grpc.IssuanceStub(channel("access_server", identity))
+        return [lambda: users.AddUser(pb.AddUserRequest(name="x", address="y"), timeout=30),
+                lambda: users.ListUsers(pb.ListUsersRequest(), timeout=30),
+                lambda: list(issuance.Issue(pb.IssueRequest(batch="B", user_ids=[1]),
+                                            timeout=30)),
+                lambda: issuance.ImportResults(iter([pb.ResultsChunk(results=b"x")]),
+                                               timeout=30)]
+
+    for identity in ("card-agent", "provider", "access-server"):
+        for call in calls(identity):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    admin = issuance_pb2_grpc.IssuanceStub(channel("access_server", "admin"))
+    for request, message in (
+            (pb.IssueRequest(batch="a b", user_ids=[1]), "batch 'a b'"),
+            (pb.IssueRequest(batch="B"), "users: 1 to 10000, not 0"),
+            (pb.IssueRequest(batch="B", user_ids=[1], mailer_public_key=b"junk"),
+             "mailer public key"),
+            (pb.IssueRequest(batch="B", user_ids=[1], pin_length=6), "PIN and PUK lengths"),
+            (pb.IssueRequest(batch="B", user_ids=[1], bureau_certificate=b"junk"),
+             "bureau certificate")):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(admin.Issue(request, timeout=30))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert message in caught.value.details()
+
+
+def test_without_a_proxy_issuance_is_unavailable_and_nothing_changes(
+        root: S.Root, tmp_path: Path) -> None:
+    with S.access_server(tmp_path) as endpoints:
+        stub = stock_pb2_grpc.StockStub(load_endpoints(endpoints).channel("access_server",
+                                                                          "admin"))
+        stub.TrustProvider(spb.TrustProviderRequest(root_certificate=root.der), timeout=30)
+        issuer = Issuer(tmp_path, endpoints, tmp_path / "access.db", root, {})
+        issuer.add_pack("PK-N", 1)
+        user = issuer.add_user("Nobody")
+
+        done = issuer.cms("issue", "user", str(user), "--out", str(tmp_path), check=False)
+
+        assert done.returncode == 1 and "no HSM proxy configured" in done.stderr
+        assert issuer.stock()["in_stock"] == 1
+        assert "card" not in issuer.cms("users", "show", str(user)).stdout.split("\n", 1)[1]
