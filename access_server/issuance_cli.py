@@ -165,13 +165,11 @@ def _users_show(args: argparse.Namespace) -> int:
 
 
 def _users_list(args: argparse.Namespace) -> int:
+    from access_server.cli import _print_all
     from cms.v1 import issuance_pb2 as pb
 
     users = _users_stub(args).ListUsers(pb.ListUsersRequest(), timeout=60).users
-    for user in users:
-        print(describe_user(user))
-    print(f"{len(users)} user(s)")
-    return 0
+    return _print_all(users, describe_user, "user(s)")
 
 
 def _users_remove(args: argparse.Namespace) -> int:
@@ -342,10 +340,8 @@ def _bureaus_trust(args: argparse.Namespace) -> int:
 
 
 def _bureaus_list(args: argparse.Namespace) -> int:
+    from access_server.cli import _print_all
     from cms.v1 import issuance_pb2 as pb
 
     bureaus = _issuance_stub(args).ListBureaus(pb.ListBureausRequest(), timeout=30).bureaus
-    for bureau in bureaus:
-        print(_describe_bureau(bureau))
-    print(f"{len(bureaus)} bureau(s)")
-    return 0
+    return _print_all(bureaus, _describe_bureau, "bureau(s)")

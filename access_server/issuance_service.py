@@ -36,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from access_server import packs
+from access_server.stock_service import Upload
 from access_server.store import (
     BureauRecord,
     CardResult,
@@ -301,25 +302,6 @@ def file_chunks(summary: pb.IssueSummary, files: Sequence[IssuerFile]) -> list[p
 
 # -- results -------------------------------------------------------------------------
 
-class ResultsUpload:
-    """The result file and its signature gathered from the stream, each within its limit."""
-
-    def __init__(self) -> None:
-        self.results = bytearray()
-        self.signature = bytearray()
-        self.file_name = ""
-
-    def add(self, chunk: pb.ResultsChunk) -> None:
-        if len(self.results) + len(chunk.results) > pack_format.MAX_FILE_BYTES:
-            raise InvalidArgument(f"result file larger than {pack_format.MAX_FILE_BYTES} bytes")
-        if len(self.signature) + len(chunk.signature) > packs.MAX_SIGNATURE_BYTES:
-            raise InvalidArgument(f"signature larger than {packs.MAX_SIGNATURE_BYTES} bytes")
-        self.results += chunk.results
-        self.signature += chunk.signature
-        if chunk.file_name and not self.file_name:
-            self.file_name = chunk.file_name[:255]
-
-
 def bureau_root(record: BureauRecord) -> packs.Root:
     return packs.Root(record.name, record.fingerprint, record.certificate, record.subject,
                       record.not_after)
@@ -420,12 +402,12 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
     @guard
     def ImportResults(self, request_iterator, context):
         actor = caller(context, OPERATORS, "import results")
-        upload = ResultsUpload()
+        upload = Upload("results", "result file")
         for chunk in request_iterator:
             upload.add(chunk)
-        if not upload.results or not upload.signature:
+        if not upload.content or not upload.signature:
             raise InvalidArgument("a result file comes with its detached signature (.p7s)")
-        table = verified_results(bytes(upload.results), bytes(upload.signature),
+        table = verified_results(bytes(upload.content), bytes(upload.signature),
                                  self.store.list_bureaus(), self.clock())
         results = [CardResult(r.serial, r.status is F.Status.PERSONALIZED, r.reason)
                    for r in table.rows]

@@ -55,11 +55,10 @@ import csv
 import io
 import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
-from cardcore.issuance import SERIAL_PATTERN
 from cardcore.personalization import ISSUANCE_ID_LENGTH, MAX_PAYLOAD
 from cms.pack_format import (
     ENVELOPE_SUFFIX,
@@ -67,11 +66,13 @@ from cms.pack_format import (
     MAX_FIELD,
     NAME_PATTERN,
     SIGNATURE_SUFFIX,
-    TIME_FORMAT,
+    HeaderFields,
     PackFormatError,
-    csv_lines,
+    RowParser,
+    check_serial,
     decode_base64,
     format_time,
+    read_table,
 )
 
 VERSION: Final = "1"
@@ -190,12 +191,6 @@ def check_text(what: str, value: str, limit: int, *, lines: bool = False,
     return value
 
 
-def check_serial(value: str, row: int | None = None, line: int | None = None) -> str:
-    if not SERIAL_PATTERN.match(value):
-        raise PackFormatError(f"serial {value[:40]!r} is malformed", row=row, line=line)
-    return value
-
-
 def _hex(what: str, value: str, length: int, line: int) -> bytes:
     if len(value) != 2 * length or not re.fullmatch(r"[0-9a-f]+", value):
         raise PackFormatError(f"{what} {value[:40]!r}: {2 * length} lower-case hex digits",
@@ -270,85 +265,32 @@ def write_results(header: FileHeader, rows: Iterable[ResultRow]) -> bytes:
 
 # -- reading -----------------------------------------------------------------------------
 
-def _read_header(spec: Spec, names: list[str], line: int, values: list[str],
-                 line2: int) -> FileHeader:
-    if tuple(names) != spec.header:
-        raise PackFormatError(f"header fields {','.join(names)[:200]!r}, expected "
-                              f"{','.join(spec.header)}", row=0, line=line)
-    if len(values) != len(spec.header):
-        raise PackFormatError(f"{len(values)} header values, expected {len(spec.header)}",
-                              row=0, line=line2)
-    fields = dict(zip(spec.header, values, strict=True))
-    if fields["format"] != spec.format:
-        raise PackFormatError(f"format {fields['format'][:64]!r}, expected {spec.format}",
-                              row=0, line=line2)
-    if fields["version"] != VERSION:
-        raise PackFormatError(f"version {fields['version'][:16]!r}, this reader reads "
-                              f"{VERSION}", row=0, line=line2)
-    count = fields["card_count"]
-    if not count.isdigit() or not 0 < int(count) <= MAX_CARDS:
-        raise PackFormatError(f"card count {count[:16]!r}: 1 to {MAX_CARDS}", row=0,
-                              line=line2)
-    try:
-        created = datetime.strptime(fields["created_at"], TIME_FORMAT).replace(tzinfo=UTC)
-    except ValueError:
-        raise PackFormatError(f"creation time {fields['created_at'][:32]!r}, expected "
-                              "YYYY-MM-DDTHH:MM:SSZ", row=0, line=line2) from None
-    header = FileHeader(_hex("file serial", fields["file_serial"], ISSUANCE_ID_LENGTH, line2),
-                        int(count), created)
+def _file_header(spec: Spec, found: HeaderFields) -> FileHeader:
+    fields, line = found.fields, found.line
+    header = FileHeader(_hex("file serial", fields["file_serial"], ISSUANCE_ID_LENGTH, line),
+                        found.card_count, found.created_at)
     if "issuer" in fields:
         header = header._replace(
-            issuer_key_id=_hex("issuer", fields["issuer"], ISSUER_KEY_ID_LENGTH, line2))
+            issuer_key_id=_hex("issuer", fields["issuer"], ISSUER_KEY_ID_LENGTH, line))
     for name in ("pack", "bureau"):
         if name in fields:
             if not NAME_PATTERN.match(fields[name]):
                 raise PackFormatError(f"{name} {fields[name][:64]!r}: 1-64 of letters, "
-                                      "digits, '.', '_' and '-'", row=0, line=line2)
+                                      "digits, '.', '_' and '-'", row=0, line=line)
             header = header._replace(**{name: fields[name]})
     if "pin_puk_by" in fields:
         try:
             header = header._replace(pin_puk_by=PinMaker(fields["pin_puk_by"]))
         except ValueError:
             raise PackFormatError(f"pin_puk_by {fields['pin_puk_by'][:16]!r}: bureau or hsm",
-                                  row=0, line=line2) from None
+                                  row=0, line=line) from None
     return header
 
 
-def _read(spec: Spec, data: bytes, parse_row) -> Table:
-    lines = csv_lines(data, ENCODING)
-    previous = csv.field_size_limit(MAX_FIELD)
-    try:
-        try:
-            try:
-                line, names = next(lines)
-                line2, values = next(lines)
-            except StopIteration:
-                raise PackFormatError("no header: the file starts with two header lines",
-                                      row=0) from None
-            header = _read_header(spec, names, line, values, line2)
-            try:
-                line, names = next(lines)
-            except StopIteration:
-                raise PackFormatError("no column line after the header", line=3) from None
-            if tuple(names) != spec.columns:
-                raise PackFormatError(f"columns {','.join(names)[:200]!r}, expected "
-                                      f"{','.join(spec.columns)}", line=line)
-            rows: list = []
-            for line, fields in lines:
-                number = len(rows) + 1
-                if number > header.card_count:
-                    raise PackFormatError(f"more cards than the header's {header.card_count}",
-                                          row=number, line=line)
-                if len(fields) != len(spec.columns):
-                    raise PackFormatError(f"{len(fields)} columns, expected "
-                                          f"{len(spec.columns)}", row=number, line=line)
-                rows.append(parse_row(fields, number, line))
-        except csv.Error as exc:  # raised lazily by the reader, e.g. an oversized field
-            raise PackFormatError(f"not CSV: {exc}") from None
-    finally:
-        csv.field_size_limit(previous)
-    if len(rows) != header.card_count:
-        raise PackFormatError(f"header says {header.card_count} cards, the file has {len(rows)}")
+def _read(spec: Spec, data: bytes, parse_row: RowParser[Any]) -> Table:
+    found, rows = read_table(data, spec.header, spec.format, spec.columns, parse_row,
+                             encoding=ENCODING)
+    header = _file_header(spec, found)
     serials: dict[str, int] = {}
     for number, row in enumerate(rows, start=1):
         if row.serial in serials:

@@ -30,16 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from access_server.cli import upload_chunks
 from cardcore import personalization as perso
 from cardcore.issuance_keys import rsa_from_spki
-from cms import keynames
 from cms import perso_format as F
 from cms.runtime.client import load_endpoints
-from cms.v1 import issuer_pb2 as ipb
-from cms.v1 import issuer_pb2_grpc, provider_pb2_grpc, stock_pb2_grpc
-from cms.v1 import provider_pb2 as ppb
 from cms.v1 import stock_pb2 as spb
-from deploy.local import default_policy
+from cms.v1 import stock_pb2_grpc
 from tests.support import stock as S
-from tests.support.hsm_proxy import ProxyEnv, ProxyProcess
+from tests.support.hsm_proxy import ProxyProcess
+from tests.support.issuer import issuer_proxy, issuer_public_key
 from tests.support.launcher import cms
 from tests.support.scan import assert_absent
 
@@ -56,24 +53,13 @@ PEM = serialization.Encoding.PEM
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    env = ProxyEnv.create(tmp_path_factory.mktemp("issuance-proxy"), tokens=keynames.TOKENS,
-                          policy=default_policy())
-    with ProxyProcess(env) as running:
-        admin = issuer_pb2_grpc.IssuerHsmStub(running.channel("admin"))
-        admin.CreateSeed(ipb.CreateSeedRequest(version=1), timeout=TIMEOUT)
-        admin.CreateDeviceAuthKek(ipb.CreateDeviceAuthKekRequest(version=1), timeout=TIMEOUT)
-        provider_pb2_grpc.IssuerKeysStub(running.channel("admin")).CreateIssuerKey(
-            ppb.CreateIssuerKeyRequest(version=1), timeout=TIMEOUT)
+    with issuer_proxy(tmp_path_factory.mktemp("issuance-proxy")) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def issuer_public(proxy: ProxyProcess) -> ec.EllipticCurvePublicKey:
-    der = provider_pb2_grpc.IssuerKeysStub(proxy.channel("access-server")).GetIssuerKey(
-        ppb.GetIssuerKeyRequest(version=1), timeout=TIMEOUT).public_key
-    public = serialization.load_der_public_key(der)
-    assert isinstance(public, ec.EllipticCurvePublicKey)
-    return public
+    return issuer_public_key(proxy)
 
 
 @pytest.fixture(scope="module")

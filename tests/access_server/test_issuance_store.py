@@ -11,38 +11,20 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from access_server import packs
 from access_server.store import CardResult, IssuanceState, IssuedCard, StockState, Store
 from access_server.store.models import DerivationCounterRow, StockCardRow
 from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from tests.access_server.test_stock_store import device_keys, do_import, root, verified_pack
 from tests.access_server.test_store_fixtures import ACTOR
 from tests.support import stock as S
 
 pytest_plugins = ("tests.support.postgres", "tests.access_server.test_store_fixtures")
 
-PROVIDER = "acme-cards"
-
-
-@pytest.fixture(scope="module")
-def root() -> S.Root:
-    return S.make_root(PROVIDER)
-
-
-@pytest.fixture(scope="module")
-def device_keys() -> S.DeviceKeys:
-    return S.DeviceKeys()
+__all__ = ["device_keys", "root"]  # the stock tests' fixtures, used here too
 
 
 def stock_up(store: Store, root: S.Root, keys: S.DeviceKeys, serial: str, count: int) -> None:
-    store.trust_root(packs.check_root(root.der, S.now()), ACTOR)
-    trusted = [packs.Root(r.provider_id, r.fingerprint, r.certificate, r.subject, r.not_after)
-               for r in store.list_roots()]
-    rows = [S.card_row(root, f"{serial}-{i:03d}", key)
-            for i, key in enumerate(keys.take(count), start=1)]
-    pack = S.make_pack(root, serial, rows)
-    store.import_pack(packs.verify_pack(pack.data, pack.signature, trusted, S.now()),
-                      file_name="pack.csv", actor=ACTOR,
-                      check_shared_primes=packs.check_shared_primes)
+    do_import(store, verified_pack(store, root, keys, serial, count))
 
 
 def add_users(store: Store, count: int) -> list[int]:
