@@ -153,7 +153,7 @@ class VirtualCard:
             self.state = self._read_state(self.state_path)
 
     def _process(self, raw: bytes, n: int) -> bytes:
-        ctx = CommandContext(self.state, self.session, n, self.applets)
+        ctx = CommandContext(self.state, self.session, n, self.applets, commit=self._commit)
         try:
             command = parse_command(raw)
         except ApduError:
