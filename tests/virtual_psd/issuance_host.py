@@ -13,12 +13,15 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cardcore import gp
+from cardcore import issuance as I
 from cardcore.apdu import parse_command, parse_response
 from cardcore.diversify import StaticKeySet
 from cardcore.host import SecureSession
@@ -45,7 +48,10 @@ from cardcore.pin_block import seal
 from cardcore.processor import apdu_link
 from cardcore.scp03 import cmac_prf, open_host_channel
 from cardcore.sw import SW
-from tests.virtual_psd.conftest import TRANSPORT
+from tests.virtual_psd.conftest import PSD_ID, TRANSPORT
+from virtual_psd.card import VirtualCard
+from virtual_psd.factory import create_card
+from virtual_psd.faults import FaultPlan
 
 Transmit = Callable[[bytes], bytes]
 _DAY = datetime.timedelta(days=1)
@@ -165,3 +171,24 @@ def make_payload(card: CardData, secrets: SecretBundle | None = None, *, sequenc
                       issuance_id, sequence, issuer_key_id(issuer_point(issuer)))
     inner = plaintext if plaintext is not None else encode_bundle(secrets or bundle())
     return sign_payload(signed_part(binding, seal(card.device_public_key, inner)), issuer)
+
+
+def open_card(path: Path, faults: FaultPlan | None = None) -> VirtualCard:
+    card = VirtualCard.open(path, faults=faults)
+    card.power_on()
+    return card
+
+
+def select_applet(card: VirtualCard) -> I.CardData:
+    """SELECT the issuance applet and read what it holds (GET DATA DF00)."""
+    assert parse_response(card.transmit(gp.select_command(I.ISSUANCE_AID)))[1] == SW.OK
+    data, sw = parse_response(card.transmit(I.get_data(I.Tag.ALL)))
+    assert sw == SW.OK
+    return I.decode_card_data(data)
+
+
+def initialized_card(path: Path, serial: str = SERIAL, psd_id: str = PSD_ID) -> Path:
+    """A card file at ``path``, initialized by the software provider for ``ISSUER``."""
+    create_card(path, psd_id=psd_id)
+    SoftwareProvider(open_card(path).transmit).initialize(serial, ISSUER_POINT)
+    return path
