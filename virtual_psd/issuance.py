@@ -294,7 +294,7 @@ def public_objects(state: IssuanceState) -> dict[int, bytes]:
     device = device_public_key(state)
     iak = issuer_auth_public_key(state)
     values: dict[int, bytes | None] = {
-        Tag.LIFE_CYCLE: bytes((state.life_cycle,)),
+        Tag.LIFE_CYCLE: bytes((life_cycle_of(state),)),
         Tag.SERIAL: None if state.serial is None else state.serial.encode("ascii"),
         Tag.DEVICE_PUBLIC_KEY: None if device is None else encode_rsa_public(device),
         Tag.ISSUER_AUTH_PUBLIC_KEY: None if iak is None else encode_ec_public(iak),
