@@ -756,32 +756,21 @@ class IssuanceApplet:
                                              pin_tries=PIN_TRIES, puk_tries=PUK_TRIES))
         return b""
 
-    def _verify_pin(self, ctx: CommandContext, state: IssuanceState,
-                    command: CommandApdu) -> bytes:
+    def _pin_command(self, ctx: CommandContext, state: IssuanceState,
+                     command: CommandApdu) -> bytes:
+        """VERIFY PIN, CHANGE PIN, UNBLOCK PIN: open the block, spend a try, compare, apply."""
         block = self._pin_block(ctx, state, command)
         use = self._use(ctx)
         use.pin_verified = False
-        assert block.pin is not None
-        self._write(ctx, _use_pin(ctx, self.aid, state, block.pin))
-        use.pin_verified = True
-        return b""
-
-    def _change_pin(self, ctx: CommandContext, state: IssuanceState,
-                    command: CommandApdu) -> bytes:
-        block = self._pin_block(ctx, state, command)
-        self._use(ctx).pin_verified = False
-        assert block.pin is not None
-        state = _use_pin(ctx, self.aid, state, block.pin)
-        self._write(ctx, dataclasses.replace(state, pin=block.new_pin))
-        return b""
-
-    def _unblock_pin(self, ctx: CommandContext, state: IssuanceState,
-                     command: CommandApdu) -> bytes:
-        block = self._pin_block(ctx, state, command)
-        self._use(ctx).pin_verified = False
-        assert block.puk is not None
-        state = _use_puk(ctx, self.aid, state, block.puk)
-        self._write(ctx, dataclasses.replace(state, pin=block.new_pin, pin_tries=PIN_TRIES))
+        if command.ins == IssuanceIns.UNBLOCK_PIN:
+            state = _use_puk(ctx, self.aid, state, block.puk or b"")
+            state = dataclasses.replace(state, pin=block.new_pin, pin_tries=PIN_TRIES)
+        else:
+            state = _use_pin(ctx, self.aid, state, block.pin or b"")
+            if command.ins == IssuanceIns.CHANGE_PIN:
+                state = dataclasses.replace(state, pin=block.new_pin)
+        self._write(ctx, state)
+        use.pin_verified = command.ins == IssuanceIns.VERIFY_PIN
         return b""
 
     def _sign(self, ctx: CommandContext, state: IssuanceState, command: CommandApdu) -> bytes:
@@ -817,9 +806,9 @@ class IssuanceApplet:
         IssuanceIns.PERSONALIZE: _personalize,
         IssuanceIns.GET_CHALLENGE: _get_challenge,
         IssuanceIns.SET_PIN: _set_pin,
-        IssuanceIns.VERIFY_PIN: _verify_pin,
-        IssuanceIns.CHANGE_PIN: _change_pin,
-        IssuanceIns.UNBLOCK_PIN: _unblock_pin,
+        IssuanceIns.VERIFY_PIN: _pin_command,
+        IssuanceIns.CHANGE_PIN: _pin_command,
+        IssuanceIns.UNBLOCK_PIN: _pin_command,
         IssuanceIns.SIGN: _sign,
         IssuanceIns.AUTHENTICATE: _authenticate,
         IssuanceIns.VERIFY_ISSUER: _verify_issuer,

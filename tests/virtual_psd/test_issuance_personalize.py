@@ -53,13 +53,14 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
 
 
 @pytest.fixture
-def card_a(templates: dict[str, Path], tmp_path: Path) -> Path:
-    return Path(shutil.copy(templates["A"], tmp_path / "a.json"))
+def cards(templates: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """This test's own copies of the template cards."""
+    return {name: Path(shutil.copy(path, tmp_path)) for name, path in templates.items()}
 
 
 @pytest.fixture
-def card_b(templates: dict[str, Path], tmp_path: Path) -> Path:
-    return Path(shutil.copy(templates["B"], tmp_path / "b.json"))
+def card_a(cards: dict[str, Path]) -> Path:
+    return cards["A"]
 
 
 def _data(path: Path) -> CardData:
@@ -138,7 +139,8 @@ def test_the_payload_applied_is_recognized_and_any_other_refused(card_a: Path) -
         assert sw == SW.CONDITIONS_NOT_SATISFIED and not I.personalize_answer(sw).done
 
 
-def test_a_payload_for_card_a_is_refused_by_card_b(card_a: Path, card_b: Path) -> None:
+def test_a_payload_for_card_a_is_refused_by_card_b(cards: dict[str, Path]) -> None:
+    card_a, card_b = cards["A"], cards["B"]
     a, b = _data(card_a), _data(card_b)
     assert a.device_public_key is not None
     for_a = make_payload(a)

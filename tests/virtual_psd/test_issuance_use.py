@@ -25,16 +25,9 @@ from cardcore.personalization import card_auth_statement, issuer_auth_statement
 from cardcore.psd import ISD_AID
 from cardcore.sw import SW
 from tests.support.scan import assert_absent, card_private_values
+from tests.virtual_psd import issuance_host as soft
 from tests.virtual_psd.conftest import TRANSPORT
-from tests.virtual_psd.issuance_host import (
-    DEVICE_AUTH,
-    USER_KEY,
-    bundle,
-    initialized_card,
-    make_payload,
-    open_card,
-    select_applet,
-)
+from tests.virtual_psd.issuance_host import DEVICE_AUTH, USER_KEY
 from tests.virtual_psd.test_issuance_applet import applet_session
 from virtual_psd import issuance as applet
 from virtual_psd.card import VirtualCard
@@ -51,11 +44,11 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
     """A card personalized with the HSM's PIN and PUK, one without (the bureau's to set)."""
     base = tmp_path_factory.mktemp("use")
     out = {}
-    for name, secrets in (("with pin", bundle()), ("without pin", bundle(None, None))):
-        path = initialized_card(base / f"{name}.json")
-        card = open_card(path)
-        data = select_applet(card)
-        assert parse_response(card.transmit(I.personalize(make_payload(data, secrets))))[1] \
+    for name, secrets in (("with pin", soft.bundle()), ("without pin", soft.bundle(None, None))):
+        path = soft.initialized_card(base / f"{name}.json")
+        card = soft.open_card(path)
+        data = soft.select_applet(card)
+        assert parse_response(card.transmit(I.personalize(soft.make_payload(data, secrets))))[1] \
             == SW.OK
         out[name] = path
     yield out
@@ -76,14 +69,14 @@ class Holder:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.card = open_card(path)
+        self.card = soft.open_card(path)
         self.answers: list[bytes] = []
         self.data = self.select()
         assert self.data.device_public_key is not None
         self.device_key = self.data.device_public_key
 
     def select(self) -> I.CardData:
-        data = select_applet(self.card)
+        data = soft.select_applet(self.card)
         self.answers.append(self.card.transmit(I.get_data(I.Tag.ALL)))
         return data
 
@@ -322,7 +315,7 @@ def test_set_pin_is_refused_on_a_card_holding_one_and_before_personalization(
     assert h.sw(B.set_pin(h.device_key, h.challenge(), b"4711", b"99999999")) == \
         SW.CONDITIONS_NOT_SATISFIED
     assert personalized.read_bytes() == before
-    fresh = Holder(initialized_card(tmp_path / "initialized.json"))
+    fresh = Holder(soft.initialized_card(tmp_path / "initialized.json"))
     assert fresh.sw(B.set_pin(fresh.device_key, fresh.challenge(), PIN, PUK)) == \
         SW.CONDITIONS_NOT_SATISFIED
 
@@ -333,10 +326,10 @@ def test_set_pin_is_refused_on_a_card_holding_one_and_before_personalization(
 @pytest.mark.parametrize("personalize", [False, True])
 def test_the_card_authenticates_with_the_key_of_its_certificate(
         tmp_path: Path, personalize: bool) -> None:
-    path = initialized_card(tmp_path / "card.json")
+    path = soft.initialized_card(tmp_path / "card.json")
     h = Holder(path)
     if personalize:
-        assert h.sw(I.personalize(make_payload(h.data))) == SW.OK
+        assert h.sw(I.personalize(soft.make_payload(h.data))) == SW.OK
     assert h.data.issuer_auth_certificate is not None and h.data.serial is not None
     public = x509.load_der_x509_certificate(h.data.issuer_auth_certificate).public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
@@ -394,7 +387,7 @@ def test_the_card_verifies_the_issuer_with_the_device_authentication_key(
 
 
 def test_verify_issuer_needs_a_personalized_card(tmp_path: Path) -> None:
-    h = Holder(initialized_card(tmp_path / "card.json"))
+    h = Holder(soft.initialized_card(tmp_path / "card.json"))
     challenge = h.challenge()
     assert h.data.serial is not None
     assert h.sw(I.verify_issuer(_issuer_signs(DEVICE_AUTH, h.data.serial, challenge))) == \
