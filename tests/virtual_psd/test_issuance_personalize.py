@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cardcore import issuance as I
 from cardcore import personalization as P
+from cardcore import pin_block
 from cardcore import tlv as T
 from cardcore.apdu import parse_response
 from cardcore.issuance import SECP256K1_ORDER, CardData
@@ -336,3 +337,38 @@ def test_the_personalized_section_round_trips_and_a_broken_one_is_refused(
         with pytest.raises(StateError, match="malformed issuance section"):
             IssuanceState.from_json(broken)
     assert ISSUER_POINT == section.issuer_public_key
+
+
+# SELECT, GET DATA DF00, PERSONALIZE, GET CHALLENGE, SET PIN.
+BUREAU_APDUS = 5
+SET_PIN_APDU = 5
+
+
+def _bureau(path: Path, payload: bytes, faults: FaultPlan | None = None) -> tuple[int, int]:
+    """The bureau making PIN and PUK itself (claim 5): PERSONALIZE's answer, SET PIN's."""
+    card = open_card(path, faults)
+    data = select_applet(card)
+    assert data.device_public_key is not None
+    personalized = parse_response(card.transmit(I.personalize(payload)))[1]
+    challenge, sw = parse_response(card.transmit(I.get_challenge()))
+    assert sw == SW.OK
+    block = pin_block.set_pin(data.device_public_key, challenge, b"2468", b"97531864")
+    return personalized, parse_response(card.transmit(block))[1]
+
+
+@pytest.mark.parametrize("kind", [POWER_LOSS, TEAR])
+@pytest.mark.parametrize("at", range(1, BUREAU_APDUS + 1))
+def test_a_bureau_run_cut_at_any_apdu_resumes_to_one_personalization(
+        card_a: Path, kind: str, at: int) -> None:
+    payload = make_payload(_data(card_a), bundle(None, None), issuance_id=ISSUANCE_ID)
+    with pytest.raises(CardPowerLost):
+        _bureau(card_a, payload, FaultPlan().add(kind, at))
+    personalized = at > PERSONALIZE_APDU or (kind == TEAR and at == PERSONALIZE_APDU)
+    pin_set = kind == TEAR and at == SET_PIN_APDU
+    # Resumed as docs/issuance-applet.md says: the same payload, the same PIN and PUK.
+    assert _bureau(card_a, payload) == (
+        SW.ALREADY_EXISTS if personalized else SW.OK,
+        SW.CONDITIONS_NOT_SATISFIED if pin_set else SW.OK)
+    state = issuance_state(load_state(card_a))
+    assert (state.life_cycle, state.issuance_id) == (I.LifeCycle.PERSONALIZED, ISSUANCE_ID)
+    assert (state.pin, state.puk) == (b"2468", b"97531864")
