@@ -32,8 +32,9 @@ HSM made PIN and PUK::
     cms-pin-mailing-data,1,...
     serial,user_name,postal_address,mailer_data
 
-``mailer_data`` is RSA-OAEP (SHA-256) of ``PIN || 00 || PUK`` to the mailing
-house's own key: only it can open it.
+``mailer_data`` is RSA-OAEP (SHA-1, MGF1-SHA1: what the mailing house's HSM
+opens) of ``PIN || 00 || PUK`` to the mailing house's own key: only it can
+open it.
 
 **Personalization results** (bureau to issuer, signed by a bureau certificate
 the issuer trusts, ``cms bureaus trust``)::

@@ -1,0 +1,131 @@
+"""BureauHsm and MailerHsm on a real proxy under the default policy of ``cms dev up``.
+
+The bureau makes its key once in token ``bureau`` (ALREADY_EXISTS after); its
+certificate is read back by ``openssl x509`` and a file signature checked by
+``openssl cms -verify`` with that certificate, and refused for a changed
+byte; the access server's own check of a bureau (``check_bureau``) takes the
+certificate. The mailer makes its key in token ``mailer``; mailer data made as
+the issuer HSM makes it (RSA-OAEP SHA-1 to that key) opens to PIN and PUK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from access_server.issuance_service import check_bureau
+from cms import keynames
+from cms.v1 import partners_pb2 as pb
+from cms.v1 import partners_pb2_grpc
+from deploy.local import default_policy
+from tests.support.hsm_proxy import ProxyEnv, ProxyProcess
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 60
+BUREAU, MAILER = "bureau-1", "post-1"
+OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(),  # noqa: S303
+                         label=None)
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    env = ProxyEnv.create(tmp_path_factory.mktemp("partners"), tokens=keynames.TOKENS,
+                          policy=default_policy())
+    with ProxyProcess(env) as running:
+        yield running
+
+
+def bureau_hsm(proxy: ProxyProcess, identity: str = "bureau") -> partners_pb2_grpc.BureauHsmStub:
+    return partners_pb2_grpc.BureauHsmStub(proxy.channel(identity))
+
+
+def mailer_hsm(proxy: ProxyProcess, identity: str = "mailer") -> partners_pb2_grpc.MailerHsmStub:
+    return partners_pb2_grpc.MailerHsmStub(proxy.channel(identity))
+
+
+@pytest.fixture(scope="module")
+def bureau(proxy: ProxyProcess) -> pb.BureauCertificate:
+    return bureau_hsm(proxy).CreateBureauKey(pb.BureauKeyRequest(bureau=BUREAU),
+                                             timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def mailer(proxy: ProxyProcess) -> pb.MailerKey:
+    return mailer_hsm(proxy).CreateMailerKey(pb.MailerKeyRequest(mailer=MAILER),
+                                             timeout=TIMEOUT)
+
+
+def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True,
+                          check=False)
+
+
+def test_the_bureau_key_is_made_once_with_its_certificate(proxy, bureau, tmp_path) -> None:
+    cert = x509.load_der_x509_certificate(bureau.certificate)
+    assert cert.subject.rfc4514_string() == f"CN={BUREAU}"
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    assert bureau.fingerprint == hashlib.sha256(bureau.certificate).digest()
+    pem = tmp_path / "bureau.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    text = openssl("x509", "-in", pem, "-noout", "-text").stdout
+    assert "CA:FALSE" in text and "Digital Signature" in text
+    # The issuer trusts it as it is (its name is the results files' bureau).
+    assert check_bureau(bureau.certificate, datetime.now(UTC), "admin").name == BUREAU
+    again = bureau_hsm(proxy).GetBureauCertificate(pb.BureauKeyRequest(bureau=BUREAU),
+                                                   timeout=TIMEOUT)
+    assert again.certificate == bureau.certificate
+    assert bureau_hsm(proxy, "admin").GetBureauCertificate(
+        pb.BureauKeyRequest(bureau=BUREAU), timeout=TIMEOUT).certificate == bureau.certificate
+    with pytest.raises(grpc.RpcError) as exists:
+        bureau_hsm(proxy).CreateBureauKey(pb.BureauKeyRequest(bureau=BUREAU), timeout=TIMEOUT)
+    assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as missing:
+        bureau_hsm(proxy).GetBureauCertificate(pb.BureauKeyRequest(bureau="nobody"),
+                                               timeout=TIMEOUT)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_bureau_file_signature_verifies_with_openssl(proxy, bureau, tmp_path) -> None:
+    results = tmp_path / "results.csv"
+    results.write_bytes(b"format,version\ncms-personalization-results,1\n" + os.urandom(32).hex()
+                        .encode())
+    signed = bureau_hsm(proxy).SignBureauFile(pb.SignBureauFileRequest(
+        bureau=BUREAU, purpose="results test", sha256=hashlib.sha256(
+            results.read_bytes()).digest()), timeout=TIMEOUT)
+    sig = tmp_path / "results.csv.p7s"
+    sig.write_bytes(signed.signature)
+    pem = tmp_path / "bureau.pem"
+    pem.write_bytes(x509.load_der_x509_certificate(bureau.certificate).public_bytes(
+        serialization.Encoding.PEM))
+    verify = ("cms", "-verify", "-binary", "-inform", "DER", "-in", sig, "-CAfile", pem,
+              "-out", os.devnull, "-content")
+    good = openssl(*verify, results)
+    assert good.returncode == 0, good.stderr
+    changed = tmp_path / "changed.csv"
+    changed.write_bytes(results.read_bytes()[:-1] + b"!")
+    assert openssl(*verify, changed).returncode != 0
+
+
+def test_mailer_data_opens_to_pin_and_puk(proxy, mailer) -> None:
+    public = serialization.load_der_public_key(mailer.public_key)
+    assert isinstance(public, rsa.RSAPublicKey) and public.key_size == 2048
+    assert public.public_numbers().e == 65537
+    assert mailer.label == keynames.partner_label(keynames.MAILER, MAILER)
+    data = public.encrypt(b"4821\x0093015562", OAEP_SHA1)
+    opened = mailer_hsm(proxy).OpenMailerData(pb.OpenMailerDataRequest(
+        mailer=MAILER, serial="CMS-0001", mailer_data=data), timeout=TIMEOUT)
+    assert (opened.pin, opened.puk) == (b"4821", b"93015562")
+    assert mailer_hsm(proxy, "admin").GetMailerKey(pb.MailerKeyRequest(mailer=MAILER),
+                                                   timeout=TIMEOUT).public_key == mailer.public_key
