@@ -19,6 +19,8 @@ Labels::
                                                      (token issuer-system)
     bureau/<name>              BUREAU_KEY            the bureau's P-256 key: signs its results
                                                      and shipping files (token bureau)
+    bureau-codes/<name>        BUREAU_CODES_KEY      the bureau's HMAC key its cards' PIN and PUK
+                                                     are derived under (token bureau)
     mailer/<name>              MAILER_KEY            the mailing house's RSA-2048 key: opens
                                                      mailer data (token mailer)
     anything else              OPERATOR_KEY          an operator's own keys (policy: demo/*)
@@ -58,7 +60,8 @@ MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT = (
     "mk", "mkrk", "cryptogram", "transport", "factory", "audit")
 PROVIDER_ROOT, ISSUER = "provider-root", "issuer"
 ISSUER_SEED, DEVICE_AUTH_KEK = "issuer-seed", "device-auth-kek"
-BUREAU, MAILER = "bureau", "mailer"
+BUREAU, BUREAU_CODES, MAILER = "bureau", "bureau-codes", "mailer"
+PARTNER_KINDS = (BUREAU, BUREAU_CODES, MAILER)
 ISSUER_KEY_VERSIONS = range(1, 256)
 """Issuer key versions: one byte, as cards and payloads name them; seeds and device
 authentication KEKs are versioned the same way."""
@@ -75,7 +78,7 @@ _PROVIDER_ROOT = re.compile(rf"^{PROVIDER_ROOT}/({_NAME})$")
 _ISSUER = re.compile(rf"^{ISSUER}/([1-9][0-9]{{0,2}})$")
 _ISSUER_SEED = re.compile(rf"^{ISSUER_SEED}/([1-9][0-9]{{0,2}})$")
 _DEVICE_AUTH_KEK = re.compile(rf"^{DEVICE_AUTH_KEK}/([1-9][0-9]{{0,2}})$")
-_PARTNER = re.compile(rf"^({BUREAU}|{MAILER})/({_NAME})$")
+_PARTNER = re.compile(rf"^({BUREAU}|{BUREAU_CODES}|{MAILER})/({_NAME})$")
 PROVIDER_ID_PATTERN = re.compile(rf"^{_NAME}$")
 """A provider id: letters, digits, '.', '_', '-', up to 64, first a letter or digit."""
 
@@ -107,7 +110,7 @@ def cryptogram_label(version: int) -> str:
 def label_pattern(kind: str) -> str:
     """``mk/*``: every label of ``kind``, as the proxy's policy and its listings match them."""
     if kind not in (*BLOCK_KINDS, TRANSPORT, AUDIT, PROVIDER_ROOT, ISSUER, ISSUER_SEED,
-                    DEVICE_AUTH_KEK, BUREAU, MAILER):
+                    DEVICE_AUTH_KEK, *PARTNER_KINDS):
         raise ValueError(f"no label pattern for {kind!r}")
     return f"{kind}/*"
 
@@ -144,9 +147,10 @@ def parse_provider_root_label(label: str) -> str | None:
 
 
 def partner_label(kind: str, name: str) -> str:
-    """The key of the bureau or mailing house ``name``: ``bureau/bureau-1``, ``mailer/post``."""
-    if kind not in (BUREAU, MAILER):
-        raise ValueError(f"a partner key is {BUREAU} or {MAILER}, not {kind!r}")
+    """A key of the bureau or mailing house ``name``: ``bureau/bureau-1``,
+    ``bureau-codes/bureau-1``, ``mailer/post``."""
+    if kind not in PARTNER_KINDS:
+        raise ValueError(f"a partner key is one of {', '.join(PARTNER_KINDS)}, not {kind!r}")
     if not isinstance(name, str) or not PROVIDER_ID_PATTERN.match(name):
         raise ValueError(f"{kind} name {name!r}: 1-64 of letters, digits, '.', '_', '-', "
                          f"first a letter or digit")
@@ -154,7 +158,7 @@ def partner_label(kind: str, name: str) -> str:
 
 
 def parse_partner_label(label: str) -> tuple[str, str] | None:
-    """(kind, name) of ``bureau/NAME`` or ``mailer/NAME``, or None."""
+    """(kind, name) of ``bureau/NAME``, ``bureau-codes/NAME`` or ``mailer/NAME``, or None."""
     m = _PARTNER.match(label)
     return (m.group(1), m.group(2)) if m else None
 
@@ -226,7 +230,7 @@ def label_kind(label: str) -> str | None:
         return partner[0]
     head = label.split("/", 1)[0]
     if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT, PROVIDER_ROOT, ISSUER,
-                ISSUER_SEED, DEVICE_AUTH_KEK, BUREAU, MAILER):
+                ISSUER_SEED, DEVICE_AUTH_KEK, *PARTNER_KINDS):
         # A reserved prefix with a malformed rest is nobody's key: refused.
         return "reserved"
     return None

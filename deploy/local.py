@@ -198,7 +198,8 @@ OPERATOR_KEY_OPERATIONS = ["GenerateSecretKey", "GenerateKeyPair", "DeriveKey", 
 INSPECT_OPERATIONS = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey",
                       "GenerateRandom", "ListBlocks", "GetCeremony"]
 PROVIDER_CA_OPERATIONS = ["CreateRoot", "GetRoot", "IssueCardCertificates", "SignPack"]
-BUREAU_HSM_OPERATIONS = ["CreateBureauKey", "GetBureauCertificate", "SignBureauFile"]
+BUREAU_HSM_OPERATIONS = ["CreateBureauKey", "GetBureauCertificate", "SignBureauFile",
+                         "SealCardCodes"]
 MAILER_HSM_OPERATIONS = ["CreateMailerKey", "GetMailerKey", "OpenMailerData"]
 ISSUER_HSM_OPERATIONS = ["IssueBatch", "GenerateDeviceAuthKeys", "SignWithDeviceAuthKey",
                          "SignIssuerFile"]
@@ -231,6 +232,7 @@ def default_policy() -> dict:
     seeds = kn.label_pattern(kn.ISSUER_SEED)
     keks = kn.label_pattern(kn.DEVICE_AUTH_KEK)
     bureau_keys = kn.label_pattern(kn.BUREAU)
+    codes_keys = kn.label_pattern(kn.BUREAU_CODES)
     mailer_keys = kn.label_pattern(kn.MAILER)
     identities: dict[str, list[dict]] = {
         "access-server": [
@@ -274,7 +276,7 @@ def default_policy() -> dict:
         # The bureau signs its results and shipping files; the mailing house opens the
         # mailer data of PIN letters. Each only in its own token.
         "bureau": [{"operations": BUREAU_HSM_OPERATIONS, "tokens": [kn.BUREAU_TOKEN],
-                    "keys": [bureau_keys]}],
+                    "keys": [bureau_keys, codes_keys]}],
         "mailer": [{"operations": MAILER_HSM_OPERATIONS, "tokens": [kn.MAILER_TOKEN],
                     "keys": [mailer_keys]}],
         "provider": [

@@ -51,6 +51,7 @@ ROLE_NAMES: dict[int, str] = {
     pb.DEVICE_AUTH_KEY: "device-auth-key",
     pb.BUREAU_KEY: "bureau-key",
     pb.MAILER_KEY: "mailer-key",
+    pb.BUREAU_CODES_KEY: "bureau-codes-key",
 }
 ROLE_BY_NAME = {v: k for k, v in ROLE_NAMES.items()}
 ORIGIN_NAMES: dict[int, str] = {
@@ -77,6 +78,7 @@ _KIND_ROLES = {
     keynames.DEVICE_AUTH_KEK: pb.DEVICE_AUTH_KEK,
     keynames.BUREAU: pb.BUREAU_KEY,
     keynames.MAILER: pb.MAILER_KEY,
+    keynames.BUREAU_CODES: pb.BUREAU_CODES_KEY,
 }
 BLOCK_ROLES = frozenset({pb.MK_BLOCK, pb.MKRK_BLOCK, pb.CRYPTOGRAM_PAIR})
 CEREMONY_ROLES = frozenset({pb.TRANSPORT_KEY, pb.FACTORY_TRANSPORT_MASTER})
@@ -96,6 +98,7 @@ ALGORITHMS: dict[int, frozenset[int]] = {
     pb.DEVICE_AUTH_KEY: frozenset({pb.EC_P256}),
     pb.BUREAU_KEY: frozenset({pb.EC_P256}),
     pb.MAILER_KEY: frozenset({pb.RSA_2048}),
+    pb.BUREAU_CODES_KEY: frozenset({pb.GENERIC_SECRET}),
 }
 
 # Usage groups an operator key may have (one group, any non-empty part of it).
@@ -262,6 +265,10 @@ MAILER_TEMPLATE = {PRIVATE: ObjectTemplate(PRIVATE, frozenset({pb.DECRYPT})),
 """The mailing house's RSA-2048 pair: the private half decrypts and nothing else (no
 unwrap, so nothing it opens becomes a key in the token), never extractable; the one
 purpose that reaches it is OpenMailerData, which answers only PIN and PUK."""
+BUREAU_CODES_BYTES = 32
+BUREAU_CODES_TEMPLATE = _secret(pb.SIGN)
+"""The bureau's 256-bit HMAC key: SIGN (CKM_SHA256_HMAC) only, never extractable; what it
+signs is the proxy's own derivation input, and the output never leaves the worker."""
 DEVICE_AUTH_KEK_TEMPLATE = _secret(pb.WRAP, pb.UNWRAP)
 """AES-256 that wraps and unwraps device authentication keys and nothing else: it never
 encrypts or decrypts, so what it wraps never comes out in clear."""
@@ -285,6 +292,8 @@ def expected_objects(tag: Tag) -> dict[str, ObjectTemplate] | None:
         return {SECRET: ISSUER_SEED_TEMPLATE}
     if role == pb.DEVICE_AUTH_KEK and origin == pb.GENERATED:
         return {SECRET: DEVICE_AUTH_KEK_TEMPLATE}
+    if role == pb.BUREAU_CODES_KEY and origin == pb.GENERATED:
+        return {SECRET: BUREAU_CODES_TEMPLATE}
     if role == pb.MAILER_KEY and origin == pb.GENERATED:
         return dict(MAILER_TEMPLATE)
     return None

@@ -16,13 +16,16 @@ import hashlib
 import grpc
 
 from cardcore import issuance
+from cardcore import issuance_keys as ik
+from cardcore.personalization import ISSUANCE_ID_LENGTH
 from cms import keynames
 from cms.runtime.errors import InvalidArgument
 from cms.v1 import partners_pb2 as pb
 from cms.v1 import partners_pb2_grpc
 from hsm_proxy import partners_ops as ops
 from hsm_proxy.core import Call, ProxyCore, rpc
-from hsm_proxy.issuer_service import PURPOSE_PATTERN
+from hsm_proxy.issuer_service import PURPOSE_PATTERN, check_codes
+from hsm_proxy.provider_service import device_spki
 
 
 def _label(kind: str, name: str) -> str:
@@ -66,7 +69,15 @@ class BureauHsmServicer(partners_pb2_grpc.BureauHsmServicer):
     def CreateBureauKey(self, request: pb.BureauKeyRequest, context: grpc.ServicerContext,
                         call: Call) -> pb.BureauCertificate:
         ref = self._ref(call, request)
-        return bureau_message(request.bureau, _create(self.core, call, "bureau.create", ref))
+        codes = _ref(self.core, call, request.token, keynames.BUREAU_TOKEN,
+                     keynames.BUREAU_CODES, request.bureau)
+        core = self.core
+        with core.creating([(ref.token, ref.label), (codes.token, codes.label)]):
+            der = core.pool.call("bureau.create", ref, idempotent=False,
+                                 timeout=call.timeout()).value
+            core.pool.broadcast("invalidate", [(ref.token, ref.label),
+                                               (codes.token, codes.label)])
+        return bureau_message(request.bureau, der)
 
     @rpc
     def GetBureauCertificate(self, request: pb.BureauKeyRequest,
@@ -90,6 +101,34 @@ class BureauHsmServicer(partners_pb2_grpc.BureauHsmServicer):
         signature = self.core.pool.call("bureau.sign_file", ops.SignFile(
             ref, bytes(request.sha256)), idempotent=True, timeout=call.timeout()).value
         return pb.SignBureauFileResponse(signature=signature)
+
+
+    @rpc
+    def SealCardCodes(self, request: pb.SealCardCodesRequest, context: grpc.ServicerContext,
+                      call: Call) -> pb.SealCardCodesResponse:
+        codes = _ref(self.core, call, request.token, keynames.BUREAU_TOKEN,
+                     keynames.BUREAU_CODES, request.bureau)
+        if len(request.file_serial) != ISSUANCE_ID_LENGTH:
+            raise InvalidArgument(f"file_serial: {ISSUANCE_ID_LENGTH} bytes, got "
+                                  f"{len(request.file_serial)}")
+        try:
+            serial = issuance.check_serial(request.serial)
+            device_key = ik.rsa_from_spki(device_spki(bytes(request.device_public_key)))
+        except issuance.IssuanceError as exc:
+            raise InvalidArgument(f"serial or device_public_key: {exc}") from None
+        if len(request.challenge) != issuance.CARD_CHALLENGE_LENGTH:
+            raise InvalidArgument(f"challenge: {issuance.CARD_CHALLENGE_LENGTH} bytes (the "
+                                  f"card's GET CHALLENGE), got {len(request.challenge)}")
+        if not request.mailer_public_key:
+            raise InvalidArgument("mailer_public_key: required (the codes are mailed)")
+        lengths = check_codes(request)
+        assert lengths is not None
+        call.detail = f"file {request.file_serial.hex()}, card {serial}"
+        sealed = self.core.pool.call("bureau.seal_codes", ops.SealCodes(
+            codes, bytes(request.file_serial), serial, device_key, bytes(request.challenge),
+            lengths.mailer_public_key, lengths.pin_length, lengths.puk_length),
+            idempotent=True, timeout=call.timeout()).value
+        return pb.SealCardCodesResponse(set_pin=sealed.set_pin, mailer_data=sealed.mailer_data)
 
 
 class MailerHsmServicer(partners_pb2_grpc.MailerHsmServicer):

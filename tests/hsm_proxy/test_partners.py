@@ -24,6 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from access_server.issuance_service import check_bureau
+from cardcore.apdu import parse_command
+from cardcore.issuance import IssuanceIns
+from cardcore.pin_block import decode_pin_block
 from cms import keynames
 from cms.v1 import partners_pb2 as pb
 from cms.v1 import partners_pb2_grpc
@@ -129,3 +132,39 @@ def test_mailer_data_opens_to_pin_and_puk(proxy, mailer) -> None:
     assert (opened.pin, opened.puk) == (b"4821", b"93015562")
     assert mailer_hsm(proxy, "admin").GetMailerKey(pb.MailerKeyRequest(mailer=MAILER),
                                                    timeout=TIMEOUT).public_key == mailer.public_key
+
+
+def _seal(proxy: ProxyProcess, device: rsa.RSAPrivateKey, mailer: pb.MailerKey, serial: str,
+          file_serial: bytes = b"\x11" * 16, **lengths: int) -> tuple[bytes, bytes, bytes]:
+    """(PIN, PUK, mailer data) of one card, read from its SET PIN block with its device key."""
+    challenge = os.urandom(16)
+    sealed = bureau_hsm(proxy).SealCardCodes(pb.SealCardCodesRequest(
+        bureau=BUREAU, file_serial=file_serial, serial=serial,
+        device_public_key=device.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        challenge=challenge, mailer_public_key=mailer.public_key, **lengths), timeout=TIMEOUT)
+    command = parse_command(sealed.set_pin)
+    assert command.ins == IssuanceIns.SET_PIN
+    block = decode_pin_block(command.ins, device.decrypt(command.data, OAEP_SHA1))
+    assert block.challenge == challenge and block.pin and block.puk
+    return block.pin, block.puk, sealed.mailer_data
+
+
+def test_the_bureau_codes_are_derived_per_card_and_sealed_to_card_and_mailer(
+        proxy, bureau, mailer) -> None:
+    device = rsa.generate_private_key(65537, 2048)
+    pin, puk, data = _seal(proxy, device, mailer, "CMS-0001")
+    assert (len(pin), len(puk)) == (6, 8) and pin.isdigit() and puk.isdigit()
+    assert pin not in data and puk not in data
+    # The same card of the same file: the same codes (a resumed batch), sealed afresh.
+    again = _seal(proxy, device, mailer, "CMS-0001")
+    assert again[:2] == (pin, puk) and again[2] != data
+    # Another card, another file: other codes.
+    assert _seal(proxy, device, mailer, "CMS-0002")[:2] != (pin, puk)
+    assert _seal(proxy, device, mailer, "CMS-0001", b"\x22" * 16)[:2] != (pin, puk)
+    assert [len(c) for c in _seal(proxy, device, mailer, "CMS-0003", pin_length=4,
+                                  puk_length=12)[:2]] == [4, 12]
+    # The mailing house opens the mailer data to the very codes the card got.
+    opened = mailer_hsm(proxy).OpenMailerData(pb.OpenMailerDataRequest(
+        mailer=MAILER, serial="CMS-0001", mailer_data=data), timeout=TIMEOUT)
+    assert (opened.pin, opened.puk) == (pin, puk)
