@@ -29,6 +29,8 @@ REGISTRARS = (
     "key_mgmt.cli",
     "access_server.cli",
     "provider.cli",
+    "bureau.cli",
+    "mailer.cli",
     "card_agent.cli",
     "virtual_psd.cli",
     "deploy.cli",

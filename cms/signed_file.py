@@ -118,3 +118,51 @@ def verify_signed_by(data: bytes, signature: bytes, signer_der: bytes) -> None:
             subject = "an unreadable certificate"
         raise SignatureError(f"signed by {subject!r}, not by the expected signer")
     verify_by(detached, x509.load_der_x509_certificate(signer_der))
+
+
+def verify_signed_by_key(data: bytes, signature: bytes, spki_der: bytes) -> bytes:
+    """The signer's certificate, once ``signature`` over ``data`` is by the key ``spki_der``
+    (a party known by its public key, as the issuer key is: IssuerKeys.GetIssuerKey)."""
+    from cryptography.hazmat.primitives import serialization
+
+    detached = read_detached(data, signature)
+    try:
+        signer = x509.load_der_x509_certificate(detached.signer)
+    except ValueError:
+        raise SignatureError("the signer's certificate is not X.509") from None
+    found = signer.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    if found != spki_der:
+        raise SignatureError(f"signed by {signer.subject.rfc4514_string()!r}, whose key is "
+                             "not the expected signer's")
+    verify_by(detached, signer)
+    return detached.signer
+
+
+class Trusted(NamedTuple):
+    """The one signer a reader takes: by its certificate (DER), or by its public key
+    (SubjectPublicKeyInfo DER) in a self-signed certificate inside the signature."""
+
+    certificate: bytes = b""
+    public_key: bytes = b""
+
+
+def load_trusted(data: bytes) -> Trusted:
+    """A signer given as a certificate (PEM or DER) or a public key (PEM); ValueError."""
+    from cryptography.hazmat.primitives import serialization
+
+    if b"PUBLIC KEY-----" in data:
+        key = serialization.load_pem_public_key(data)
+        return Trusted(public_key=key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----")
+            else x509.load_der_x509_certificate(data))
+    return Trusted(certificate=cert.public_bytes(serialization.Encoding.DER))
+
+
+def verify_trusted(data: bytes, signature: bytes, trusted: Trusted) -> None:
+    """SignatureError unless ``signature`` over ``data`` is ``trusted``'s."""
+    if trusted.certificate:
+        verify_signed_by(data, signature, trusted.certificate)
+    else:
+        verify_signed_by_key(data, signature, trusted.public_key)
