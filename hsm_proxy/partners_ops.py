@@ -286,6 +286,12 @@ def open_mailer_data(ctx: WorkerContext, req: OpenMailerData) -> Codes:
     except (pkcs11.EncryptedDataInvalid, pkcs11.EncryptedDataLenRange,
             pkcs11.ArgumentsBad):
         raise InvalidArgument(NOT_MAILER_DATA) from None
+    except pkcs11.GeneralError:
+        # SoftHSM 2.6 answers CKR_GENERAL_ERROR to a ciphertext whose OAEP padding does not
+        # check, where a backend failure answers it too: the token answering right after
+        # tells the two apart, so bad input never costs a reconnect.
+        ctx.backend.session(req.mailer.token).generate_random(64)
+        raise InvalidArgument(NOT_MAILER_DATA) from None
     try:
         return split_codes(plaintext)
     except ValueError:
