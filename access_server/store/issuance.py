@@ -210,6 +210,15 @@ class Issuance(Transactions):
                                         updated=self._now()))
             return len(serials)
 
+    def issuance_counts(self) -> dict[r.IssuanceState, int]:
+        """Cards per issuance state: preparing, issued (at the bureau), personalized, failed."""
+        with self._read() as session:
+            counts = dict.fromkeys(r.IssuanceState, 0)
+            for state, count in session.execute(select(IssuanceRow.state, func.count())
+                                                .group_by(IssuanceRow.state)):
+                counts[r.IssuanceState(state)] = count
+            return counts
+
     def issuance_records(self, serials: Sequence[str]) -> dict[str, r.IssuanceRecord]:
         with self._read() as session:
             found: dict[str, r.IssuanceRecord] = {}

@@ -201,6 +201,8 @@ def test_a_batch_is_issued_sealed_to_its_cards_and_signed(
         assert_absent(path.read_bytes(), secrets, str(path))
     assert_absent(issuer.dump(), secrets, "the database")
     assert_absent((done.stdout + shown).encode(), secrets, "the command output")
+    assert_absent((issuer.directory / "access-server.log").read_bytes(), secrets,
+                  "the access server's log")
     changed = issuer.directory / "changed.csv"
     changed.write_bytes(perso_file.read_bytes().replace(b"Alan", b"Alam"))
     assert openssl_verify(changed, signature).returncode != 0
@@ -266,6 +268,11 @@ def test_hsm_pins_go_to_the_mailer_only_and_the_file_to_the_bureau_sealed(
                 assert f",{value.decode()}," not in text.decode("utf-8", "replace"), name
     assert_absent(issuer.dump(), {k: v for k, v in codes.items() if "user" in k},
                   "the database")
+    dump = issuer.dump().decode("utf-8", "replace")
+    log = (issuer.directory / "access-server.log").read_text()
+    for name, value in codes.items():
+        if "user" not in name:  # digits: looked for as whole values, not inside others
+            assert f"'{value.decode()}'" not in dump and f"={value.decode()}" not in log, name
 
 
 def test_refusals_change_nothing(issuer: Issuer) -> None:
@@ -416,6 +423,8 @@ def test_results_personalize_or_quarantine_and_refusals_change_nothing(issuer: I
         again.stderr
     metrics = _metrics(issuer)
     assert 'state="quarantined"} 1.0' in metrics and 'state="personalized"} 1.0' in metrics
+    assert 'cms_issuance_cards{state="failed"} 1.0' in metrics
+    assert 'cms_issuance_cards{state="issued"} 1.0' in metrics
     # The user whose card failed may be issued again: from stock, not the quarantined card.
     issuer.cms("issue", "user", str(users[1]), "--pack", "B-AGAIN", "--out", str(out))
     assert F.read_perso((out / "B-AGAIN.csv").read_bytes()).rows[0].serial == serials[3]
