@@ -87,9 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
     _register_stock(sub)
-    from access_server import issuance_cli
-
-    issuance_cli.register(sub, _client_options)
 
 
 def _register_stock(sub: argparse._SubParsersAction) -> None:

@@ -1,8 +1,9 @@
 """``cms users ...``, ``cms issue ...`` and ``cms bureaus ...``: users, issuance, results.
 
-Registered by ``access_server.cli``; the same client options (``--endpoints``,
-``--identity``). Bad input is one line and exit status 1, before anything
-reaches the server where the client can tell.
+A registrar of ``cms.cli`` beside ``access_server.cli``, whose client options
+(``--endpoints``, ``--identity``) and helpers it uses. Bad input is one line
+and exit status 1, before anything reaches the server where the client can
+tell.
 
 ``cms issue --pack NAME --users FILE`` takes FILE as CSV with one column,
 ``user_id``, under that header: users are registered first (``cms users
@@ -24,7 +25,9 @@ ISSUE_TIMEOUT_S = 1800
 SIGNATURE_SUFFIX = ".p7s"
 
 
-def register(sub: argparse._SubParsersAction, client_options: Any) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    from access_server.cli import _client_options as client_options
+
     users = sub.add_parser("users", help="the users cards are issued to")
     client_options(users)
     usub = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
