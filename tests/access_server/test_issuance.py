@@ -41,6 +41,7 @@ from tests.support.launcher import cms
 from tests.support.scan import assert_absent
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ("tests.support.postgres",)
 
 TIMEOUT = 60
 PROVIDER = "acme-cards"
@@ -509,3 +510,39 @@ def test_without_a_proxy_issuance_is_unavailable_and_nothing_changes(
         assert done.returncode == 1 and "no HSM proxy configured" in done.stderr
         assert issuer.stock()["in_stock"] == 1
         assert "card" not in issuer.cms("users", "show", str(user)).stdout.split("\n", 1)[1]
+
+
+@pytest.mark.postgres
+def test_issuance_and_results_on_postgresql(proxy: ProxyProcess, root: S.Root,
+                                            issuer_public: ec.EllipticCurvePublicKey,
+                                            postgres_url: str, tmp_path: Path) -> None:
+    with S.access_server(tmp_path, postgres_url, pki=proxy.env.pki,
+                         proxy_address=proxy.address) as endpoints:
+        stock_pb2_grpc.StockStub(load_endpoints(endpoints).channel("access_server", "admin")) \
+            .TrustProvider(spb.TrustProviderRequest(root_certificate=root.der), timeout=30)
+        issuer = Issuer(tmp_path, endpoints, tmp_path / "unused.db", root, {})
+        serials = issuer.add_pack("PK-PG", 2)
+        first, second = issuer.add_user("Ada"), issuer.add_user("Bob")
+        issuer.cms("users", "remove", str(second))
+        third = issuer.add_user("Cy")
+        assert "element=3" in issuer.cms("users", "show", str(third)).stdout
+        out = tmp_path / "out"
+        out.mkdir()
+        issuer.cms("issue", "--pack", "B-PG", "--users", str(issuer.users_file([first, third])),
+                   "--out", str(out))
+        table = F.read_perso((out / "B-PG.csv").read_bytes())
+        assert [r.serial for r in table.rows] == serials
+        for row in table.rows:
+            assert open_payload(issuer, row, issuer_public).payload.binding.sequence == 1
+        bureau = make_bureau("bureau-1")
+        cert = tmp_path / "bureau.pem"
+        cert.write_bytes(bureau.certificate.public_bytes(PEM))
+        issuer.cms("bureaus", "trust", "--cert", str(cert))
+        data = results(table.header.file_serial, "bureau-1",
+                       [(serials[0], "personalized", ""), (serials[1], "failed", "no ATR")])
+        path = tmp_path / "results.csv"
+        path.write_bytes(data)
+        (tmp_path / "results.csv.p7s").write_bytes(bureau.sign(data))
+        issuer.cms("issue", "results", str(path))
+        after = issuer.stock()
+        assert (after["personalized"], after["quarantined"]) == (1, 1)
