@@ -546,3 +546,57 @@ def test_issuance_and_results_on_postgresql(proxy: ProxyProcess, root: S.Root,
         issuer.cms("issue", "results", str(path))
         after = issuer.stock()
         assert (after["personalized"], after["quarantined"]) == (1, 1)
+
+
+def test_lost_files_are_made_again_with_the_next_sequence(
+        issuer: Issuer, issuer_public: ec.EllipticCurvePublicKey) -> None:
+    serials = issuer.add_pack("PK-A", 2)
+    users = [issuer.add_user("Ada"), issuer.add_user("Bob")]
+    out = issuer.directory / "out"
+    out.mkdir()
+    issuer.cms("issue", "--pack", "B-1", "--users", str(issuer.users_file(users)), "--out",
+               str(out))
+    first = F.read_perso((out / "B-1.csv").read_bytes())
+    old = [open_payload(issuer, row, issuer_public) for row in first.rows]
+    mailer = issuer.directory / "mailer.pem"
+    mailer.write_bytes(rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    refused = issuer.cms("issue", "again", first.header.file_serial.hex(), "--pack", "B-1b",
+                         "--out", str(out), "--hsm-pins", "--mailer-key", str(mailer),
+                         check=False)
+    assert refused.returncode == 1 and "PIN and PUK are the bureau's" in refused.stderr
+    unknown = issuer.cms("issue", "again", "00" * 16, "--pack", "B-1b", "--out", str(out),
+                         check=False)
+    assert unknown.returncode == 1 and "no card of issuance 0000" in unknown.stderr
+
+    issuer.cms("issue", "again", first.header.file_serial.hex(), "--pack", "B-1b", "--out",
+               str(out))
+
+    again = F.read_perso((out / "B-1b.csv").read_bytes())
+    assert openssl_verify(out / "B-1b.csv", out / "B-1b.csv.p7s").returncode == 0
+    assert again.header.file_serial != first.header.file_serial
+    assert [r.serial for r in again.rows] == serials
+    for before, row in zip(old, again.rows, strict=True):
+        opened = open_payload(issuer, row, issuer_public)
+        assert opened.payload.binding.sequence == before.payload.binding.sequence + 1 == 2
+        assert opened.payload.binding.issuance_id == again.header.file_serial
+        # The same user key (one derivation element) and device authentication key.
+        assert opened.bundle.user_private_key == before.bundle.user_private_key
+        assert opened.bundle.device_auth_public_key == before.bundle.device_auth_public_key
+    assert issuer.stock()["reserved"] == 2
+    # The old file is superseded: its results are refused, the new file's apply.
+    bureau = make_bureau("bureau-1")
+    cert = issuer.directory / "bureau.pem"
+    cert.write_bytes(bureau.certificate.public_bytes(PEM))
+    issuer.cms("bureaus", "trust", "--cert", str(cert))
+    path = issuer.directory / "results.csv"
+    for serial, expect in ((first.header.file_serial, 1), (again.header.file_serial, 0)):
+        data = results(serial, "bureau-1", [(s, "personalized", "") for s in serials])
+        path.write_bytes(data)
+        (issuer.directory / "results.csv.p7s").write_bytes(bureau.sign(data))
+        done = issuer.cms("issue", "results", str(path), check=False)
+        assert done.returncode == expect, done.stderr
+    assert issuer.stock()["personalized"] == 2
+    gone = issuer.cms("issue", "again", again.header.file_serial.hex(), "--pack", "B-1c",
+                      "--out", str(out), check=False)
+    assert gone.returncode == 1 and "is at the bureau" in gone.stderr
