@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import fcntl
 import multiprocessing
 import os
 import platform
@@ -67,17 +68,19 @@ from typing import Any, NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cryptography.exceptions import InvalidSignature  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 
 from access_server import packs, weak_keys  # noqa: E402
-from cardcore.issuance import device_key_statement  # noqa: E402
+from cardcore.issuance import IssuanceError, device_key_statement  # noqa: E402
 from cardcore.issuance_keys import rsa_from_spki  # noqa: E402
 from cms.pack_format import SIGNATURE_SUFFIX, PackRow  # noqa: E402
 
 DEFAULT_CACHE = Path.home() / ".cache" / "cms-bench" / "pack-import"
 CACHE_FILE = "cards-v1.csv"
 """One line per card: serial and three base64 fields (``CachedCard``)."""
+LOCK_FILE = "lock"
 SERIAL_PREFIX = "BENCH-"
 PROVIDER_ID = "bench-provider"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -117,49 +120,70 @@ def _encode(card: CachedCard) -> list[str]:
     return [card.serial, *(base64.b64encode(v).decode() for v in card[1:])]
 
 
-def _decode(fields: list[str]) -> CachedCard | None:
-    """A cache line, or None for a line cut short by an interrupted run."""
-    if len(fields) != len(CachedCard._fields):
+def _index(serial: str) -> int | None:
+    digits = serial.removeprefix(SERIAL_PREFIX)
+    return int(digits) if serial.startswith(SERIAL_PREFIX) and digits.isdigit() else None
+
+
+def _decode(fields: list[str]) -> tuple[int, CachedCard] | None:
+    """A cache line and its card's index, or None for a damaged line.
+
+    A line counts only if its signed device key verifies over its serial and
+    device key with its issuer authentication key: a line cut short or
+    overwritten cannot pass for a card.
+    """
+    if len(fields) != len(CachedCard._fields) or (index := _index(fields[0])) is None:
         return None
     try:
-        return CachedCard(fields[0], *(base64.b64decode(v, validate=True) for v in fields[1:]))
-    except ValueError:
+        card = CachedCard(fields[0], *(base64.b64decode(v, validate=True) for v in fields[1:]))
+        issuer_auth = serialization.load_der_public_key(card.issuer_auth_public_key)
+        if not isinstance(issuer_auth, ec.EllipticCurvePublicKey):
+            return None
+        issuer_auth.verify(card.signed_device_key, device_key_statement(
+            card.serial, rsa_from_spki(card.device_public_key)), ec.ECDSA(hashes.SHA256()))
+    except (ValueError, IssuanceError, InvalidSignature):
         return None
+    return index, card
 
 
-def read_cache(directory: Path) -> list[CachedCard]:
-    """The cards kept so far, in order, up to the first damaged line."""
+def read_cache(directory: Path) -> dict[int, CachedCard]:
+    """The sound cards kept so far, by index."""
     path = directory / CACHE_FILE
     if not path.exists():
-        return []
-    cards: list[CachedCard] = []
+        return {}
     with open(path, newline="") as f:
-        for fields in csv.reader(f):
-            card = _decode(fields)
-            if card is None or card.serial != card_serial(len(cards)):
-                break
-            cards.append(card)
-    return cards
+        return dict(found for fields in csv.reader(f) if (found := _decode(fields)))
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One run at a time reads and extends a cache."""
+    with open(directory / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def cached_cards(directory: Path, count: int,
                  processes: int | None = None) -> tuple[list[CachedCard], int]:
-    """``count`` cards and how many of them came from the cache; the rest are added to it."""
+    """Cards 0 to ``count - 1`` and how many came from the cache; the others are added to it."""
     directory.mkdir(parents=True, exist_ok=True)
-    cards = read_cache(directory)[:count]
-    from_cache = len(cards)
     path = directory / CACHE_FILE
-    # Rewrite what was read (drops a damaged tail), then append as keys arrive.
-    if from_cache < count:
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(_encode(c) for c in read_cache(directory))
-        with open(path, "a", newline="") as f, \
-                multiprocessing.Pool(processes or os.cpu_count()) as pool:
-            writer = csv.writer(f)
-            for card in pool.imap(make_card, range(from_cache, count), chunksize=8):
-                writer.writerow(_encode(card))
-                cards.append(card)
-    return cards, from_cache
+    with _locked(directory):
+        kept = read_cache(directory)
+        missing = [i for i in range(count) if i not in kept]
+        from_cache = count - len(missing)
+        if missing:
+            # Rewrite the sound lines (drops damaged ones), then append as keys arrive.
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(_encode(kept[i]) for i in sorted(kept))
+            with open(path, "a", newline="") as f, \
+                    multiprocessing.Pool(processes or os.cpu_count()) as pool:
+                writer = csv.writer(f)
+                for index, card in zip(missing, pool.imap(make_card, missing, chunksize=8),
+                                       strict=True):
+                    writer.writerow(_encode(card))
+                    kept[index] = card
+    return [kept[i] for i in range(count)], from_cache
 
 
 # -- packs ---------------------------------------------------------------------------

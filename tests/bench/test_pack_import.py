@@ -34,14 +34,18 @@ def test_cards_are_generated_once_then_read_from_the_cache(cache: Path) -> None:
     assert len({c.device_public_key for c in again}) == 6
 
 
-def test_a_damaged_tail_of_the_cache_is_dropped_and_regenerated(cache: Path) -> None:
+def test_damaged_lines_of_the_cache_are_dropped_and_regenerated(cache: Path) -> None:
     kept = bench.read_cache(cache)
+    last = (cache / bench.CACHE_FILE).read_text().splitlines()[-1].split(",")
     with open(cache / bench.CACHE_FILE, "a") as f:
         f.write("BENCH-0000000999,not base64!,\n")
+        # Another card's serial on these keys: its signed device key does not verify.
+        f.write(",".join([bench.card_serial(len(kept)), *last[1:]]) + "\n")
     assert bench.read_cache(cache) == kept
     cards, from_cache = bench.cached_cards(cache, len(kept) + 1, processes=1)
     assert from_cache == len(kept)
-    assert bench.read_cache(cache) == cards
+    assert bench.read_cache(cache) == dict(enumerate(cards))
+    assert len((cache / bench.CACHE_FILE).read_text().splitlines()) == len(cards)
 
 
 def test_the_cache_holds_no_private_key(cache: Path) -> None:
