@@ -93,6 +93,7 @@ def test_the_gcd_curve_runs_with_gmpy2_and_python_ints() -> None:
     curve = bench.gcd_curve([10, 20], pack=3)
     assert [p["stock"] for p in curve["gmpy2"]] == [10, 20]
     assert [(g["from"], g["to"]) for g in curve["growth"]] == [(10, 20)]
+    assert all(p["against_stock_seconds"] <= p["seconds"] for p in curve["gmpy2"])
     if weak_keys.HAVE_GMPY2:
         assert curve["python_ints"]["stock"] == 10
         assert weak_keys._mpz is not int        # restored after the Python-ints run
