@@ -109,7 +109,8 @@ def test_the_root_certificate_is_a_self_signed_ca(root: pb.RootCertificate,
     assert f"Subject: O = {PROVIDER_ID}, CN = {PROVIDER_ID} root" in text
     assert "ecdsa-with-SHA256" in text and "prime256v1" in text
     assert "X509v3 Basic Constraints: critical\n                CA:TRUE, pathlen:0" in text
-    assert "X509v3 Key Usage: critical\n                Digital Signature, Certificate Sign, CRL Sign" in text
+    assert ("X509v3 Key Usage: critical\n"
+            "                Digital Signature, Certificate Sign, CRL Sign") in text
     assert "X509v3 Subject Key Identifier" in text
     assert openssl("verify", "-CAfile", path, path).returncode == 0
     cert = x509.load_der_x509_certificate(root.certificate)
