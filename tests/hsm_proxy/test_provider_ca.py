@@ -266,6 +266,7 @@ def test_the_issuers_checks_accept_what_the_proxy_makes(proxy: ProxyProcess,
     got = ca(proxy).IssueCardCertificates(pb.IssueCardCertificatesRequest(
         provider_id=PROVIDER_ID, cards=[sent]), timeout=TIMEOUT).certificates[0]
     root_cert = x509.load_der_x509_certificate(root.certificate)
+    now = datetime.now(UTC)  # after the issuing: the certificates start at the call's second
     for der, spki, usage in ((got.device_certificate, sent.device_public_key,
                               "key_encipherment"),
                              (got.issuer_auth_certificate, sent.issuer_auth_public_key,
