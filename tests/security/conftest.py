@@ -25,8 +25,15 @@ from cardcore.diversify import diversify_key_set_software
 from cardcore.kcv import kcv_zero_block
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.v1 import card_keys_pb2_grpc, hsm_pb2_grpc, key_blocks_pb2_grpc, provider_pb2_grpc
+from cms.v1 import (
+    card_keys_pb2_grpc,
+    hsm_pb2_grpc,
+    issuer_pb2_grpc,
+    key_blocks_pb2_grpc,
+    provider_pb2_grpc,
+)
 from cms.v1 import hsm_pb2 as pb
+from cms.v1 import issuer_pb2 as ipb
 from cms.v1 import key_blocks_pb2 as bpb
 from cms.v1 import provider_pb2 as ppb
 from deploy.local import default_policy
@@ -61,7 +68,8 @@ class World:
         return {"Hsm": hsm_pb2_grpc.HsmStub, "CardKeys": card_keys_pb2_grpc.CardKeysStub,
                 "KeyBlocks": key_blocks_pb2_grpc.KeyBlocksStub,
                 "ProviderCa": provider_pb2_grpc.ProviderCaStub,
-                "IssuerKeys": provider_pb2_grpc.IssuerKeysStub}[service](channel)
+                "IssuerKeys": provider_pb2_grpc.IssuerKeysStub,
+                "IssuerHsm": issuer_pb2_grpc.IssuerHsmStub}[service](channel)
 
     def attempt(self, identity: str, service: str, method: str, request: Any
                 ) -> tuple[grpc.StatusCode, Any]:
@@ -151,6 +159,11 @@ def _provision(world: World) -> None:
         ppb.CreateRootRequest(provider_id=PROVIDER_ID), timeout=TIMEOUT).certificate
     world.stub("admin", "IssuerKeys").CreateIssuerKey(ppb.CreateIssuerKeyRequest(version=1),
                                                       timeout=TIMEOUT)
+    # Seed 004 part 2: the issuer's seed and the device authentication KEK.
+    world.stub("admin", "IssuerHsm").CreateSeed(ipb.CreateSeedRequest(version=1),
+                                                timeout=TIMEOUT)
+    world.stub("admin", "IssuerHsm").CreateDeviceAuthKek(
+        ipb.CreateDeviceAuthKekRequest(version=1), timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="package")
