@@ -29,12 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from cardcore import personalization as perso
 from cardcore.issuance import issuer_key_id
-from cardcore.issuance_keys import ec_point_from_spki, rsa_from_spki
+from cardcore.issuance_keys import rsa_from_spki
 from cms import keynames
 from cms.v1 import issuer_pb2 as pb
-from cms.v1 import issuer_pb2_grpc
+from cms.v1 import issuer_pb2_grpc, provider_pb2_grpc
 from cms.v1 import provider_pb2 as ppb
-from cms.v1 import provider_pb2_grpc
 from deploy.local import default_policy
 from tests.support.hsm_proxy import ProxyEnv, ProxyProcess
 
@@ -242,7 +241,7 @@ def test_an_issuer_file_signature_verifies_with_openssl(proxy: ProxyProcess,
     assert certificates[0] == certificates[1]   # made once, kept beside the key
     cert = x509.load_der_x509_certificate(certificates[0])
     assert cert.public_key().public_bytes(_DER, _SPKI) == issuer_public.public_bytes(_DER, _SPKI)
-    assert ec_point_from_spki(cert.public_key().public_bytes(_DER, _SPKI))
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     (tmp_path / "sig.der").write_bytes(first)
     (tmp_path / "issuer.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
