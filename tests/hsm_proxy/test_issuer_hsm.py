@@ -25,7 +25,7 @@ import pytest
 from asn1crypto import cms as acms
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cardcore import personalization as perso
 from cardcore.issuance import issuer_key_id
@@ -35,6 +35,7 @@ from cms.v1 import issuer_pb2 as pb
 from cms.v1 import issuer_pb2_grpc, provider_pb2_grpc
 from cms.v1 import provider_pb2 as ppb
 from deploy.local import default_policy
+from tests.hsm_proxy.helpers import oaep_sha1, oaep_sha256
 from tests.support.hsm_proxy import ProxyEnv, ProxyProcess
 
 pytestmark = pytest.mark.integration
@@ -42,10 +43,7 @@ pytestmark = pytest.mark.integration
 TIMEOUT = 60
 _DER = serialization.Encoding.DER
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
-_OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(),  # noqa: S303
-                          label=None)
-_OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
-                            label=None)
+_OAEP_SHA1, _OAEP_SHA256 = oaep_sha1(), oaep_sha256()
 
 
 @pytest.fixture(scope="module")

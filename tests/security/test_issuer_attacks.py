@@ -24,18 +24,17 @@ import pytest
 from asn1crypto import cms as acms
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import ObjectClass
 
 from cardcore import personalization as perso
 from cms import keynames
-from cms.v1 import card_keys_pb2 as kpb
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import issuer_pb2 as ipb
-from cms.v1 import key_blocks_pb2 as bpb
 from cms.v1 import provider_pb2 as ppb
 from hsm_proxy.key_classes import Tag
-from tests.security.conftest import World
+from tests.hsm_proxy.helpers import oaep_sha1, oaep_sha256
+from tests.security.conftest import World, refuse_generic_uses
 from tests.security.test_provider_attacks import scalar_in
 from tests.support.scan import assert_absent
 from tests.support.token import RawToken
@@ -49,10 +48,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 OUTSIDERS = ("key-mgmt", "provider", "card-agent", "custodian-1", "custodian-2", "stranger")
 _DER = serialization.Encoding.DER
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
-_OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(),  # noqa: S303
-                          label=None)
-_OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
-                            label=None)
+_OAEP_SHA1, _OAEP_SHA256 = oaep_sha1(), oaep_sha256()
 _serials = itertools.count(1)
 
 
@@ -136,23 +132,7 @@ def test_the_seed_and_the_kek_cannot_be_read_or_changed(world: World):
 def test_no_generic_operation_reaches_the_seed_or_the_kek(world: World):
     for identity in ("admin", "access-server", *OUTSIDERS):
         for token, label in ((ISSUER, SEED), (SYSTEM, KEK)):
-            ref = pb.KeyRef(token=token, label=label)
-            for method in ("Encrypt", "Decrypt"):
-                world.refused(identity, "Hsm", method, pb.CipherRequest(
-                    key=ref, mechanism=pb.CIPHER_AES_ECB, data=bytes(16)))
-            world.refused(identity, "Hsm", "Sign", pb.SignRequest(
-                key=ref, mechanism=pb.AES_CMAC, data=b"anything"))
-            world.refused(identity, "Hsm", "DeriveKey", pb.DeriveKeyRequest(
-                base_key=ref, mechanism=pb.AES_ECB_ENCRYPT_DATA, data=bytes(16),
-                algorithm=pb.AES_128, template=pb.KeyTemplate(
-                    label="demo/from-seed", usages=[pb.ENCRYPT], session=True)))
-            world.refused(identity, "Hsm", "DestroyKey", pb.DestroyKeyRequest(key=ref))
-            world.refused(identity, "KeyBlocks", "TransferBlocks", bpb.TransferBlocksRequest(
-                source_token=token, target_token=keynames.HSM1_TOKEN,
-                transport_label="transport/attack", labels=[label]))
-            world.refused(identity, "CardKeys", "DeriveKeySet", kpb.DeriveKeySetRequest(
-                spec=kpb.KeySetSpec(token=token, key_length=16, diversified=kpb.Diversified(
-                    master_label=label, element=bytes(10)))))
+            refuse_generic_uses(world, identity, token, label)
         # Nor can anyone make a key of these classes through the Hsm service.
         for token, label in ((ISSUER, "issuer-seed/9"), (SYSTEM, "device-auth-kek/9")):
             world.refused(identity, "Hsm", "GenerateSecretKey", pb.GenerateSecretKeyRequest(
