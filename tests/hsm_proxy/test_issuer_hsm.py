@@ -255,3 +255,37 @@ def test_an_issuer_file_signature_verifies_with_openssl(proxy: ProxyProcess,
     changed = tmp_path / "changed.csv"
     changed.write_bytes(content.replace(b"0102", b"0103"))
     assert verify(changed).returncode != 0
+
+
+@pytest.mark.parametrize(("identity", "method", "request_", "code", "words"), [
+    ("admin", "CreateSeed", pb.CreateSeedRequest(), "INVALID_ARGUMENT", "version: 1 to 255"),
+    ("admin", "CreateDeviceAuthKek", pb.CreateDeviceAuthKekRequest(version=256),
+     "INVALID_ARGUMENT", "version: 1 to 255"),
+    ("access-server", "GenerateDeviceAuthKeys", pb.GenerateDeviceAuthKeysRequest(),
+     "INVALID_ARGUMENT", "count: 1 to 4096"),
+    ("access-server", "GenerateDeviceAuthKeys",
+     pb.GenerateDeviceAuthKeysRequest(count=1, kek_version=77), "NOT_FOUND",
+     "device-auth-kek/77"),
+    ("access-server", "SignWithDeviceAuthKey", pb.SignWithDeviceAuthKeyRequest(),
+     "INVALID_ARGUMENT", "key.kek_version"),
+    ("access-server", "IssueBatch", pb.IssueBatchRequest(), "INVALID_ARGUMENT",
+     "seed_version: 1 to 255"),
+    ("access-server", "IssueBatch", pb.IssueBatchRequest(seed_version=1, issuer_key_version=1),
+     "INVALID_ARGUMENT", "the batch is empty"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(), "INVALID_ARGUMENT",
+     "issuer_key_version: 1 to 255"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(
+        issuer_key_version=77, purpose="x", sha256=bytes(32)), "NOT_FOUND", "issuer/77"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(
+        issuer_key_version=1, purpose="a\nb", sha256=bytes(32)), "INVALID_ARGUMENT",
+     "purpose"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(
+        issuer_key_version=1, purpose="x", sha256=bytes(31)), "INVALID_ARGUMENT", "sha256"),
+])
+def test_empty_and_unknown_requests_are_clear_errors(proxy: ProxyProcess, identity: str,
+                                                     method: str, request_: object, code: str,
+                                                     words: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(hsm(proxy, identity), method)(request_, timeout=TIMEOUT)
+    assert err.value.code().name == code and words in (err.value.details() or ""), \
+        err.value.details()
