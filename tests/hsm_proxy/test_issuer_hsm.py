@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from cms.v1 import issuer_pb2_grpc, provider_pb2_grpc
 from cms.v1 import provider_pb2 as ppb
 from deploy.local import default_policy
 from tests.hsm_proxy.helpers import oaep_sha1, oaep_sha256
-from tests.support.hsm_proxy import ProxyEnv, ProxyProcess
+from tests.support.hsm_proxy import REPO, ProxyEnv, ProxyProcess, write_endpoints
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +291,26 @@ def test_empty_and_unknown_requests_are_clear_errors(proxy: ProxyProcess, identi
         getattr(hsm(proxy, identity), method)(request_, timeout=TIMEOUT)
     assert err.value.code().name == code and words in (err.value.details() or ""), \
         err.value.details()
+
+
+def test_seed_and_kek_commands(proxy: ProxyProcess, tmp_path: Path) -> None:
+    endpoints = write_endpoints(tmp_path / "endpoints.json", proxy)
+
+    def cli(*args: str, identity: str = "admin") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cms.cli", "issuer", args[0], "--endpoints", str(endpoints),
+             "--identity", identity, *args[1:]], capture_output=True, text=True, cwd=REPO,
+            timeout=120, check=False)
+
+    seed = cli("seed", "create", "--version", "20")
+    assert seed.returncode == 0, seed.stderr
+    assert re.fullmatch(r"issuer-seed/20 version=20 seed_id=[0-9a-f]{16}\n", seed.stdout)
+    kek = cli("kek", "create", "--version", "20")
+    assert kek.returncode == 0, kek.stderr
+    assert re.fullmatch(r"device-auth-kek/20 version=20 kcv=[0-9a-f]{6}\n", kek.stdout)
+    for args, words in ((("seed", "create", "--version", "20"), "ALREADY_EXISTS"),
+                        (("kek", "create", "--version", "0"), "--version: 1 to 255"),
+                        (("seed", "create"), "PERMISSION_DENIED")):
+        failed = cli(*args, identity="access-server" if len(args) == 2 else "admin")
+        assert failed.returncode == 1 and words in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1 and not failed.stdout
