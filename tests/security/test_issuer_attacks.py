@@ -425,3 +425,18 @@ def test_a_certificate_planted_beside_an_issuer_key_stops_its_file_signatures(wo
                             ipb.SignIssuerFileRequest(issuer_key_version=60, purpose="planted",
                                                       sha256=bytes(32)))
     assert "not the issuer key's own self-signed certificate" in message
+
+
+def test_an_issuer_key_planted_with_the_token_pin_signs_no_payload_or_file(world: World,
+                                                                          device, auth):
+    raw = RawToken(world.env.hsm, ISSUER)
+    raw.generate_ec("issuer/210")
+    raw.generate_ec("issuer/211", tag=Tag(pb.ISSUER_KEY, pb.GENERATED).encode(),
+                    extractable=True, fixed=True)
+    for version, reason in ((210, "no tag"), (211, "does not match its class")):
+        for method, request in (
+                ("IssueBatch", batch(item(device, auth), issuer_key_version=version)),
+                ("SignIssuerFile", ipb.SignIssuerFileRequest(
+                    issuer_key_version=version, purpose="planted", sha256=bytes(32)))):
+            message = world.refused("access-server", "IssuerHsm", method, request)
+            assert reason in message and f"issuer/{version}" in message, message
