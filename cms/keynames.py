@@ -14,11 +14,15 @@ Labels::
     audit/<name>               AUDIT_KEY             signs the proxy's audit head
     provider-root/<provider>   PROVIDER_ROOT         the provider's root CA key (seed 004)
     issuer/<version>           ISSUER_KEY            the issuer's P-256 key, injected into cards
+    issuer-seed/<version>      ISSUER_SEED           the issuer's BIP32 seed (token issuer)
+    device-auth-kek/<version>  DEVICE_AUTH_KEK       wraps device authentication keys
+                                                     (token issuer-system)
     anything else              OPERATOR_KEY          an operator's own keys (policy: demo/*)
 
 Each form is made and read by the functions here (``mk_label(3)``,
 ``parse_block_label``, ``parse_named_label``, ``provider_root_label``,
-``issuer_key_label``, ``label_pattern``), never by
+``issuer_key_label``, ``issuer_seed_label``, ``device_auth_kek_label``,
+``label_pattern``), never by
 formatting or splitting a label elsewhere: the proxy's policy patterns, key
 management's checks and the access server's requests then cannot drift apart.
 """
@@ -35,13 +39,18 @@ PROVIDER_TOKEN = "provider"
 """The provider's HSM (seed 004): its root CA key and the root certificate beside it."""
 ISSUER_TOKEN = "issuer"
 """The issuer's HSM (seed 004): the issuer keys whose public halves go into every card."""
-TOKENS = (HSM1_TOKEN, HSM2_TOKEN, PROVIDER_TOKEN, ISSUER_TOKEN)
+ISSUER_SYSTEM_TOKEN = "issuer-system"
+"""The issuer system's HSM (seed 004, B3): the key-encryption key under which the cards'
+device authentication keys are kept, wrapped."""
+TOKENS = (HSM1_TOKEN, HSM2_TOKEN, PROVIDER_TOKEN, ISSUER_TOKEN, ISSUER_SYSTEM_TOKEN)
 
 MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT = (
     "mk", "mkrk", "cryptogram", "transport", "factory", "audit")
 PROVIDER_ROOT, ISSUER = "provider-root", "issuer"
+ISSUER_SEED, DEVICE_AUTH_KEK = "issuer-seed", "device-auth-kek"
 ISSUER_KEY_VERSIONS = range(1, 256)
-"""Issuer key versions: one byte, as cards and payloads name them."""
+"""Issuer key versions: one byte, as cards and payloads name them; seeds and device
+authentication KEKs are versioned the same way."""
 BLOCK_KINDS = (MK, MKRK, CRYPTOGRAM)
 FACTORY_TRANSPORT_MASTER = "factory/transport-master"
 AUDIT_KEY = "audit/hsm-proxy"
@@ -53,6 +62,8 @@ _VERSIONED = re.compile(rf"^({MK}|{MKRK}|{CRYPTOGRAM})/([1-9][0-9]{{0,8}})$")
 _NAMED = re.compile(rf"^({TRANSPORT}|{AUDIT})/({_NAME})$")
 _PROVIDER_ROOT = re.compile(rf"^{PROVIDER_ROOT}/({_NAME})$")
 _ISSUER = re.compile(rf"^{ISSUER}/([1-9][0-9]{{0,2}})$")
+_ISSUER_SEED = re.compile(rf"^{ISSUER_SEED}/([1-9][0-9]{{0,2}})$")
+_DEVICE_AUTH_KEK = re.compile(rf"^{DEVICE_AUTH_KEK}/([1-9][0-9]{{0,2}})$")
 PROVIDER_ID_PATTERN = re.compile(rf"^{_NAME}$")
 """A provider id: letters, digits, '.', '_', '-', up to 64, first a letter or digit."""
 
@@ -83,7 +94,8 @@ def cryptogram_label(version: int) -> str:
 
 def label_pattern(kind: str) -> str:
     """``mk/*``: every label of ``kind``, as the proxy's policy and its listings match them."""
-    if kind not in (*BLOCK_KINDS, TRANSPORT, AUDIT, PROVIDER_ROOT, ISSUER):
+    if kind not in (*BLOCK_KINDS, TRANSPORT, AUDIT, PROVIDER_ROOT, ISSUER, ISSUER_SEED,
+                    DEVICE_AUTH_KEK):
         raise ValueError(f"no label pattern for {kind!r}")
     return f"{kind}/*"
 
@@ -119,24 +131,52 @@ def parse_provider_root_label(label: str) -> str | None:
     return m.group(1) if m else None
 
 
-def issuer_key_label(version: int) -> str:
-    """The issuer key of version ``version`` (1..255): ``issuer/1``."""
+def _versioned(kind: str, what: str, version: int) -> str:
     if not isinstance(version, int) or version not in ISSUER_KEY_VERSIONS:
-        raise ValueError(f"issuer key versions are 1 to 255, not {version!r}")
-    return f"{ISSUER}/{version}"
+        raise ValueError(f"{what} versions are 1 to 255, not {version!r}")
+    return f"{kind}/{version}"
 
 
-def parse_issuer_key_label(label: str) -> int | None:
-    """The version of ``issuer/<version>``, or None."""
-    m = _ISSUER.match(label)
+def _parse_versioned(pattern: re.Pattern[str], label: str) -> int | None:
+    m = pattern.match(label)
     if m is None or int(m.group(1)) not in ISSUER_KEY_VERSIONS:
         return None
     return int(m.group(1))
 
 
+def issuer_key_label(version: int) -> str:
+    """The issuer key of version ``version`` (1..255): ``issuer/1``."""
+    return _versioned(ISSUER, "issuer key", version)
+
+
+def parse_issuer_key_label(label: str) -> int | None:
+    """The version of ``issuer/<version>``, or None."""
+    return _parse_versioned(_ISSUER, label)
+
+
+def issuer_seed_label(version: int) -> str:
+    """The issuer's BIP32 seed of version ``version`` (1..255): ``issuer-seed/1``."""
+    return _versioned(ISSUER_SEED, "seed", version)
+
+
+def parse_issuer_seed_label(label: str) -> int | None:
+    """The version of ``issuer-seed/<version>``, or None."""
+    return _parse_versioned(_ISSUER_SEED, label)
+
+
+def device_auth_kek_label(version: int) -> str:
+    """The device authentication KEK of version ``version`` (1..255): ``device-auth-kek/1``."""
+    return _versioned(DEVICE_AUTH_KEK, "device authentication KEK", version)
+
+
+def parse_device_auth_kek_label(label: str) -> int | None:
+    """The version of ``device-auth-kek/<version>``, or None."""
+    return _parse_versioned(_DEVICE_AUTH_KEK, label)
+
+
 def label_kind(label: str) -> str | None:
     """The kind a label names (mk, mkrk, cryptogram, transport, factory, audit,
-    provider-root, issuer), or None for an operator's label."""
+    provider-root, issuer, issuer-seed, device-auth-kek), or None for an operator's label."""
     parsed = parse_block_label(label)
     if parsed is not None:
         return parsed[0]
@@ -149,8 +189,13 @@ def label_kind(label: str) -> str | None:
         return PROVIDER_ROOT
     if parse_issuer_key_label(label) is not None:
         return ISSUER
+    if parse_issuer_seed_label(label) is not None:
+        return ISSUER_SEED
+    if parse_device_auth_kek_label(label) is not None:
+        return DEVICE_AUTH_KEK
     head = label.split("/", 1)[0]
-    if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT, PROVIDER_ROOT, ISSUER):
+    if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT, PROVIDER_ROOT, ISSUER,
+                ISSUER_SEED, DEVICE_AUTH_KEK):
         # A reserved prefix with a malformed rest is nobody's key: refused.
         return "reserved"
     return None

@@ -2,7 +2,8 @@
 
 ``cms dev up --dir DIR`` creates on first use the SoftHSM2 tokens (``access``
 for HSM1, ``kms`` for HSM2, ``provider`` for the card provider's root CA and
-``issuer`` for the issuer keys), the development PKI, configuration and policy;
+``issuer`` for the issuer keys and seed, ``issuer-system`` for the device
+authentication KEK), the development PKI, configuration and policy;
 starts each service in the background on free loopback ports (each binds port
 0 and reports the port it got in a ready file, so nothing races for ports);
 waits until the standard health check says SERVING; and writes
@@ -196,6 +197,8 @@ OPERATOR_KEY_OPERATIONS = ["GenerateSecretKey", "GenerateKeyPair", "DeriveKey", 
 INSPECT_OPERATIONS = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey",
                       "GenerateRandom", "ListBlocks", "GetCeremony"]
 PROVIDER_CA_OPERATIONS = ["CreateRoot", "GetRoot", "IssueCardCertificates", "SignPack"]
+ISSUER_HSM_OPERATIONS = ["IssueBatch", "GenerateDeviceAuthKeys", "SignWithDeviceAuthKey",
+                         "SignIssuerFile"]
 
 
 def default_policy() -> dict:
@@ -206,8 +209,10 @@ def default_policy() -> dict:
     management put there; key management generates blocks in HSM2, moves
     them to HSM1 under transport keys and begins ceremonies, whose components
     only custodians enter; the operator (admin) inspects everything, uses
-    only its own demo keys, makes the issuer keys and reads the provider's
-    root certificate; the provider signs with its root only what ProviderCa
+    only its own demo keys, makes the issuer keys, the issuer's seed and
+    the device authentication KEK and reads the provider's root certificate;
+    the access server issues (payloads, device authentication keys, the
+    issuer's files); the provider signs with its root only what ProviderCa
     builds and opens cards' transport channels with the factory master
     alone. The key classes bound what each purpose can do whatever this file
     says (docs/threat-model.md).
@@ -219,11 +224,19 @@ def default_policy() -> dict:
     both = [kn.HSM2_TOKEN, kn.HSM1_TOKEN]
     roots = kn.label_pattern(kn.PROVIDER_ROOT)
     issuer_keys = kn.label_pattern(kn.ISSUER)
+    seeds = kn.label_pattern(kn.ISSUER_SEED)
+    keks = kn.label_pattern(kn.DEVICE_AUTH_KEK)
     identities: dict[str, list[dict]] = {
         "access-server": [
             {"operations": [*CARD_CHANNEL_OPERATIONS, "ListBlocks"], "tokens": [kn.HSM1_TOKEN],
              "keys": masters},
             {"operations": ["GetIssuerKey"], "tokens": [kn.ISSUER_TOKEN], "keys": [issuer_keys]},
+            # Issuance (seed 004, B3): payloads from the seed and the issuer key, the
+            # issuer's files, the cards' device authentication keys.
+            {"operations": ISSUER_HSM_OPERATIONS, "tokens": [kn.ISSUER_TOKEN],
+             "keys": [issuer_keys, seeds]},
+            {"operations": ISSUER_HSM_OPERATIONS, "tokens": [kn.ISSUER_SYSTEM_TOKEN],
+             "keys": [keks]},
         ],
         "key-mgmt": [
             {"operations": ["GenerateBlock"], "tokens": [kn.HSM2_TOKEN], "keys": blocks},
@@ -242,6 +255,9 @@ def default_policy() -> dict:
              "keys": [f"{kn.OPERATOR_PREFIX}*"]},
             {"operations": ["CreateIssuerKey", "GetIssuerKey"], "tokens": [kn.ISSUER_TOKEN],
              "keys": [issuer_keys]},
+            {"operations": ["CreateSeed"], "tokens": [kn.ISSUER_TOKEN], "keys": [seeds]},
+            {"operations": ["CreateDeviceAuthKek"], "tokens": [kn.ISSUER_SYSTEM_TOKEN],
+             "keys": [keks]},
             {"operations": ["GetRoot"], "tokens": [kn.PROVIDER_TOKEN], "keys": [roots]},
         ],
         "provider": [

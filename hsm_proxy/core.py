@@ -308,7 +308,8 @@ class ProxyCore:
 def target_hint(request: Any) -> tuple[str | None, str | None]:
     """Token and key a request names, for the denial message of an unknown identity."""
     for name in ("key", "base_key"):
-        if request.DESCRIPTOR.fields_by_name.get(name) is not None and request.HasField(name):
+        if request.DESCRIPTOR.fields_by_name.get(name) is not None and request.HasField(name) \
+                and isinstance(getattr(request, name), pb.KeyRef):
             ref = getattr(request, name)
             return ref.token or None, ref.label or ref.handle or None
     token = getattr(request, "token", None) or None

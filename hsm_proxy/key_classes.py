@@ -46,6 +46,9 @@ ROLE_NAMES: dict[int, str] = {
     pb.OPERATOR_KEY: "operator-key",
     pb.PROVIDER_ROOT: "provider-root",
     pb.ISSUER_KEY: "issuer-key",
+    pb.ISSUER_SEED: "issuer-seed",
+    pb.DEVICE_AUTH_KEK: "device-auth-kek",
+    pb.DEVICE_AUTH_KEY: "device-auth-key",
 }
 ROLE_BY_NAME = {v: k for k, v in ROLE_NAMES.items()}
 ORIGIN_NAMES: dict[int, str] = {
@@ -68,6 +71,8 @@ _KIND_ROLES = {
     keynames.AUDIT: pb.AUDIT_KEY,
     keynames.PROVIDER_ROOT: pb.PROVIDER_ROOT,
     keynames.ISSUER: pb.ISSUER_KEY,
+    keynames.ISSUER_SEED: pb.ISSUER_SEED,
+    keynames.DEVICE_AUTH_KEK: pb.DEVICE_AUTH_KEK,
 }
 BLOCK_ROLES = frozenset({pb.MK_BLOCK, pb.MKRK_BLOCK, pb.CRYPTOGRAM_PAIR})
 CEREMONY_ROLES = frozenset({pb.TRANSPORT_KEY, pb.FACTORY_TRANSPORT_MASTER})
@@ -82,6 +87,9 @@ ALGORITHMS: dict[int, frozenset[int]] = {
     pb.AUDIT_KEY: frozenset({pb.EC_P256}),
     pb.PROVIDER_ROOT: frozenset({pb.EC_P256}),
     pb.ISSUER_KEY: frozenset({pb.EC_P256}),
+    pb.ISSUER_SEED: frozenset({pb.GENERIC_SECRET}),
+    pb.DEVICE_AUTH_KEK: frozenset({pb.AES_256}),
+    pb.DEVICE_AUTH_KEY: frozenset({pb.EC_P256}),
 }
 
 # Usage groups an operator key may have (one group, any non-empty part of it).
@@ -234,6 +242,18 @@ never extractable: what each signs is decided by the one purpose that reaches it
 (audit heads; the certificates and pack signatures ProviderCa builds; seed 004 part 2)."""
 SIGNING_PAIR_TEMPLATE = AUDIT_TEMPLATE
 
+SEED_BYTES = 64
+"""The issuer seed: 512 bits, the longest seed BIP32 allows and the size of its HMAC-SHA512."""
+ISSUER_SEED_TEMPLATE = ObjectTemplate(SECRET, frozenset(), extractable=True)
+"""The seed: a GENERIC_SECRET with no usage at all, sensitive. SoftHSM has no BIP32
+mechanism and keeps a sensitive value out of reach, so it is extractable, for the one
+wrap that hands it to the worker deriving from it (under a one-time key made inside that
+operation, ``issuer_ops``): no persistent key of its token may wrap (no class there has
+WRAP), and not under a trusted key because only a security officer can make one."""
+DEVICE_AUTH_KEK_TEMPLATE = _secret(pb.WRAP, pb.UNWRAP)
+"""AES-256 that wraps and unwraps device authentication keys and nothing else: it never
+encrypts or decrypts, so what it wraps never comes out in clear."""
+
 
 def expected_objects(tag: Tag) -> dict[str, ObjectTemplate] | None:
     """The template a tagged key must match, or None when no such key is ever made."""
@@ -249,6 +269,10 @@ def expected_objects(tag: Tag) -> dict[str, ObjectTemplate] | None:
         return {SECRET: FACTORY_MASTER_TEMPLATE}
     if role in SIGNING_PAIR_ROLES and origin == pb.GENERATED:
         return dict(SIGNING_PAIR_TEMPLATE)
+    if role == pb.ISSUER_SEED and origin == pb.GENERATED:
+        return {SECRET: ISSUER_SEED_TEMPLATE}
+    if role == pb.DEVICE_AUTH_KEK and origin == pb.GENERATED:
+        return {SECRET: DEVICE_AUTH_KEK_TEMPLATE}
     return None
 
 

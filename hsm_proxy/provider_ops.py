@@ -124,13 +124,13 @@ def _signing_key(ctx: WorkerContext, token: str, label: str, role: int, what: st
     return key, der
 
 
-def _sign(key: ResolvedKey, to_sign: px.ToSign) -> bytes:
+def sign_with(key: ResolvedKey, to_sign: px.ToSign) -> bytes:
     found = key.get(ObjectClass.PRIVATE_KEY)
     assert found is not None  # _signing_key checked it
     return to_sign.finish(bytes(found[0].sign(to_sign.digest, mechanism=Mechanism.ECDSA)))
 
 
-def _random_serial(ctx: WorkerContext, token: str) -> int:
+def random_serial(ctx: WorkerContext, token: str) -> int:
     return px.positive_serial(bytes(ctx.backend.session(token).generate_random(
         px.SERIAL_BYTES * 8)))
 
@@ -138,7 +138,10 @@ def _random_serial(ctx: WorkerContext, token: str) -> int:
 # ---------------------------------------------------------------------------
 # The root certificate in the token
 
-def _certificate_template(label: str, der: bytes) -> dict[Attribute, Any]:
+def certificate_template(label: str, der: bytes, role: int = pb.PROVIDER_ROOT
+                         ) -> dict[Attribute, Any]:
+    """A certificate object beside the key ``label`` of ``role`` (the root's, an issuer
+    key's), neither modifiable nor copyable."""
     root = px.read_root(der)
     tbs = root.certificate["tbs_certificate"]
     return finish({
@@ -148,7 +151,7 @@ def _certificate_template(label: str, der: bytes) -> dict[Attribute, Any]:
         Attribute.PRIVATE: False,
         Attribute.COPYABLE: False,
         Attribute.LABEL: label,
-        Attribute.ID: kc.Tag(pb.PROVIDER_ROOT, pb.GENERATED).encode(),
+        Attribute.ID: kc.Tag(role, pb.GENERATED).encode(),
         Attribute.SUBJECT: tbs["subject"].dump(),
         Attribute.ISSUER: tbs["issuer"].dump(),
         Attribute.SERIAL_NUMBER: tbs["serial_number"].dump(),
@@ -172,25 +175,28 @@ def _self_signed_by(der: bytes, spki: bytes) -> bool:
     return True
 
 
-def _root_certificate(ctx: WorkerContext, token: str, label: str, spki: bytes) -> bytes:
+def certificate_beside(ctx: WorkerContext, token: str, label: str, spki: bytes,
+                       what: str = "root") -> bytes:
+    """The one certificate under ``label``, when it carries ``spki`` and that key's own
+    signature (a planted certificate, or a second one, stops the key's use)."""
     found = list(ctx.backend.session(token).get_objects(
         {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.CERTIFICATE}))
     if not found:
-        raise FailedPrecondition(f"root {label!r} on token {token!r} has no certificate "
+        raise FailedPrecondition(f"{what} {label!r} on token {token!r} has no certificate "
                                  f"beside its key")
     if len(found) > 1:
-        raise FailedPrecondition(f"root {label!r} on token {token!r} has more than one "
+        raise FailedPrecondition(f"{what} {label!r} on token {token!r} has more than one "
                                  f"certificate; the proxy refuses ambiguous labels")
     der = bytes(found[0][Attribute.VALUE])
     if not _self_signed_by(der, spki):
-        raise kc.KeyClassError(f"the certificate beside root {label!r} on token {token!r} "
-                               f"is not the root's own self-signed certificate")
+        raise kc.KeyClassError(f"the certificate beside {what} {label!r} on token {token!r} "
+                               f"is not the {what}'s own self-signed certificate")
     return der
 
 
 def _root(ctx: WorkerContext, token: str, label: str) -> tuple[ResolvedKey, bytes]:
     key, spki = _signing_key(ctx, token, label, pb.PROVIDER_ROOT, "root")
-    return key, _root_certificate(ctx, token, label, spki)
+    return key, certificate_beside(ctx, token, label, spki)
 
 
 @operation("provider.create_root", idempotent=False)
@@ -204,10 +210,10 @@ def create_root(ctx: WorkerContext, req: CreateRoot) -> bytes:
     ctx.backend.forget(req.token, req.label)
     try:
         key, spki = _signing_key(ctx, req.token, req.label, pb.PROVIDER_ROOT, "root")
-        der = _sign(key, px.root_certificate(
-            provider_id=req.provider_id, spki_der=spki, serial=_random_serial(ctx, req.token),
+        der = sign_with(key, px.root_certificate(
+            provider_id=req.provider_id, spki_der=spki, serial=random_serial(ctx, req.token),
             now=px.utc_now(), validity_days=req.validity_days))
-        session.create_object(_certificate_template(req.label, der))
+        session.create_object(certificate_template(req.label, der))
     except BaseException:
         _destroy_quietly(made)
         ctx.backend.forget(req.token, req.label)
@@ -255,9 +261,9 @@ def issue_card(ctx: WorkerContext, req: IssueCard) -> Issued:
     days = _card_validity(root, req.now, req.validity_days)
 
     def certificate(use: px.CardKeyUse, spki: bytes) -> bytes:
-        return _sign(key, px.card_certificate(
+        return sign_with(key, px.card_certificate(
             root=root, provider_id=req.provider_id, serial=req.card.serial, use=use,
-            spki_der=spki, certificate_serial=_random_serial(ctx, req.token), now=req.now,
+            spki_der=spki, certificate_serial=random_serial(ctx, req.token), now=req.now,
             validity_days=days))
 
     return Issued(req.card.serial, certificate(px.DEVICE_KEY, req.card.device),
@@ -269,7 +275,7 @@ def sign_pack(ctx: WorkerContext, req: SignPack) -> PackSignature:
     """A detached CMS SignedData over a pack whose SHA-256 is given."""
     key, der = _root(ctx, req.token, req.label)
     now = px.utc_now()
-    signature = _sign(key, px.pack_signature(root=px.read_root(der), sha256=req.sha256,
+    signature = sign_with(key, px.pack_signature(root=px.read_root(der), sha256=req.sha256,
                                              signing_time=now))
     return PackSignature(signature, now)
 

@@ -148,6 +148,21 @@ def root_certificate(*, provider_id: str, spki_der: bytes, serial: int, now: dat
         ]))
 
 
+def issuer_certificate(*, version: int, spki_der: bytes, serial: int, now: datetime
+                       ) -> ToSign:
+    """The issuer key's self-signed certificate (CN=issuer key <version>): CA:FALSE and
+    digitalSignature, both critical; it names the signer of the issuer's files (CMS)."""
+    spki = keys.PublicKeyInfo.load(spki_der)
+    name = x509.Name.build({"common_name": f"issuer key {version}"})
+    return _certificate(_tbs(
+        serial=serial, issuer=name, subject=name, spki=spki, not_before=now,
+        not_after=now + timedelta(days=ROOT_VALIDITY_DAYS), extensions=[
+            _extension("basic_constraints", {"ca": False}, True),
+            _extension("key_usage", x509.KeyUsage({"digital_signature"}), True),
+            _extension("key_identifier", key_identifier(spki), False),
+        ]))
+
+
 class Root(NamedTuple):
     """What issuing under the root needs of its certificate."""
 

@@ -25,8 +25,15 @@ from cardcore.diversify import diversify_key_set_software
 from cardcore.kcv import kcv_zero_block
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.v1 import card_keys_pb2_grpc, hsm_pb2_grpc, key_blocks_pb2_grpc, provider_pb2_grpc
+from cms.v1 import (
+    card_keys_pb2_grpc,
+    hsm_pb2_grpc,
+    issuer_pb2_grpc,
+    key_blocks_pb2_grpc,
+    provider_pb2_grpc,
+)
 from cms.v1 import hsm_pb2 as pb
+from cms.v1 import issuer_pb2 as ipb
 from cms.v1 import key_blocks_pb2 as bpb
 from cms.v1 import provider_pb2 as ppb
 from deploy.local import default_policy
@@ -61,7 +68,8 @@ class World:
         return {"Hsm": hsm_pb2_grpc.HsmStub, "CardKeys": card_keys_pb2_grpc.CardKeysStub,
                 "KeyBlocks": key_blocks_pb2_grpc.KeyBlocksStub,
                 "ProviderCa": provider_pb2_grpc.ProviderCaStub,
-                "IssuerKeys": provider_pb2_grpc.IssuerKeysStub}[service](channel)
+                "IssuerKeys": provider_pb2_grpc.IssuerKeysStub,
+                "IssuerHsm": issuer_pb2_grpc.IssuerHsmStub}[service](channel)
 
     def attempt(self, identity: str, service: str, method: str, request: Any
                 ) -> tuple[grpc.StatusCode, Any]:
@@ -108,6 +116,35 @@ class World:
             candidate, block)
 
 
+def refuse_generic_uses(world: World, identity: str, token: str, label: str) -> None:
+    """Every generic way to use, move or destroy the key ``label`` is refused to
+    ``identity``: signing (alone and in a batch), ciphers, derivation, destruction, a
+    transfer under a transport key, a card key set diversified from it."""
+    import hashlib
+
+    from cms.v1 import card_keys_pb2 as kpb
+
+    ref = pb.KeyRef(token=token, label=label)
+    world.refused(identity, "Hsm", "Sign", pb.SignRequest(
+        key=ref, mechanism=pb.ECDSA, data=hashlib.sha256(b"anything").digest()))
+    world.refused(identity, "Hsm", "SignBatch", pb.SignBatchRequest(items=[
+        pb.SignRequest(key=ref, mechanism=pb.ECDSA_SHA256, data=b"anything")]))
+    for method in ("Encrypt", "Decrypt"):
+        world.refused(identity, "Hsm", method, pb.CipherRequest(
+            key=ref, mechanism=pb.CIPHER_AES_ECB, data=bytes(16)))
+    world.refused(identity, "Hsm", "DeriveKey", pb.DeriveKeyRequest(
+        base_key=ref, mechanism=pb.AES_ECB_ENCRYPT_DATA, data=bytes(16),
+        algorithm=pb.AES_128, template=pb.KeyTemplate(
+            label="demo/derived-from", usages=[pb.ENCRYPT], session=True)))
+    world.refused(identity, "Hsm", "DestroyKey", pb.DestroyKeyRequest(key=ref))
+    world.refused(identity, "KeyBlocks", "TransferBlocks", bpb.TransferBlocksRequest(
+        source_token=token, target_token=keynames.HSM1_TOKEN, transport_label=TRANSPORT,
+        labels=[label]))
+    world.refused(identity, "CardKeys", "DeriveKeySet", kpb.DeriveKeySetRequest(
+        spec=kpb.KeySetSpec(token=token, key_length=16, diversified=kpb.Diversified(
+            master_label=label, element=bytes(10)))))
+
+
 def _provision(world: World) -> None:
     proxy = world.proxy
     km = world.stub("key-mgmt", "KeyBlocks")
@@ -151,6 +188,11 @@ def _provision(world: World) -> None:
         ppb.CreateRootRequest(provider_id=PROVIDER_ID), timeout=TIMEOUT).certificate
     world.stub("admin", "IssuerKeys").CreateIssuerKey(ppb.CreateIssuerKeyRequest(version=1),
                                                       timeout=TIMEOUT)
+    # Seed 004 part 2: the issuer's seed and the device authentication KEK.
+    world.stub("admin", "IssuerHsm").CreateSeed(ipb.CreateSeedRequest(version=1),
+                                                timeout=TIMEOUT)
+    world.stub("admin", "IssuerHsm").CreateDeviceAuthKek(
+        ipb.CreateDeviceAuthKekRequest(version=1), timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="package")

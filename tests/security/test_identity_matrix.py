@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.v1 import card_keys_pb2, hsm_pb2, key_blocks_pb2, provider_pb2
+from cms.v1 import card_keys_pb2, hsm_pb2, issuer_pb2, key_blocks_pb2, provider_pb2
 from cms.v1 import card_keys_pb2 as kpb
 from cms.v1 import hsm_pb2 as pb
+from cms.v1 import issuer_pb2 as ipb
 from cms.v1 import key_blocks_pb2 as bpb
 from cms.v1 import provider_pb2 as ppb
 from deploy.pki import CUSTODIANS
@@ -41,7 +42,7 @@ IDENTITIES = ("access-server", "key-mgmt", "admin", *CUSTODIANS, "provider", "ca
 COLUMNS = {"access-server": "access-server", "key-mgmt": "key-mgmt", "admin": "admin",
            **{c: "custodian-N" for c in CUSTODIANS}, "provider": "provider",
            "card-agent": "any other", "stranger": "any other"}
-MODULES = (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2)
+MODULES = (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2, issuer_pb2)
 _serial = itertools.count(1000)
 _issuer_version = itertools.count(100)
 
@@ -84,6 +85,8 @@ def setup(world: World) -> dict[str, Any]:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     keys["device"] = rsa.generate_private_key(65537, 2048).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    keys["device_auth"] = world.stub("access-server", "IssuerHsm").GenerateDeviceAuthKeys(
+        ipb.GenerateDeviceAuthKeysRequest(count=1, kek_version=1), timeout=60).keys[0]
     return keys
 
 
@@ -179,6 +182,20 @@ def _requests(world: World, keys: dict[str, Any]) -> dict[tuple[str, str], Calla
         ("IssuerKeys", "CreateIssuerKey"): lambda: ppb.CreateIssuerKeyRequest(
             version=next(_issuer_version)),
         ("IssuerKeys", "GetIssuerKey"): lambda: ppb.GetIssuerKeyRequest(version=1),
+        ("IssuerHsm", "CreateSeed"): lambda: ipb.CreateSeedRequest(version=next(_issuer_version)),
+        ("IssuerHsm", "CreateDeviceAuthKek"): lambda: ipb.CreateDeviceAuthKekRequest(
+            version=next(_issuer_version)),
+        ("IssuerHsm", "GenerateDeviceAuthKeys"): lambda: ipb.GenerateDeviceAuthKeysRequest(
+            count=1, kek_version=1),
+        ("IssuerHsm", "SignWithDeviceAuthKey"): lambda: ipb.SignWithDeviceAuthKeyRequest(
+            key=keys["device_auth"], challenge=os.urandom(16), serial="MATRIX-1"),
+        ("IssuerHsm", "IssueBatch"): lambda: ipb.IssueBatchRequest(
+            seed_version=1, issuer_key_version=1, items=[ipb.IssueItem(
+                serial=_unique("CARD"), device_public_key=keys["device"], derivation_element=1,
+                device_auth_public_key=keys["device_auth"].public_key,
+                issuance_id=os.urandom(16), sequence=1)]),
+        ("IssuerHsm", "SignIssuerFile"): lambda: ipb.SignIssuerFileRequest(
+            issuer_key_version=1, purpose="matrix", sha256=bytes(32)),
     }
 
 
