@@ -20,6 +20,7 @@ from enum import IntEnum
 from typing import Final, NamedTuple
 
 from cardcore import tlv as T
+from cardcore.sw import SW
 
 ISSUANCE_AID: Final = bytes.fromhex("F0434D5349535301")
 """The issuance applet: a proprietary AID (F0: not registered), "CMSISS", version 1."""
@@ -40,6 +41,18 @@ SERIAL_PATTERN: Final = re.compile(r"^[0-9A-Z][0-9A-Z-]{0,31}$")
 
 MAX_CERTIFICATE: Final = 2048
 """Bytes of one certificate the card keeps."""
+
+PIN_TRIES: Final = 3
+"""Wrong PINs in a row before the PIN is blocked (VERIFY PIN and CHANGE PIN answer 6983)."""
+PUK_TRIES: Final = 10
+"""Wrong PUKs in a row before the PUK, and with it the card, is blocked for good."""
+CARD_CHALLENGE_LENGTH: Final = 16
+"""Bytes of the card's challenge (GET CHALLENGE): what PIN blocks and VERIFY ISSUER answer to."""
+SIGN_DIGEST_LENGTH: Final = 32
+"""SIGN takes a SHA-256 digest the host computed, not the message."""
+SECP256K1_ORDER: Final = int(
+    "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141", 16)
+"""n of secp256k1 (SEC 2, section 2.4.1): a user private key is in [1, n - 1]."""
 
 
 class LifeCycle(IntEnum):
@@ -65,14 +78,21 @@ class IssuanceIns(IntEnum):
     GENERATE_KEYS = 0x46
     CERTIFY_DEVICE_KEY = 0x4A
     ACTIVATE = 0x44
-    # Reserved for personalization and use (issue of seed 004, part 2):
+    # Personalization and use (seed 004, part 2):
     PERSONALIZE = 0x54
+    GET_CHALLENGE = 0x84
+    SET_PIN = 0x56
     VERIFY_PIN = 0x20
     CHANGE_PIN = 0x24
     UNBLOCK_PIN = 0x2C
     SIGN = 0x2A
     AUTHENTICATE = 0x88
     VERIFY_ISSUER = 0x86
+
+
+PIN_INS: Final = frozenset({IssuanceIns.SET_PIN, IssuanceIns.VERIFY_PIN, IssuanceIns.CHANGE_PIN,
+                            IssuanceIns.UNBLOCK_PIN, IssuanceIns.SIGN})
+"""The commands of the PIN and the key behind it: a blocked card answers them 6983."""
 
 
 class Tag(IntEnum):
@@ -276,6 +296,64 @@ def certify_device_key() -> bytes:
 
 def activate() -> bytes:
     return command(IssuanceIns.ACTIVATE)
+
+
+def personalize(payload: bytes) -> bytes:
+    """PERSONALIZE: the payload of :mod:`cardcore.personalization`, in one extended APDU."""
+    if not payload:
+        raise IssuanceError("PERSONALIZE needs a payload")
+    return command(IssuanceIns.PERSONALIZE, data=payload)
+
+
+def get_challenge() -> bytes:
+    """GET CHALLENGE: the card's one-time challenge for the next PIN block or VERIFY ISSUER."""
+    return command(IssuanceIns.GET_CHALLENGE)
+
+
+def sign(digest: bytes) -> bytes:
+    """SIGN: the card signs ``digest`` (SHA-256 of the message) with the user key."""
+    if len(digest) != SIGN_DIGEST_LENGTH:
+        raise IssuanceError(f"SIGN takes a {SIGN_DIGEST_LENGTH}-byte SHA-256 digest")
+    return command(IssuanceIns.SIGN, data=digest)
+
+
+def authenticate(challenge: bytes) -> bytes:
+    """AUTHENTICATE: the card signs the issuer's challenge with its issuer authentication key."""
+    return command(IssuanceIns.AUTHENTICATE, data=challenge)
+
+
+def verify_issuer(signature: bytes) -> bytes:
+    """VERIFY ISSUER: the issuer's signature over the card's challenge (device auth key)."""
+    return command(IssuanceIns.VERIFY_ISSUER, data=signature)
+
+
+class PersonalizeAnswer(NamedTuple):
+    """What a PERSONALIZE status word tells the bureau."""
+
+    done: bool
+    """The card is personalized by this payload (now, or by an earlier run of it)."""
+    reason: str
+
+
+_A = PersonalizeAnswer
+PERSONALIZE_ANSWERS: Final[dict[int, PersonalizeAnswer]] = {
+    SW.OK: _A(True, "personalized"),
+    SW.ALREADY_EXISTS: _A(True, "already personalized by this payload"),
+    SW.WRONG_DATA: _A(False, "payload malformed, or its secrets do not decrypt or parse"),
+    SW.SECURITY_STATUS_NOT_SATISFIED: _A(False, "not signed by the issuer key the card holds"),
+    SW.REFERENCED_DATA_NOT_FOUND: _A(False, "payload for another serial"),
+    SW.REFERENCE_DATA_NOT_USABLE: _A(False, "payload for another device key"),
+    SW.CONDITIONS_NOT_SATISFIED: _A(False, "card not initialized (personalized by another "
+                                           "payload, blocked, or in factory), or sequence "
+                                           "not above the highest the card accepted"),
+    SW.WRONG_LENGTH: _A(False, "no payload"),
+}
+"""Each status word of PERSONALIZE (docs/issuance-applet.md): whether the card holds this
+payload, and why not."""
+
+
+def personalize_answer(sw: int) -> PersonalizeAnswer:
+    return PERSONALIZE_ANSWERS.get(sw, PersonalizeAnswer(False, f"unexpected status {sw:04X}"))
 
 
 def issuer_key_id(point: bytes) -> bytes:

@@ -29,6 +29,7 @@ class SW(IntEnum):
     CHAINING_NOT_SUPPORTED = 0x6884
     SECURITY_STATUS_NOT_SATISFIED = 0x6982
     AUTHENTICATION_METHOD_BLOCKED = 0x6983
+    REFERENCE_DATA_NOT_USABLE = 0x6984
     CONDITIONS_NOT_SATISFIED = 0x6985
     WRONG_DATA = 0x6A80
     FUNCTION_NOT_SUPPORTED = 0x6A81
@@ -36,6 +37,7 @@ class SW(IntEnum):
     NOT_ENOUGH_MEMORY = 0x6A84
     INCORRECT_P1P2 = 0x6A86
     REFERENCED_DATA_NOT_FOUND = 0x6A88
+    ALREADY_EXISTS = 0x6A89
     WRONG_P1P2 = 0x6B00
     INS_NOT_SUPPORTED = 0x6D00
     CLA_NOT_SUPPORTED = 0x6E00
@@ -89,6 +91,7 @@ _MEANINGS: Final[dict[int, str]] = {
     SW.CHAINING_NOT_SUPPORTED: "command chaining not supported",
     SW.SECURITY_STATUS_NOT_SATISFIED: "security status not satisfied",
     SW.AUTHENTICATION_METHOD_BLOCKED: "authentication method blocked",
+    SW.REFERENCE_DATA_NOT_USABLE: "reference data not usable",
     SW.CONDITIONS_NOT_SATISFIED: "conditions of use not satisfied",
     SW.WRONG_DATA: "incorrect values in command data",
     SW.FUNCTION_NOT_SUPPORTED: "function not supported",
@@ -96,6 +99,7 @@ _MEANINGS: Final[dict[int, str]] = {
     SW.NOT_ENOUGH_MEMORY: "not enough memory",
     SW.INCORRECT_P1P2: "incorrect P1 P2",
     SW.REFERENCED_DATA_NOT_FOUND: "referenced data not found",
+    SW.ALREADY_EXISTS: "already exists",
     SW.WRONG_P1P2: "wrong parameters P1 P2",
     SW.INS_NOT_SUPPORTED: "instruction not supported",
     SW.CLA_NOT_SUPPORTED: "class not supported",

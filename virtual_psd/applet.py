@@ -53,6 +53,8 @@ class CommandContext:
     applets: Mapping[bytes, Applet]
     # Working copies of the sections this command used, by AID.
     taken: dict[bytes, AppletState] = field(default_factory=dict)
+    # Writes a state to the card's memory now (the card's commit), for commit_now.
+    commit: Callable[[CardState], None] | None = None
 
     def section(self, aid: bytes, kind: type[S], new: Callable[[], S] | None = None) -> S:
         """This command's working copy of applet ``aid``'s section.
@@ -84,6 +86,22 @@ class CommandContext:
     def put(self, aid: bytes, section: AppletState) -> None:
         """Set this command's new value of applet ``aid``'s section (immutable sections)."""
         self.taken[aid] = section
+
+    def commit_now(self) -> None:
+        """Write what this command changed so far, before it goes on, whatever it answers.
+
+        For what must hold even if the command then fails or the power goes:
+        a retry counter is decremented and written before the PIN is
+        compared, as a card's ``OwnerPIN.check`` does outside any
+        transaction, so cutting the power after a wrong guess cannot undo it.
+        """
+        after = self.outcome()
+        if after is None:
+            return
+        if self.commit is None:
+            raise StateError("this command context cannot write the card's memory")
+        self.commit(after)
+        self.state = after
 
     def outcome(self) -> CardState | None:
         """The card's state after this command, or None when it changed no section."""

@@ -7,7 +7,9 @@ persistent data in its own section of the card's state
 (:mod:`virtual_psd.state`) and works on a *copy* of it
 (:meth:`CommandContext.section`); the card commits the sections a command
 changed (one atomic write of the state file) only when the command completes
-with a success or warning status. Volatile state (the selected applet, the
+with a success or warning status, save what an applet writes ahead on
+purpose (:meth:`CommandContext.commit_now`: a retry counter before the PIN
+is compared). Volatile state (the selected applet, the
 secure channel) lives in :class:`Session` and is lost on power off, reset,
 or an injected power loss.
 """
@@ -153,7 +155,7 @@ class VirtualCard:
             self.state = self._read_state(self.state_path)
 
     def _process(self, raw: bytes, n: int) -> bytes:
-        ctx = CommandContext(self.state, self.session, n, self.applets)
+        ctx = CommandContext(self.state, self.session, n, self.applets, commit=self._commit)
         try:
             command = parse_command(raw)
         except ApduError:

@@ -88,7 +88,7 @@ def _scp_i(text: str) -> int:
 def _summary(state: object) -> dict[str, object]:
     from cardcore.psd import key_set_role
     from virtual_psd.isd import isd_state
-    from virtual_psd.issuance import issuance_state
+    from virtual_psd.issuance import issuance_state, life_cycle_of
     from virtual_psd.state import CardState
 
     assert isinstance(state, CardState)
@@ -105,7 +105,8 @@ def _summary(state: object) -> dict[str, object]:
              "kcv": [k.hex().upper() for k in ks.kcvs()]}
             for kvn, ks in sorted(isd.key_sets.items())
         ],
-        "issuance": {"life_cycle": issuance.life_cycle.name.lower(), "serial": issuance.serial},
+        "issuance": {"life_cycle": life_cycle_of(issuance).name.lower(),
+                     "serial": issuance.serial},
     }
 
 

@@ -4,7 +4,8 @@ It drives :func:`cardcore.initialization.initialize` over a card's transmit
 function with the card's software transport keys (the GlobalPlatform test
 keys of tests/virtual_psd/conftest.py), and certifies the card's keys with
 a P-256 test root held in memory. The provider system does the same through
-the HSM proxy; these tests prove the card's side.
+the HSM proxy; these tests prove the card's side. For personalization it
+also builds payloads as the issuer HSM does, with software keys.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cardcore import gp
+from cardcore import issuance as I
 from cardcore.apdu import parse_command, parse_response
 from cardcore.diversify import StaticKeySet
 from cardcore.host import SecureSession
@@ -30,11 +34,24 @@ from cardcore.initialization import (
     drive,
     initialize,
 )
+from cardcore.issuance import CardData, issuer_key_id
 from cardcore.issuance_keys import ec_spki, rsa_spki
+from cardcore.personalization import (
+    Binding,
+    SecretBundle,
+    device_key_fingerprint,
+    encode_bundle,
+    encode_payload,
+    signed_part,
+)
+from cardcore.pin_block import seal
 from cardcore.processor import apdu_link
 from cardcore.scp03 import cmac_prf, open_host_channel
 from cardcore.sw import SW
-from tests.virtual_psd.conftest import TRANSPORT
+from tests.virtual_psd.conftest import PSD_ID, TRANSPORT
+from virtual_psd.card import VirtualCard
+from virtual_psd.factory import create_card
+from virtual_psd.faults import FaultPlan
 
 Transmit = Callable[[bytes], bytes]
 _DAY = datetime.timedelta(days=1)
@@ -119,3 +136,59 @@ class SoftwareProvider:
 
     def initialize(self, serial: str, issuer_public_key: bytes) -> Initialized:
         return drive(initialize(serial, issuer_public_key), self.run, self.root.certificates)
+
+
+# The issuer's side of personalization, in software --------------------------------
+
+USER_KEY = (0x1F2E3D4C5B6A7988).to_bytes(32, "big")
+"""A user private key of these tests: any secp256k1 scalar (the real one is BIP32's, in the
+issuer HSM)."""
+DEVICE_AUTH = ec.generate_private_key(ec.SECP256R1())
+"""The device authentication key pair of these tests (the issuer system HSM's in the system)."""
+DEVICE_AUTH_POINT = issuer_point(DEVICE_AUTH)
+
+
+def bundle(pin: bytes | None = b"123456", puk: bytes | None = b"12345678",
+           user_key: bytes = USER_KEY, device_auth: bytes = DEVICE_AUTH_POINT) -> SecretBundle:
+    return SecretBundle(user_key, device_auth, pin, puk)
+
+
+def sign_payload(signed: bytes, issuer: ec.EllipticCurvePrivateKey = ISSUER) -> bytes:
+    """The whole payload: ``signed`` and the issuer's ECDSA-SHA256 over it."""
+    return encode_payload(signed, issuer.sign(signed, ec.ECDSA(hashes.SHA256())))
+
+
+def make_payload(card: CardData, secrets: SecretBundle | None = None, *, sequence: int = 1,
+                 issuance_id: bytes = b"\x01" * 16, serial: str | None = None,
+                 fingerprint: bytes | None = None,
+                 issuer: ec.EllipticCurvePrivateKey = ISSUER,
+                 plaintext: bytes | None = None) -> bytes:
+    """A payload for ``card`` as the issuer HSM makes it; each keyword bends one field
+    (``plaintext`` replaces the encoded bundle, for malformed secrets)."""
+    assert card.device_public_key is not None and card.serial is not None
+    binding = Binding(serial or card.serial,
+                      fingerprint or device_key_fingerprint(card.device_public_key),
+                      issuance_id, sequence, issuer_key_id(issuer_point(issuer)))
+    inner = plaintext if plaintext is not None else encode_bundle(secrets or bundle())
+    return sign_payload(signed_part(binding, seal(card.device_public_key, inner)), issuer)
+
+
+def open_card(path: Path, faults: FaultPlan | None = None) -> VirtualCard:
+    card = VirtualCard.open(path, faults=faults)
+    card.power_on()
+    return card
+
+
+def select_applet(card: VirtualCard) -> I.CardData:
+    """SELECT the issuance applet and read what it holds (GET DATA DF00)."""
+    assert parse_response(card.transmit(gp.select_command(I.ISSUANCE_AID)))[1] == SW.OK
+    data, sw = parse_response(card.transmit(I.get_data(I.Tag.ALL)))
+    assert sw == SW.OK
+    return I.decode_card_data(data)
+
+
+def initialized_card(path: Path, serial: str = SERIAL, psd_id: str = PSD_ID) -> Path:
+    """A card file at ``path``, initialized by the software provider for ``ISSUER``."""
+    create_card(path, psd_id=psd_id)
+    SoftwareProvider(open_card(path).transmit).initialize(serial, ISSUER_POINT)
+    return path

@@ -40,7 +40,7 @@ from tests.virtual_psd.issuance_host import (
 from virtual_psd.card import VirtualCard
 from virtual_psd.factory import create_card
 from virtual_psd.isd import isd_state
-from virtual_psd.issuance import IssuanceState, device_public_key, issuance_state
+from virtual_psd.issuance import PROVIDER_INS, IssuanceState, device_public_key, issuance_state
 from virtual_psd.state import StateError, load_state
 
 OTHER_SET = StaticKeySet(b"\x31" * 16, b"\x32" * 16, b"\x33" * 16)
@@ -315,11 +315,10 @@ def test_order_and_parameters_of_the_provider_commands(state_path: Path) -> None
     assert session.send(I.activate())[1] == SW.CONDITIONS_NOT_SATISFIED  # no issuer key, certs
     held = issuance_state(load_state(state_path))
     assert held.life_cycle is I.LifeCycle.FACTORY and held.signed_device_key == signature
-    # Reserved for personalization (part 2) and unknown instructions: 6D00.
-    for ins in (*(i for i in I.IssuanceIns if i.name in (
-            "PERSONALIZE", "VERIFY_PIN", "CHANGE_PIN", "UNBLOCK_PIN", "SIGN",
-            "AUTHENTICATE", "VERIFY_ISSUER")), 0x10):
-        assert session.send(I.command(ins))[1] == SW.INS_NOT_SUPPORTED
+    # Personalization and use wait for ``initialized``; an unknown instruction is 6D00.
+    for ins in set(I.IssuanceIns) - PROVIDER_INS - {I.IssuanceIns.GET_DATA}:
+        assert session.send(I.command(ins))[1] == SW.CONDITIONS_NOT_SATISFIED, ins.name
+    assert session.send(I.command(0x10))[1] == SW.INS_NOT_SUPPORTED
     assert send(card, bytes((0x00, I.IssuanceIns.GET_DATA, 0xDF, 0x01, 0x00)))[1] == \
         SW.CLA_NOT_SUPPORTED
 
