@@ -294,7 +294,7 @@ def issuer_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
         perso_data = F.write_perso(header, [
             F.PersoRow(c.card.serial, bytes(i.payload), c.user.name, c.user.address,
                        bytes(i.user_public_key)) for c, i in zip(cards, made.items, strict=True)])
-        mailing = (F.write_mailing(header._replace(pin_puk_by=F.PinMaker.BUREAU), [
+        mailing = (F.write_mailing(header, [
             F.MailingRow(c.card.serial, c.user.name, c.user.address, bytes(i.mailer_data))
             for c, i in zip(cards, made.items, strict=True)])
             if options.mailer_public_key else None)
