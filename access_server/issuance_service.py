@@ -313,7 +313,12 @@ def issuer_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
     return files
 
 
-def file_chunks(summary: pb.IssueSummary, files: Sequence[IssuerFile]) -> list[pb.IssueChunk]:
+def file_chunks(issuance_id: bytes, cards: Sequence[PreparedCard],
+                files: Sequence[IssuerFile]) -> list[pb.IssueChunk]:
+    """The answer's stream: the summary (file serial, cards, file names), then the files."""
+    summary = pb.IssueSummary(file_serial=issuance_id.hex(),
+                              serials=[c.card.serial for c in cards],
+                              file_names=[f.name for f in files])
     chunks = [pb.IssueChunk(summary=summary)]
     for f in files:
         chunks.extend(pb.IssueChunk(file_name=f.name, data=f.data[start:start + CHUNK])
@@ -416,10 +421,7 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
             raise
         log.info("cards issued", extra=fields(issuance=issuance_id.hex(), batch=options.batch,
                                               cards=len(cards), actor=actor))
-        summary = pb.IssueSummary(file_serial=issuance_id.hex(),
-                                  serials=[c.card.serial for c in cards],
-                                  file_names=[f.name for f in files])
-        return iter(file_chunks(summary, files))
+        return iter(file_chunks(issuance_id, cards, files))
 
     @guard
     def Reissue(self, request, context):
@@ -442,10 +444,7 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
         log.info("cards reissued", extra=fields(issuance=new_id.hex(), replaces=old_id.hex(),
                                                 batch=options.batch, cards=len(cards),
                                                 actor=actor))
-        summary = pb.IssueSummary(file_serial=new_id.hex(),
-                                  serials=[c.card.serial for c in cards],
-                                  file_names=[f.name for f in files])
-        return iter(file_chunks(summary, files))
+        return iter(file_chunks(new_id, cards, files))
 
     @guard
     def ImportResults(self, request_iterator, context):
