@@ -87,9 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
     _register_stock(sub)
-    from access_server import issuance_cli
-
-    issuance_cli.register(sub, _client_options)
 
 
 def _register_stock(sub: argparse._SubParsersAction) -> None:
@@ -438,8 +435,15 @@ def _describe_pack(p: Any) -> str:
 
 
 def _packs_import(args: argparse.Namespace) -> int:
-    from cms.pack_format import SIGNATURE_SUFFIX
+    from cms.pack_format import ENVELOPE_SUFFIX, SIGNATURE_SUFFIX
+    from cms.runtime.cli_error import CliError
 
+    if args.file.name.endswith(ENVELOPE_SUFFIX):
+        # The issuer opens a sealed pack with its own decryption key, which this
+        # command does not hold (docs/operations.md: openssl cms -decrypt).
+        raise CliError(f"{args.file} is sealed (CMS EnvelopedData): open it and its "
+                       f"signature with 'openssl cms -decrypt' first, then import the "
+                       f"{args.file.name.removesuffix(ENVELOPE_SUFFIX)} it holds")
     signature_path = args.signature or args.file.with_name(args.file.name + SIGNATURE_SUFFIX)
     pack, signature = _read_file(args.file), _read_file(signature_path)
     reply = _stock_stub(args).ImportPack(upload_chunks(pack, signature, args.file.name),

@@ -1,8 +1,9 @@
 """``cms users ...``, ``cms issue ...`` and ``cms bureaus ...``: users, issuance, results.
 
-Registered by ``access_server.cli``; the same client options (``--endpoints``,
-``--identity``). Bad input is one line and exit status 1, before anything
-reaches the server where the client can tell.
+A registrar of ``cms.cli`` beside ``access_server.cli``, whose client options
+(``--endpoints``, ``--identity``) and helpers it uses. Bad input is one line
+and exit status 1, before anything reaches the server where the client can
+tell.
 
 ``cms issue --pack NAME --users FILE`` takes FILE as CSV with one column,
 ``user_id``, under that header: users are registered first (``cms users
@@ -24,7 +25,9 @@ ISSUE_TIMEOUT_S = 1800
 SIGNATURE_SUFFIX = ".p7s"
 
 
-def register(sub: argparse._SubParsersAction, client_options: Any) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    from access_server.cli import _client_options as client_options
+
     users = sub.add_parser("users", help="the users cards are issued to")
     client_options(users)
     usub = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
@@ -55,6 +58,12 @@ def register(sub: argparse._SubParsersAction, client_options: Any) -> None:
     _repeated_options(one, client_options)
     _repeated_options(one, _issue_options)
     one.set_defaults(func=_issue_user)
+    again = isub.add_parser("again", help="new payloads for the cards of an issuance still at "
+                                          "the bureau (its files lost or damaged)")
+    again.add_argument("file_serial", help="the issuance's file serial (hex)")
+    _repeated_options(again, client_options)
+    _repeated_options(again, _issue_options)
+    again.set_defaults(func=_issue_again)
     results = isub.add_parser("results", help="import a bureau's signed result file")
     results.add_argument("file", type=Path)
     results.add_argument("--signature", type=Path, help="detached CMS (default FILE.p7s)")
@@ -283,11 +292,17 @@ def write_files(out: Path, chunks: Any) -> tuple[Any, list[Path]]:
     return summary, written
 
 
-def _issue(args: argparse.Namespace, user_ids: list[int], batch: str) -> int:
+def _issue(args: argparse.Namespace, user_ids: list[int], batch: str,
+           reissue: str | None = None) -> int:
+    from cms.v1 import issuance_pb2 as pb
+
     request = issue_request(args, user_ids, batch)
     out = _out_dir(args.out, request)
-    summary, written = write_files(out, _issuance_stub(args).Issue(request,
-                                                                   timeout=ISSUE_TIMEOUT_S))
+    stub = _issuance_stub(args)
+    stream = (stub.Issue(request, timeout=ISSUE_TIMEOUT_S) if reissue is None else
+              stub.Reissue(pb.ReissueRequest(file_serial=reissue, options=request),
+                           timeout=ISSUE_TIMEOUT_S))
+    summary, written = write_files(out, stream)
     print(f"issued {len(summary.serials)} card(s), file serial {summary.file_serial}:")
     for path in written:
         print(f"  {path}")
@@ -307,6 +322,12 @@ def _issue_user(args: argparse.Namespace) -> int:
 
     batch = args.batch or f"U{args.user_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
     return _issue(args, [args.user_id], batch)
+
+
+def _issue_again(args: argparse.Namespace) -> int:
+    if args.batch is None:
+        raise _fail("cms issue again needs --pack NAME: the new files' name")
+    return _issue(args, [], args.batch, reissue=args.file_serial)
 
 
 def _issue_results(args: argparse.Namespace) -> int:

@@ -17,6 +17,11 @@ and the proxy's IssuerHsm makes everything secret. An issuance:
    key (IssuerHsm.SignIssuerFile); optionally sealed to the bureau;
 5. ``Store.complete_issuance`` records what the HSMs returned.
 
+``Reissue`` makes new payloads for the cards of an issuance still at the
+bureau (its files lost on the way, or damaged): the same users and device
+authentication keys, each card's sequence one higher, under a new file
+serial, recorded only once the new files exist.
+
 Any failure in 2 to 4 abandons the issuance: the cards return to stock and
 nothing is recorded. A user may hold one card in flight (issued, no result
 from the bureau yet); ``cms issue`` refuses a second until the result.
@@ -150,11 +155,11 @@ class IssueOptions(NamedTuple):
     bureau: x509.Certificate | None
 
 
-def check_issue(request: pb.IssueRequest) -> IssueOptions:
+def check_issue(request: pb.IssueRequest, *, reissue: bool = False) -> IssueOptions:
     if not pack_format.NAME_PATTERN.match(request.batch):
         raise InvalidArgument(f"batch {request.batch[:64]!r}: 1-64 of letters, digits, '.', "
                               "'_' and '-'")
-    if not 0 < len(request.user_ids) <= MAX_USERS:
+    if not reissue and not 0 < len(request.user_ids) <= MAX_USERS:
         raise InvalidArgument(f"users: 1 to {MAX_USERS}, not {len(request.user_ids)}")
     mailer = bytes(request.mailer_public_key)
     if mailer:
@@ -175,6 +180,14 @@ def check_issue(request: pb.IssueRequest) -> IssueOptions:
                         request.seed_version or DEFAULT_VERSION,
                         request.issuer_key_version or DEFAULT_VERSION, request.kek_version,
                         mailer, request.pin_length, request.puk_length, bureau)
+
+
+def check_file_serial(text: str) -> bytes:
+    if len(text) != 2 * perso.ISSUANCE_ID_LENGTH or not all(c in "0123456789abcdef"
+                                                            for c in text):
+        raise InvalidArgument(f"file serial {text[:40]!r}: "
+                              f"{2 * perso.ISSUANCE_ID_LENGTH} lower-case hex digits")
+    return bytes.fromhex(text)
 
 
 def _slices(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -202,9 +215,9 @@ def check_payload(card: PreparedCard, issued: ipb.IssuedItem) -> perso.Binding:
 
 
 class Made(NamedTuple):
-    """What the HSMs made for an issuance."""
+    """What the issuer HSM made for an issuance: a payload per card, and the id of the
+    issuer key that signed them."""
 
-    keys: list[ipb.DeviceAuthKey]
     items: list[ipb.IssuedItem]
     issuer_key_id: bytes
 
@@ -218,17 +231,25 @@ def hsm_error(exc: grpc.RpcError) -> ServiceError:
     return FailedPrecondition(f"the issuer HSM refused ({code.name}): {details}")
 
 
-def make_payloads(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard]) -> Made:
-    """Device authentication keys and payloads, a few calls for the whole batch."""
+def device_auth_keys(hsm: Any, options: IssueOptions, count: int) -> list[ipb.DeviceAuthKey]:
+    """One device authentication key per card, up to 4,096 a call."""
     keys: list[ipb.DeviceAuthKey] = []
-    for part in _slices(cards, KEYS_PER_CALL):
+    for start in range(0, count, KEYS_PER_CALL):
         keys.extend(hsm.GenerateDeviceAuthKeys(ipb.GenerateDeviceAuthKeysRequest(
-            kek_version=options.kek_version, count=len(part)), timeout=HSM_TIMEOUT_S).keys)
-    if len(keys) != len(cards):
+            kek_version=options.kek_version, count=min(KEYS_PER_CALL, count - start)),
+            timeout=HSM_TIMEOUT_S).keys)
+    if len(keys) != count:
         raise ServiceError(f"the issuer system HSM made {len(keys)} device authentication "
-                           f"keys for {len(cards)} cards")
+                           f"keys for {count} cards")
+    return keys
+
+
+def make_payloads(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
+                  auth_keys: Sequence[bytes]) -> Made:
+    """The cards' payloads (``auth_keys``: their device authentication public keys), a
+    few calls for the whole batch, each checked bound to its card."""
     items: list[ipb.IssuedItem] = []
-    pairs = list(zip(cards, keys, strict=True))
+    pairs = list(zip(cards, auth_keys, strict=True))
     for part in _slices(pairs, ITEMS_PER_CALL):
         answer = hsm.IssueBatch(ipb.IssueBatchRequest(
             seed_version=options.seed_version, issuer_key_version=options.issuer_key_version,
@@ -236,9 +257,9 @@ def make_payloads(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard]
             puk_length=options.puk_length,
             items=[ipb.IssueItem(serial=c.card.serial, device_public_key=c.card.device_public_key,
                                  derivation_element=c.user.derivation_element,
-                                 device_auth_public_key=k.public_key,
-                                 issuance_id=c.issuance_id, sequence=c.sequence)
-                   for c, k in part]), timeout=HSM_TIMEOUT_S)
+                                 device_auth_public_key=key, issuance_id=c.issuance_id,
+                                 sequence=c.sequence)
+                   for c, key in part]), timeout=HSM_TIMEOUT_S)
         if len(answer.items) != len(part):
             raise ServiceError(f"the issuer HSM answered {len(answer.items)} payloads for "
                                f"{len(part)} cards")
@@ -246,7 +267,7 @@ def make_payloads(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard]
     bindings = [check_payload(c, i) for c, i in zip(cards, items, strict=True)]
     if options.mailer_public_key and not all(i.mailer_data for i in items):
         raise ServiceError("the issuer HSM answered no mailer data")
-    return Made(keys, items, bindings[0].issuer_key_id)
+    return Made(items, bindings[0].issuer_key_id)
 
 
 class IssuerFile(NamedTuple):
@@ -273,7 +294,7 @@ def issuer_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
         perso_data = F.write_perso(header, [
             F.PersoRow(c.card.serial, bytes(i.payload), c.user.name, c.user.address,
                        bytes(i.user_public_key)) for c, i in zip(cards, made.items, strict=True)])
-        mailing = (F.write_mailing(header._replace(pin_puk_by=F.PinMaker.BUREAU), [
+        mailing = (F.write_mailing(header, [
             F.MailingRow(c.card.serial, c.user.name, c.user.address, bytes(i.mailer_data))
             for c, i in zip(cards, made.items, strict=True)])
             if options.mailer_public_key else None)
@@ -292,7 +313,12 @@ def issuer_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
     return files
 
 
-def file_chunks(summary: pb.IssueSummary, files: Sequence[IssuerFile]) -> list[pb.IssueChunk]:
+def file_chunks(issuance_id: bytes, cards: Sequence[PreparedCard],
+                files: Sequence[IssuerFile]) -> list[pb.IssueChunk]:
+    """The answer's stream: the summary (file serial, cards, file names), then the files."""
+    summary = pb.IssueSummary(file_serial=issuance_id.hex(),
+                              serials=[c.card.serial for c in cards],
+                              file_names=[f.name for f in files])
     chunks = [pb.IssueChunk(summary=summary)]
     for f in files:
         chunks.extend(pb.IssueChunk(file_name=f.name, data=f.data[start:start + CHUNK])
@@ -379,14 +405,15 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
                                           actor=actor)
         try:
             try:
-                made = make_payloads(self.hsm, options, cards)
+                keys = device_auth_keys(self.hsm, options, len(cards))
+                made = make_payloads(self.hsm, options, cards, [k.public_key for k in keys])
                 files = issuer_files(self.hsm, options, cards, made, self.clock())
             except grpc.RpcError as exc:
                 raise hsm_error(exc) from None
             self.store.complete_issuance(issuance_id, [
                 IssuedCard(c.card.serial, bytes(k.public_key), bytes(k.wrapped_private_key),
                            k.kek_version, bytes(i.user_public_key))
-                for c, k, i in zip(cards, made.keys, made.items, strict=True)])
+                for c, k, i in zip(cards, keys, made.items, strict=True)])
         except BaseException:
             returned = self.store.abandon_issuance(issuance_id)
             log.warning("issuance abandoned", extra=fields(
@@ -394,10 +421,30 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
             raise
         log.info("cards issued", extra=fields(issuance=issuance_id.hex(), batch=options.batch,
                                               cards=len(cards), actor=actor))
-        summary = pb.IssueSummary(file_serial=issuance_id.hex(),
-                                  serials=[c.card.serial for c in cards],
-                                  file_names=[f.name for f in files])
-        return iter(file_chunks(summary, files))
+        return iter(file_chunks(issuance_id, cards, files))
+
+    @guard
+    def Reissue(self, request, context):
+        actor = caller(context, OPERATORS, "issue cards")
+        old_id = check_file_serial(request.file_serial)
+        options = check_issue(request.options, reissue=True)
+        new_id = os.urandom(perso.ISSUANCE_ID_LENGTH)
+        cards, auth_keys, hsm_pins = self.store.prepare_reissue(old_id, new_id)
+        if hsm_pins != bool(options.mailer_public_key):
+            raise FailedPrecondition(
+                "these cards' PIN and PUK are the HSM's: a reissue makes new ones, with a "
+                "mailer public key" if hsm_pins else
+                "these cards' PIN and PUK are the bureau's: a reissue takes no mailer key")
+        try:
+            made = make_payloads(self.hsm, options, cards, auth_keys)
+            files = issuer_files(self.hsm, options, cards, made, self.clock())
+        except grpc.RpcError as exc:
+            raise hsm_error(exc) from None
+        self.store.complete_reissue(old_id, options.batch, cards, hsm_pins)
+        log.info("cards reissued", extra=fields(issuance=new_id.hex(), replaces=old_id.hex(),
+                                                batch=options.batch, cards=len(cards),
+                                                actor=actor))
+        return iter(file_chunks(new_id, cards, files))
 
     @guard
     def ImportResults(self, request_iterator, context):

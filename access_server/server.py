@@ -99,7 +99,9 @@ class CampaignCollector:
 
 def stock_metrics(store: Store):
     """``cms_stock_cards{pack, state}``: the issuer's blank cards per pack and state (seed
-    004), so a dashboard sees the stock run low; ``cms_packs_imported``: packs in stock."""
+    004), so a dashboard sees the stock run low; ``cms_packs_imported``: packs in stock;
+    ``cms_issuance_cards{state}``: cards issued to users, at the bureau, personalized or
+    failed."""
     from prometheus_client.core import GaugeMetricFamily
 
     cards = GaugeMetricFamily("cms_stock_cards", "Cards of the issuer's stock by pack and state",
@@ -114,6 +116,16 @@ def stock_metrics(store: Store):
     yield cards
     yield GaugeMetricFamily("cms_packs_imported", "Packs imported into the issuer's stock",
                             value=len(counts))
+    issued = GaugeMetricFamily("cms_issuance_cards",
+                               "Cards issued to users, by state (failed: the bureau said so)",
+                               labels=["state"])
+    try:
+        states = store.issuance_counts()
+    except Exception:  # as above
+        states = {}
+    for state, value in states.items():
+        issued.add_metric([state.value], value)
+    yield issued
 
 
 class _NoProxy:

@@ -22,7 +22,9 @@ from typing import Final, NamedTuple
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-CURVE_ORDER: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+from cardcore.issuance import SECP256K1_ORDER
+
+CURVE_ORDER: Final = SECP256K1_ORDER
 HARDENED: Final = 0x80000000
 SEED_LENGTHS: Final = range(16, 65)
 """BIP32: a seed of 128 to 512 bits."""

@@ -1,7 +1,7 @@
 """Commands of the proxy: ``cms hsm-proxy``, ``cms audit`` and the operator clients ``cms hsm``
-and ``cms issuer key``.
+and ``cms issuer key|seed|kek``.
 
-``cms hsm ...`` and ``cms issuer key ...`` talk to a running proxy as one
+``cms hsm ...`` and ``cms issuer ...`` talk to a running proxy as one
 identity (default ``admin``),
 finding it through endpoints.json (``--endpoints``, $CMS_ENDPOINTS or
 ./var/demo/endpoints.json). Binary values are given and shown in hex.
@@ -348,10 +348,12 @@ def _destroy(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Issuer keys (seed 004): made in the issuer's token, only their public halves leave
+# Issuer keys (seed 004): made in the issuer's token, only their public halves leave;
+# the seed and the device authentication KEK, which never leave
 
 def _register_issuer(sub: argparse._SubParsersAction) -> None:
-    issuer = sub.add_parser("issuer", help="the issuer's keys in the HSM (through the proxy)")
+    issuer = sub.add_parser("issuer", help="the issuer's keys and seed in the HSM (through the "
+                                           "proxy)")
     isub = issuer.add_subparsers(dest="issuer_command", metavar="WHAT", required=True)
     key = isub.add_parser("key", help="the issuer key whose public half goes into every card")
     _client_args(key)
@@ -365,6 +367,46 @@ def _register_issuer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=0, help="key version (default: the newest)")
     p.add_argument("--out", type=Path, metavar="PEM", help="also write the public key here")
     p.set_defaults(func=_issuer_key_show)
+    for what, helptext, func in (
+            ("seed", "the issuer's BIP32 seed, from which every user key is derived "
+                     "(token issuer)", _issuer_seed_create),
+            ("kek", "the key-encryption key of the device authentication keys "
+                    "(token issuer-system)", _issuer_kek_create)):
+        p = isub.add_parser(what, help=helptext)
+        _client_args(p)
+        made = p.add_subparsers(dest=f"issuer_{what}_command", metavar="ACTION", required=True)
+        p = made.add_parser("create", help="generate it in the HSM, once per version "
+                                           "(never extractable in clear)")
+        p.add_argument("--version", type=int, default=1, help="version, 1 to 255 (default 1)")
+        p.set_defaults(func=func)
+
+
+def _issuer_hsm_stub(args: argparse.Namespace) -> Any:
+    from cms.runtime.client import load_endpoints
+    from cms.v1 import issuer_pb2_grpc
+
+    channel = load_endpoints(args.endpoints).channel("hsm_proxy", args.identity)
+    return issuer_pb2_grpc.IssuerHsmStub(channel)
+
+
+def _issuer_seed_create(args: argparse.Namespace) -> int:
+    from cms.v1 import issuer_pb2 as pb
+
+    version = _issuer_version(args.version, newest=False)
+    seed = _issuer_hsm_stub(args).CreateSeed(pb.CreateSeedRequest(version=version),
+                                             timeout=DEFAULT_TIMEOUT_S)
+    _print(args, seed, f"{seed.label} version={seed.version} seed_id={seed.seed_id.hex()}")
+    return 0
+
+
+def _issuer_kek_create(args: argparse.Namespace) -> int:
+    from cms.v1 import issuer_pb2 as pb
+
+    version = _issuer_version(args.version, newest=False)
+    kek = _issuer_hsm_stub(args).CreateDeviceAuthKek(
+        pb.CreateDeviceAuthKekRequest(version=version), timeout=DEFAULT_TIMEOUT_S)
+    _print(args, kek, f"{kek.label} version={kek.version} kcv={kek.kcv.hex()}")
+    return 0
 
 
 def _issuer_stub(args: argparse.Namespace) -> Any:

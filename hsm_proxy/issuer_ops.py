@@ -349,6 +349,21 @@ def _unwrap_template() -> dict[Attribute, Any]:
     return finish(template)
 
 
+def _backend_answers(ctx: WorkerContext, token: str) -> bool:
+    """Whether the token still answers (random bytes) after an unwrap failed.
+
+    SoftHSM 2.6 answers CKR_GENERAL_ERROR, which otherwise means the backend
+    failed, when a blob fails the key-wrap integrity check (random bytes, a
+    blob of another KEK): a caller's bad blob must not reset the worker's
+    sessions, so a token that answers at once marks the blob, not the backend.
+    """
+    try:
+        ctx.backend.session(token).generate_random(64)
+    except pkcs11.PKCS11Error:
+        return False
+    return True
+
+
 def _not_ours(ref: KeyRef) -> InvalidArgument:
     return InvalidArgument(f"key.wrapped_private_key is not a device authentication key "
                            f"wrapped under {ref.label!r}")
@@ -364,7 +379,7 @@ def sign_device_auth(ctx: WorkerContext, req: SignDeviceAuth) -> bytes:
                                  req.key.wrapped_private_key, mechanism=WRAP_MECHANISM,
                                  capabilities=0, template=_unwrap_template())
     except pkcs11.PKCS11Error as exc:
-        if is_backend_failure(exc):
+        if is_backend_failure(exc) and not _backend_answers(ctx, req.kek.token):
             raise
         raise _not_ours(req.kek) from None
     try:

@@ -16,6 +16,8 @@ in clear, nor a device authentication key but wrapped under the KEK.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -140,8 +142,11 @@ class IssuerHsmServicer(issuer_pb2_grpc.IssuerHsmServicer):
         self.core.require_token(token)
         return ops.KeyRef(token, label)
 
-    def _create(self, call: Call, op: str, ref: ops.KeyRef) -> object:
+    def _create(self, call: Call, op: str, token: str, label_of: Callable[[int], str],
+                version: int) -> Any:
+        """Make the key of ``version`` (its label from ``label_of``) once, under its lock."""
         core = self.core
+        ref = self._ref(call, token, token, label_of(_version(version, "version")))
         with core.creating([(ref.token, ref.label)]):
             answer = core.pool.call(op, ref, idempotent=False, timeout=call.timeout()).value
             core.pool.broadcast("invalidate", [(ref.token, ref.label)])
@@ -150,22 +155,17 @@ class IssuerHsmServicer(issuer_pb2_grpc.IssuerHsmServicer):
     @rpc
     def CreateSeed(self, request: pb.CreateSeedRequest, context: grpc.ServicerContext,
                    call: Call) -> pb.SeedInfo:
-        version = _version(request.version, "version")
-        ref = self._ref(call, request.token, keynames.ISSUER_TOKEN,
-                        keynames.issuer_seed_label(version))
-        answer = self._create(call, "issuer.create_seed", ref)
-        assert isinstance(answer, ops.SeedAnswer)
-        return pb.SeedInfo(label=answer.label, version=version, seed_id=answer.seed_id)
+        seed = self._create(call, "issuer.create_seed", request.token or keynames.ISSUER_TOKEN,
+                            keynames.issuer_seed_label, request.version)
+        return pb.SeedInfo(label=seed.label, version=request.version, seed_id=seed.seed_id)
 
     @rpc
     def CreateDeviceAuthKek(self, request: pb.CreateDeviceAuthKekRequest,
                             context: grpc.ServicerContext, call: Call) -> pb.DeviceAuthKekInfo:
-        version = _version(request.version, "version")
-        ref = self._ref(call, request.token, keynames.ISSUER_SYSTEM_TOKEN,
-                        keynames.device_auth_kek_label(version))
-        answer = self._create(call, "issuer.create_kek", ref)
-        assert isinstance(answer, ops.KekAnswer)
-        return pb.DeviceAuthKekInfo(label=answer.label, version=version, kcv=answer.kcv)
+        kek = self._create(call, "issuer.create_kek",
+                           request.token or keynames.ISSUER_SYSTEM_TOKEN,
+                           keynames.device_auth_kek_label, request.version)
+        return pb.DeviceAuthKekInfo(label=kek.label, version=request.version, kcv=kek.kcv)
 
     def _kek(self, call: Call, token: str, version: int) -> tuple[ops.KeyRef, int]:
         """The KEK of ``version`` (0: the newest, authorized once it is known)."""

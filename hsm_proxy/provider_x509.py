@@ -142,7 +142,8 @@ def root_certificate(*, provider_id: str, spki_der: bytes, serial: int, now: dat
         serial=serial, issuer=name, subject=name, spki=spki, not_before=now,
         not_after=now + timedelta(days=validity_days), extensions=[
             _extension("basic_constraints", {"ca": True, "path_len_constraint": 0}, True),
-            _extension("key_usage", x509.KeyUsage({"digital_signature", "key_cert_sign", "crl_sign"}), True),
+            _extension("key_usage", x509.KeyUsage(
+                {"digital_signature", "key_cert_sign", "crl_sign"}), True),
             _extension("key_identifier", key_identifier(spki), False),
         ]))
 

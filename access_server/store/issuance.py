@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from access_server.store import records as r
 from access_server.store.campaigns import chunks
@@ -35,11 +35,13 @@ from access_server.store.models import (
     DerivationCounterRow,
     IssuanceRow,
     StockCardRow,
+    StockPackRow,
     UserRow,
 )
-from access_server.store.stock import take_cards
+from access_server.store.stock import stock_card, take_cards
 from access_server.store.transactions import Transactions
-from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from cardcore.personalization import MAX_SEQUENCE
+from cms.runtime.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 
 USER_COUNTER = "user"
 MAX_ELEMENT = 2**31 - 1
@@ -209,6 +211,65 @@ class Issuance(Transactions):
                                 .values(state=r.StockState.IN_STOCK.value, reserved_by=None,
                                         updated=self._now()))
             return len(serials)
+
+    def prepare_reissue(self, issuance_id: bytes, new_id: bytes
+                        ) -> tuple[list[r.PreparedCard], list[bytes], bool]:
+        """The cards of an issuance still at the bureau, each with its next sequence and
+        the new issuance id, in stock order; their device authentication public keys; and
+        whether the HSM made their PIN and PUK. Nothing changes until
+        ``complete_reissue``."""
+        with self._read() as session:
+            rows = session.execute(
+                select(IssuanceRow, StockCardRow, StockPackRow.pack_serial, UserRow)
+                .join(StockCardRow, StockCardRow.serial == IssuanceRow.serial)
+                .join(StockPackRow, StockPackRow.pack_id == StockCardRow.pack_id)
+                .join(UserRow, UserRow.user_id == IssuanceRow.user_id)
+                .where(IssuanceRow.issuance_id == issuance_id.hex(),
+                       IssuanceRow.state == r.IssuanceState.ISSUED.value)
+                .order_by(StockCardRow.pack_id, StockCardRow.position)
+                .options(undefer("*"))).all()
+            if not rows:
+                raise FailedPrecondition(f"no card of issuance {issuance_id.hex()} is at the "
+                                         "bureau")
+            if max(i.sequence for i, *_ in rows) >= MAX_SEQUENCE:
+                raise FailedPrecondition("a card of this issuance has no sequence left")
+            cards = [r.PreparedCard(stock_card(card, pack_serial), user_record(user), new_id,
+                                    issuance.sequence + 1)
+                     for issuance, card, pack_serial, user in rows]
+            keys = [issuance.device_auth_public_key for issuance, *_ in rows]
+            return cards, keys, any(issuance.hsm_pins for issuance, *_ in rows)
+
+    def complete_reissue(self, issuance_id: bytes, batch: str,
+                         cards: Sequence[r.PreparedCard], hsm_pins: bool) -> None:
+        """Record the new payloads' issuance id and sequences; Aborted if any card moved
+        on meanwhile (a result came, or another reissue)."""
+        with self._write() as session:
+            wanted = {c.card.serial: c for c in cards}
+            rows: list[IssuanceRow] = []
+            for chunk in chunks(list(wanted)):
+                rows.extend(session.scalars(select(IssuanceRow).where(
+                    IssuanceRow.serial.in_(chunk), IssuanceRow.issuance_id == issuance_id.hex(),
+                    IssuanceRow.state == r.IssuanceState.ISSUED.value).with_for_update()))
+            if len(rows) != len(wanted) or any(
+                    row.sequence + 1 != wanted[row.serial].sequence for row in rows):
+                raise Aborted("a card of this issuance changed meanwhile; nothing was "
+                              "recorded: run it again")
+            now = self._now()
+            for row in rows:
+                row.issuance_id = wanted[row.serial].issuance_id.hex()
+                row.sequence = wanted[row.serial].sequence
+                row.batch = batch
+                row.hsm_pins = hsm_pins
+                row.updated = now
+
+    def issuance_counts(self) -> dict[r.IssuanceState, int]:
+        """Cards per issuance state: preparing, issued (at the bureau), personalized, failed."""
+        with self._read() as session:
+            counts = dict.fromkeys(r.IssuanceState, 0)
+            for state, count in session.execute(select(IssuanceRow.state, func.count())
+                                                .group_by(IssuanceRow.state)):
+                counts[r.IssuanceState(state)] = count
+            return counts
 
     def issuance_records(self, serials: Sequence[str]) -> dict[str, r.IssuanceRecord]:
         with self._read() as session:

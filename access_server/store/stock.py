@@ -189,7 +189,12 @@ def take_cards(session: Session, count: int, holder: str, now: datetime, *,
         session.execute(update(StockCardRow).where(StockCardRow.serial.in_(chunk))
                         .values(state=r.StockState.RESERVED.value, reserved_by=holder,
                                 updated=now))
-    return [r.StockCard(card.serial, pack_serial, card.position, r.StockState.RESERVED,
-                        card.device_public_key, card.issuer_auth_public_key,
-                        card.device_certificate, card.issuer_auth_certificate,
-                        card.signed_device_key) for card, pack_serial in taken]
+    return [stock_card(card, pack_serial, r.StockState.RESERVED) for card, pack_serial in taken]
+
+
+def stock_card(card: StockCardRow, pack_serial: str,
+               state: r.StockState | None = None) -> r.StockCard:
+    return r.StockCard(card.serial, pack_serial, card.position,
+                       state or r.StockState(card.state), card.device_public_key,
+                       card.issuer_auth_public_key, card.device_certificate,
+                       card.issuer_auth_certificate, card.signed_device_key)

@@ -41,6 +41,7 @@ from tests.support.launcher import cms
 from tests.support.scan import assert_absent
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ("tests.support.postgres",)
 
 TIMEOUT = 60
 PROVIDER = "acme-cards"
@@ -199,6 +200,8 @@ def test_a_batch_is_issued_sealed_to_its_cards_and_signed(
         assert_absent(path.read_bytes(), secrets, str(path))
     assert_absent(issuer.dump(), secrets, "the database")
     assert_absent((done.stdout + shown).encode(), secrets, "the command output")
+    assert_absent((issuer.directory / "access-server.log").read_bytes(), secrets,
+                  "the access server's log")
     changed = issuer.directory / "changed.csv"
     changed.write_bytes(perso_file.read_bytes().replace(b"Alan", b"Alam"))
     assert openssl_verify(changed, signature).returncode != 0
@@ -264,6 +267,11 @@ def test_hsm_pins_go_to_the_mailer_only_and_the_file_to_the_bureau_sealed(
                 assert f",{value.decode()}," not in text.decode("utf-8", "replace"), name
     assert_absent(issuer.dump(), {k: v for k, v in codes.items() if "user" in k},
                   "the database")
+    dump = issuer.dump().decode("utf-8", "replace")
+    log = (issuer.directory / "access-server.log").read_text()
+    for name, value in codes.items():
+        if "user" not in name:  # digits: looked for as whole values, not inside others
+            assert f"'{value.decode()}'" not in dump and f"={value.decode()}" not in log, name
 
 
 def test_refusals_change_nothing(issuer: Issuer) -> None:
@@ -414,6 +422,8 @@ def test_results_personalize_or_quarantine_and_refusals_change_nothing(issuer: I
         again.stderr
     metrics = _metrics(issuer)
     assert 'state="quarantined"} 1.0' in metrics and 'state="personalized"} 1.0' in metrics
+    assert 'cms_issuance_cards{state="failed"} 1.0' in metrics
+    assert 'cms_issuance_cards{state="issued"} 1.0' in metrics
     # The user whose card failed may be issued again: from stock, not the quarantined card.
     issuer.cms("issue", "user", str(users[1]), "--pack", "B-AGAIN", "--out", str(out))
     assert F.read_perso((out / "B-AGAIN.csv").read_bytes()).rows[0].serial == serials[3]
@@ -498,3 +508,93 @@ def test_without_a_proxy_issuance_is_unavailable_and_nothing_changes(
         assert done.returncode == 1 and "no HSM proxy configured" in done.stderr
         assert issuer.stock()["in_stock"] == 1
         assert "card" not in issuer.cms("users", "show", str(user)).stdout.split("\n", 1)[1]
+
+
+@pytest.mark.postgres
+def test_issuance_and_results_on_postgresql(proxy: ProxyProcess, root: S.Root,
+                                            issuer_public: ec.EllipticCurvePublicKey,
+                                            postgres_url: str, tmp_path: Path) -> None:
+    with S.access_server(tmp_path, postgres_url, pki=proxy.env.pki,
+                         proxy_address=proxy.address) as endpoints:
+        stock_pb2_grpc.StockStub(load_endpoints(endpoints).channel("access_server", "admin")) \
+            .TrustProvider(spb.TrustProviderRequest(root_certificate=root.der), timeout=30)
+        issuer = Issuer(tmp_path, endpoints, tmp_path / "unused.db", root, {})
+        serials = issuer.add_pack("PK-PG", 2)
+        first, second = issuer.add_user("Ada"), issuer.add_user("Bob")
+        issuer.cms("users", "remove", str(second))
+        third = issuer.add_user("Cy")
+        assert "element=3" in issuer.cms("users", "show", str(third)).stdout
+        out = tmp_path / "out"
+        out.mkdir()
+        issuer.cms("issue", "--pack", "B-PG", "--users", str(issuer.users_file([first, third])),
+                   "--out", str(out))
+        table = F.read_perso((out / "B-PG.csv").read_bytes())
+        assert [r.serial for r in table.rows] == serials
+        for row in table.rows:
+            assert open_payload(issuer, row, issuer_public).payload.binding.sequence == 1
+        bureau = make_bureau("bureau-1")
+        cert = tmp_path / "bureau.pem"
+        cert.write_bytes(bureau.certificate.public_bytes(PEM))
+        issuer.cms("bureaus", "trust", "--cert", str(cert))
+        data = results(table.header.file_serial, "bureau-1",
+                       [(serials[0], "personalized", ""), (serials[1], "failed", "no ATR")])
+        path = tmp_path / "results.csv"
+        path.write_bytes(data)
+        (tmp_path / "results.csv.p7s").write_bytes(bureau.sign(data))
+        issuer.cms("issue", "results", str(path))
+        after = issuer.stock()
+        assert (after["personalized"], after["quarantined"]) == (1, 1)
+
+
+def test_lost_files_are_made_again_with_the_next_sequence(
+        issuer: Issuer, issuer_public: ec.EllipticCurvePublicKey) -> None:
+    serials = issuer.add_pack("PK-A", 2)
+    users = [issuer.add_user("Ada"), issuer.add_user("Bob")]
+    out = issuer.directory / "out"
+    out.mkdir()
+    issuer.cms("issue", "--pack", "B-1", "--users", str(issuer.users_file(users)), "--out",
+               str(out))
+    first = F.read_perso((out / "B-1.csv").read_bytes())
+    old = [open_payload(issuer, row, issuer_public) for row in first.rows]
+    mailer = issuer.directory / "mailer.pem"
+    mailer.write_bytes(rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    refused = issuer.cms("issue", "again", first.header.file_serial.hex(), "--pack", "B-1b",
+                         "--out", str(out), "--hsm-pins", "--mailer-key", str(mailer),
+                         check=False)
+    assert refused.returncode == 1 and "PIN and PUK are the bureau's" in refused.stderr
+    unknown = issuer.cms("issue", "again", "00" * 16, "--pack", "B-1b", "--out", str(out),
+                         check=False)
+    assert unknown.returncode == 1 and "no card of issuance 0000" in unknown.stderr
+
+    issuer.cms("issue", "again", first.header.file_serial.hex(), "--pack", "B-1b", "--out",
+               str(out))
+
+    again = F.read_perso((out / "B-1b.csv").read_bytes())
+    assert openssl_verify(out / "B-1b.csv", out / "B-1b.csv.p7s").returncode == 0
+    assert again.header.file_serial != first.header.file_serial
+    assert [r.serial for r in again.rows] == serials
+    for before, row in zip(old, again.rows, strict=True):
+        opened = open_payload(issuer, row, issuer_public)
+        assert opened.payload.binding.sequence == before.payload.binding.sequence + 1 == 2
+        assert opened.payload.binding.issuance_id == again.header.file_serial
+        # The same user key (one derivation element) and device authentication key.
+        assert opened.bundle.user_private_key == before.bundle.user_private_key
+        assert opened.bundle.device_auth_public_key == before.bundle.device_auth_public_key
+    assert issuer.stock()["reserved"] == 2
+    # The old file is superseded: its results are refused, the new file's apply.
+    bureau = make_bureau("bureau-1")
+    cert = issuer.directory / "bureau.pem"
+    cert.write_bytes(bureau.certificate.public_bytes(PEM))
+    issuer.cms("bureaus", "trust", "--cert", str(cert))
+    path = issuer.directory / "results.csv"
+    for serial, expect in ((first.header.file_serial, 1), (again.header.file_serial, 0)):
+        data = results(serial, "bureau-1", [(s, "personalized", "") for s in serials])
+        path.write_bytes(data)
+        (issuer.directory / "results.csv.p7s").write_bytes(bureau.sign(data))
+        done = issuer.cms("issue", "results", str(path), check=False)
+        assert done.returncode == expect, done.stderr
+    assert issuer.stock()["personalized"] == 2
+    gone = issuer.cms("issue", "again", again.header.file_serial.hex(), "--pack", "B-1c",
+                      "--out", str(out), check=False)
+    assert gone.returncode == 1 and "is at the bureau" in gone.stderr

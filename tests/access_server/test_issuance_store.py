@@ -193,3 +193,30 @@ def test_results_personalize_or_quarantine_all_rows_or_none(
     with pytest.raises(NotFound):
         store.get_user(users[0])
     assert [r.serial for r in store.user_cards(users[0])] == [a]
+
+
+def test_two_issuances_at_once_give_a_user_one_card(store: Store, root: S.Root,
+                                                    device_keys: S.DeviceKeys) -> None:
+    stock_up(store, root, device_keys, "PK-1", 4)
+    user = add_users(store, 1)[0]
+    outcomes: list[str] = []
+    start = threading.Barrier(2)
+
+    def issue() -> None:
+        start.wait()
+        try:
+            store.begin_issuance([user], batch="B", issuance_id=os.urandom(16), hsm_pins=False,
+                                 actor=ACTOR)
+            outcomes.append("issued")
+        except FailedPrecondition as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=issue) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert outcomes.count("issued") == 1
+    assert any("in flight" in outcome for outcome in outcomes), outcomes
+    assert counts(store)[StockState.RESERVED] == 1

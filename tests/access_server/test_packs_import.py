@@ -398,6 +398,11 @@ def test_the_commands(server: Server, tmp_path: Path) -> None:
     assert "pack bad.csv refused: the signature is not over this file" in done.stderr
     missing = cms("packs", *env, "import", str(tmp_path / "none.csv"), check=False)
     assert missing.returncode == 1 and "cannot read" in missing.stderr
+    sealed = tmp_path / "pk-cli.csv.p7m"
+    sealed.write_bytes(b"\x30\x80")
+    done = cms("packs", *env, "import", str(sealed), check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "is sealed (CMS EnvelopedData)" in done.stderr and "pk-cli.csv it holds" in done.stderr
 
     assert "PK-CLI #" in cms("packs", *env, "list").stdout
     table = cms("stock", *env).stdout.splitlines()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,26 +27,25 @@ import pytest
 from asn1crypto import cms as acms
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cardcore import personalization as perso
 from cardcore.issuance import issuer_key_id
-from cardcore.issuance_keys import ec_point_from_spki, rsa_from_spki
+from cardcore.issuance_keys import rsa_from_spki
 from cms import keynames
 from cms.v1 import issuer_pb2 as pb
-from cms.v1 import issuer_pb2_grpc
+from cms.v1 import issuer_pb2_grpc, provider_pb2_grpc
 from cms.v1 import provider_pb2 as ppb
-from cms.v1 import provider_pb2_grpc
 from deploy.local import default_policy
-from tests.support.hsm_proxy import ProxyEnv, ProxyProcess
+from tests.hsm_proxy.helpers import oaep_sha1
+from tests.support.hsm_proxy import REPO, ProxyEnv, ProxyProcess, write_endpoints
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 60
 _DER = serialization.Encoding.DER
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
-_OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(),  # noqa: S303
-                          label=None)
+_OAEP_SHA1 = oaep_sha1()
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +241,7 @@ def test_an_issuer_file_signature_verifies_with_openssl(proxy: ProxyProcess,
     assert certificates[0] == certificates[1]   # made once, kept beside the key
     cert = x509.load_der_x509_certificate(certificates[0])
     assert cert.public_key().public_bytes(_DER, _SPKI) == issuer_public.public_bytes(_DER, _SPKI)
-    assert ec_point_from_spki(cert.public_key().public_bytes(_DER, _SPKI))
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     (tmp_path / "sig.der").write_bytes(first)
     (tmp_path / "issuer.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
@@ -256,3 +257,60 @@ def test_an_issuer_file_signature_verifies_with_openssl(proxy: ProxyProcess,
     changed = tmp_path / "changed.csv"
     changed.write_bytes(content.replace(b"0102", b"0103"))
     assert verify(changed).returncode != 0
+
+
+@pytest.mark.parametrize(("identity", "method", "request_", "code", "words"), [
+    ("admin", "CreateSeed", pb.CreateSeedRequest(), "INVALID_ARGUMENT", "version: 1 to 255"),
+    ("admin", "CreateDeviceAuthKek", pb.CreateDeviceAuthKekRequest(version=256),
+     "INVALID_ARGUMENT", "version: 1 to 255"),
+    ("access-server", "GenerateDeviceAuthKeys", pb.GenerateDeviceAuthKeysRequest(),
+     "INVALID_ARGUMENT", "count: 1 to 4096"),
+    ("access-server", "GenerateDeviceAuthKeys",
+     pb.GenerateDeviceAuthKeysRequest(count=1, kek_version=77), "NOT_FOUND",
+     "device-auth-kek/77"),
+    ("access-server", "SignWithDeviceAuthKey", pb.SignWithDeviceAuthKeyRequest(),
+     "INVALID_ARGUMENT", "key.kek_version"),
+    ("access-server", "IssueBatch", pb.IssueBatchRequest(), "INVALID_ARGUMENT",
+     "seed_version: 1 to 255"),
+    ("access-server", "IssueBatch", pb.IssueBatchRequest(seed_version=1, issuer_key_version=1),
+     "INVALID_ARGUMENT", "the batch is empty"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(), "INVALID_ARGUMENT",
+     "issuer_key_version: 1 to 255"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(
+        issuer_key_version=77, purpose="x", sha256=bytes(32)), "NOT_FOUND", "issuer/77"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(
+        issuer_key_version=1, purpose="a\nb", sha256=bytes(32)), "INVALID_ARGUMENT",
+     "purpose"),
+    ("access-server", "SignIssuerFile", pb.SignIssuerFileRequest(
+        issuer_key_version=1, purpose="x", sha256=bytes(31)), "INVALID_ARGUMENT", "sha256"),
+])
+def test_empty_and_unknown_requests_are_clear_errors(proxy: ProxyProcess, identity: str,
+                                                     method: str, request_: object, code: str,
+                                                     words: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(hsm(proxy, identity), method)(request_, timeout=TIMEOUT)
+    assert err.value.code().name == code and words in (err.value.details() or ""), \
+        err.value.details()
+
+
+def test_seed_and_kek_commands(proxy: ProxyProcess, tmp_path: Path) -> None:
+    endpoints = write_endpoints(tmp_path / "endpoints.json", proxy)
+
+    def cli(*args: str, identity: str = "admin") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cms.cli", "issuer", args[0], "--endpoints", str(endpoints),
+             "--identity", identity, *args[1:]], capture_output=True, text=True, cwd=REPO,
+            timeout=120, check=False)
+
+    seed = cli("seed", "create", "--version", "20")
+    assert seed.returncode == 0, seed.stderr
+    assert re.fullmatch(r"issuer-seed/20 version=20 seed_id=[0-9a-f]{16}\n", seed.stdout)
+    kek = cli("kek", "create", "--version", "20")
+    assert kek.returncode == 0, kek.stderr
+    assert re.fullmatch(r"device-auth-kek/20 version=20 kcv=[0-9a-f]{6}\n", kek.stdout)
+    for args, words in ((("seed", "create", "--version", "20"), "ALREADY_EXISTS"),
+                        (("kek", "create", "--version", "0"), "--version: 1 to 255"),
+                        (("seed", "create"), "PERMISSION_DENIED")):
+        failed = cli(*args, identity="access-server" if len(args) == 2 else "admin")
+        assert failed.returncode == 1 and words in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1 and not failed.stdout

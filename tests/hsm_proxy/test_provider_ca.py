@@ -109,7 +109,8 @@ def test_the_root_certificate_is_a_self_signed_ca(root: pb.RootCertificate,
     assert f"Subject: O = {PROVIDER_ID}, CN = {PROVIDER_ID} root" in text
     assert "ecdsa-with-SHA256" in text and "prime256v1" in text
     assert "X509v3 Basic Constraints: critical\n                CA:TRUE, pathlen:0" in text
-    assert "X509v3 Key Usage: critical\n                Digital Signature, Certificate Sign, CRL Sign" in text
+    assert ("X509v3 Key Usage: critical\n"
+            "                Digital Signature, Certificate Sign, CRL Sign") in text
     assert "X509v3 Subject Key Identifier" in text
     assert openssl("verify", "-CAfile", path, path).returncode == 0
     cert = x509.load_der_x509_certificate(root.certificate)
@@ -265,6 +266,7 @@ def test_the_issuers_checks_accept_what_the_proxy_makes(proxy: ProxyProcess,
     got = ca(proxy).IssueCardCertificates(pb.IssueCardCertificatesRequest(
         provider_id=PROVIDER_ID, cards=[sent]), timeout=TIMEOUT).certificates[0]
     root_cert = x509.load_der_x509_certificate(root.certificate)
+    now = datetime.now(UTC)  # after the issuing: the certificates start at the call's second
     for der, spki, usage in ((got.device_certificate, sent.device_public_key,
                               "key_encipherment"),
                              (got.issuer_auth_certificate, sent.issuer_auth_public_key,

@@ -116,6 +116,35 @@ class World:
             candidate, block)
 
 
+def refuse_generic_uses(world: World, identity: str, token: str, label: str) -> None:
+    """Every generic way to use, move or destroy the key ``label`` is refused to
+    ``identity``: signing (alone and in a batch), ciphers, derivation, destruction, a
+    transfer under a transport key, a card key set diversified from it."""
+    import hashlib
+
+    from cms.v1 import card_keys_pb2 as kpb
+
+    ref = pb.KeyRef(token=token, label=label)
+    world.refused(identity, "Hsm", "Sign", pb.SignRequest(
+        key=ref, mechanism=pb.ECDSA, data=hashlib.sha256(b"anything").digest()))
+    world.refused(identity, "Hsm", "SignBatch", pb.SignBatchRequest(items=[
+        pb.SignRequest(key=ref, mechanism=pb.ECDSA_SHA256, data=b"anything")]))
+    for method in ("Encrypt", "Decrypt"):
+        world.refused(identity, "Hsm", method, pb.CipherRequest(
+            key=ref, mechanism=pb.CIPHER_AES_ECB, data=bytes(16)))
+    world.refused(identity, "Hsm", "DeriveKey", pb.DeriveKeyRequest(
+        base_key=ref, mechanism=pb.AES_ECB_ENCRYPT_DATA, data=bytes(16),
+        algorithm=pb.AES_128, template=pb.KeyTemplate(
+            label="demo/derived-from", usages=[pb.ENCRYPT], session=True)))
+    world.refused(identity, "Hsm", "DestroyKey", pb.DestroyKeyRequest(key=ref))
+    world.refused(identity, "KeyBlocks", "TransferBlocks", bpb.TransferBlocksRequest(
+        source_token=token, target_token=keynames.HSM1_TOKEN, transport_label=TRANSPORT,
+        labels=[label]))
+    world.refused(identity, "CardKeys", "DeriveKeySet", kpb.DeriveKeySetRequest(
+        spec=kpb.KeySetSpec(token=token, key_length=16, diversified=kpb.Diversified(
+            master_label=label, element=bytes(10)))))
+
+
 def _provision(world: World) -> None:
     proxy = world.proxy
     km = world.stub("key-mgmt", "KeyBlocks")

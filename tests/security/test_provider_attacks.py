@@ -27,10 +27,9 @@ from pkcs11 import ObjectClass
 from cms import keynames
 from cms.v1 import card_keys_pb2 as kpb
 from cms.v1 import hsm_pb2 as pb
-from cms.v1 import key_blocks_pb2 as bpb
 from cms.v1 import provider_pb2 as ppb
 from hsm_proxy.key_classes import Tag
-from tests.security.conftest import ISSUER_KEY, PROVIDER_ID, ROOT, World
+from tests.security.conftest import ISSUER_KEY, PROVIDER_ID, ROOT, World, refuse_generic_uses
 from tests.support.token import RawToken
 
 pytestmark = pytest.mark.integration
@@ -127,24 +126,7 @@ def test_the_root_and_issuer_keys_never_leave_their_token_and_cannot_be_changed(
 def test_no_generic_operation_reaches_the_root_or_the_issuer_key(world: World):
     for identity in ("admin", "provider", *OUTSIDERS):
         for token, label in ((PROVIDER, ROOT), (ISSUER, ISSUER_KEY)):
-            ref = pb.KeyRef(token=token, label=label)
-            world.refused(identity, "Hsm", "Sign", pb.SignRequest(
-                key=ref, mechanism=pb.ECDSA, data=hashlib.sha256(b"anything").digest()))
-            world.refused(identity, "Hsm", "SignBatch", pb.SignBatchRequest(items=[
-                pb.SignRequest(key=ref, mechanism=pb.ECDSA_SHA256, data=b"anything")]))
-            world.refused(identity, "Hsm", "Decrypt", pb.CipherRequest(
-                key=ref, mechanism=pb.CIPHER_AES_ECB, data=bytes(16)))
-            world.refused(identity, "Hsm", "DeriveKey", pb.DeriveKeyRequest(
-                base_key=ref, mechanism=pb.AES_ECB_ENCRYPT_DATA, data=bytes(16),
-                algorithm=pb.AES_128, template=pb.KeyTemplate(
-                    label="demo/from-root", usages=[pb.ENCRYPT], session=True)))
-            world.refused(identity, "Hsm", "DestroyKey", pb.DestroyKeyRequest(key=ref))
-            world.refused(identity, "KeyBlocks", "TransferBlocks", bpb.TransferBlocksRequest(
-                source_token=token, target_token=keynames.HSM1_TOKEN,
-                transport_label="transport/attack", labels=[label]))
-            world.refused(identity, "CardKeys", "DeriveKeySet", kpb.DeriveKeySetRequest(
-                spec=kpb.KeySetSpec(token=token, key_length=16, diversified=kpb.Diversified(
-                    master_label=label, element=bytes(10)))))
+            refuse_generic_uses(world, identity, token, label)
         for role in (pb.PROVIDER_ROOT, pb.ISSUER_KEY):
             # Nor can anyone make a key of these classes through the Hsm service.
             world.refused(identity, "Hsm", "GenerateKeyPair", pb.GenerateKeyPairRequest(

@@ -77,6 +77,20 @@ with token.open(rw=True, user_pin=req["pin"]) as session:
                     Attribute.VALUE: bytes.fromhex(req["value"])}
         session.create_object(template)
         print(json.dumps({"ok": True}))
+    elif req["op"] == "wrap_out":
+        # As a PIN holder can on SoftHSM: an extractable secret wrapped under a session key
+        # of known value, then opened in software (tests only: the issuer's seed).
+        from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+        from pkcs11 import Mechanism
+        target = list(session.get_objects({Attribute.LABEL: req["label"],
+                                           Attribute.CLASS: ObjectClass.SECRET_KEY}))[0]
+        known = bytes(range(32))
+        wrapper = session.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                         Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: False,
+                                         Attribute.VALUE: known, Attribute.WRAP: True})
+        wrapped = wrapper.wrap_key(target, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        wrapper.destroy()
+        print(json.dumps(aes_key_unwrap_with_padding(known, bytes(wrapped)).hex()))
     elif req["op"] == "read":
         found = list(session.get_objects({Attribute.LABEL: req["label"]}))
         out = []
@@ -142,6 +156,12 @@ class RawToken:
         to confirm a key value beyond its 3-byte check value."""
         return bytes.fromhex(self._run({"op": "ecb", "label": label,  # type: ignore[arg-type]
                                         "block": block.hex()}))
+
+    def wrap_out(self, label: str) -> bytes:
+        """The value of the extractable secret key ``label``, wrapped out with the token PIN
+        (what SoftHSM leaves a PIN holder, docs/threat-model.md), to scan for it."""
+        return bytes.fromhex(self._run({"op": "wrap_out",  # type: ignore[arg-type]
+                                        "label": label}))
 
     def read(self, label: str, attributes: list[str]) -> list[dict]:
         """The named attributes (PKCS#11 names without CKA_) of every object labelled so."""
