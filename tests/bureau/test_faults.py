@@ -12,9 +12,8 @@ injected (cards holding their payload after the cut), recovered (cards
 personalized right only after the resume) and lost (cards not personalized
 right after it, or that the results file gets wrong), and lost must be 0.
 
-Cards in PC/SC readers through card agents are not in this matrix: the
-bureau drives in-process cards only (``--card-dir``), so "agent killed" has
-no agent to kill yet.
+The third column of the matrix, a card agent killed, is in
+``tests/bureau/test_agents.py``: it needs the bureau serving card agents.
 """
 
 from __future__ import annotations
