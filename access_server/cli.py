@@ -1,5 +1,6 @@
 """``cms access-server serve``, ``cms psd ...``, ``cms campaign ...``, and the issuer's
-stock: ``cms providers ...``, ``cms packs ...`` and ``cms stock``.
+stock: ``cms providers ...``, ``cms packs ...`` and ``cms stock``; users, issuance and
+the bureau's results are ``access_server.issuance_cli``'s.
 
 The operator commands reach the access server through endpoints.json
 (``--endpoints``, $CMS_ENDPOINTS or ./var/demo/endpoints.json) as an identity
@@ -19,7 +20,7 @@ BAR_WIDTH = 30
 ATTENTION_SHOWN = 50
 UPLOAD_CHUNK = 1024 * 1024
 """Bytes per ImportPack message: well under gRPC's message limit."""
-STOCK_COLUMNS = ("in_stock", "reserved", "personalized", "shipped", "failed")
+STOCK_COLUMNS = ("in_stock", "reserved", "personalized", "shipped", "failed", "quarantined")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -18,6 +18,7 @@ from access_server.card_channel import CardChannelServicer, ChannelTimeouts
 from access_server.channel_opener import ChannelOpener
 from access_server.config import AccessConfig, load_config
 from access_server.flows import FlowContext
+from access_server.issuance_service import IssuanceServicer, UsersServicer
 from access_server.masters import UsableMasters
 from access_server.operator import CampaignsServicer, PsdRegistryServicer
 from access_server.stock_service import StockServicer
@@ -32,6 +33,8 @@ from cms.runtime.tls import secure_channel
 from cms.v1 import (
     access_pb2_grpc,
     card_channel_pb2_grpc,
+    issuance_pb2_grpc,
+    issuer_pb2_grpc,
     key_blocks_pb2_grpc,
     key_mgmt_pb2_grpc,
     stock_pb2_grpc,
@@ -49,7 +52,8 @@ PROXY_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
                          ("grpc.max_reconnect_backoff_ms", 1000)]
 METRIC_CAMPAIGNS = 50
 """Campaigns exported as metrics (the newest)."""
-SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel", "cms.v1.Stock")
+SERVICE_NAMES = ("cms.v1.PsdRegistry", "cms.v1.Campaigns", "cms.v1.CardChannel", "cms.v1.Stock",
+                 "cms.v1.Users", "cms.v1.Issuance")
 
 
 class CampaignCollector:
@@ -95,7 +99,9 @@ class CampaignCollector:
 
 def stock_metrics(store: Store):
     """``cms_stock_cards{pack, state}``: the issuer's blank cards per pack and state (seed
-    004), so a dashboard sees the stock run low; ``cms_packs_imported``: packs in stock."""
+    004), so a dashboard sees the stock run low; ``cms_packs_imported``: packs in stock;
+    ``cms_issuance_cards{state}``: cards issued to users, at the bureau, personalized or
+    failed."""
     from prometheus_client.core import GaugeMetricFamily
 
     cards = GaugeMetricFamily("cms_stock_cards", "Cards of the issuer's stock by pack and state",
@@ -110,6 +116,16 @@ def stock_metrics(store: Store):
     yield cards
     yield GaugeMetricFamily("cms_packs_imported", "Packs imported into the issuer's stock",
                             value=len(counts))
+    issued = GaugeMetricFamily("cms_issuance_cards",
+                               "Cards issued to users, by state (failed: the bureau said so)",
+                               labels=["state"])
+    try:
+        states = store.issuance_counts()
+    except Exception:  # as above
+        states = {}
+    for state, value in states.items():
+        issued.add_metric([state.value], value)
+    yield issued
 
 
 class _NoProxy:
@@ -189,6 +205,11 @@ class AccessServer:
             limits=self.cfg.stream_limits)
         card_channel_pb2_grpc.add_CardChannelServicer_to_server(self.card_channel, server)
         stock_pb2_grpc.add_StockServicer_to_server(StockServicer(self.store), server)
+        issuance_pb2_grpc.add_UsersServicer_to_server(UsersServicer(self.store), server)
+        issuer_hsm = (issuer_pb2_grpc.IssuerHsmStub(self.proxy) if self.proxy is not None
+                      else _NoProxy())
+        issuance_pb2_grpc.add_IssuanceServicer_to_server(
+            IssuanceServicer(self.store, issuer_hsm), server)
         return list(SERVICE_NAMES)
 
     async def _shutdown(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import Any
 
 from access_server import packs
 from access_server.store import PackRecord, ProviderRecord, StockState, Store
@@ -31,26 +32,33 @@ OPERATORS = frozenset({"admin"})
 MAX_FILE_NAME = 255
 STOCK_FIELDS = {StockState.IN_STOCK: "in_stock", StockState.RESERVED: "reserved",
                 StockState.PERSONALIZED: "personalized", StockState.SHIPPED: "shipped",
-                StockState.FAILED: "failed"}
+                StockState.FAILED: "failed", StockState.QUARANTINED: "quarantined"}
 """PackStock's field for each state."""
 IN_THE_WAY = frozenset({packs.Refusal.UNKNOWN_ROOT, packs.Refusal.IN_STOCK})
 """Refusals that the stock or the trusted roots cause, not the pack itself."""
 
 
 class Upload:
-    """The pack file and its signature gathered from the stream, each within its limit."""
+    """A file and its signature gathered from the stream, each within its limit.
 
-    def __init__(self) -> None:
-        self.pack = bytearray()
+    ``field`` names the chunk's field that carries the file (``pack`` here, ``results``
+    for a bureau's result file); the signature is always ``signature``.
+    """
+
+    def __init__(self, field: str = "pack", what: str = "pack file") -> None:
+        self.field = field
+        self.what = what
+        self.content = bytearray()
         self.signature = bytearray()
         self.file_name = ""
 
-    def add(self, chunk: pb.ImportPackChunk) -> None:
-        if len(self.pack) + len(chunk.pack) > pack_format.MAX_FILE_BYTES:
-            raise InvalidArgument(f"pack file larger than {pack_format.MAX_FILE_BYTES} bytes")
+    def add(self, chunk: Any) -> None:
+        data = getattr(chunk, self.field)
+        if len(self.content) + len(data) > pack_format.MAX_FILE_BYTES:
+            raise InvalidArgument(f"{self.what} larger than {pack_format.MAX_FILE_BYTES} bytes")
         if len(self.signature) + len(chunk.signature) > packs.MAX_SIGNATURE_BYTES:
             raise InvalidArgument(f"signature larger than {packs.MAX_SIGNATURE_BYTES} bytes")
-        self.pack += chunk.pack
+        self.content += data
         self.signature += chunk.signature
         if chunk.file_name and not self.file_name:
             self.file_name = chunk.file_name[:MAX_FILE_NAME]
@@ -60,7 +68,7 @@ def gather(chunks: Iterable[pb.ImportPackChunk]) -> Upload:
     upload = Upload()
     for chunk in chunks:
         upload.add(chunk)
-    if not upload.pack:
+    if not upload.content:
         raise InvalidArgument("no pack file in the upload")
     if not upload.signature:
         raise InvalidArgument("no signature in the upload: a pack comes with its .p7s")
@@ -121,7 +129,7 @@ class StockServicer(stock_pb2_grpc.StockServicer):
         actor = caller(context, OPERATORS, "import packs")
         upload = gather(request_iterator)
         name = upload.file_name or "(unnamed)"
-        pack, signature = bytes(upload.pack), bytes(upload.signature)
+        pack, signature = bytes(upload.content), bytes(upload.signature)
         try:
             roots = [trusted_root(p) for p in self.store.list_roots()]
             verified = packs.verify_pack(pack, signature, roots, self.clock())

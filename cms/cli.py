@@ -28,6 +28,7 @@ REGISTRARS = (
     "hsm_proxy.cli",
     "key_mgmt.cli",
     "access_server.cli",
+    "access_server.issuance_cli",
     "provider.cli",
     "card_agent.cli",
     "virtual_psd.cli",

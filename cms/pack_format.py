@@ -31,9 +31,9 @@ import binascii
 import csv
 import io
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeVar
 
 from cardcore.issuance import SERIAL_PATTERN
 
@@ -55,6 +55,7 @@ MAX_FILE_BYTES: Final = 512 * 1024 * 1024
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Pack serials and provider ids."""
 TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
+T = TypeVar("T")
 
 
 class PackFormatError(ValueError):
@@ -127,13 +128,15 @@ def write_pack(header: PackHeader, rows: Iterable[PackRow]) -> bytes:
     return out.getvalue().encode("ascii")
 
 
-def _reader(data: bytes) -> Iterator[tuple[int, list[str]]]:
+def csv_lines(data: bytes, encoding: str = "ascii") -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of a CSV file of two header lines, a column line and rows
+    (``cms.perso_format``'s files have the same shape, in UTF-8 for users' names)."""
     if len(data) > MAX_FILE_BYTES:
         raise PackFormatError(f"file of {len(data)} bytes, more than {MAX_FILE_BYTES}")
     try:
-        text = data.decode("ascii")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise PackFormatError(f"not ASCII text (byte {exc.start})") from None
+        raise PackFormatError(f"not {encoding.upper()} text (byte {exc.start})") from None
     # A field larger than the limit is refused by the csv module itself.
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     while True:
@@ -148,7 +151,7 @@ def _reader(data: bytes) -> Iterator[tuple[int, list[str]]]:
         yield reader.line_num, fields
 
 
-def _decode_field(name: str, value: str, row: int, line: int) -> bytes:
+def decode_base64(name: str, value: str, row: int, line: int) -> bytes:
     if not value:
         raise PackFormatError(f"{name} is empty", row=row, line=line)
     try:
@@ -157,24 +160,38 @@ def _decode_field(name: str, value: str, row: int, line: int) -> bytes:
         raise PackFormatError(f"{name} is not base64", row=row, line=line) from None
 
 
-def read_header(lines: Iterator[tuple[int, list[str]]]) -> PackHeader:
+class HeaderFields(NamedTuple):
+    """A file's two header lines, the fields every file has checked."""
+
+    fields: dict[str, str]
+    card_count: int
+    created_at: datetime
+    line: int
+    """The line of the values, for errors about them."""
+
+
+def read_header_fields(lines: Iterator[tuple[int, list[str]]], names: tuple[str, ...],
+                       file_format: str) -> HeaderFields:
+    """The header lines of a file of ``file_format``: field names, format, version, card
+    count and creation time checked; the other fields are the caller's to check."""
     try:
-        line, names = next(lines)
+        line, found = next(lines)
         line2, values = next(lines)
     except StopIteration:
-        raise PackFormatError("no header: a pack starts with two header lines", row=0) from None
-    if tuple(names) != HEADER_FIELDS:
-        raise PackFormatError(f"header fields {','.join(names)[:200]!r}, expected "
-                              f"{','.join(HEADER_FIELDS)}", row=0, line=line)
-    if len(values) != len(HEADER_FIELDS):
-        raise PackFormatError(f"{len(values)} header values, expected {len(HEADER_FIELDS)}",
+        raise PackFormatError("no header: the file starts with two header lines",
+                              row=0) from None
+    if tuple(found) != names:
+        raise PackFormatError(f"header fields {','.join(found)[:200]!r}, expected "
+                              f"{','.join(names)}", row=0, line=line)
+    if len(values) != len(names):
+        raise PackFormatError(f"{len(values)} header values, expected {len(names)}",
                               row=0, line=line2)
-    fields = dict(zip(HEADER_FIELDS, values, strict=True))
-    if fields["format"] != FORMAT:
-        raise PackFormatError(f"format {fields['format'][:64]!r}, expected {FORMAT}",
+    fields = dict(zip(names, values, strict=True))
+    if fields["format"] != file_format:
+        raise PackFormatError(f"format {fields['format'][:64]!r}, expected {file_format}",
                               row=0, line=line2)
     if fields["version"] != VERSION:
-        raise PackFormatError(f"version {fields['version'][:16]!r}, this issuer reads "
+        raise PackFormatError(f"version {fields['version'][:16]!r}, this reader reads "
                               f"{VERSION}", row=0, line=line2)
     count_text = fields["card_count"]
     if not count_text.isdigit() or not 0 < int(count_text) <= MAX_CARDS:
@@ -185,45 +202,64 @@ def read_header(lines: Iterator[tuple[int, list[str]]]) -> PackHeader:
     except ValueError:
         raise PackFormatError(f"creation time {fields['created_at'][:32]!r}, expected "
                               "YYYY-MM-DDTHH:MM:SSZ", row=0, line=line2) from None
-    return PackHeader(check_name("pack serial", fields["pack_serial"]),
-                      check_name("provider id", fields["provider_id"]),
-                      int(count_text), created)
+    return HeaderFields(fields, int(count_text), created, line2)
 
 
-def read_pack(data: bytes) -> Pack:
-    """Parse a pack file and check its shape (PackFormatError with the row and line)."""
-    lines = _reader(data)
+RowParser = Callable[[list[str], int, int], T]
+"""(fields, card row, file line) -> one row; PackFormatError naming them otherwise."""
+
+
+def read_table(data: bytes, names: tuple[str, ...], file_format: str,
+               columns: tuple[str, ...], parse_row: RowParser[T], *,
+               encoding: str = "ascii") -> tuple[HeaderFields, list[T]]:
+    """A file of two header lines, a column line and ``card_count`` rows of ``columns``:
+    the shape this module's packs and ``cms.perso_format``'s files share."""
+    lines = csv_lines(data, encoding)
     previous = csv.field_size_limit(MAX_FIELD)
     try:
         try:
-            header = read_header(lines)
+            header = read_header_fields(lines, names, file_format)
             try:
-                line, names = next(lines)
+                line, found = next(lines)
             except StopIteration:
                 raise PackFormatError("no column line after the header", line=3) from None
-            if tuple(names) != COLUMNS:
-                raise PackFormatError(f"columns {','.join(names)[:200]!r}, expected "
-                                      f"{','.join(COLUMNS)}", line=line)
-            rows: list[PackRow] = []
+            if tuple(found) != columns:
+                raise PackFormatError(f"columns {','.join(found)[:200]!r}, expected "
+                                      f"{','.join(columns)}", line=line)
+            rows: list[T] = []
             for line, fields in lines:
                 number = len(rows) + 1
                 if number > header.card_count:
                     raise PackFormatError(f"more cards than the header's {header.card_count}",
                                           row=number, line=line)
-                if len(fields) != len(COLUMNS):
-                    raise PackFormatError(f"{len(fields)} columns, expected {len(COLUMNS)}",
+                if len(fields) != len(columns):
+                    raise PackFormatError(f"{len(fields)} columns, expected {len(columns)}",
                                           row=number, line=line)
-                serial = fields[0]
-                if not SERIAL_PATTERN.match(serial):
-                    raise PackFormatError(f"serial {serial[:40]!r} is malformed", row=number,
-                                          line=line)
-                rows.append(PackRow(serial, *(
-                    _decode_field(name, value, number, line)
-                    for name, value in zip(COLUMNS[1:], fields[1:], strict=True))))
+                rows.append(parse_row(fields, number, line))
         except csv.Error as exc:  # raised lazily by the reader, e.g. an oversized field
             raise PackFormatError(f"not CSV: {exc}") from None
     finally:
         csv.field_size_limit(previous)
     if len(rows) != header.card_count:
         raise PackFormatError(f"header says {header.card_count} cards, the file has {len(rows)}")
-    return Pack(header, rows)
+    return header, rows
+
+
+def check_serial(value: str, row: int | None = None, line: int | None = None) -> str:
+    if not SERIAL_PATTERN.match(value):
+        raise PackFormatError(f"serial {value[:40]!r} is malformed", row=row, line=line)
+    return value
+
+
+def _pack_row(fields: list[str], number: int, line: int) -> PackRow:
+    return PackRow(check_serial(fields[0], number, line), *(
+        decode_base64(name, value, number, line)
+        for name, value in zip(COLUMNS[1:], fields[1:], strict=True)))
+
+
+def read_pack(data: bytes) -> Pack:
+    """Parse a pack file and check its shape (PackFormatError with the row and line)."""
+    header, rows = read_table(data, HEADER_FIELDS, FORMAT, COLUMNS, _pack_row)
+    return Pack(PackHeader(check_name("pack serial", header.fields["pack_serial"]),
+                           check_name("provider id", header.fields["provider_id"]),
+                           header.card_count, header.created_at), rows)

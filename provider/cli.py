@@ -187,7 +187,7 @@ def _issuer_point(path: Path) -> bytes:
 
 
 def _recipient(path: Path | None) -> Any:
-    from provider.envelope import EnvelopeError, load_recipient
+    from cms.envelope import EnvelopeError, load_recipient
 
     if path is None:
         return None
@@ -325,7 +325,7 @@ def _init_pack(args: argparse.Namespace) -> int:
         return ca.SignPack(ppb.SignPackRequest(provider_id=provider_id, pack_serial=serial,
                                                sha256=digest), timeout=60).signature
 
-    from provider.envelope import KeyTransport
+    from cms.envelope import KeyTransport
 
     try:
         files = write_pack_files(out, pack_header(pack_serial, provider_id, len(rows)), rows,

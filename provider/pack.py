@@ -22,9 +22,9 @@ import grpc
 from cryptography import x509
 
 from cardcore.link import TransportError
+from cms.envelope import KeyTransport, envelop
 from cms.pack_format import ENVELOPE_SUFFIX, SIGNATURE_SUFFIX, PackHeader, PackRow, write_pack
 from cms.v1 import provider_pb2 as ppb
-from provider.envelope import KeyTransport, envelop
 from provider.initializer import (
     PROXY_TIMEOUT_S,
     AlreadyInitialized,

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -249,7 +250,7 @@ class CampaignItemRow(Base):
 # Public material only: certificates, public keys, the card's own signature over its
 # device key. A pack carries no private key, and nothing here could hold one.
 
-STOCK_STATES = ("in_stock", "reserved", "personalized", "shipped", "failed")
+STOCK_STATES = ("in_stock", "reserved", "personalized", "shipped", "failed", "quarantined")
 
 
 class ProviderRootRow(Base):
@@ -308,3 +309,87 @@ class StockCardRow(Base):
         # The next cards in stock: by state, then pack (import order), then position.
         Index("ix_stock_card_state_pack_id_position", "state", "pack_id", "position"),
     )
+
+
+# -- users and issuance (seed 004, B3-B4) ------------------------------------------------
+# The device authentication key's private half is stored only as the issuer system HSM
+# wrapped it under its KEK; no user private key, seed or PIN has a column.
+
+ISSUANCE_STATES = ("preparing", "issued", "personalized", "failed")
+
+
+class DerivationCounterRow(Base):
+    """The next derivation element: one row, bumped in the transaction that adds a user."""
+
+    __tablename__ = "derivation_counter"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_element: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("next_element > 0 AND next_element <= 2147483648", name="in_range"),
+    )
+
+
+class UserRow(Base):
+    __tablename__ = "app_user"
+
+    user_id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    address: Mapped[str] = mapped_column(Text)
+    email: Mapped[str | None] = mapped_column(String(254))
+    derivation_element: Mapped[int] = mapped_column(BigInteger, unique=True)
+    created: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_by: Mapped[str] = mapped_column(String(200))
+    # Set when a user with issued cards is removed (their records keep the row).
+    removed: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    # A removed user's id is never given to another (SQLite would reuse the highest rowid).
+    __table_args__ = {"sqlite_autoincrement": True}
+
+
+class IssuanceRow(Base):
+    __tablename__ = "issuance"
+
+    serial: Mapped[str] = mapped_column(String(32), ForeignKey("stock_card.serial"),
+                                        primary_key=True)
+    user_id: Mapped[int] = mapped_column(ID_TYPE, ForeignKey("app_user.user_id"))
+    derivation_element: Mapped[int] = mapped_column(BigInteger)
+    issuance_id: Mapped[str] = mapped_column(String(32), index=True)
+    batch: Mapped[str] = mapped_column(String(64))
+    sequence: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    hsm_pins: Mapped[bool] = mapped_column(Boolean)
+    device_auth_public_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    device_auth_wrapped_key: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
+    device_auth_kek_version: Mapped[int | None] = mapped_column(Integer)
+    user_public_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+    __table_args__ = (
+        CheckConstraint(one_of("state", ISSUANCE_STATES), name="state"),
+        CheckConstraint("sequence > 0", name="sequence_positive"),
+        CheckConstraint(
+            "state = 'preparing' OR (device_auth_public_key IS NOT NULL AND "
+            "device_auth_wrapped_key IS NOT NULL AND user_public_key IS NOT NULL)",
+            name="issued_complete"),
+        # Is a card of this user in flight? (preparing or issued)
+        Index("ix_issuance_user_id_state", "user_id", "state"),
+    )
+
+
+class BureauRow(Base):
+    """A personalization bureau's certificate: result files it signs are accepted."""
+
+    __tablename__ = "bureau"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    certificate: Mapped[bytes] = mapped_column(LargeBinary)
+    subject: Mapped[str] = mapped_column(Text)
+    not_after: Mapped[datetime] = mapped_column(UtcDateTime)
+    trusted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    trusted_by: Mapped[str] = mapped_column(String(200))

@@ -221,6 +221,8 @@ class StockState(StrEnum):
     PERSONALIZED = "personalized"
     SHIPPED = "shipped"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
+    """The bureau reported it failed: held aside for an operator, never back in stock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,3 +276,86 @@ class StockCard:
     device_certificate: bytes
     issuer_auth_certificate: bytes
     signed_device_key: bytes
+
+
+# -- users and issuance (seed 004, B3-B4) ------------------------------------------------
+
+class IssuanceState(StrEnum):
+    """Where one card's issuance stands."""
+
+    PREPARING = "preparing"
+    """Taken from stock for a user; the issuer HSM has not answered yet."""
+    ISSUED = "issued"
+    """Its payload is in a personalization file, on its way to the bureau."""
+    PERSONALIZED = "personalized"
+    FAILED = "failed"
+
+
+IN_FLIGHT = (IssuanceState.PREPARING, IssuanceState.ISSUED)
+"""A user with a card in these states gets no other card until the bureau answers."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    user_id: int
+    name: str
+    address: str
+    email: str | None
+    derivation_element: int
+    created: datetime
+    created_by: str
+    removed: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuanceRecord:
+    serial: str
+    user_id: int
+    derivation_element: int
+    issuance_id: bytes
+    batch: str
+    sequence: int
+    state: IssuanceState
+    hsm_pins: bool
+    device_auth_public_key: bytes | None
+    user_public_key: bytes | None
+    reason: str | None
+    updated: datetime
+
+
+class PreparedCard(NamedTuple):
+    """A card taken from stock for a user, before the issuer HSM made its payload."""
+
+    card: StockCard
+    user: UserRecord
+    issuance_id: bytes
+    sequence: int
+
+
+class IssuedCard(NamedTuple):
+    """What the issuer HSMs returned for one card, as the store keeps it."""
+
+    serial: str
+    device_auth_public_key: bytes
+    device_auth_wrapped_key: bytes
+    device_auth_kek_version: int
+    user_public_key: bytes
+
+
+class CardResult(NamedTuple):
+    """One row of a bureau's result file."""
+
+    serial: str
+    personalized: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BureauRecord:
+    fingerprint: str
+    name: str
+    certificate: bytes
+    subject: str
+    not_after: datetime
+    trusted_at: datetime
+    trusted_by: str

@@ -164,25 +164,37 @@ class Stock(Transactions):
 
     def reserve_cards(self, count: int, holder: str) -> list[r.StockCard]:
         """Take the next ``count`` cards in stock, first in, first out; all or none."""
-        if not 0 < count <= MAX_RESERVE:
-            raise InvalidArgument(f"cards to reserve: 1 to {MAX_RESERVE}, not {count}")
         with self._write() as session:
-            query = (select(StockCardRow, StockPackRow.pack_serial)
-                     .join(StockPackRow, StockPackRow.pack_id == StockCardRow.pack_id)
-                     .where(StockCardRow.state == r.StockState.IN_STOCK.value)
-                     .order_by(StockCardRow.pack_id, StockCardRow.position).limit(count)
-                     .options(undefer("*")))
-            if self._postgres:
-                query = query.with_for_update(of=StockCardRow, skip_locked=True)
-            taken = session.execute(query).all()
-            if len(taken) < count:
-                raise FailedPrecondition(f"{count} cards asked for, {len(taken)} in stock")
-            serials = [card.serial for card, _ in taken]
-            for chunk in chunks(serials):
-                session.execute(update(StockCardRow).where(StockCardRow.serial.in_(chunk))
-                                .values(state=r.StockState.RESERVED.value, reserved_by=holder,
-                                        updated=self._now()))
-            return [r.StockCard(card.serial, pack_serial, card.position, r.StockState.RESERVED,
-                                card.device_public_key, card.issuer_auth_public_key,
-                                card.device_certificate, card.issuer_auth_certificate,
-                                card.signed_device_key) for card, pack_serial in taken]
+            return take_cards(session, count, holder, self._now(), postgres=self._postgres)
+
+
+def take_cards(session: Session, count: int, holder: str, now: datetime, *,
+               postgres: bool) -> list[r.StockCard]:
+    """``reserve_cards`` inside a caller's write transaction (issuance records the users
+    it assigns in the same one)."""
+    if not 0 < count <= MAX_RESERVE:
+        raise InvalidArgument(f"cards to reserve: 1 to {MAX_RESERVE}, not {count}")
+    query = (select(StockCardRow, StockPackRow.pack_serial)
+             .join(StockPackRow, StockPackRow.pack_id == StockCardRow.pack_id)
+             .where(StockCardRow.state == r.StockState.IN_STOCK.value)
+             .order_by(StockCardRow.pack_id, StockCardRow.position).limit(count)
+             .options(undefer("*")))
+    if postgres:
+        query = query.with_for_update(of=StockCardRow, skip_locked=True)
+    taken = session.execute(query).all()
+    if len(taken) < count:
+        raise FailedPrecondition(f"{count} cards asked for, {len(taken)} in stock")
+    serials = [card.serial for card, _ in taken]
+    for chunk in chunks(serials):
+        session.execute(update(StockCardRow).where(StockCardRow.serial.in_(chunk))
+                        .values(state=r.StockState.RESERVED.value, reserved_by=holder,
+                                updated=now))
+    return [stock_card(card, pack_serial, r.StockState.RESERVED) for card, pack_serial in taken]
+
+
+def stock_card(card: StockCardRow, pack_serial: str,
+               state: r.StockState | None = None) -> r.StockCard:
+    return r.StockCard(card.serial, pack_serial, card.position,
+                       state or r.StockState(card.state), card.device_public_key,
+                       card.issuer_auth_public_key, card.device_certificate,
+                       card.issuer_auth_certificate, card.signed_device_key)

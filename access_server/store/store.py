@@ -26,7 +26,8 @@ so a lost update surfaces as Aborted rather than silently.
 ``Store`` is assembled from one part per concern, each in its own module:
 ``registry`` (cards registered, listed, revoked, flagged for an operator),
 ``contacts`` (what a contact reads, journals and completes, and reconcile),
-``leases``, ``campaigns`` and ``stock`` (the issuer's blank cards, seed 004);
+``leases``, ``campaigns``, ``stock`` (the issuer's blank cards, seed 004) and
+``issuance`` (users, their cards, the bureau's results);
 ``transactions`` is the base they share.
 """
 
@@ -44,6 +45,7 @@ from sqlalchemy import text
 from access_server.migrations import MIGRATIONS_DIR
 from access_server.store.campaigns import Campaigns
 from access_server.store.contacts import Contacts
+from access_server.store.issuance import Issuance
 from access_server.store.leases import Leases
 from access_server.store.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from access_server.store.registry import Registry
@@ -59,7 +61,7 @@ _MIGRATING = threading.Lock()
 """Alembic's ``context`` and ``op`` are process-wide: one migration at a time per process."""
 
 
-class Store(Registry, Contacts, Leases, Campaigns, Stock):
+class Store(Registry, Contacts, Leases, Campaigns, Stock, Issuance):
     """Repository of the access server. Thread safe; one instance per process.
 
     ``clock`` returns aware datetimes; tests pass a fake one to move time

@@ -407,8 +407,8 @@ def test_the_commands(server: Server, tmp_path: Path) -> None:
     assert "PK-CLI #" in cms("packs", *env, "list").stdout
     table = cms("stock", *env).stdout.splitlines()
     assert table[0].split() == ["pack", "in_stock", "reserved", "personalized", "shipped",
-                                "failed"]
-    assert ["PK-CLI", "2", "0", "0", "0", "0"] in [line.split() for line in table]
+                                "failed", "quarantined"]
+    assert ["PK-CLI", "2", "0", "0", "0", "0", "0"] in [line.split() for line in table]
     listed = json.loads(cms("stock", *env, "--json").stdout)["packs"]
     assert {"pack": "PK-CLI", "in_stock": 2}.items() <= \
         next(p for p in listed if p["pack"] == "PK-CLI").items()

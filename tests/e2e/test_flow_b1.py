@@ -177,7 +177,7 @@ def test_flow_b1_provider_initialization_to_the_issuers_stock(pcscd, tmp_path: P
         in_stock = {p["pack"]: p["in_stock"] for p in json.loads(counts.stdout)["packs"]}
         assert in_stock == {packs[0].stem: 1, packs[1].stem: 2}
         table = outputs.cms("stock", *ep).stdout.splitlines()
-        assert table[-1].split() == ["total", "3", "0", "0", "0", "0"]
+        assert table[-1].split() == ["total", "3", "0", "0", "0", "0", "0"]
         again = outputs.cms("packs", *ep, "import", str(packs[0]), check=False)
         assert again.returncode == 1 and again.stdout == ""
         assert again.stderr.startswith(f"cms: ALREADY_EXISTS: pack {packs[0].stem} already "

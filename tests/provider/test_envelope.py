@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from provider.envelope import EnvelopeError, KeyTransport, envelop, load_recipient
+from cms.envelope import EnvelopeError, KeyTransport, envelop, load_recipient
 from tests.provider.keys import PEM, issuer_files, self_signed
 
 CONTENT = b"format,version\r\ncms-device-initialization-data,1\r\n" * 40

@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from cardcore.issuance import device_key_statement
 from cardcore.issuance_keys import rsa_from_spki
 from cms.pack_format import PackHeader, PackRow, write_pack
+from deploy.pki import Pki
 from tests.support.pki import make_pki
 
 DER = serialization.Encoding.DER
@@ -192,17 +193,21 @@ def make_pack(root: Root, pack_serial: str, rows: Sequence[PackRow]) -> Pack:
 
 
 @contextmanager
-def access_server(directory: Path, database_url: str | None = None) -> Iterator[Path]:
-    """An access server process (no proxy: the stock needs none) over mutual TLS.
+def access_server(directory: Path, database_url: str | None = None, *, pki: Pki | None = None,
+                  proxy_address: str | None = None) -> Iterator[Path]:
+    """An access server process over mutual TLS; no proxy unless ``proxy_address`` (the
+    stock needs none; issuance does, with the proxy's ``pki``).
 
     Yields the endpoints.json that reaches it as any identity of a development PKI.
     """
-    pki = make_pki(directory / "pki")
+    pki = pki or make_pki(directory / "pki")
     server = pki.identity("access-server")
     url = database_url or f"sqlite:///{directory / 'access.db'}"
     config = {"server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
               "tls": {"ca": str(pki.ca), "cert": str(server.cert), "key": str(server.key)},
               "database": {"url": url}}
+    if proxy_address is not None:
+        config["proxy"] = {"address": proxy_address}
     path = directory / "access-server.yaml"
     path.write_text(yaml.safe_dump(config))
     ready = directory / "ready.json"

@@ -1,4 +1,7 @@
-"""CMS EnvelopedData (RFC 5652 section 6) to one RSA recipient: how a pack travels sealed.
+"""CMS EnvelopedData (RFC 5652 section 6) to one RSA recipient: how a file travels sealed.
+
+On the floor because both ends of seed 004 seal files: the provider its packs
+to the issuer, the issuer its personalization files to the bureau.
 
 The content is encrypted with AES-256-CBC under a fresh random key and IV;
 that key goes to the recipient's certificate by RSAES-OAEP with the default
