@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, undefer
 from access_server.store import records as r
 from access_server.store.campaigns import chunks
 from access_server.store.models import (
+    ActivationRow,
     BureauRow,
     DerivationCounterRow,
     IssuanceRow,
@@ -181,8 +182,13 @@ class Issuance(Transactions):
             return [r.PreparedCard(card, user_record(user), issuance_id, FIRST_SEQUENCE)
                     for card, user in zip(cards, users, strict=True)]
 
-    def complete_issuance(self, issuance_id: bytes, issued: Sequence[r.IssuedCard]) -> None:
-        """Store what the HSMs returned; every preparing card of the issuance, exactly."""
+    def complete_issuance(self, issuance_id: bytes, issued: Sequence[r.IssuedCard],
+                          activations: Sequence[r.NewActivation] = ()) -> None:
+        """Store what the HSMs returned; every preparing card of the issuance, exactly.
+
+        An online issuance's ``activations`` (its code's hash and its payload) go in the
+        same transaction: a code is never shown for a card whose issuance is not recorded.
+        """
         with self._write() as session:
             rows = {i.serial: i for i in session.scalars(select(IssuanceRow).where(
                 IssuanceRow.issuance_id == issuance_id.hex(),
@@ -198,6 +204,12 @@ class Issuance(Transactions):
                 row.user_public_key = card.user_public_key
                 row.state = r.IssuanceState.ISSUED.value
                 row.updated = now
+            session.flush()
+            session.add_all(ActivationRow(
+                serial=a.serial, issuance_id=issuance_id.hex(), code_salt=a.code_salt,
+                code_hash=a.code_hash, payload=a.payload, expires=a.expires, failures=0,
+                state=r.ActivationState.WAITING.value, created=now, updated=now,
+                created_by=rows[a.serial].created_by) for a in activations)
 
     def abandon_issuance(self, issuance_id: bytes) -> int:
         """Drop a preparing issuance: its records go, its cards return to stock."""
