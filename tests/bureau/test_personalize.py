@@ -40,6 +40,7 @@ from tests.bureau.world import (
     users,
 )
 from tests.support.scan import assert_absent
+from tests.virtual_psd.issuance_host import open_card, select_applet
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +152,24 @@ def test_a_batch_run_again_personalizes_nothing_twice(
     assert {serial: path.read_bytes() for serial, path in cards.items()} == before
     assert F.read_results((out / f"{PACK}-results.csv").read_bytes()).rows == \
         F.read_results(results).rows
+
+
+def test_a_card_holding_its_payload_is_reported_so_and_completed(
+        world: World, perso: Path, templates: dict[str, Path], tmp_path: Path) -> None:
+    """A card personalized by this payload without this journal (another station, a lost
+    state directory): reported as such, its PIN set and checked, nothing redone."""
+    cards = copy_cards(templates, tmp_path / "cards")
+    first = sorted(cards)[0]
+    payload = next(r.payload for r in F.read_perso(perso.read_bytes()).rows
+                   if r.serial == first)
+    card = open_card(cards[first])
+    select_applet(card)
+    assert card.transmit(I.personalize(payload))[-2:] == b"\x90\x00"
+    run = personalize(world, perso, tmp_path / "cards", tmp_path / "out", tmp_path / "state")
+    assert f"card {first} already personalized by this payload" in run.stdout
+    assert personalized(run.stdout) == CARDS - 1
+    state = card_state(cards[first])
+    assert state.sequence == 1 and state.pin is not None
 
 
 def test_a_card_not_in_the_file_is_reported_and_left_alone(
