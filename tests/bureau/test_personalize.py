@@ -136,6 +136,8 @@ def test_a_batch_personalizes_each_card_once_and_writes_signed_files(
                for kind, value in zip(("PIN", "PUK"), pair, strict=True)}
     assert_absent(everything_left(out, state) + run.stdout.encode() + run.stderr.encode(),
                   secrets, "the bureau's files, journal and output")
+    assert_absent(world.proxy.env.log_path.read_bytes() + world.proxy.env.audit_path
+                  .read_bytes(), secrets, "the proxy's log and audit log")
 
 
 def test_a_batch_run_again_personalizes_nothing_twice(
@@ -265,3 +267,30 @@ def test_the_journal_keeps_only_mailer_data(world: World, perso: Path,
     with sqlite3.connect(tmp_path / "state" / JOURNAL_NAME) as db:
         rows = db.execute("SELECT serial, step, length(mailer_data) FROM cards").fetchall()
     assert sorted(rows) == [(s, 5, 256) for s in sorted(templates)]
+
+
+def test_bad_options_are_refused_in_one_line(world: World, perso: Path, tmp_path: Path) -> None:
+    card_dir = tmp_path / "cards"
+    card_dir.mkdir()
+    base = ["bureau", "--endpoints", world.endpoints, "--state", tmp_path / "state"]
+    cases = {
+        "no mailer key": ([*base, "--bureau", BUREAU, "personalize", perso, "--issuer-cert",
+                           world.issuer_cert, "--out", tmp_path / "out", "--card-dir",
+                           card_dir], "--mailer-key"),
+        "a bad bureau name": ([*base, "--bureau", "a b", "personalize", perso,
+                               "--issuer-cert", world.issuer_cert, "--mailer-key",
+                               world.mailer_pem, "--out", tmp_path / "out", "--card-dir",
+                               card_dir], "--bureau 'a b'"),
+        "no signature": ([*base, "--bureau", BUREAU, "personalize", tmp_path / "none.csv",
+                          "--issuer-cert", world.issuer_cert, "--out", tmp_path / "out",
+                          "--card-dir", card_dir], "none.csv"),
+        "not a certificate": ([*base, "--bureau", BUREAU, "personalize", perso,
+                               "--issuer-cert", perso, "--out", tmp_path / "out",
+                               "--card-dir", card_dir], "not an X.509 certificate"),
+    }
+    for name, (args, expected) in cases.items():
+        done = cms(*args, check=False)
+        assert done.returncode == 1, (name, done)
+        assert expected in done.stderr and done.stderr.count("\n") == 1, (name, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
