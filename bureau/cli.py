@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from cms.identity import BUREAU
+from cms.runtime.agent_options import add_agent_arguments
 
 SERVICE = "hsm_proxy"
 TIMEOUT = 60
 VIRTUAL_SOURCE = "virtual_psd.agent_source"
-DEFAULT_LISTEN = "127.0.0.1:0"
 STATE_SUFFIX = ".json"
 
 
@@ -62,16 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cards = perso.add_mutually_exclusive_group(required=True)
     cards.add_argument("--card-dir", type=Path, metavar="DIR",
                        help="virtual card state files, each presented once per run")
-    cards.add_argument("--agents", action="store_true",
-                       help="cards in PC/SC readers through card agents: serve a card channel "
-                            "for the run (cms card-agent --server HOST:PORT --server-identity "
-                            "bureau)")
-    perso.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                       help=f"with --agents: where agents connect (default {DEFAULT_LISTEN}: "
-                            "a free port, printed)")
-    perso.add_argument("--agent-wait", type=float, default=600.0, metavar="SECONDS",
-                       help="with --agents: end with the cards so far when none came for "
-                            "this long (default 600; SIGTERM ends it too)")
+    add_agent_arguments(perso, cards, BUREAU, ends="; SIGTERM ends it too")
     perso.add_argument("--card-fault", action="append", default=[], metavar="NAME=PLAN",
                        help=argparse.SUPPRESS)
     perso.set_defaults(func=_personalize)

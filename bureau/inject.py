@@ -45,6 +45,7 @@ class CardGone(Exception):
 
 class Result(StrEnum):
     PERSONALIZED = "personalized"
+    HELD_BEFORE = "already personalized by this payload"
     DONE_BEFORE = "already personalized in this batch"
     FAILED = "failed"
     UNKNOWN = "not in the file"
@@ -93,11 +94,12 @@ def _card_data(transmit: Transmit) -> I.CardData:
         raise _Refused(str(exc)) from None
 
 
-def _personalize(transmit: Transmit, card: I.CardData, row: PersoRow) -> None:
+def _personalize(transmit: Transmit, card: I.CardData, row: PersoRow) -> bool:
+    """Whether the card held this payload already (6A89: an earlier run put it in)."""
     sw = _send(transmit, I.personalize(row.payload))[1]
     answer = I.personalize_answer(sw)
     if answer.done:
-        return
+        return sw == SW.ALREADY_EXISTS
     if sw == SW.CONDITIONS_NOT_SATISFIED and card.life_cycle == I.LifeCycle.PERSONALIZED:
         raise _Refused("personalized by another payload")
     raise _Refused(f"PERSONALIZE refused ({sw:04X}): {answer.reason}")
@@ -169,7 +171,7 @@ def personalize_card(name: str, transmit: Transmit, batch: BatchView, journal: J
     if entry is None:
         journal.record(row.serial, Step.STARTED)
     try:
-        _personalize(transmit, card, row)
+        held = _personalize(transmit, card, row)
         journal.record(row.serial, Step.PERSONALIZED)
         if batch.pin_maker is PinMaker.BUREAU:
             _set_pin(transmit, card, row, sealer, journal)
@@ -179,4 +181,4 @@ def personalize_card(name: str, transmit: Transmit, batch: BatchView, journal: J
         journal.record(row.serial, Step.FAILED, reason=str(exc))
         return Outcome(name, Result.FAILED, row.serial, str(exc))
     journal.record(row.serial, Step.DONE)
-    return Outcome(name, Result.PERSONALIZED, row.serial)
+    return Outcome(name, Result.HELD_BEFORE if held else Result.PERSONALIZED, row.serial)

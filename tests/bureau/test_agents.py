@@ -23,7 +23,7 @@ import pytest
 
 from cardcore import issuance as I
 from cms import perso_format as F
-from tests.bureau.test_faults import INJECTION_APDUS, personalized_right
+from tests.bureau.test_faults import INJECTION_APDUS, personalized_and_reported
 from tests.bureau.world import BUREAU, World, card_state, copy_cards
 from tests.support.hsm_proxy import REPO
 
@@ -116,14 +116,8 @@ def test_an_agent_killed_at_any_apdu_resumes_to_each_card_personalized_once(
         if resumed.proc.poll() is None:
             resumed.proc.kill()
     assert code == 0, again
-    header = F.read_perso(perso.read_bytes()).header
-    mailing = {r.serial: r.mailer_data for r in
-               F.read_mailing((out / f"{PACK}{F.MAILING_SUFFIX}").read_bytes()).rows}
-    results = {r.serial: r.status for r in
-               F.read_results((out / f"{PACK}-results.csv").read_bytes()).rows}
-    right = {s for s, p in cards.items()
-             if personalized_right(world, p, s, header.file_serial, mailing)
-             and results.get(s) == F.Status.PERSONALIZED}
+    right, results = personalized_and_reported(world, perso, out, cards)
+    assert results == set(cards)
     lost = set(cards) - right
     print(f"agent killed at APDU {at}: injected {len(injected)}, recovered "
           f"{len(right - injected)}, lost {len(lost)}")

@@ -24,7 +24,7 @@ import pytest
 
 from cardcore import issuance as I
 from cms import perso_format as F
-from tests.bureau.test_personalize import PACK, opened, personalize
+from tests.bureau.test_personalize import opened, personalize
 from tests.bureau.world import World, card_state, copy_cards
 
 pytestmark = pytest.mark.integration
@@ -33,6 +33,7 @@ INJECTION_APDUS = 7
 FAULTS = {"card pulled": "power-loss@{at}", "power lost during": "tear@{at}",
           "bureau killed": "kill@{at}:self:KILL"}
 CARDS = 2
+PACK = "F-2026-01"
 
 
 def personalized_right(world: World, path: Path, serial: str, file_serial: bytes,
@@ -43,6 +44,21 @@ def personalized_right(world: World, path: Path, serial: str, file_serial: bytes
             or card.sequence != 1 or serial not in mailing:
         return False
     return opened(world, mailing[serial], serial) == (card.pin, card.puk)
+
+
+def personalized_and_reported(world: World, perso: Path, out: Path, cards: dict[str, Path]
+                              ) -> tuple[set[str], set[str]]:
+    """The cards personalized right that the results file says personalized, and every
+    card the results file names."""
+    pack = F.read_perso(perso.read_bytes()).header
+    mailing = {r.serial: r.mailer_data for r in
+               F.read_mailing((out / f"{pack.pack}{F.MAILING_SUFFIX}").read_bytes()).rows}
+    results = {r.serial: r.status for r in
+               F.read_results((out / f"{pack.pack}-results.csv").read_bytes()).rows}
+    right = {s for s, p in cards.items()
+             if personalized_right(world, p, s, pack.file_serial, mailing)
+             and results.get(s) == F.Status.PERSONALIZED}
+    return right, set(results)
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
@@ -63,17 +79,10 @@ def test_a_fault_at_any_apdu_resumes_to_each_card_personalized_once(
                 I.LifeCycle.PERSONALIZED}
     resumed = personalize(world, perso, tmp_path / "cards", out, state, "--resume")
     assert "Traceback" not in resumed.stderr
-    header = F.read_perso(perso.read_bytes()).header
-    mailing = {r.serial: r.mailer_data for r in
-               F.read_mailing((out / f"{PACK}{F.MAILING_SUFFIX}").read_bytes()).rows}
-    results = {r.serial: r.status for r in
-               F.read_results((out / f"{PACK}-results.csv").read_bytes()).rows}
-    right = {s for s, p in cards.items()
-             if personalized_right(world, p, s, header.file_serial, mailing)
-             and results.get(s) == F.Status.PERSONALIZED}
+    right, results = personalized_and_reported(world, perso, out, cards)
     recovered = right - injected
     lost = set(cards) - right
     print(f"{fault} at APDU {at}: injected {len(injected)}, recovered {len(recovered)}, "
           f"lost {len(lost)}")
     assert not lost, (lost, cut.stdout, resumed.stdout)
-    assert set(results) == set(cards)
+    assert results == set(cards)

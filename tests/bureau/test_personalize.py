@@ -40,6 +40,7 @@ from tests.bureau.world import (
     users,
 )
 from tests.support.scan import assert_absent
+from tests.virtual_psd.issuance_host import open_card, select_applet
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +136,8 @@ def test_a_batch_personalizes_each_card_once_and_writes_signed_files(
                for kind, value in zip(("PIN", "PUK"), pair, strict=True)}
     assert_absent(everything_left(out, state) + run.stdout.encode() + run.stderr.encode(),
                   secrets, "the bureau's files, journal and output")
+    assert_absent(world.proxy.env.log_path.read_bytes() + world.proxy.env.audit_path
+                  .read_bytes(), secrets, "the proxy's log and audit log")
 
 
 def test_a_batch_run_again_personalizes_nothing_twice(
@@ -151,6 +154,24 @@ def test_a_batch_run_again_personalizes_nothing_twice(
     assert {serial: path.read_bytes() for serial, path in cards.items()} == before
     assert F.read_results((out / f"{PACK}-results.csv").read_bytes()).rows == \
         F.read_results(results).rows
+
+
+def test_a_card_holding_its_payload_is_reported_so_and_completed(
+        world: World, perso: Path, templates: dict[str, Path], tmp_path: Path) -> None:
+    """A card personalized by this payload without this journal (another station, a lost
+    state directory): reported as such, its PIN set and checked, nothing redone."""
+    cards = copy_cards(templates, tmp_path / "cards")
+    first = sorted(cards)[0]
+    payload = next(r.payload for r in F.read_perso(perso.read_bytes()).rows
+                   if r.serial == first)
+    card = open_card(cards[first])
+    select_applet(card)
+    assert card.transmit(I.personalize(payload))[-2:] == b"\x90\x00"
+    run = personalize(world, perso, tmp_path / "cards", tmp_path / "out", tmp_path / "state")
+    assert f"card {first} already personalized by this payload" in run.stdout
+    assert personalized(run.stdout) == CARDS - 1
+    state = card_state(cards[first])
+    assert state.sequence == 1 and state.pin is not None
 
 
 def test_a_card_not_in_the_file_is_reported_and_left_alone(
@@ -246,3 +267,30 @@ def test_the_journal_keeps_only_mailer_data(world: World, perso: Path,
     with sqlite3.connect(tmp_path / "state" / JOURNAL_NAME) as db:
         rows = db.execute("SELECT serial, step, length(mailer_data) FROM cards").fetchall()
     assert sorted(rows) == [(s, 5, 256) for s in sorted(templates)]
+
+
+def test_bad_options_are_refused_in_one_line(world: World, perso: Path, tmp_path: Path) -> None:
+    card_dir = tmp_path / "cards"
+    card_dir.mkdir()
+    base = ["bureau", "--endpoints", world.endpoints, "--state", tmp_path / "state"]
+    cases = {
+        "no mailer key": ([*base, "--bureau", BUREAU, "personalize", perso, "--issuer-cert",
+                           world.issuer_cert, "--out", tmp_path / "out", "--card-dir",
+                           card_dir], "--mailer-key"),
+        "a bad bureau name": ([*base, "--bureau", "a b", "personalize", perso,
+                               "--issuer-cert", world.issuer_cert, "--mailer-key",
+                               world.mailer_pem, "--out", tmp_path / "out", "--card-dir",
+                               card_dir], "--bureau 'a b'"),
+        "no signature": ([*base, "--bureau", BUREAU, "personalize", tmp_path / "none.csv",
+                          "--issuer-cert", world.issuer_cert, "--out", tmp_path / "out",
+                          "--card-dir", card_dir], "none.csv"),
+        "not a certificate": ([*base, "--bureau", BUREAU, "personalize", perso,
+                               "--issuer-cert", perso, "--out", tmp_path / "out",
+                               "--card-dir", card_dir], "not an X.509 certificate"),
+    }
+    for name, (args, expected) in cases.items():
+        done = cms(*args, check=False)
+        assert done.returncode == 1, (name, done)
+        assert expected in done.stderr and done.stderr.count("\n") == 1, (name, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
