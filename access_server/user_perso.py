@@ -40,7 +40,7 @@ import logging
 from access_server import activation
 from access_server import outcomes as why
 from access_server.activation import CodeHash
-from access_server.flows import CARD_GONE, FlowContext, FlowError, SessionGen
+from access_server.flows import CARD_GONE, FlowContext, FlowError, SessionGen, probe_stopped
 from access_server.outcomes import Reason
 from access_server.store import ActivationRecord, ActivationState
 from access_server.store.validate import MAX_DETAIL
@@ -112,17 +112,8 @@ def parse_card(result: cpb.ScriptResult) -> I.CardData:
         except I.IssuanceError as exc:
             raise FlowError(why.PROBE_MALFORMED, f"the card's data is malformed ({exc})") \
                 from None
-    refused = next((i for i, r in enumerate(responses) if r.sw != SW.OK), None)
-    name = ("SELECT of the issuance applet", "GET DATA DF00")[min(refused or len(responses), 1)]
-    if refused is not None:
-        raise FlowError(why.PROBE_REFUSED, f"the card refused {name} "
-                                           f"({SW.describe(responses[refused].sw)}): not a "
-                                           f"card with the issuance applet")
-    if result.outcome in CARD_GONE:
-        raise FlowError(why.CARD_ABSENT, f"the card went away at {name} "
-                                         f"({result.message or 'no answer'})")
-    raise FlowError(why.AGENT_ERROR, f"no answer to {name}: "
-                                     f"{result.message or 'the agent sent none'}")
+    raise probe_stopped(result, ("SELECT of the issuance applet", "GET DATA DF00"),
+                        "not a card with the issuance applet")
 
 
 def bound_activation(ctx: FlowContext, card: I.CardData) -> ActivationRecord:
