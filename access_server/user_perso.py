@@ -144,9 +144,12 @@ def check_code(ctx: FlowContext, found: ActivationRecord, code: str) -> None:
                                    f"({found.state.value}: {found.reason})")
     waiting = found.state is ActivationState.WAITING
     if waiting and found.expired:
+        ctx.store.activation_expired(serial)
+    if found.state is ActivationState.EXPIRED or (waiting and found.expired):
         raise FlowError(CODE_EXPIRED, f"the activation code of card {serial} expired at "
                                       f"{found.expires.isoformat(timespec='minutes')}: ask "
-                                      "the issuer for a new issuance")
+                                      "the issuer for a new issuance (recorded: the card is "
+                                      "quarantined)")
     if activation.matches(code, CodeHash(found.code_salt, found.code_hash)):
         return
     if not waiting:   # used up already: a wrong code completes nothing, and spends nothing

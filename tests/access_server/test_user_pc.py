@@ -221,6 +221,7 @@ def test_each_refusal_is_named_and_changes_nothing(bench: Bench) -> None:
         refused(online.card, wrong, r"wrong activation code")
     refused(online.card, wrong, r"last try: the activation is locked")
     assert bench.activation(online.serial) == ("locked", activation.MAX_TRIES)
+    assert bench.issuer.stock()["quarantined"] == 1      # the issuance closed: failed
     refused(online.card, online.code, r"locked after 5 wrong codes")         # code_locked
     assert online.card.read_bytes() == card_before
     assert issuance_state(load_state(online.card)).life_cycle is I.LifeCycle.INITIALIZED
@@ -231,10 +232,14 @@ def test_an_expired_code_unlocks_nothing(bench: Bench) -> None:
     with sqlite3.connect(bench.issuer.database) as db:
         db.execute("UPDATE activation SET expires = '2020-01-01 00:00:00.000000' "
                    "WHERE serial = ?", (online.serial,))
-    done = bench.agent(online.card, online.code)
-    assert done.returncode == 3 and "expired at 2020-01-01" in done.stdout, done.stdout
-    assert issuance_state(load_state(online.card)).life_cycle is I.LifeCycle.INITIALIZED
-    assert bench.activation(online.serial) == ("waiting", 0)
+    for _ in range(2):    # found expired, recorded; then refused as expired
+        done = bench.agent(online.card, online.code)
+        assert done.returncode == 3 and "expired at 2020-01-01" in done.stdout, done.stdout
+        assert issuance_state(load_state(online.card)).life_cycle is I.LifeCycle.INITIALIZED
+        assert bench.activation(online.serial) == ("expired", 0)
+    assert bench.issuer.stock()["quarantined"] == 1
+    assert "card ACME-U-003 failed" in bench.issuer.cms("users", "show",
+                                                         str(online.user_id)).stdout
 
 
 def test_a_lost_answer_completes_on_the_next_contact(bench: Bench) -> None:
