@@ -40,7 +40,7 @@ import logging
 from access_server import activation
 from access_server import outcomes as why
 from access_server.activation import CodeHash
-from access_server.flows import CARD_GONE, FlowContext, FlowError, SessionGen
+from access_server.flows import CARD_GONE, FlowContext, FlowError, SessionGen, probe_stopped
 from access_server.outcomes import Reason
 from access_server.store import ActivationRecord, ActivationState
 from access_server.store.validate import MAX_DETAIL
@@ -112,17 +112,8 @@ def parse_card(result: cpb.ScriptResult) -> I.CardData:
         except I.IssuanceError as exc:
             raise FlowError(why.PROBE_MALFORMED, f"the card's data is malformed ({exc})") \
                 from None
-    refused = next((i for i, r in enumerate(responses) if r.sw != SW.OK), None)
-    name = ("SELECT of the issuance applet", "GET DATA DF00")[min(refused or len(responses), 1)]
-    if refused is not None:
-        raise FlowError(why.PROBE_REFUSED, f"the card refused {name} "
-                                           f"({SW.describe(responses[refused].sw)}): not a "
-                                           f"card with the issuance applet")
-    if result.outcome in CARD_GONE:
-        raise FlowError(why.CARD_ABSENT, f"the card went away at {name} "
-                                         f"({result.message or 'no answer'})")
-    raise FlowError(why.AGENT_ERROR, f"no answer to {name}: "
-                                     f"{result.message or 'the agent sent none'}")
+    raise probe_stopped(result, ("SELECT of the issuance applet", "GET DATA DF00"),
+                        "not a card with the issuance applet")
 
 
 def bound_activation(ctx: FlowContext, card: I.CardData) -> ActivationRecord:
@@ -153,9 +144,12 @@ def check_code(ctx: FlowContext, found: ActivationRecord, code: str) -> None:
                                    f"({found.state.value}: {found.reason})")
     waiting = found.state is ActivationState.WAITING
     if waiting and found.expired:
+        ctx.store.activation_expired(serial)
+    if found.state is ActivationState.EXPIRED or (waiting and found.expired):
         raise FlowError(CODE_EXPIRED, f"the activation code of card {serial} expired at "
                                       f"{found.expires.isoformat(timespec='minutes')}: ask "
-                                      "the issuer for a new issuance")
+                                      "the issuer for a new issuance (recorded: the card is "
+                                      "quarantined)")
     if activation.matches(code, CodeHash(found.code_salt, found.code_hash)):
         return
     if not waiting:   # used up already: a wrong code completes nothing, and spends nothing

@@ -14,15 +14,25 @@ transaction each:
   records and the stock; or the card refused it with its status word: the
   issuance failed, and the card goes to quarantine as a bureau's failed card
   does.
+
+An activation that can no longer be used (locked by its last wrong code, or
+expired unused: ``activation_expired``, and ``expire_activations`` when the
+issuer issues the user anew) closes its issuance the same way, failed and
+quarantined: the card is out with the user, unpersonalized, and the user is
+no longer held as having a card in flight, so the issuer can issue anew.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from access_server.activation import MAX_TRIES
 from access_server.store import records as r
+from access_server.store.campaigns import chunks
 from access_server.store.models import ActivationRow, IssuanceRow, StockCardRow
 from access_server.store.transactions import Transactions
 from cms.runtime.errors import Aborted, NotFound
@@ -37,6 +47,44 @@ def _row(session: Session, serial: str, states: tuple[S, ...]) -> ActivationRow:
     if S(row.state) not in states:
         raise Aborted(f"card {serial}'s activation is {row.state} now")
     return row
+
+
+def close(session: Session, row: ActivationRow, state: S, reason: str,
+          now: datetime) -> None:
+    """End an activation, and its issuance with it: personalized, or failed and the card
+    quarantined."""
+    personalized = state is S.PERSONALIZED
+    row.state = state.value
+    row.reason = reason
+    row.updated = now
+    issuance = session.get(IssuanceRow, row.serial, with_for_update=True)
+    assert issuance is not None  # the foreign key
+    issuance.state = (r.IssuanceState.PERSONALIZED if personalized
+                      else r.IssuanceState.FAILED).value
+    issuance.reason = None if personalized else reason
+    issuance.updated = now
+    stock = r.StockState.PERSONALIZED if personalized else r.StockState.QUARANTINED
+    session.execute(update(StockCardRow).where(StockCardRow.serial == row.serial)
+                    .values(state=stock.value, updated=now))
+
+
+def expire_activations(session: Session, user_ids: Sequence[int], now: datetime) -> None:
+    """Close the unused activations of these users that expired (before their next
+    issuance's in-flight check)."""
+    for chunk in chunks(list(user_ids)):
+        rows = session.scalars(
+            select(ActivationRow).join(IssuanceRow, IssuanceRow.serial == ActivationRow.serial)
+            .where(IssuanceRow.user_id.in_(chunk), ActivationRow.state == S.WAITING.value,
+                   ActivationRow.expires <= now)
+            .with_for_update(of=ActivationRow)).all()
+        for row in rows:
+            close(session, row, S.EXPIRED, "the activation code expired unused", now)
+
+
+def online_issuance(session: Session, issuance_id: bytes) -> bool:
+    """Whether the issuance was made online (its payloads wait behind activation codes)."""
+    return session.scalar(select(ActivationRow.serial).where(
+        ActivationRow.issuance_id == issuance_id.hex()).limit(1)) is not None
 
 
 class Activations(Transactions):
@@ -57,15 +105,22 @@ class Activations(Transactions):
                                       self._now() >= row.expires)
 
     def code_failed(self, serial: str) -> int:
-        """Count a wrong code against the waiting activation; the tries left (0: locked)."""
+        """Count a wrong code against the waiting activation; the tries left (0: locked,
+        and the issuance closed)."""
         with self._write() as session:
             row = _row(session, serial, (S.WAITING,))
             row.failures += 1
             row.updated = self._now()
             if row.failures >= MAX_TRIES:
-                row.state = S.LOCKED.value
-                row.reason = f"{row.failures} wrong codes"
+                close(session, row, S.LOCKED, f"locked after {row.failures} wrong codes",
+                      row.updated)
             return max(MAX_TRIES - row.failures, 0)
+
+    def activation_expired(self, serial: str) -> None:
+        """Close a waiting activation a contact found expired."""
+        with self._write() as session:
+            row = _row(session, serial, (S.WAITING,))
+            close(session, row, S.EXPIRED, "the activation code expired unused", self._now())
 
     def activation_sent(self, serial: str) -> None:
         """The code is used up: its payload goes to the card now."""
@@ -78,16 +133,5 @@ class Activations(Transactions):
         """The card's answer to the payload: personalized, or failed (quarantined)."""
         with self._write() as session:
             row = _row(session, serial, (S.SENT,))
-            now = self._now()
-            row.state = (S.PERSONALIZED if personalized else S.FAILED).value
-            row.reason = reason
-            row.updated = now
-            issuance = session.get(IssuanceRow, serial, with_for_update=True)
-            assert issuance is not None  # the foreign key
-            issuance.state = (r.IssuanceState.PERSONALIZED if personalized
-                              else r.IssuanceState.FAILED).value
-            issuance.reason = None if personalized else reason
-            issuance.updated = now
-            stock = r.StockState.PERSONALIZED if personalized else r.StockState.QUARANTINED
-            session.execute(update(StockCardRow).where(StockCardRow.serial == serial)
-                            .values(state=stock.value, updated=now))
+            close(session, row, S.PERSONALIZED if personalized else S.FAILED, reason,
+                  self._now())

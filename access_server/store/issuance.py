@@ -29,6 +29,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, undefer
 
 from access_server.store import records as r
+from access_server.store.activations import expire_activations, online_issuance
 from access_server.store.campaigns import chunks
 from access_server.store.models import (
     ActivationRow,
@@ -169,8 +170,9 @@ class Issuance(Transactions):
                        hsm_pins: bool, actor: str) -> list[r.PreparedCard]:
         """Take one card per user from stock (FIFO) and record who gets it; all or none."""
         with self._write() as session:
-            users = _users_for_issuance(session, user_ids)
             now = self._now()
+            expire_activations(session, user_ids, now)   # an expired code holds no card
+            users = _users_for_issuance(session, user_ids)
             cards = take_cards(session, len(users), f"issuance {issuance_id.hex()}", now,
                                postgres=self._postgres)
             session.add_all(IssuanceRow(
@@ -243,6 +245,10 @@ class Issuance(Transactions):
             if not rows:
                 raise FailedPrecondition(f"no card of issuance {issuance_id.hex()} is at the "
                                          "bureau")
+            if online_issuance(session, issuance_id):
+                raise FailedPrecondition(f"issuance {issuance_id.hex()} was made online: its "
+                                         "payload waits behind the user's activation code, "
+                                         "not at a bureau")
             if max(i.sequence for i, *_ in rows) >= MAX_SEQUENCE:
                 raise FailedPrecondition("a card of this issuance has no sequence left")
             cards = [r.PreparedCard(stock_card(card, pack_serial), user_record(user), new_id,

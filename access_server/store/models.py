@@ -395,7 +395,7 @@ class BureauRow(Base):
     trusted_by: Mapped[str] = mapped_column(String(200))
 
 
-ACTIVATION_STATES = ("waiting", "sent", "personalized", "failed", "locked")
+ACTIVATION_STATES = ("waiting", "sent", "personalized", "failed", "locked", "expired")
 
 
 class ActivationRow(Base):

@@ -374,6 +374,8 @@ class ActivationState(StrEnum):
     """The card refused the payload; the code is spent."""
     LOCKED = "locked"
     """Too many wrong codes: no code opens it again."""
+    EXPIRED = "expired"
+    """Past its validity, unused."""
 
 
 @dataclass(frozen=True, slots=True)

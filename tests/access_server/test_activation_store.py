@@ -18,7 +18,7 @@ from access_server.store import (
     StockState,
     Store,
 )
-from cms.runtime.errors import Aborted
+from cms.runtime.errors import Aborted, FailedPrecondition
 from tests.access_server.test_issuance_store import add_users, counts, issued, stock_up
 from tests.access_server.test_stock_store import device_keys, root
 from tests.access_server.test_store_fixtures import FakeClock
@@ -45,10 +45,11 @@ def test_a_code_is_100_random_bits_and_only_its_hash_is_kept() -> None:
         assert A.normalize(bad) is None and not A.matches(bad, stored), bad
 
 
-def _online(store: Store, root: S.Root, keys: S.DeviceKeys, clock: FakeClock
-            ) -> tuple[str, str]:
-    stock_up(store, root, keys, "PK-ON", 1)
-    (user,) = add_users(store, 1)
+def _online(store: Store, root: S.Root, keys: S.DeviceKeys, clock: FakeClock,
+            user: int | None = None) -> tuple[str, str]:
+    stock_up(store, root, keys, f"PK-ON{user or ''}", 1)
+    if user is None:
+        (user,) = add_users(store, 1)
     issuance_id = os.urandom(16)
     (card,) = store.begin_issuance([user], batch="ONLINE", issuance_id=issuance_id,
                                    hsm_pins=True, actor="admin")
@@ -70,6 +71,8 @@ def test_wrong_codes_lock_the_activation(store: Store, root: S.Root, device_keys
         list(range(A.MAX_TRIES - 1, -1, -1))
     locked = store.activation_for(serial)
     assert locked is not None and locked.state is ActivationState.LOCKED
+    assert store.issuance_records([serial])[serial].state is IssuanceState.FAILED
+    assert counts(store)[StockState.QUARANTINED] == 1
     with pytest.raises(Aborted, match="locked"):
         store.code_failed(serial)
     with pytest.raises(Aborted, match="locked"):
@@ -85,6 +88,15 @@ def test_the_code_expires_by_the_stores_clock(store: Store, root: S.Root,
     assert not store.activation_for(serial).expired
     clock.advance(120)
     assert store.activation_for(serial).expired
+    (user,) = {c.user_id for c in store.issuance_records([serial]).values()}
+    # The user's next issuance closes the expired one: no card held in flight by it.
+    again, _ = _online(store, root, device_keys, clock, user)
+    assert store.activation_for(serial).state is ActivationState.EXPIRED
+    assert store.issuance_records([serial])[serial].state is IssuanceState.FAILED
+    assert store.activation_for(again).state is ActivationState.WAITING
+    assert counts(store)[StockState.QUARANTINED] == 1
+    with pytest.raises(FailedPrecondition, match="made online"):
+        store.prepare_reissue(store.activation_for(again).issuance_id, os.urandom(16))
 
 
 @pytest.mark.parametrize("personalized", [True, False])

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -33,8 +34,9 @@ from cardcore.apdu import parse_response
 from cardcore.sw import SW
 from cms import perso_format as F
 from cms.runtime.client import load_endpoints
+from cms.v1 import card_channel_pb2 as cpb
+from cms.v1 import card_channel_pb2_grpc, stock_pb2_grpc
 from cms.v1 import stock_pb2 as spb
-from cms.v1 import stock_pb2_grpc
 from provider.initializer import pack_row
 from tests.access_server.test_issuance import Issuer, proxy
 from tests.access_server.test_issuance_cards import PROVIDER, initialized_cards
@@ -221,6 +223,7 @@ def test_each_refusal_is_named_and_changes_nothing(bench: Bench) -> None:
         refused(online.card, wrong, r"wrong activation code")
     refused(online.card, wrong, r"last try: the activation is locked")
     assert bench.activation(online.serial) == ("locked", activation.MAX_TRIES)
+    assert bench.issuer.stock()["quarantined"] == 1      # the issuance closed: failed
     refused(online.card, online.code, r"locked after 5 wrong codes")         # code_locked
     assert online.card.read_bytes() == card_before
     assert issuance_state(load_state(online.card)).life_cycle is I.LifeCycle.INITIALIZED
@@ -231,10 +234,14 @@ def test_an_expired_code_unlocks_nothing(bench: Bench) -> None:
     with sqlite3.connect(bench.issuer.database) as db:
         db.execute("UPDATE activation SET expires = '2020-01-01 00:00:00.000000' "
                    "WHERE serial = ?", (online.serial,))
-    done = bench.agent(online.card, online.code)
-    assert done.returncode == 3 and "expired at 2020-01-01" in done.stdout, done.stdout
-    assert issuance_state(load_state(online.card)).life_cycle is I.LifeCycle.INITIALIZED
-    assert bench.activation(online.serial) == ("waiting", 0)
+    for _ in range(2):    # found expired, recorded; then refused as expired
+        done = bench.agent(online.card, online.code)
+        assert done.returncode == 3 and "expired at 2020-01-01" in done.stdout, done.stdout
+        assert issuance_state(load_state(online.card)).life_cycle is I.LifeCycle.INITIALIZED
+        assert bench.activation(online.serial) == ("expired", 0)
+    assert bench.issuer.stock()["quarantined"] == 1
+    assert "card ACME-U-003 failed" in bench.issuer.cms("users", "show",
+                                                         str(online.user_id)).stdout
 
 
 def test_a_lost_answer_completes_on_the_next_contact(bench: Bench) -> None:
@@ -307,3 +314,38 @@ def test_through_a_real_pcsc_reader(bench: Bench) -> None:
     assert f"session OK psd={online.serial}" in done.stdout
     assert issuance_state(load_state(online.card)).life_cycle is I.LifeCycle.PERSONALIZED
     assert bench.activation(online.serial)[0] == "personalized"
+
+
+def test_the_cards_refusal_spends_the_code_and_quarantines_the_card(bench: Bench) -> None:
+    """A payload altered in the database (its last byte, in the issuer's signature): the
+    card refuses it (6982), the code is used up and the card quarantined."""
+    online = bench.online("ACME-U-006", "Frances Allen")
+    with sqlite3.connect(bench.issuer.database) as db:
+        (payload,) = db.execute("SELECT payload FROM activation WHERE serial = ?",
+                                (online.serial,)).fetchone()
+        db.execute("UPDATE activation SET payload = ? WHERE serial = ?",
+                   (payload[:-1] + bytes([payload[-1] ^ 1]), online.serial))
+    before = online.card.read_bytes()
+    done = bench.agent(online.card, online.code)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "refused its payload (6982" in done.stdout and "quarantined" in done.stdout
+    assert online.card.read_bytes() == before
+    assert bench.activation(online.serial)[0] == "failed"
+    assert bench.issuer.stock()["quarantined"] == 1
+    assert "was used" in bench.agent(online.card, online.code).stdout
+
+
+def test_an_activation_code_comes_only_from_a_users_pc(bench: Bench) -> None:
+    stub = card_channel_pb2_grpc.CardChannelStub(load_endpoints(bench.issuer.endpoints)
+                                                 .channel("access_server", "card-agent"))
+    hello = cpb.AgentMessage(hello=cpb.AgentHello(role=cpb.PERSONALIZATION_STATION,
+                                                  activation_code=activation.new_code()))
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.Connect(iter([hello]), timeout=30))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "only from a user's PC" in refused.value.details()
+    station = cms("card-agent", "--endpoints", str(bench.issuer.endpoints), "--virtual",
+                  str(bench.issuer.directory / "none.json"), "--role", "station",
+                  "--activate", "--once", check=False,
+                  env={**os.environ, "CMS_ACTIVATION_CODE": "X"})
+    assert station.returncode == 1 and "--activate is for a user's PC" in station.stderr

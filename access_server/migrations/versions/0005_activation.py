@@ -5,7 +5,7 @@ made for it (sealed to the card and signed, no secret in clear), the code's
 salt and scrypt hash (never the code), its expiry, the wrong codes counted
 against it, and where it stands (``waiting``, ``sent`` once the payload went
 to the card and the code is used up, ``personalized``, ``failed``,
-``locked``).
+``locked``, ``expired``).
 
 Revision ID: 0005
 Revises: 0004
@@ -23,7 +23,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 TIME = sa.DateTime(timezone=True)
-STATES = "state IN ('waiting', 'sent', 'personalized', 'failed', 'locked')"
+STATES = "state IN ('waiting', 'sent', 'personalized', 'failed', 'locked', 'expired')"
 
 
 def upgrade() -> None:
