@@ -252,7 +252,9 @@ def _off_curve() -> bytes:
     (I.Tag.ISSUER_PUBLIC_KEY, ISSUER_POINT),                        # no 86 tag
     (I.Tag.ISSUER_PUBLIC_KEY, T.tlv(0x86, ISSUER_POINT[:33])),      # compressed length
     (I.Tag.ISSUER_PUBLIC_KEY, T.tlv(0x86, b"\x04" + bytes(64))),
-])
+], ids=["serial-empty", "serial-lower-case", "serial-leading-dash", "serial-too-long",
+        "serial-not-ascii", "issuer-key-off-curve", "issuer-key-untagged",
+        "issuer-key-compressed-length", "issuer-key-zero-point"])
 def test_malformed_data_is_refused_and_changes_nothing(state_path: Path, tag: int,
                                                        value: bytes) -> None:
     card = _open(state_path)
