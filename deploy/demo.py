@@ -45,7 +45,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -430,6 +432,23 @@ def _cms(label: str, *args: str) -> list[str]:
     return lines
 
 
+@contextmanager
+def _serving(label: str, args: list[str]) -> Iterator[tuple[str, Any]]:
+    """A ``cms`` command that serves card agents for its run: its first line (where it
+    listens) and the rest of its output; waited for at the end, killed if still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "cms.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        yield _stream(label, [proc.stdout.readline()])[0], proc.stdout
+        if proc.wait(timeout=120) != 0:
+            raise RuntimeError(f"cms {args[0]} exited with status {proc.returncode}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _cards(count: int) -> str:
     return f"{count} card{'' if count == 1 else 's'}"
 
@@ -567,25 +586,14 @@ class StockDemo:
         _say("B1.3", "provider system: a user device in a PC/SC reader, driven by a card "
              "agent that dials the provider's card channel (mutual TLS, the agent checks "
              f"the server is {PROVIDER!r})")
-        command = [sys.executable, "-m", "cms.cli", "provider", "--endpoints",
-                   str(self.demo.endpoints_path), *self._init_args(out, 1), "--agents",
-                   "--agent-wait", "120"]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        try:
-            assert proc.stdout is not None
-            first = _stream("provider", [proc.stdout.readline()])[0]
+        with _serving("provider", ["provider", "--endpoints", str(self.demo.endpoints_path),
+                                   *self._init_args(out, 1), "--agents", "--agent-wait",
+                                   "120"]) as (first, rest):
             address = first.split(" at ", 1)[1].split(" ", 1)[0] if " at " in first else ""
             if not address:
                 raise RuntimeError(f"init-pack --agents did not say where: {first}")
             reader.agent(self.demo.endpoints_path, "station", server=address)
-            lines = _stream("provider", proc.stdout)
-            if proc.wait(timeout=120) != 0:
-                raise RuntimeError(f"init-pack --agents exited with status {proc.returncode}")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            lines = _stream("provider", rest)
         return self._report(out, lines)
 
     def _init_args(self, out: Path, cards: int) -> list[str]:
@@ -931,12 +939,7 @@ class IssuanceDemo:
     def bureau_over_agents(self, command: list[str], cards: list[Path]) -> None:
         """The bureau's card channel for the run: the first card in a PC/SC reader, the
         others in process, each brought by a card agent that dials the bureau."""
-        proc = subprocess.Popen([sys.executable, "-m", "cms.cli", *command, "--agents",
-                                 "--agent-wait", "120"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        try:
-            assert proc.stdout is not None
-            first = _stream("bureau", [proc.stdout.readline()])[0]
+        with _serving("bureau", [*command, "--agents", "--agent-wait", "120"]) as (first, rest):
             found = re.match(r"listening on (\S+?:\d+)", first)
             if not found:
                 raise RuntimeError(f"bureau personalize --agents did not say where: {first}")
@@ -950,13 +953,7 @@ class IssuanceDemo:
                         _say("pc/sc", reader.description)
                     reader.agent(self.demo.endpoints_path, "station", server=where,
                                  server_identity="bureau")
-            _stream("bureau", proc.stdout)
-            if proc.wait(timeout=120) != 0:
-                raise RuntimeError(f"bureau personalize exited with status {proc.returncode}")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stream("bureau", rest)
 
     def mailer(self, mailing: Path) -> Path:
         """B4.5: the mailing house decrypts PIN and PUK with its private mailing key in its
