@@ -1,9 +1,10 @@
 """The CardChannel service: one bidirectional stream per card contact.
 
-The agent says hello (its role), then answers each ``ApduScript`` with a
-``ScriptResult``; the server ends with ``SessionDone``. The conversation
-itself is ``access_server.flows.card_session``; this servicer only checks
-who is calling and that each message is the one expected, so an agent that
+The agent says hello (its role, and on a user's PC that personalizes a card
+issued online, the activation code: ``access_server.user_perso``), then
+answers each ``ApduScript`` with a ``ScriptResult``; the server ends with
+``SessionDone``. The conversation itself is ``access_server.flows.card_session``;
+this servicer only checks who is calling and that each message is the one expected, so an agent that
 sends garbage gets INVALID_ARGUMENT and the card's journal is left as it was
 (an open intent is finished on the next contact).
 
@@ -33,6 +34,7 @@ from prometheus_client import Counter, Gauge
 
 from access_server.flows import FlowContext, SessionGen, card_session
 from access_server.stream_limits import Admission, StreamLimits, peer_host
+from access_server.user_perso import user_pc_session
 from cms.runtime.logs import fields
 from cms.runtime.loop_threads import LoopThreads
 from cms.runtime.tls import peer_identity
@@ -197,9 +199,16 @@ class CardChannelServicer(card_channel_pb2_grpc.CardChannelServicer):
         if hello.role not in ROLES:
             raise EndStream(grpc.StatusCode.INVALID_ARGUMENT,
                             "hello.role must be USER_PC or PERSONALIZATION_STATION")
+        if hello.activation_code and hello.role != pb.USER_PC:
+            raise EndStream(grpc.StatusCode.INVALID_ARGUMENT,
+                            "an activation code comes only from a user's PC (role USER_PC)")
         actor = f"{identity or 'agent'}:{hello.agent_label[:40] or context.peer()}"
         ctx = self.make_context(actor)
-        steps = FlowSteps(card_session(ctx, hello.role), self.threads)
+        # With an activation code the contact is flow B's online personalization, not
+        # flow A's work; the code goes to the flow only, never to a log.
+        session = (user_pc_session(ctx, hello.activation_code) if hello.activation_code
+                   else card_session(ctx, hello.role))
+        steps = FlowSteps(session, self.threads)
         try:
             await self._relay(context, ctx, steps, actor)
         finally:

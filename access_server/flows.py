@@ -40,7 +40,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -169,22 +169,30 @@ CARD_GONE = frozenset({cpb.SCRIPT_CARD_REMOVED, cpb.SCRIPT_READER_ERROR})
 """Script outcomes that say the card (or its reader) went away: the next contact retries."""
 
 
+def probe_stopped(result: cpb.ScriptResult, names: Sequence[str], refused: str) -> FlowError:
+    """Why a probe of one command per name stopped short: a status word (``refused`` says
+    what that makes the card), the card gone, or no answer from the agent."""
+    responses = list(result.responses)
+    where = next((i for i, r in enumerate(responses[:len(names)]) if r.sw != SW.OK),
+                 len(responses))
+    name = names[min(where, len(names) - 1)]
+    if where < len(responses):
+        return FlowError(why.PROBE_REFUSED,
+                         f"card probe refused at {name} ({SW.describe(responses[where].sw)}): "
+                         f"{result.message or refused}")
+    if result.outcome in CARD_GONE:
+        return FlowError(why.CARD_ABSENT, f"the card went away during the probe, at {name} "
+                                          f"({result.message or 'no answer'})")
+    return FlowError(why.AGENT_ERROR, f"card probe failed at {name} (no answer): "
+                                      f"{result.message or 'the agent sent no answer'}")
+
+
 def parse_probe(result: cpb.ScriptResult) -> Probe:
     """PSD id, key versions and INITIALIZE UPDATE response from script 1's result."""
     responses = list(result.responses)
     if len(responses) < 3 or any(r.sw != SW.OK for r in responses[:3]):
-        where = next((i for i, r in enumerate(responses[:3]) if r.sw != SW.OK), len(responses))
-        names = ("SELECT", "GET DATA CPLC", "GET DATA key information")
-        name = names[min(where, 2)]
-        if where < len(responses):
-            raise FlowError(why.PROBE_REFUSED,
-                            f"card probe refused at {name} ({SW.describe(responses[where].sw)}): "
-                            f"{result.message or 'not a card this server manages'}")
-        if result.outcome in CARD_GONE:
-            raise FlowError(why.CARD_ABSENT, f"the card went away during the probe, at {name} "
-                                             f"({result.message or 'no answer'})")
-        raise FlowError(why.AGENT_ERROR, f"card probe failed at {name} (no answer): "
-                                         f"{result.message or 'the agent sent no answer'}")
+        raise probe_stopped(result, ("SELECT", "GET DATA CPLC", "GET DATA key information"),
+                            "not a card this server manages")
     try:
         psd_id = psd_id_from_cplc(gp.unwrap_get_data(gp.TAG_CPLC, responses[1].data))
     except (ValueError, gp.GpError) as exc:

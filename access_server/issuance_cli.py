@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub = issue.add_subparsers(dest="issue_command", metavar="ACTION")
     one = isub.add_parser("user", help="issue one card to one user")
     one.add_argument("user_id", type=_user_id)
+    one.add_argument("--online", action="store_true",
+                     help="the user personalizes the card in their own PC (cms card-agent "
+                          "--role user --activate): no bureau file; prints a one-time "
+                          "activation code; needs --hsm-pins --mailer-key")
+    one.add_argument("--valid-days", type=int, default=0,
+                     help="days the activation code stays valid (default 14)")
     _repeated_options(one, client_options)
     _repeated_options(one, _issue_options)
     one.set_defaults(func=_issue_user)
@@ -252,8 +258,9 @@ def _out_dir(path: Path, request: Any) -> Path:
 
     if not path.is_dir():
         raise _fail(f"--out {path}: no such directory")
-    for name in file_names(request.batch, sealed=bool(request.bureau_certificate),
-                           mailing=bool(request.mailer_public_key)):
+    names = file_names(request.batch, sealed=bool(request.bureau_certificate),
+                       mailing=bool(request.mailer_public_key))
+    for name in names[2:] if request.online else names:  # online: the mailing file only
         if (path / name).exists():
             raise _fail(f"{path / name} exists: nothing is written over it")
     return path
@@ -297,6 +304,15 @@ def _issue(args: argparse.Namespace, user_ids: list[int], batch: str,
     from cms.v1 import issuance_pb2 as pb
 
     request = issue_request(args, user_ids, batch)
+    if getattr(args, "online", False):
+        if not args.hsm_pins:
+            raise _fail("--online needs --hsm-pins --mailer-key: the HSM makes PIN and PUK, "
+                        "and they reach the user by letter, apart from the code")
+        if args.bureau_cert is not None:
+            raise _fail("--online has no bureau: leave out --bureau-cert")
+        request.online, request.valid_days = True, args.valid_days
+    elif getattr(args, "valid_days", 0):
+        raise _fail("--valid-days goes with --online")
     out = _out_dir(args.out, request)
     stub = _issuance_stub(args)
     stream = (stub.Issue(request, timeout=ISSUE_TIMEOUT_S) if reissue is None else
@@ -306,6 +322,11 @@ def _issue(args: argparse.Namespace, user_ids: list[int], batch: str,
     print(f"issued {len(summary.serials)} card(s), file serial {summary.file_serial}:")
     for path in written:
         print(f"  {path}")
+    if summary.activation_code:
+        print(f"card {summary.serials[0]}: send it initialized to the user; activation code "
+              f"(shown once, give it to the user apart from the card): "
+              f"{summary.activation_code}, valid until "
+              f"{summary.activation_expires.ToDatetime():%Y-%m-%d %H:%M} UTC")
     return 0
 
 

@@ -33,19 +33,20 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from access_server import packs
+from access_server import activation, packs
 from access_server.stock_service import Upload
 from access_server.store import (
     BureauRecord,
     CardResult,
     IssuedCard,
+    NewActivation,
     PreparedCard,
     Store,
     UserRecord,
@@ -153,6 +154,8 @@ class IssueOptions(NamedTuple):
     pin_length: int
     puk_length: int
     bureau: x509.Certificate | None
+    online: bool = False
+    valid_days: int = activation.DEFAULT_VALID_DAYS
 
 
 def check_issue(request: pb.IssueRequest, *, reissue: bool = False) -> IssueOptions:
@@ -176,10 +179,32 @@ def check_issue(request: pb.IssueRequest, *, reissue: bool = False) -> IssueOpti
             bureau = envelope.load_recipient(bytes(request.bureau_certificate))
         except envelope.EnvelopeError as exc:
             raise InvalidArgument(f"bureau certificate: {exc}") from None
+    if request.online or request.valid_days:
+        check_online(request, reissue=reissue)
     return IssueOptions(request.batch, list(request.user_ids),
                         request.seed_version or DEFAULT_VERSION,
                         request.issuer_key_version or DEFAULT_VERSION, request.kek_version,
-                        mailer, request.pin_length, request.puk_length, bureau)
+                        mailer, request.pin_length, request.puk_length, bureau,
+                        request.online, request.valid_days or activation.DEFAULT_VALID_DAYS)
+
+
+def check_online(request: pb.IssueRequest, *, reissue: bool) -> None:
+    """Online issuance: one user, PIN and PUK made by the HSM for the mailing house, no
+    bureau; the code valid 1 to 365 days."""
+    if not request.online:
+        raise InvalidArgument("valid days apply only to an online issuance")
+    if reissue:
+        raise InvalidArgument("an online issuance is not reissued: issue the user a card anew")
+    if len(request.user_ids) != 1:
+        raise InvalidArgument("an online issuance is for one user")
+    if not request.mailer_public_key:
+        raise InvalidArgument("an online issuance needs HSM-made PIN and PUK (a mailer public "
+                              "key): they reach the user by letter, apart from the code")
+    if request.bureau_certificate:
+        raise InvalidArgument("an online issuance has no bureau: the user's PC personalizes "
+                              "the card")
+    if not 0 <= request.valid_days <= activation.MAX_VALID_DAYS:
+        raise InvalidArgument(f"valid days: 1 to {activation.MAX_VALID_DAYS}")
 
 
 def check_file_serial(text: str) -> bytes:
@@ -283,21 +308,44 @@ def _signed(hsm: Any, options: IssueOptions, name: str, data: bytes,
     return [IssuerFile(name, data), IssuerFile(name + SIGNATURE_SUFFIX, signature)]
 
 
+def _header(options: IssueOptions, cards: Sequence[PreparedCard], made: Made,
+            now: datetime) -> F.FileHeader:
+    pin_maker = F.PinMaker.HSM if options.mailer_public_key else F.PinMaker.BUREAU
+    return F.FileHeader(cards[0].issuance_id, len(cards), now,
+                        issuer_key_id=made.issuer_key_id, pack=options.batch,
+                        pin_puk_by=pin_maker)
+
+
+def _mailing_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
+                   made: Made, header: F.FileHeader) -> list[IssuerFile]:
+    """The mailing file and its signature, where the HSM made PIN and PUK."""
+    if not options.mailer_public_key:
+        return []
+    try:
+        mailing = F.write_mailing(header, [
+            F.MailingRow(c.card.serial, c.user.name, c.user.address, bytes(i.mailer_data))
+            for c, i in zip(cards, made.items, strict=True)])
+    except PackFormatError as exc:
+        raise ServiceError(f"the mailing file cannot be written: {exc}") from None
+    return _signed(hsm, options, options.batch + F.MAILING_SUFFIX, mailing,
+                   f"mailing {options.batch}")
+
+
 def issuer_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard], made: Made,
                  now: datetime) -> list[IssuerFile]:
-    """The personalization file (sealed to the bureau when asked) and the mailing file."""
-    pin_maker = F.PinMaker.HSM if options.mailer_public_key else F.PinMaker.BUREAU
-    header = F.FileHeader(cards[0].issuance_id, len(cards), now,
-                          issuer_key_id=made.issuer_key_id, pack=options.batch,
-                          pin_puk_by=pin_maker)
+    """The personalization file (sealed to the bureau when asked) and the mailing file.
+
+    Online (the user's own PC personalizes the card) there is no personalization file:
+    the payload waits at the access server behind the activation code.
+    """
+    header = _header(options, cards, made, now)
+    mailing = _mailing_files(hsm, options, cards, made, header)
+    if options.online:
+        return mailing
     try:
         perso_data = F.write_perso(header, [
             F.PersoRow(c.card.serial, bytes(i.payload), c.user.name, c.user.address,
                        bytes(i.user_public_key)) for c, i in zip(cards, made.items, strict=True)])
-        mailing = (F.write_mailing(header, [
-            F.MailingRow(c.card.serial, c.user.name, c.user.address, bytes(i.mailer_data))
-            for c, i in zip(cards, made.items, strict=True)])
-            if options.mailer_public_key else None)
     except PackFormatError as exc:
         raise ServiceError(f"the personalization file cannot be written: {exc}") from None
     files = _signed(hsm, options, options.batch + F.PERSO_SUFFIX, perso_data,
@@ -305,11 +353,9 @@ def issuer_files(hsm: Any, options: IssueOptions, cards: Sequence[PreparedCard],
     if options.bureau is not None:
         files = [IssuerFile(f.name + ENVELOPE_SUFFIX, envelope.envelop(f.data, options.bureau))
                  for f in files]
-    if mailing is not None:
-        files += _signed(hsm, options, options.batch + F.MAILING_SUFFIX, mailing,
-                         f"mailing {options.batch}")
+    files += mailing
     assert [f.name for f in files] == F.file_names(
-        options.batch, sealed=options.bureau is not None, mailing=mailing is not None)
+        options.batch, sealed=options.bureau is not None, mailing=bool(mailing))
     return files
 
 
@@ -324,6 +370,19 @@ def file_chunks(issuance_id: bytes, cards: Sequence[PreparedCard],
         chunks.extend(pb.IssueChunk(file_name=f.name, data=f.data[start:start + CHUNK])
                       for start in range(0, len(f.data), CHUNK))
     return chunks
+
+
+def online_activation(options: IssueOptions, cards: Sequence[PreparedCard], made: Made,
+                      now: datetime) -> tuple[str | None, list[NewActivation]]:
+    """An online issuance's code (answered once, never stored) and what the store keeps:
+    the code's salted hash and the payload; (None, []) for a bureau's issuance."""
+    if not options.online:
+        return None, []
+    code = activation.new_code()
+    salt, digest = activation.hash_code(code)
+    expires = now + timedelta(days=options.valid_days)
+    return code, [NewActivation(c.card.serial, salt, digest, bytes(i.payload), expires)
+                  for c, i in zip(cards, made.items, strict=True)]
 
 
 # -- results -------------------------------------------------------------------------
@@ -407,21 +466,28 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
             try:
                 keys = device_auth_keys(self.hsm, options, len(cards))
                 made = make_payloads(self.hsm, options, cards, [k.public_key for k in keys])
-                files = issuer_files(self.hsm, options, cards, made, self.clock())
+                now = self.clock()
+                files = issuer_files(self.hsm, options, cards, made, now)
             except grpc.RpcError as exc:
                 raise hsm_error(exc) from None
+            code, activations = online_activation(options, cards, made, now)
             self.store.complete_issuance(issuance_id, [
                 IssuedCard(c.card.serial, bytes(k.public_key), bytes(k.wrapped_private_key),
                            k.kek_version, bytes(i.user_public_key))
-                for c, k, i in zip(cards, keys, made.items, strict=True)])
+                for c, k, i in zip(cards, keys, made.items, strict=True)], activations)
         except BaseException:
             returned = self.store.abandon_issuance(issuance_id)
             log.warning("issuance abandoned", extra=fields(
                 issuance=issuance_id.hex(), batch=options.batch, cards=returned, actor=actor))
             raise
         log.info("cards issued", extra=fields(issuance=issuance_id.hex(), batch=options.batch,
-                                              cards=len(cards), actor=actor))
-        return iter(file_chunks(issuance_id, cards, files))
+                                              cards=len(cards), online=options.online,
+                                              actor=actor))
+        chunks = file_chunks(issuance_id, cards, files)
+        if code is not None:
+            chunks[0].summary.activation_code = activation.shown(code)
+            chunks[0].summary.activation_expires.FromDatetime(activations[0].expires)
+        return iter(chunks)
 
     @guard
     def Reissue(self, request, context):

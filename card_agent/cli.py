@@ -26,6 +26,7 @@ DEFAULT_GIVE_UP_ONCE_S = 60.0
 EXIT_GRACE_S = 10.0
 """After its last card the agent process ends within this, whatever gRPC's teardown does."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACTIVATION_CODE_ENV = "CMS_ACTIVATION_CODE"
 VIRTUAL_CARD_SOURCE = "virtual_psd.agent_source"
 """Where ``--virtual`` finds the in-process virtual card (found at run time, never imported
 by the agent: a ``VirtualCardSource(state, fault=...)`` raising ``VirtualCardError``)."""
@@ -73,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--role", choices=("user", "station"), default="user",
                      help="user: a user's PC (post-issuance work); station: a "
                           "personalization station (initial installation). Default: user")
+    run.add_argument("--activate", action="store_true",
+                     help="personalize a card issued online to this PC's user, with the "
+                          f"activation code from ${ACTIVATION_CODE_ENV} or typed at a prompt "
+                          "(never on the command line, where others can read it)")
     run.add_argument("--label", help="label of this PC or station (default: host name)")
     run.add_argument("--once", action="store_true",
                      help="serve one card, then exit with the session's status")
@@ -104,13 +109,14 @@ def _run(args: argparse.Namespace) -> int:
     try:
         target = _server_target(args)
         target.validate()
+        code = _activation_code(args)
         source = _card_source(args)
     except AgentConfigError as exc:
         return _fail(str(exc), ExitStatus.ERROR)
     except ReaderError as exc:
         return _fail(str(exc), ExitStatus.READER)
     try:
-        status = int(_serve(args, target, source))
+        status = int(_serve(args, target, source, code))
     finally:
         source.close()
     bound_exit(status)
@@ -217,7 +223,28 @@ def _virtual_card_source(state: Path, fault: str | None) -> CardSource:
         raise AgentConfigError(str(exc)) from None
 
 
-def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource) -> int:
+def _activation_code(args: argparse.Namespace) -> str:
+    """With ``--activate``: the code from the environment, or typed (not echoed)."""
+    import getpass
+    import os
+
+    from card_agent.connection import AgentConfigError
+
+    if not args.activate:
+        return ""
+    if args.role != "user":
+        raise AgentConfigError("--activate is for a user's PC (--role user)")
+    code = os.environ.get(ACTIVATION_CODE_ENV, "").strip()
+    if not code and sys.stdin.isatty():
+        code = getpass.getpass("activation code: ").strip()
+    if not code:
+        raise AgentConfigError(f"--activate needs the activation code: set "
+                               f"{ACTIVATION_CODE_ENV}, or run on a terminal to type it")
+    return code
+
+
+def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource,
+           activation_code: str = "") -> int:
     import socket
 
     from card_agent.agent import AgentSettings, CardAgent, ExitStatus
@@ -230,7 +257,8 @@ def _serve(args: argparse.Namespace, target: ServerTarget, source: CardSource) -
         give_up = DEFAULT_GIVE_UP_ONCE_S
     backoff = Backoff() if args.backoff_max is None else Backoff(max_s=args.backoff_max)
     settings = AgentSettings(
-        info=AgentInfo(role=ROLE_NAMES[args.role], label=args.label or socket.gethostname()),
+        info=AgentInfo(role=ROLE_NAMES[args.role], label=args.label or socket.gethostname(),
+                       activation_code=activation_code),
         server=target.address, once=args.once,
         session_deadline_s=args.session_timeout or DEFAULT_SESSION_DEADLINE_S,
         give_up_after_s=give_up, backoff=backoff)

@@ -70,6 +70,8 @@ class AgentInfo:
     role: int = pb.USER_PC
     label: str = ""
     version: str = AGENT_VERSION
+    # The user's activation code of an online issuance: a secret, out of repr and logs.
+    activation_code: str = field(default="", repr=False)
 
 
 class SessionStatus(enum.Enum):
@@ -134,7 +136,7 @@ class SessionProtocol:
         return pb.AgentMessage(hello=pb.AgentHello(
             agent_version=self.info.version, role=self.info.role,
             reader=self.transport.reader_name, atr=bytes(self.transport.atr),
-            agent_label=self.info.label))
+            agent_label=self.info.label, activation_code=self.info.activation_code))
 
     def on_message(self, message: pb.ServerMessage) -> pb.AgentMessage | None:
         self.messages_received += 1

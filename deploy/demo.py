@@ -1,4 +1,4 @@
-"""``cms demo``: seed 000 end to end on the embedded default, then seed 004's B1-B2.
+"""``cms demo``: seed 000 end to end on the embedded default, then seed 004's flow B.
 
 What an operator and a card would live through, on one machine:
 
@@ -20,23 +20,36 @@ What an operator and a card would live through, on one machine:
    provider system its root in its own, and the provider initializes a pack
    of user devices (one through PC/SC, driven by a card agent that dials the
    provider, the rest in process); the issuer trusts the provider root and
-   imports the device initialization data into its stock.
+   imports the device initialization data into its stock;
+7. seed 004, B3-B5: the issuer system adds users and issues three of the stock's
+   cards to them (device authentication key pairs in the issuer system HSM, user
+   keys derived and sealed in the issuer HSM, the personalization file signed
+   with the issuer key); the bureau personalizes them through card agents (one
+   card in a PC/SC reader) and makes PIN and PUK, the mailing house prints the
+   letters, the results return to the issuer; the first card, with the PIN read
+   back from its letter, signs with its user key, and it and the issuer
+   authenticate each other; a fourth card is issued online and personalized on
+   its user's PC with the activation code.
 
 The demo can run again on the same directory: each run makes new MK versions,
-new cards and new packs, and reuses the rest (the issuer key, the provider root).
+new cards, packs, users and issuances, and reuses the rest (the issuer key, the
+provider root, the seed, the KEK, the bureau's and the mailing house's keys).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cardcore.psd import GP_DEFAULT_KEY
 from cms.identity import PROVIDER
@@ -54,12 +67,13 @@ from cms.keynames import (
 DEMO_TRANSPORT_MASTER = GP_DEFAULT_KEY
 FLEET_CARDS = 30
 FLEET_AGENTS = 8
-PACK_CARDS = 3
+PACK_CARDS = 4
+ISSUED_CARDS = 4   # three to the bureau, one to a user's own PC
 DEMO_PROVIDER_ID = "demo-provider"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="run the demo of seed 000 and seed 004's B1-B2 on a "
+    demo = sub.add_parser("demo", help="run the demo of seed 000 and seed 004's flow B on a "
                                         "local stack")
     demo.add_argument("--dir", type=Path, default=Path("var/demo"),
                       help="state directory of the local stack (default: var/demo)")
@@ -84,8 +98,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.cards <= 1000:
         raise CliError("--cards: 1 to 1000")
-    if not 1 <= args.pack_cards <= 100:
-        raise CliError("--pack-cards: 1 to 100")
+    if not ISSUED_CARDS <= args.pack_cards <= 100:
+        raise CliError(f"--pack-cards: {ISSUED_CARDS} to 100")
     _say("stack", f"bringing up the local stack in {args.dir.resolve()}")
     endpoints_path = up(args.dir)
     try:
@@ -95,7 +109,9 @@ def _run(args: argparse.Namespace) -> int:
         demo.card_over_pcsc(use_pcsc=not args.no_pcsc)
         demo.fleet_campaign(args.cards)
         demo.metrics()
-        StockDemo(demo).run(args.pack_cards, use_pcsc=not args.no_pcsc)
+        stock = StockDemo(demo)
+        stock.run(args.pack_cards, use_pcsc=not args.no_pcsc)
+        IssuanceDemo(demo, stock).run(use_pcsc=not args.no_pcsc)
     finally:
         if args.keep_running:
             _say("stack", f"left running; stop with: cms dev down --dir {args.dir}")
@@ -416,6 +432,23 @@ def _cms(label: str, *args: str) -> list[str]:
     return lines
 
 
+@contextmanager
+def _serving(label: str, args: list[str]) -> Iterator[tuple[str, Any]]:
+    """A ``cms`` command that serves card agents for its run: its first line (where it
+    listens) and the rest of its output; waited for at the end, killed if still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "cms.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        yield _stream(label, [proc.stdout.readline()])[0], proc.stdout
+        if proc.wait(timeout=120) != 0:
+            raise RuntimeError(f"cms {args[0]} exited with status {proc.returncode}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _cards(count: int) -> str:
     return f"{count} card{'' if count == 1 else 's'}"
 
@@ -553,25 +586,14 @@ class StockDemo:
         _say("B1.3", "provider system: a user device in a PC/SC reader, driven by a card "
              "agent that dials the provider's card channel (mutual TLS, the agent checks "
              f"the server is {PROVIDER!r})")
-        command = [sys.executable, "-m", "cms.cli", "provider", "--endpoints",
-                   str(self.demo.endpoints_path), *self._init_args(out, 1), "--agents",
-                   "--agent-wait", "120"]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        try:
-            assert proc.stdout is not None
-            first = _stream("provider", [proc.stdout.readline()])[0]
+        with _serving("provider", ["provider", "--endpoints", str(self.demo.endpoints_path),
+                                   *self._init_args(out, 1), "--agents", "--agent-wait",
+                                   "120"]) as (first, rest):
             address = first.split(" at ", 1)[1].split(" ", 1)[0] if " at " in first else ""
             if not address:
                 raise RuntimeError(f"init-pack --agents did not say where: {first}")
             reader.agent(self.demo.endpoints_path, "station", server=address)
-            lines = _stream("provider", proc.stdout)
-            if proc.wait(timeout=120) != 0:
-                raise RuntimeError(f"init-pack --agents exited with status {proc.returncode}")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            lines = _stream("provider", rest)
         return self._report(out, lines)
 
     def _init_args(self, out: Path, cards: int) -> list[str]:
@@ -687,15 +709,17 @@ class CardReader:
     def over_pcsc(self) -> bool:
         return self.daemon is not None
 
-    def agent(self, endpoints: Path, role: str, server: str | None = None) -> None:
-        """One card agent session; with ``server``, it dials the provider's card channel
-        there instead of the access server."""
+    def agent(self, endpoints: Path, role: str, *extra: str, server: str | None = None,
+              server_identity: str = PROVIDER, env: dict[str, str] | None = None) -> None:
+        """One card agent session; with ``server``, it dials the card channel there (the
+        provider's, or ``server_identity``'s) instead of the access server; ``env`` adds to
+        its environment (an activation code)."""
         command = [sys.executable, "-m", "cms.cli", "card-agent", "--endpoints", str(endpoints),
                    "--identity", "card-agent", "--role", role, "--label", f"demo-{role}",
-                   "--once", "--give-up-after", "30", "--log-level", "warning"]
+                   "--once", "--give-up-after", "30", "--log-level", "warning", *extra]
         if server is not None:
-            command += ["--server", server, "--server-identity", PROVIDER]
-        env = dict(os.environ)
+            command += ["--server", server, "--server-identity", server_identity]
+        env = {**os.environ, **(env or {})}
         if self.daemon is not None:
             env.update(self.daemon.env)
         else:
@@ -717,3 +741,360 @@ class CardReader:
                 self.card.kill()
         if self.daemon is not None:
             self.daemon.close()
+
+
+# -- 7. seed 004, B3-B5: users, issuance, the bureau, the mailing house, the card in use ----
+DEMO_BUREAU = "demo-bureau"
+DEMO_MAILER = "demo-post"
+DEMO_USERS = (("Ada Lovelace", "12 Analytical Row\nLondon"),
+              ("Émilie du Châtelet", "3 rue des Principes\nCirey"),
+              ("Grace Hopper", "1 Compiler Lane\nArlington"))
+USER_KEY = r"card (\S+) personalized batch \S+ user key ([0-9a-f]{66})"
+ACTIVATION = r"activation code .*: ([A-Z2-7-]{23}), valid until"
+
+
+class Signed(NamedTuple):
+    """A signature made on a card behind its PIN, and what verified it."""
+
+    serial: str
+    user_key: bytes
+    message: bytes
+    signature: bytes
+
+
+def _tolerant(label: str, *args: str) -> list[str]:
+    """``_cms`` for a step done once per directory: a second run finds it done."""
+    try:
+        return _cms(label, *args)
+    except RuntimeError as exc:
+        if "exist" not in str(exc).lower():
+            raise
+        return [str(exc)]
+
+
+def card_serial(path: Path) -> str:
+    """The serial the provider stored in the card file at ``path`` ("" when none)."""
+    from virtual_psd.issuance import issuance_state
+    from virtual_psd.state import load_state
+
+    return issuance_state(load_state(path)).serial or ""
+
+
+def card_data(card: Any) -> Any:
+    """SELECT the issuance applet and GET DATA DF00 on an open card."""
+    from cardcore import gp
+    from cardcore import issuance as card_ops
+    from cardcore.apdu import parse_response
+
+    parse_response(card.transmit(gp.select_command(card_ops.ISSUANCE_AID)))
+    data, sw = parse_response(card.transmit(card_ops.get_data(card_ops.Tag.ALL)))
+    if sw != 0x9000:
+        raise RuntimeError(f"GET DATA DF00 answered {sw:04X}")
+    return card_ops.decode_card_data(data)
+
+
+def letter_codes(letters: Path, code: str = "pin") -> dict[str, bytes]:
+    """The PINs (or PUKs) the mailing house printed, by card serial, read back from its PDF
+    letters: what the user types."""
+    from pypdf import PdfReader
+
+    from mailer.letters import WORDING, Code
+
+    title = re.escape(WORDING[Code(code)][0])
+    codes = {}
+    for path in sorted(letters.glob(f"*-{code}.pdf")):
+        text = " ".join(page.extract_text() for page in PdfReader(path).pages)
+        found = re.search(rf"{title} for card (\S+)\s+(\d+)", text)
+        if found:
+            codes[found.group(1)] = found.group(2).encode("ascii")
+    return codes
+
+
+class IssuanceDemo:
+    """B3-B5: the issuer system issues the stock's cards to users, the bureau personalizes
+    them, the mailing house prints the PIN letters, the results come back to the issuer;
+    then a card in use (PIN, signature, the two authentications) and a card personalized on
+    its user's PC with an activation code."""
+
+    def __init__(self, demo: Demo, stock: StockDemo) -> None:
+        self.demo = demo
+        self.stock = stock
+        self.exchange = stock.exchange
+        self.out = self.exchange / f"issuance-{demo.run_id}"
+        self.bureau_pem = self.exchange / "bureau.pem"
+        self.mailer_pem = self.exchange / "mailer.pem"
+
+    def cms(self, label: str, *args: str) -> list[str]:
+        return _cms(label, *args[:1], "--endpoints", str(self.demo.endpoints_path), *args[1:])
+
+    def run(self, use_pcsc: bool) -> Signed:
+        self.issuer_secrets()
+        self.partners()
+        users = self.users()
+        perso = self.issue(users[:-1])
+        cards = self.to_bureau(perso)
+        results = self.bureau(perso, cards, use_pcsc)
+        letters = self.mailer(results.parent / (perso.name.removesuffix(".csv")
+                                                + "-mailing.csv"))
+        self.results(results)
+        signed = self.card_in_use(cards, letters, users[0])
+        self.user_pc(users[-1], use_pcsc)
+        return signed
+
+    def issuer_secrets(self) -> None:
+        """B3.1: the seed in the issuer HSM, the device authentication KEK in the issuer
+        system HSM (once per directory)."""
+        for what in ("seed", "kek"):
+            _tolerant("issuer", "issuer", what, "--endpoints", str(self.demo.endpoints_path),
+                      "create")
+        _say("B3.1", "issuer system: BIP32 seed in the issuer HSM (token 'issuer'), the key "
+             "that wraps device authentication keys in the issuer system HSM (token "
+             "'issuer-system'); neither ever leaves")
+
+    def partners(self) -> None:
+        """B3.2: the bureau's key and the mailing house's key, each in its own token; the
+        issuer trusts the bureau's certificate."""
+        for who, name, pem in (("bureau", DEMO_BUREAU, self.bureau_pem),
+                               ("mailer", DEMO_MAILER, self.mailer_pem)):
+            action = "show" if pem.exists() else "create"
+            _cms(who, who, "--endpoints", str(self.demo.endpoints_path), f"--{who}", name,
+                 "key", action, "--out", str(pem))
+        _tolerant("issuer", "bureaus", "--endpoints", str(self.demo.endpoints_path), "trust",
+                  "--cert", str(self.bureau_pem))
+        _say("B3.2", f"personalization bureau {DEMO_BUREAU!r} (token 'bureau') and mailing "
+             f"house {DEMO_MAILER!r} (token 'mailer') made their keys; the issuer trusts the "
+             "bureau's certificate")
+
+    def users(self) -> list[int]:
+        """B3.3: the users, each given a derivation element."""
+        ids = []
+        for name, address in (*DEMO_USERS, ("Alan Turing", "7 Bletchley Park\nMilton Keynes")):
+            line = self.cms("issuer", "users", "add", "--name", name, "--address",
+                            address.replace("\n", "\\n"))[-1]
+            found = re.search(r"added: (\d+) .* element=(\d+)", line)
+            if not found:
+                raise RuntimeError(f"cms users add said: {line}")
+            ids.append(int(found.group(1)))
+            _say("B3.3", f"user {found.group(1)} ({name}): derivation element "
+                 f"{found.group(2)}")
+        return ids
+
+    def issue(self, users: list[int]) -> Path:
+        """B3.4-B3.7: device authentication key pairs in the issuer system HSM, the user
+        private keys derived (BIP32) and sealed with them to each device key, signed by the
+        private issuer key; the personalization device data for the bureau."""
+        batch = f"B-{self.demo.run_id}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        listing = self.out / "users.csv"
+        listing.write_text("user_id\n" + "".join(f"{u}\n" for u in users))
+        self.cms("issuer", "issue", "--pack", batch, "--users", str(listing), "--out",
+                 str(self.out))
+        _say("B3.4", f"issuer system: {len(users)} device authentication key pairs generated "
+             "in the issuer system HSM, their private keys kept only wrapped")
+        _say("B3.5", "issuer HSM: each user private key derived from the seed with the "
+             "user's derivation element (BIP32), encrypted together with the public device "
+             "authentication key to the card's public device key (RSA-OAEP)")
+        _say("B3.6", "issuer HSM: the encrypted data signed with the private issuer key")
+        _say("B3.7", f"personalization device data to the bureau: {batch}.csv and its CMS "
+             "signature by the issuer key")
+        return self.out / f"{batch}.csv"
+
+    def to_bureau(self, perso: Path) -> Path:
+        """The file's cards leave the issuer for the bureau (their state files move)."""
+        from cms.perso_format import read_perso
+
+        serials = {row.serial for row in read_perso(perso.read_bytes()).rows}
+        cards = self.demo.cards_dir / f"bureau-{self.demo.run_id}"
+        cards.mkdir()
+        for path in self.demo.cards_dir.glob("provider-*/*.json"):
+            if card_serial(path) in serials:
+                path.rename(cards / path.name)
+        for path in self.demo.cards_dir.glob("provider-pcsc-*.json"):
+            if card_serial(path) in serials:
+                path.rename(cards / path.name)
+        return cards
+
+    def bureau(self, perso: Path, cards: Path, use_pcsc: bool) -> Path:
+        """B4.1-B4.4: the bureau injects the data, makes and sets PIN and PUK, checks each
+        card, signs results, shipping and mailing files."""
+        out = self.out / "bureau"
+        command = ["bureau", "--endpoints", str(self.demo.endpoints_path), "--bureau",
+                   DEMO_BUREAU, "personalize", str(perso), "--issuer-cert",
+                   str(self.stock.issuer_key_pem), "--mailer-key", str(self.mailer_pem),
+                   "--out", str(out)]
+        from deploy.pcscd import unavailable_reason
+
+        if use_pcsc and unavailable_reason() is None:
+            self.bureau_over_agents(command, sorted(cards.glob("*.json")))
+        else:
+            _cms("bureau", *command, "--card-dir", str(cards))
+        _say("B4.1", "personalization bureau: the file's signature by the issuer checked, "
+             "each card matched by serial and given its personalization device data")
+        _say("B4.2", "the user device checked the signature with the public issuer key and "
+             "decrypted the user private key and the public device authentication key")
+        _say("B4.3", "the bureau's HSM made PIN and PUK: set on the card sealed to its device "
+             "key, and encrypted with the public mailing key for the mailing house")
+        return out / (perso.name.removesuffix(".csv") + "-results.csv")
+
+    def bureau_over_agents(self, command: list[str], cards: list[Path]) -> None:
+        """The bureau's card channel for the run: the first card in a PC/SC reader, the
+        others in process, each brought by a card agent that dials the bureau."""
+        with _serving("bureau", [*command, "--agents", "--agent-wait", "120"]) as (first, rest):
+            found = re.match(r"listening on (\S+?:\d+)", first)
+            if not found:
+                raise RuntimeError(f"bureau personalize --agents did not say where: {first}")
+            where = found.group(1)
+            _say("B4", "personalization bureau: cards in readers, each brought by a card "
+                 "agent that dials the bureau's card channel (mutual TLS, the agent checks "
+                 "the server is 'bureau')")
+            for index, path in enumerate(cards):
+                with CardReader(path, use_pcsc=index == 0) as reader:
+                    if index == 0:
+                        _say("pc/sc", reader.description)
+                    reader.agent(self.demo.endpoints_path, "station", server=where,
+                                 server_identity="bureau")
+            _stream("bureau", rest)
+
+    def mailer(self, mailing: Path) -> Path:
+        """B4.5: the mailing house decrypts PIN and PUK with its private mailing key in its
+        HSM and prints the letters."""
+        letters = self.demo.directory / "letters" / self.demo.run_id
+        _cms("mailer", "mailer", "--endpoints", str(self.demo.endpoints_path), "--mailer",
+             DEMO_MAILER, "letters", str(mailing), "--signer", str(self.bureau_pem),
+             "--out", str(letters))
+        _say("B4.5", f"mailing house: PIN and PUK letters (PDF) in {letters}")
+        return letters
+
+    def results(self, results: Path) -> None:
+        """B4.6: the result data back at the issuer."""
+        self.cms("issuer", "issue", "results", str(results))
+        _say("B4.6", "issuer system: the bureau's signed result data imported; the cards are "
+             "personalized in its records")
+
+    def card_in_use(self, cards: Path, letters: Path, user: int) -> Signed:
+        """B5: the user types the PIN of the letter, the card signs with the user private
+        key; the issuer and the card authenticate each other."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        shown = "\n".join(self.cms("issuer", "users", "show", str(user)))
+        found = re.search(USER_KEY, shown)
+        if not found:
+            raise RuntimeError(f"cms users show {user}: no personalized card")
+        serial, user_key = found.group(1), bytes.fromhex(found.group(2))
+        pin = letter_codes(letters)[serial]
+        path = next(p for p in cards.glob("*.json") if card_serial(p) == serial)
+        message = f"demo {self.demo.run_id}: pay 10 to Bob".encode()
+        signature = self.sign_behind_pin(path, pin, message)
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), user_key).verify(
+            signature, message, ec.ECDSA(hashes.SHA256()))
+        _say("B5.1", f"card {serial}: VERIFY PIN with the PIN from the letter (sealed to the "
+             "card's device key), then SIGN: verified with the user's public key from the "
+             "issuer (cms users show)")
+        self.authenticate(path, serial)
+        return Signed(serial, user_key, message, signature)
+
+    def sign_behind_pin(self, path: Path, pin: bytes, message: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+
+        from cardcore import issuance as card_ops
+        from cardcore import pin_block
+        from cardcore.apdu import parse_response
+        from virtual_psd.card import VirtualCard
+
+        card = VirtualCard.open(path)
+        card.power_on()
+        data = card_data(card)
+        challenge, _ = parse_response(card.transmit(card_ops.get_challenge()))
+        _, sw = parse_response(card.transmit(pin_block.verify_pin(data.device_public_key,
+                                                                   challenge, pin)))
+        if sw != 0x9000:
+            raise RuntimeError(f"VERIFY PIN answered {sw:04X}")
+        digest = hashes.Hash(hashes.SHA256())
+        digest.update(message)
+        signature, sw = parse_response(card.transmit(card_ops.sign(digest.finalize())))
+        if sw != 0x9000:
+            raise RuntimeError(f"SIGN answered {sw:04X}")
+        return signature
+
+    def authenticate(self, path: Path, serial: str) -> None:
+        """B5.2 AUTHENTICATE (the card to the issuer, claim 13) and B5.3 VERIFY ISSUER (the
+        issuer to the card with the device authentication key, claim 14)."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from cardcore import issuance as card_ops
+        from cardcore.apdu import parse_response
+        from cardcore.personalization import card_auth_statement
+        from virtual_psd.card import VirtualCard
+
+        card = VirtualCard.open(path)
+        card.power_on()
+        data = card_data(card)
+        challenge = os.urandom(32)
+        signature, sw = parse_response(card.transmit(card_ops.authenticate(challenge)))
+        if sw != 0x9000:
+            raise RuntimeError(f"AUTHENTICATE answered {sw:04X}")
+        ec.EllipticCurvePublicKey.from_encoded_point(
+            ec.SECP256R1(), data.issuer_auth_public_key).verify(
+            signature, card_auth_statement(serial, challenge), ec.ECDSA(hashes.SHA256()))
+        _say("B5.2", f"AUTHENTICATE: card {serial} signed the issuer's challenge with its "
+             "private issuer authentication key; verified with its public one")
+        card_challenge, _ = parse_response(card.transmit(card_ops.get_challenge()))
+        _, sw = parse_response(card.transmit(card_ops.verify_issuer(
+            self.device_auth_signature(serial, card_challenge))))
+        if sw != 0x9000:
+            raise RuntimeError(f"VERIFY ISSUER answered {sw:04X}")
+        _say("B5.3", f"VERIFY ISSUER: the issuer system HSM signed card {serial}'s challenge "
+             "with the private device authentication key (unwrapped only inside it); the "
+             "card verified it with the public device authentication key it holds")
+
+    def device_auth_signature(self, serial: str, challenge: bytes) -> bytes:
+        """The issuer system's side of VERIFY ISSUER: the card's wrapped device
+        authentication key from its records, signed with in the issuer system HSM."""
+        import sqlite3
+
+        from cms.keynames import ISSUER_SYSTEM_TOKEN
+        from cms.v1 import issuer_pb2 as ipb
+        from cms.v1 import issuer_pb2_grpc
+
+        database = self.demo.directory / "data" / "access.db"
+        with sqlite3.connect(database) as db:
+            public, wrapped, version = db.execute(
+                "SELECT device_auth_public_key, device_auth_wrapped_key, "
+                "device_auth_kek_version FROM issuance WHERE serial = ?", (serial,)).fetchone()
+        channel = self.demo.endpoints.channel("hsm_proxy", "access-server")
+        try:
+            return issuer_pb2_grpc.IssuerHsmStub(channel).SignWithDeviceAuthKey(
+                ipb.SignWithDeviceAuthKeyRequest(
+                    token=ISSUER_SYSTEM_TOKEN, serial=serial, challenge=challenge,
+                    key=ipb.DeviceAuthKey(public_key=public, wrapped_private_key=wrapped,
+                                          kek_version=version)), timeout=60).signature
+        finally:
+            channel.close()
+
+    def user_pc(self, user: int, use_pcsc: bool) -> None:
+        """B3-B4 on the user's own PC: the card issued online, its activation code given to
+        the user apart from it; the user's PC card agent personalizes it."""
+        out = self.out / "online"
+        out.mkdir()
+        lines = self.cms("issuer", "issue", "user", str(user), "--online", "--hsm-pins",
+                         "--mailer-key", str(self.mailer_pem), "--out", str(out))
+        found = re.search(ACTIVATION, "\n".join(lines))
+        serial = re.search(r"card (\S+): send it", "\n".join(lines))
+        if not found or not serial:
+            raise RuntimeError("cms issue user --online printed no activation code")
+        path = next(p for p in self.demo.cards_dir.glob("provider-*/*.json")
+                    if card_serial(p) == serial.group(1))
+        _say("B3.8", f"issuer system: card {serial.group(1)} issued online to user {user}; "
+             "the HSM made PIN and PUK for the letters")
+        mailing = next(out.glob("*-mailing.csv"))
+        _cms("mailer", "mailer", "--endpoints", str(self.demo.endpoints_path), "--mailer",
+             DEMO_MAILER, "letters", str(mailing), "--signer", str(self.stock.issuer_key_pem),
+             "--out", str(self.demo.directory / "letters" / self.demo.run_id))
+        with CardReader(path, use_pcsc) as reader:
+            _say("pc/sc", reader.description)
+            reader.agent(self.demo.endpoints_path, "user", "--activate",
+                         env={"CMS_ACTIVATION_CODE": found.group(1)})
+        _say("B4.7", f"the user's PC: card {serial.group(1)} personalized through the card "
+             "channel with the activation code")

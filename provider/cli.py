@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cms.identity import PROVIDER
+from cms.runtime.agent_options import add_agent_arguments
 
 SERVICE = "hsm_proxy"
-DEFAULT_LISTEN = "127.0.0.1:0"
 KEY_TRANSPORTS = ("oaep", "pkcs1")
 
 
@@ -60,16 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--transport-master-hex", metavar="HEX",
                       help="the card factory's transport master, to make missing virtual "
                            "cards (the key its ceremony put into the HSM)")
-    init.add_argument("--agents", action="store_true",
-                      help="cards in PC/SC readers through card agents: serve a card channel "
-                           "for the run (cms card-agent --server HOST:PORT --server-identity "
-                           "provider)")
-    init.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                      help=f"with --agents: where agents connect (default {DEFAULT_LISTEN}: "
-                           "a free port, printed)")
-    init.add_argument("--agent-wait", type=float, default=600.0, metavar="SECONDS",
-                      help="with --agents: end with the cards so far when none came for "
-                           "this long (default 600)")
+    add_agent_arguments(init, init, PROVIDER)
     init.set_defaults(func=_init_pack)
 
 

@@ -8,6 +8,8 @@ SQLite by default (``sqlite:///path``), PostgreSQL for production
 """
 
 from access_server.store.records import (
+    ActivationRecord,
+    ActivationState,
     BureauRecord,
     Campaign,
     CampaignItem,
@@ -23,6 +25,7 @@ from access_server.store.records import (
     IssuedCard,
     ItemPage,
     ItemStatus,
+    NewActivation,
     PackRecord,
     PackStock,
     PreparedCard,
@@ -39,6 +42,8 @@ from access_server.store.records import (
 from access_server.store.store import Store
 
 __all__ = [
+    "ActivationRecord",
+    "ActivationState",
     "BureauRecord",
     "Campaign",
     "CampaignItem",
@@ -54,6 +59,7 @@ __all__ = [
     "IssuedCard",
     "ItemPage",
     "ItemStatus",
+    "NewActivation",
     "PackRecord",
     "PackStock",
     "PreparedCard",

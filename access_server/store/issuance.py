@@ -29,8 +29,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, undefer
 
 from access_server.store import records as r
+from access_server.store.activations import expire_activations, online_issuance
 from access_server.store.campaigns import chunks
 from access_server.store.models import (
+    ActivationRow,
     BureauRow,
     DerivationCounterRow,
     IssuanceRow,
@@ -168,8 +170,9 @@ class Issuance(Transactions):
                        hsm_pins: bool, actor: str) -> list[r.PreparedCard]:
         """Take one card per user from stock (FIFO) and record who gets it; all or none."""
         with self._write() as session:
-            users = _users_for_issuance(session, user_ids)
             now = self._now()
+            expire_activations(session, user_ids, now)   # an expired code holds no card
+            users = _users_for_issuance(session, user_ids)
             cards = take_cards(session, len(users), f"issuance {issuance_id.hex()}", now,
                                postgres=self._postgres)
             session.add_all(IssuanceRow(
@@ -181,8 +184,13 @@ class Issuance(Transactions):
             return [r.PreparedCard(card, user_record(user), issuance_id, FIRST_SEQUENCE)
                     for card, user in zip(cards, users, strict=True)]
 
-    def complete_issuance(self, issuance_id: bytes, issued: Sequence[r.IssuedCard]) -> None:
-        """Store what the HSMs returned; every preparing card of the issuance, exactly."""
+    def complete_issuance(self, issuance_id: bytes, issued: Sequence[r.IssuedCard],
+                          activations: Sequence[r.NewActivation] = ()) -> None:
+        """Store what the HSMs returned; every preparing card of the issuance, exactly.
+
+        An online issuance's ``activations`` (its code's hash and its payload) go in the
+        same transaction: a code is never shown for a card whose issuance is not recorded.
+        """
         with self._write() as session:
             rows = {i.serial: i for i in session.scalars(select(IssuanceRow).where(
                 IssuanceRow.issuance_id == issuance_id.hex(),
@@ -198,6 +206,12 @@ class Issuance(Transactions):
                 row.user_public_key = card.user_public_key
                 row.state = r.IssuanceState.ISSUED.value
                 row.updated = now
+            session.flush()
+            session.add_all(ActivationRow(
+                serial=a.serial, issuance_id=issuance_id.hex(), code_salt=a.code_salt,
+                code_hash=a.code_hash, payload=a.payload, expires=a.expires, failures=0,
+                state=r.ActivationState.WAITING.value, created=now, updated=now,
+                created_by=rows[a.serial].created_by) for a in activations)
 
     def abandon_issuance(self, issuance_id: bytes) -> int:
         """Drop a preparing issuance: its records go, its cards return to stock."""
@@ -231,6 +245,10 @@ class Issuance(Transactions):
             if not rows:
                 raise FailedPrecondition(f"no card of issuance {issuance_id.hex()} is at the "
                                          "bureau")
+            if online_issuance(session, issuance_id):
+                raise FailedPrecondition(f"issuance {issuance_id.hex()} was made online: its "
+                                         "payload waits behind the user's activation code, "
+                                         "not at a bureau")
             if max(i.sequence for i, *_ in rows) >= MAX_SEQUENCE:
                 raise FailedPrecondition("a card of this issuance has no sequence left")
             cards = [r.PreparedCard(stock_card(card, pack_serial), user_record(user), new_id,

@@ -393,3 +393,32 @@ class BureauRow(Base):
     not_after: Mapped[datetime] = mapped_column(UtcDateTime)
     trusted_at: Mapped[datetime] = mapped_column(UtcDateTime)
     trusted_by: Mapped[str] = mapped_column(String(200))
+
+
+ACTIVATION_STATES = ("waiting", "sent", "personalized", "failed", "locked", "expired")
+
+
+class ActivationRow(Base):
+    """An online issuance's activation: the payload waiting for the user's own PC, behind
+    a one-time code kept only as a salted scrypt hash (``access_server.activation``)."""
+
+    __tablename__ = "activation"
+
+    serial: Mapped[str] = mapped_column(String(32), ForeignKey("issuance.serial"),
+                                        primary_key=True)
+    issuance_id: Mapped[str] = mapped_column(String(32))
+    code_salt: Mapped[bytes] = mapped_column(LargeBinary)
+    code_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    payload: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    expires: Mapped[datetime] = mapped_column(UtcDateTime)
+    failures: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+    __table_args__ = (
+        CheckConstraint(one_of("state", ACTIVATION_STATES), name="state"),
+        CheckConstraint("failures >= 0", name="failures_not_negative"),
+    )

@@ -359,3 +359,47 @@ class BureauRecord:
     not_after: datetime
     trusted_at: datetime
     trusted_by: str
+
+
+class ActivationState(StrEnum):
+    """Where an online issuance's activation code stands (``store/activations.py``)."""
+
+    WAITING = "waiting"
+    """Not used yet: the right code from the bound card's PC unlocks the payload."""
+    SENT = "sent"
+    """The code is used up: the payload went to the card, its answer not yet recorded (a
+    retry with the same code and card finishes it)."""
+    PERSONALIZED = "personalized"
+    FAILED = "failed"
+    """The card refused the payload; the code is spent."""
+    LOCKED = "locked"
+    """Too many wrong codes: no code opens it again."""
+    EXPIRED = "expired"
+    """Past its validity, unused."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationRecord:
+    serial: str
+    issuance_id: bytes
+    code_salt: bytes
+    code_hash: bytes
+    payload: bytes
+    expires: datetime
+    failures: int
+    state: ActivationState
+    reason: str | None
+    device_public_key: bytes
+    """The stock card's device key (SPKI DER): the card in the reader must hold it."""
+    expired: bool
+    """Past ``expires`` by the store's clock when it was read."""
+
+
+class NewActivation(NamedTuple):
+    """What an online issuance stores for its card: the code's hash and the payload."""
+
+    serial: str
+    code_salt: bytes
+    code_hash: bytes
+    payload: bytes
+    expires: datetime

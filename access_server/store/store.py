@@ -27,7 +27,8 @@ so a lost update surfaces as Aborted rather than silently.
 ``registry`` (cards registered, listed, revoked, flagged for an operator),
 ``contacts`` (what a contact reads, journals and completes, and reconcile),
 ``leases``, ``campaigns``, ``stock`` (the issuer's blank cards, seed 004) and
-``issuance`` (users, their cards, the bureau's results);
+``issuance`` (users, their cards, the bureau's results), ``activations``
+(online issuance's codes, for the user's own PC);
 ``transactions`` is the base they share.
 """
 
@@ -43,6 +44,7 @@ from alembic.config import Config
 from sqlalchemy import text
 
 from access_server.migrations import MIGRATIONS_DIR
+from access_server.store.activations import Activations
 from access_server.store.campaigns import Campaigns
 from access_server.store.contacts import Contacts
 from access_server.store.issuance import Issuance
@@ -61,7 +63,7 @@ _MIGRATING = threading.Lock()
 """Alembic's ``context`` and ``op`` are process-wide: one migration at a time per process."""
 
 
-class Store(Registry, Contacts, Leases, Campaigns, Stock, Issuance):
+class Store(Registry, Contacts, Leases, Campaigns, Stock, Issuance, Activations):
     """Repository of the access server. Thread safe; one instance per process.
 
     ``clock`` returns aware datetimes; tests pass a fake one to move time

@@ -41,9 +41,9 @@ pytest_plugins = ("tests.support.postgres", "tests.access_server.test_store_fixt
 
 REPO = Path(__file__).resolve().parents[2]
 A, B, C = psd(0xA), psd(0xB), psd(0xC)
-HEAD = "0004"
+HEAD = "0005"
 TABLES = {"psd", "psd_event", "intent", "campaign", "campaign_item", "provider_root", "pack",
-          "stock_card", "derivation_counter", "app_user", "issuance", "bureau"}
+          "stock_card", "derivation_counter", "app_user", "issuance", "bureau", "activation"}
 
 # A child process that journals an installation and dies the instant the
 # call returns: no clean-up, no connection close, no WAL checkpoint.
@@ -260,6 +260,8 @@ COLUMNS = {
     },
     "bureau": {"fingerprint", "name", "certificate", "subject", "not_after", "trusted_at",
                "trusted_by"},
+    "activation": {"serial", "issuance_id", "code_salt", "code_hash", "payload", "expires",
+                   "failures", "state", "reason", "created", "updated", "created_by"},
 }
 """Every column there is. A new one fails this test until someone has asked
 whether it could ever hold a key, a PIN or R."""
@@ -282,6 +284,9 @@ STOCK_BINARY = {("provider_root", "certificate")} | {
 ISSUANCE_BINARY = {("bureau", "certificate")} | {
     ("issuance", name) for name in ("device_auth_public_key", "device_auth_wrapped_key",
                                     "user_public_key")}
+ACTIVATION_BINARY = {("activation", name) for name in ("code_salt", "code_hash", "payload")}
+"""An online issuance's code only as its salt and scrypt hash, and the payload, sealed to
+its card and signed (no secret in clear)."""
 """Certificates and public keys: the only binary columns beside the cryptogram, and the
 wrapped device authentication key."""
 
@@ -298,7 +303,8 @@ def test_schema_has_no_place_for_key_material(store: Store) -> None:
         for name, kind in found.items()
         if isinstance(kind, LargeBinary) or kind.python_type is bytes
     }
-    assert binary == {("psd", "cryptogram")} | STOCK_BINARY | ISSUANCE_BINARY
+    assert binary == {("psd", "cryptogram")} | STOCK_BINARY | ISSUANCE_BINARY | \
+        ACTIVATION_BINARY
     suspicious = {
         (table, name)
         for table, names in COLUMNS.items()

@@ -53,7 +53,7 @@ def test_up_creates_the_stack_serves_and_down_stops_it(tmp_path: Path) -> None:
         assert Path(doc["tls"]["ca"]).is_absolute() and Path(doc["tls"]["ca"]).is_file()
         assert set(doc["tls"]["identities"]) == {
             "hsm-proxy", "access-server", "key-mgmt", "card-agent", "admin",
-            "custodian-1", "custodian-2", "custodian-3", "provider"}
+            "custodian-1", "custodian-2", "custodian-3", "provider", "bureau", "mailer"}
         for files in doc["tls"]["identities"].values():
             for path in (files["cert"], files["key"]):
                 assert Path(path).is_absolute() and Path(path).is_file()
@@ -61,6 +61,7 @@ def test_up_creates_the_stack_serves_and_down_stops_it(tmp_path: Path) -> None:
         tokens = cms("hsm", "--endpoints", str(endpoints_path), "tokens").stdout
         assert "access" in tokens and "kms" in tokens
         assert "provider" in tokens and "issuer" in tokens
+        assert "bureau" in tokens and "mailer" in tokens
 
         for service, grpc_name in SERVICE_NAMES.items():
             assert _health(endpoints_path, service, grpc_name) == \
