@@ -37,7 +37,6 @@ from datetime import datetime
 from enum import IntEnum
 from typing import NamedTuple
 
-from asn1crypto import cms as acms
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -47,10 +46,10 @@ from cryptography.x509.oid import NameOID
 from access_server import weak_keys
 from cardcore.issuance import IssuanceError, device_key_statement
 from cardcore.issuance_keys import rsa_from_spki
-from cms import pack_format
+from cms import pack_format, signed_file
 from cms.pack_format import PackFormatError, PackHeader, PackRow
 
-MAX_SIGNATURE_BYTES = 64 * 1024
+MAX_SIGNATURE_BYTES = signed_file.MAX_SIGNATURE_BYTES
 """A detached signature with a few certificates is a few kilobytes."""
 SHOWN_PARTNERS = 5
 
@@ -182,26 +181,6 @@ def check_root(der: bytes, now: datetime) -> Root:
 
 # -- the signature -------------------------------------------------------------------
 
-def _one_attribute(attrs: acms.CMSAttributes, name: str) -> object:
-    values = [a["values"] for a in attrs if a["type"].native == name]
-    if len(values) != 1 or len(values[0]) != 1:
-        raise PackRefused(Refusal.BAD_SIGNATURE, f"the signed attributes must hold one {name}")
-    return values[0][0].native
-
-
-def _signer(signed: acms.SignedData, sid: acms.SignerIdentifier) -> bytes:
-    if sid.name != "issuer_and_serial_number":
-        raise PackRefused(Refusal.BAD_SIGNATURE, "the signer is not named by issuer and serial")
-    wanted = sid.chosen
-    for choice in signed["certificates"] or []:
-        if choice.name != "certificate":
-            continue
-        cert = choice.chosen
-        if cert.issuer == wanted["issuer"] and cert.serial_number == wanted["serial_number"].native:
-            return cert.dump()
-    raise PackRefused(Refusal.BAD_SIGNATURE, "the signer's certificate is not in the signature")
-
-
 def _signer_root(signer_der: bytes, roots: Sequence[Root], now: datetime) -> Root:
     """The trusted root that is the signer, or that issued it."""
     for root in roots:
@@ -222,50 +201,15 @@ def _signer_root(signer_der: bytes, roots: Sequence[Root], now: datetime) -> Roo
 def verify_signature(data: bytes, signature: bytes, roots: Sequence[Root],
                      now: datetime) -> Root:
     """The trusted root under which ``signature`` (detached CMS) signs ``data``."""
-    if len(signature) > MAX_SIGNATURE_BYTES:
-        raise PackRefused(Refusal.BAD_SIGNATURE,
-                          f"signature of {len(signature)} bytes, more than {MAX_SIGNATURE_BYTES}")
     try:
-        info = acms.ContentInfo.load(signature, strict=True)
-        if info["content_type"].native != "signed_data":
-            raise PackRefused(Refusal.BAD_SIGNATURE, "the signature is no CMS SignedData")
-        signed = info["content"]
-        if signed["encap_content_info"]["content_type"].native != "data":
-            raise PackRefused(Refusal.BAD_SIGNATURE, "the signed content type is not id-data")
-        if signed["encap_content_info"]["content"].native is not None:
-            raise PackRefused(Refusal.BAD_SIGNATURE, "the signature is not detached")
-        signers = signed["signer_infos"]
-        if len(signers) != 1:
-            raise PackRefused(Refusal.BAD_SIGNATURE, f"{len(signers)} signers, expected one")
-        signer_info = signers[0]
-        attrs = signer_info["signed_attrs"]
-        if not attrs:
-            raise PackRefused(Refusal.BAD_SIGNATURE, "the signature has no signed attributes")
-        if signer_info["digest_algorithm"]["algorithm"].native != "sha256" or \
-                signer_info["signature_algorithm"]["algorithm"].native != "sha256_ecdsa":
-            raise PackRefused(Refusal.BAD_SIGNATURE, "the signature is not ecdsa-with-SHA256")
-        if _one_attribute(attrs, "content_type") != "data":
-            raise PackRefused(Refusal.BAD_SIGNATURE, "the signed content type is not id-data")
-        if _one_attribute(attrs, "message_digest") != hashlib.sha256(data).digest():
-            raise PackRefused(Refusal.BAD_SIGNATURE,
-                              "the signature is not over this file (message digest differs)")
-        signer_der = _signer(signed, signer_info["sid"])
-        value = signer_info["signature"].native
-        # The signature covers the attributes' DER with the SET tag, not [0] (RFC 5652 5.4).
-        signed_bytes = b"\x31" + attrs.dump()[1:]
-    except PackRefused:
-        raise
-    except (ValueError, TypeError, KeyError) as exc:
-        raise PackRefused(Refusal.BAD_SIGNATURE,
-                          f"the signature is not DER CMS ({type(exc).__name__})") from None
-    root = _signer_root(signer_der, roots, now)
-    key = _load_certificate(signer_der).public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PackRefused(Refusal.BAD_SIGNATURE, "the signer's key is not an EC key")
+        detached = signed_file.read_detached(data, signature)
+    except signed_file.SignatureError as exc:
+        raise PackRefused(Refusal.BAD_SIGNATURE, str(exc)) from None
+    root = _signer_root(detached.signer, roots, now)
     try:
-        key.verify(value, signed_bytes, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise PackRefused(Refusal.BAD_SIGNATURE, "the signature does not verify") from None
+        signed_file.verify_by(detached, _load_certificate(detached.signer))
+    except signed_file.SignatureError as exc:
+        raise PackRefused(Refusal.BAD_SIGNATURE, str(exc)) from None
     return root
 
 

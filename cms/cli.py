@@ -30,6 +30,8 @@ REGISTRARS = (
     "access_server.cli",
     "access_server.issuance_cli",
     "provider.cli",
+    "bureau.cli",
+    "mailer.cli",
     "card_agent.cli",
     "virtual_psd.cli",
     "deploy.cli",

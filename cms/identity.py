@@ -38,10 +38,17 @@ PROVIDER = "provider"
 """The card provider's system (seed 004): its root CA in the proxy, and the card
 channel card agents dial when it initializes cards in PC/SC readers."""
 
+BUREAU = "bureau"
+"""The personalization bureau (seed 004, B4): signs its results and shipping files with its
+key in the proxy."""
+MAILER = "mailer"
+"""The mailing house (seed 004, B4): opens the mailer data of PIN letters with its key in
+the proxy."""
+
 CUSTODIANS = ("custodian-1", "custodian-2", "custodian-3")
 """Key custodians: each enters one component of a key ceremony, straight to the proxy."""
 DEFAULT_IDENTITIES = (HSM_PROXY, ACCESS_SERVER, KEY_MGMT, CARD_AGENT, ADMIN, *CUSTODIANS,
-                      PROVIDER)
+                      PROVIDER, BUREAU, MAILER)
 SERVER_IDENTITIES = frozenset({HSM_PROXY, ACCESS_SERVER, KEY_MGMT, PROVIDER})
 """Identities that also serve: their certificates carry serverAuth and the DNS names."""
 

@@ -17,11 +17,17 @@ Labels::
     issuer-seed/<version>      ISSUER_SEED           the issuer's BIP32 seed (token issuer)
     device-auth-kek/<version>  DEVICE_AUTH_KEK       wraps device authentication keys
                                                      (token issuer-system)
+    bureau/<name>              BUREAU_KEY            the bureau's P-256 key: signs its results
+                                                     and shipping files (token bureau)
+    bureau-codes/<name>        BUREAU_CODES_KEY      the bureau's HMAC key its cards' PIN and PUK
+                                                     are derived under (token bureau)
+    mailer/<name>              MAILER_KEY            the mailing house's RSA-2048 key: opens
+                                                     mailer data (token mailer)
     anything else              OPERATOR_KEY          an operator's own keys (policy: demo/*)
 
 Each form is made and read by the functions here (``mk_label(3)``,
 ``parse_block_label``, ``parse_named_label``, ``provider_root_label``,
-``issuer_key_label``, ``issuer_seed_label``, ``device_auth_kek_label``,
+``issuer_key_label``, ``issuer_seed_label``, ``device_auth_kek_label``, ``partner_label``,
 ``label_pattern``), never by
 formatting or splitting a label elsewhere: the proxy's policy patterns, key
 management's checks and the access server's requests then cannot drift apart.
@@ -42,12 +48,20 @@ ISSUER_TOKEN = "issuer"
 ISSUER_SYSTEM_TOKEN = "issuer-system"
 """The issuer system's HSM (seed 004, B3): the key-encryption key under which the cards'
 device authentication keys are kept, wrapped."""
-TOKENS = (HSM1_TOKEN, HSM2_TOKEN, PROVIDER_TOKEN, ISSUER_TOKEN, ISSUER_SYSTEM_TOKEN)
+BUREAU_TOKEN = "bureau"
+"""The personalization bureau's HSM (seed 004, B4): the key that signs its results and
+shipping files, and its certificate beside it."""
+MAILER_TOKEN = "mailer"
+"""The mailing house's HSM (seed 004, B4): the key that opens the PINs mailed to users."""
+TOKENS = (HSM1_TOKEN, HSM2_TOKEN, PROVIDER_TOKEN, ISSUER_TOKEN, ISSUER_SYSTEM_TOKEN,
+          BUREAU_TOKEN, MAILER_TOKEN)
 
 MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT = (
     "mk", "mkrk", "cryptogram", "transport", "factory", "audit")
 PROVIDER_ROOT, ISSUER = "provider-root", "issuer"
 ISSUER_SEED, DEVICE_AUTH_KEK = "issuer-seed", "device-auth-kek"
+BUREAU, BUREAU_CODES, MAILER = "bureau", "bureau-codes", "mailer"
+PARTNER_KINDS = (BUREAU, BUREAU_CODES, MAILER)
 ISSUER_KEY_VERSIONS = range(1, 256)
 """Issuer key versions: one byte, as cards and payloads name them; seeds and device
 authentication KEKs are versioned the same way."""
@@ -64,6 +78,7 @@ _PROVIDER_ROOT = re.compile(rf"^{PROVIDER_ROOT}/({_NAME})$")
 _ISSUER = re.compile(rf"^{ISSUER}/([1-9][0-9]{{0,2}})$")
 _ISSUER_SEED = re.compile(rf"^{ISSUER_SEED}/([1-9][0-9]{{0,2}})$")
 _DEVICE_AUTH_KEK = re.compile(rf"^{DEVICE_AUTH_KEK}/([1-9][0-9]{{0,2}})$")
+_PARTNER = re.compile(rf"^({BUREAU}|{BUREAU_CODES}|{MAILER})/({_NAME})$")
 PROVIDER_ID_PATTERN = re.compile(rf"^{_NAME}$")
 """A provider id: letters, digits, '.', '_', '-', up to 64, first a letter or digit."""
 
@@ -95,7 +110,7 @@ def cryptogram_label(version: int) -> str:
 def label_pattern(kind: str) -> str:
     """``mk/*``: every label of ``kind``, as the proxy's policy and its listings match them."""
     if kind not in (*BLOCK_KINDS, TRANSPORT, AUDIT, PROVIDER_ROOT, ISSUER, ISSUER_SEED,
-                    DEVICE_AUTH_KEK):
+                    DEVICE_AUTH_KEK, *PARTNER_KINDS):
         raise ValueError(f"no label pattern for {kind!r}")
     return f"{kind}/*"
 
@@ -129,6 +144,23 @@ def parse_provider_root_label(label: str) -> str | None:
     """The provider id of ``provider-root/<id>``, or None."""
     m = _PROVIDER_ROOT.match(label)
     return m.group(1) if m else None
+
+
+def partner_label(kind: str, name: str) -> str:
+    """A key of the bureau or mailing house ``name``: ``bureau/bureau-1``,
+    ``bureau-codes/bureau-1``, ``mailer/post``."""
+    if kind not in PARTNER_KINDS:
+        raise ValueError(f"a partner key is one of {', '.join(PARTNER_KINDS)}, not {kind!r}")
+    if not isinstance(name, str) or not PROVIDER_ID_PATTERN.match(name):
+        raise ValueError(f"{kind} name {name!r}: 1-64 of letters, digits, '.', '_', '-', "
+                         f"first a letter or digit")
+    return f"{kind}/{name}"
+
+
+def parse_partner_label(label: str) -> tuple[str, str] | None:
+    """(kind, name) of ``bureau/NAME``, ``bureau-codes/NAME`` or ``mailer/NAME``, or None."""
+    m = _PARTNER.match(label)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def _versioned(kind: str, what: str, version: int) -> str:
@@ -193,9 +225,12 @@ def label_kind(label: str) -> str | None:
         return ISSUER_SEED
     if parse_device_auth_kek_label(label) is not None:
         return DEVICE_AUTH_KEK
+    partner = parse_partner_label(label)
+    if partner is not None:
+        return partner[0]
     head = label.split("/", 1)[0]
     if head in (MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT, PROVIDER_ROOT, ISSUER,
-                ISSUER_SEED, DEVICE_AUTH_KEK):
+                ISSUER_SEED, DEVICE_AUTH_KEK, *PARTNER_KINDS):
         # A reserved prefix with a malformed rest is nobody's key: refused.
         return "reserved"
     return None

@@ -32,8 +32,9 @@ HSM made PIN and PUK::
     cms-pin-mailing-data,1,...
     serial,user_name,postal_address,mailer_data
 
-``mailer_data`` is RSA-OAEP (SHA-256) of ``PIN || 00 || PUK`` to the mailing
-house's own key: only it can open it.
+``mailer_data`` is RSA-OAEP (SHA-1, MGF1-SHA1: what the mailing house's HSM
+opens) of ``PIN || 00 || PUK`` to the mailing house's own key: only it can
+open it.
 
 **Personalization results** (bureau to issuer, signed by a bureau certificate
 the issuer trusts, ``cms bureaus trust``)::
@@ -43,6 +44,24 @@ the issuer trusts, ``cms bureaus trust``)::
     serial,status,reason
     ACME-0000000001,personalized,
     ACME-0000000002,failed,card did not answer SELECT
+
+**Shipping file** (bureau to issuer and carrier, signed by the bureau key):
+the personalized cards to send, each to its user::
+
+    format,version,file_serial,bureau,card_count,created_at
+    cms-card-shipping,1,<the personalization file's serial>,bureau-1,2,...
+    serial,user_name,postal_address
+
+When the bureau makes PIN and PUK (``pin_puk_by`` ``bureau``) it writes a
+mailing file too, of the same shape as the issuer's, signed by the bureau
+key: its mailer data sealed to the mailing house in the bureau's HSM.
+
+**Dispatch confirmation** (mailing house to issuer): the letters sent::
+
+    format,version,file_serial,card_count,created_at
+    cms-pin-dispatch,1,<the mailing file's serial>,2,...
+    serial,dispatched_at
+    ACME-0000000001,2026-12-02T06:00:00Z
 
 Every reader checks only the shape; errors name the card row (1 = the first
 card; 0 = the header) and the file line, as ``PackFormatError`` does.
@@ -55,7 +74,7 @@ import csv
 import io
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, NamedTuple
 
@@ -66,6 +85,7 @@ from cms.pack_format import (
     MAX_FIELD,
     NAME_PATTERN,
     SIGNATURE_SUFFIX,
+    TIME_FORMAT,
     HeaderFields,
     PackFormatError,
     RowParser,
@@ -138,6 +158,15 @@ RESULTS: Final = Spec("cms-personalization-results",
                       ("serial", "status", "reason"))
 
 
+SHIPPING: Final = Spec("cms-card-shipping",
+                       ("format", "version", "file_serial", "bureau", "card_count",
+                        "created_at"),
+                       ("serial", "user_name", "postal_address"))
+DISPATCH: Final = Spec("cms-pin-dispatch",
+                       ("format", "version", "file_serial", "card_count", "created_at"),
+                       ("serial", "dispatched_at"))
+
+
 class FileHeader(NamedTuple):
     """The header of any of the three files (``issuer`` empty in results, ``bureau`` empty
     elsewhere; ``pin_puk_by`` only in personalization files)."""
@@ -170,6 +199,17 @@ class ResultRow(NamedTuple):
     serial: str
     status: Status
     reason: str
+
+
+class ShippingRow(NamedTuple):
+    serial: str
+    user_name: str
+    postal_address: str
+
+
+class DispatchRow(NamedTuple):
+    serial: str
+    dispatched_at: datetime
 
 
 class Table(NamedTuple):
@@ -263,6 +303,18 @@ def write_results(header: FileHeader, rows: Iterable[ResultRow]) -> bytes:
          check_text("reason", r.reason, MAX_REASON, empty=True)) for r in rows))
 
 
+def write_shipping(header: FileHeader, rows: Iterable[ShippingRow]) -> bytes:
+    return _write(SHIPPING, header, (
+        (check_serial(r.serial), check_text("user name", r.user_name, MAX_NAME),
+         check_text("postal address", r.postal_address, MAX_ADDRESS, lines=True))
+        for r in rows))
+
+
+def write_dispatch(header: FileHeader, rows: Iterable[DispatchRow]) -> bytes:
+    return _write(DISPATCH, header, (
+        (check_serial(r.serial), format_time(r.dispatched_at)) for r in rows))
+
+
 # -- reading -----------------------------------------------------------------------------
 
 def _file_header(spec: Spec, found: HeaderFields) -> FileHeader:
@@ -341,3 +393,32 @@ def read_mailing(data: bytes) -> Table:
 def read_results(data: bytes) -> Table:
     """A bureau's result file: header and ``ResultRow``s, no serial twice."""
     return _read(RESULTS, data, _result_row)
+
+
+def _shipping_row(fields: list[str], number: int, line: int) -> ShippingRow:
+    return ShippingRow(check_serial(fields[0], number, line),
+                       check_text("user name", fields[1], MAX_NAME, row=number, line=line),
+                       check_text("postal address", fields[2], MAX_ADDRESS, lines=True,
+                                  row=number, line=line))
+
+
+def parse_time(what: str, value: str, *, row: int, line: int) -> datetime:
+    try:
+        return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        raise PackFormatError(f"{what} {value[:32]!r}, expected YYYY-MM-DDTHH:MM:SSZ",
+                              row=row, line=line) from None
+
+
+def _dispatch_row(fields: list[str], number: int, line: int) -> DispatchRow:
+    return DispatchRow(check_serial(fields[0], number, line),
+                       parse_time("dispatched_at", fields[1], row=number, line=line))
+
+
+def read_shipping(data: bytes) -> Table:
+    return _read(SHIPPING, data, _shipping_row)
+
+
+def read_dispatch(data: bytes) -> Table:
+    """A mailing house's dispatch confirmation: header and ``DispatchRow``s."""
+    return _read(DISPATCH, data, _dispatch_row)

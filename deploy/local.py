@@ -3,7 +3,8 @@
 ``cms dev up --dir DIR`` creates on first use the SoftHSM2 tokens (``access``
 for HSM1, ``kms`` for HSM2, ``provider`` for the card provider's root CA and
 ``issuer`` for the issuer keys and seed, ``issuer-system`` for the device
-authentication KEK), the development PKI, configuration and policy;
+authentication KEK, ``bureau`` and ``mailer`` for the issuer's partners' keys),
+the development PKI, configuration and policy;
 starts each service in the background on free loopback ports (each binds port
 0 and reports the port it got in a ready file, so nothing races for ports);
 waits until the standard health check says SERVING; and writes
@@ -197,6 +198,9 @@ OPERATOR_KEY_OPERATIONS = ["GenerateSecretKey", "GenerateKeyPair", "DeriveKey", 
 INSPECT_OPERATIONS = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKey",
                       "GenerateRandom", "ListBlocks", "GetCeremony"]
 PROVIDER_CA_OPERATIONS = ["CreateRoot", "GetRoot", "IssueCardCertificates", "SignPack"]
+BUREAU_HSM_OPERATIONS = ["CreateBureauKey", "GetBureauCertificate", "SignBureauFile",
+                         "SealCardCodes"]
+MAILER_HSM_OPERATIONS = ["CreateMailerKey", "GetMailerKey", "OpenMailerData"]
 ISSUER_HSM_OPERATIONS = ["IssueBatch", "GenerateDeviceAuthKeys", "SignWithDeviceAuthKey",
                          "SignIssuerFile"]
 
@@ -212,7 +216,8 @@ def default_policy() -> dict:
     only its own demo keys, makes the issuer keys, the issuer's seed and
     the device authentication KEK and reads the provider's root certificate;
     the access server issues (payloads, device authentication keys, the
-    issuer's files); the provider signs with its root only what ProviderCa
+    issuer's files); the bureau signs its files and the mailing house opens
+    mailer data, each with its own key alone; the provider signs with its root only what ProviderCa
     builds and opens cards' transport channels with the factory master
     alone. The key classes bound what each purpose can do whatever this file
     says (docs/threat-model.md).
@@ -226,6 +231,9 @@ def default_policy() -> dict:
     issuer_keys = kn.label_pattern(kn.ISSUER)
     seeds = kn.label_pattern(kn.ISSUER_SEED)
     keks = kn.label_pattern(kn.DEVICE_AUTH_KEK)
+    bureau_keys = kn.label_pattern(kn.BUREAU)
+    codes_keys = kn.label_pattern(kn.BUREAU_CODES)
+    mailer_keys = kn.label_pattern(kn.MAILER)
     identities: dict[str, list[dict]] = {
         "access-server": [
             {"operations": [*CARD_CHANNEL_OPERATIONS, "ListBlocks"], "tokens": [kn.HSM1_TOKEN],
@@ -259,7 +267,18 @@ def default_policy() -> dict:
             {"operations": ["CreateDeviceAuthKek"], "tokens": [kn.ISSUER_SYSTEM_TOKEN],
              "keys": [keks]},
             {"operations": ["GetRoot"], "tokens": [kn.PROVIDER_TOKEN], "keys": [roots]},
+            # The partners' public halves, to trust a bureau and encrypt to a mailer.
+            {"operations": ["GetBureauCertificate"], "tokens": [kn.BUREAU_TOKEN],
+             "keys": [bureau_keys]},
+            {"operations": ["GetMailerKey"], "tokens": [kn.MAILER_TOKEN],
+             "keys": [mailer_keys]},
         ],
+        # The bureau signs its results and shipping files; the mailing house opens the
+        # mailer data of PIN letters. Each only in its own token.
+        "bureau": [{"operations": BUREAU_HSM_OPERATIONS, "tokens": [kn.BUREAU_TOKEN],
+                    "keys": [bureau_keys, codes_keys]}],
+        "mailer": [{"operations": MAILER_HSM_OPERATIONS, "tokens": [kn.MAILER_TOKEN],
+                    "keys": [mailer_keys]}],
         "provider": [
             {"operations": PROVIDER_CA_OPERATIONS, "tokens": [kn.PROVIDER_TOKEN],
              "keys": [roots]},

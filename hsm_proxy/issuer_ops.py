@@ -65,8 +65,6 @@ ZERO_IV = bytes(16)
 WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD
 _OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(),  # noqa: S303
                           label=None)
-_OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
-                            label=None)
 _NO_USAGE = {Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.SIGN: False,
              Attribute.VERIFY: False, Attribute.WRAP: False, Attribute.UNWRAP: False,
              Attribute.DERIVE: False}
@@ -421,11 +419,12 @@ def _digits(session: Any, length: int) -> bytes:
 
 
 def _seal_codes(session: Any, codes: Codes) -> tuple[bytes, bytes, bytes]:
-    """PIN, PUK and RSA-OAEP-SHA256(mailer key, PIN || 00 || PUK)."""
+    """PIN, PUK and RSA-OAEP-SHA1(mailer key, PIN || 00 || PUK): SHA-1 because the mailing
+    house opens it in its own HSM, and SoftHSM 2.6 does RSA-OAEP with SHA-1 only."""
     pin, puk = _digits(session, codes.pin_length), _digits(session, codes.puk_length)
     mailer = load_der_public_key(codes.mailer_public_key)
     assert isinstance(mailer, rsa.RSAPublicKey)  # the frontend checked it
-    return pin, puk, mailer.encrypt(pin + b"\x00" + puk, _OAEP_SHA256)
+    return pin, puk, mailer.encrypt(pin + b"\x00" + puk, _OAEP_SHA1)
 
 
 def _seal_bundle(item: Item, bundle: bytes) -> bytes:

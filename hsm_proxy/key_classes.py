@@ -49,6 +49,9 @@ ROLE_NAMES: dict[int, str] = {
     pb.ISSUER_SEED: "issuer-seed",
     pb.DEVICE_AUTH_KEK: "device-auth-kek",
     pb.DEVICE_AUTH_KEY: "device-auth-key",
+    pb.BUREAU_KEY: "bureau-key",
+    pb.MAILER_KEY: "mailer-key",
+    pb.BUREAU_CODES_KEY: "bureau-codes-key",
 }
 ROLE_BY_NAME = {v: k for k, v in ROLE_NAMES.items()}
 ORIGIN_NAMES: dict[int, str] = {
@@ -73,6 +76,9 @@ _KIND_ROLES = {
     keynames.ISSUER: pb.ISSUER_KEY,
     keynames.ISSUER_SEED: pb.ISSUER_SEED,
     keynames.DEVICE_AUTH_KEK: pb.DEVICE_AUTH_KEK,
+    keynames.BUREAU: pb.BUREAU_KEY,
+    keynames.MAILER: pb.MAILER_KEY,
+    keynames.BUREAU_CODES: pb.BUREAU_CODES_KEY,
 }
 BLOCK_ROLES = frozenset({pb.MK_BLOCK, pb.MKRK_BLOCK, pb.CRYPTOGRAM_PAIR})
 CEREMONY_ROLES = frozenset({pb.TRANSPORT_KEY, pb.FACTORY_TRANSPORT_MASTER})
@@ -90,6 +96,9 @@ ALGORITHMS: dict[int, frozenset[int]] = {
     pb.ISSUER_SEED: frozenset({pb.GENERIC_SECRET}),
     pb.DEVICE_AUTH_KEK: frozenset({pb.AES_256}),
     pb.DEVICE_AUTH_KEY: frozenset({pb.EC_P256}),
+    pb.BUREAU_KEY: frozenset({pb.EC_P256}),
+    pb.MAILER_KEY: frozenset({pb.RSA_2048}),
+    pb.BUREAU_CODES_KEY: frozenset({pb.GENERIC_SECRET}),
 }
 
 # Usage groups an operator key may have (one group, any non-empty part of it).
@@ -236,10 +245,11 @@ def transport_template(half: str) -> ObjectTemplate:
 FACTORY_MASTER_TEMPLATE = _secret(pb.DERIVE)
 AUDIT_TEMPLATE = {PRIVATE: ObjectTemplate(PRIVATE, frozenset({pb.SIGN})),
                   PUBLIC: ObjectTemplate(PUBLIC, frozenset({pb.VERIFY}), private=False)}
-SIGNING_PAIR_ROLES = frozenset({pb.AUDIT_KEY, pb.PROVIDER_ROOT, pb.ISSUER_KEY})
+SIGNING_PAIR_ROLES = frozenset({pb.AUDIT_KEY, pb.PROVIDER_ROOT, pb.ISSUER_KEY, pb.BUREAU_KEY})
 """Classes that are one P-256 pair generated in the token, private half SIGN only and
 never extractable: what each signs is decided by the one purpose that reaches it
-(audit heads; the certificates and pack signatures ProviderCa builds; seed 004 part 2)."""
+(audit heads; the certificates and pack signatures ProviderCa builds; seed 004 part 2;
+the bureau's file signatures PartnerHsm builds)."""
 SIGNING_PAIR_TEMPLATE = AUDIT_TEMPLATE
 
 SEED_BYTES = 64
@@ -250,6 +260,15 @@ mechanism and keeps a sensitive value out of reach, so it is extractable, for th
 wrap that hands it to the worker deriving from it (under a one-time key made inside that
 operation, ``issuer_ops``): no persistent key of its token may wrap (no class there has
 WRAP), and not under a trusted key because only a security officer can make one."""
+MAILER_TEMPLATE = {PRIVATE: ObjectTemplate(PRIVATE, frozenset({pb.DECRYPT})),
+                   PUBLIC: ObjectTemplate(PUBLIC, frozenset({pb.ENCRYPT}), private=False)}
+"""The mailing house's RSA-2048 pair: the private half decrypts and nothing else (no
+unwrap, so nothing it opens becomes a key in the token), never extractable; the one
+purpose that reaches it is OpenMailerData, which answers only PIN and PUK."""
+BUREAU_CODES_BYTES = 32
+BUREAU_CODES_TEMPLATE = _secret(pb.SIGN)
+"""The bureau's 256-bit HMAC key: SIGN (CKM_SHA256_HMAC) only, never extractable; what it
+signs is the proxy's own derivation input, and the output never leaves the worker."""
 DEVICE_AUTH_KEK_TEMPLATE = _secret(pb.WRAP, pb.UNWRAP)
 """AES-256 that wraps and unwraps device authentication keys and nothing else: it never
 encrypts or decrypts, so what it wraps never comes out in clear."""
@@ -273,6 +292,10 @@ def expected_objects(tag: Tag) -> dict[str, ObjectTemplate] | None:
         return {SECRET: ISSUER_SEED_TEMPLATE}
     if role == pb.DEVICE_AUTH_KEK and origin == pb.GENERATED:
         return {SECRET: DEVICE_AUTH_KEK_TEMPLATE}
+    if role == pb.BUREAU_CODES_KEY and origin == pb.GENERATED:
+        return {SECRET: BUREAU_CODES_TEMPLATE}
+    if role == pb.MAILER_KEY and origin == pb.GENERATED:
+        return dict(MAILER_TEMPLATE)
     return None
 
 

@@ -300,6 +300,19 @@ def generate_signing_pair(session: Any, label: str, role: int) -> list[pkcs11.Ob
     return [pub, priv]
 
 
+def generate_mailer_pair(session: Any, label: str) -> list[pkcs11.Object]:
+    """The mailing house's RSA-2048 pair (``kc.MAILER_TEMPLATE``, e = 65537) generated in
+    the token with a GENERATED tag: the private half decrypts and never leaves it."""
+    common = {"label": label, "tag": kc.Tag(pb.MAILER_KEY, pb.GENERATED), "token_object": True}
+    public = object_template(kc.MAILER_TEMPLATE[kc.PUBLIC], **common)
+    public[Attribute.PUBLIC_EXPONENT] = RSA_PUBLIC_EXPONENT.to_bytes(3, "big")
+    private = object_template(kc.MAILER_TEMPLATE[kc.PRIVATE], **common)
+    pub, priv = session.generate_keypair(KeyType.RSA, RSA_BITS[pb.RSA_2048], capabilities=0,
+                                         public_template=finish(public),
+                                         private_template=private)
+    return [pub, priv]
+
+
 def spki_der(objects: dict[ObjectClass, dict[Attribute, Any]]) -> bytes | None:
     """DER SubjectPublicKeyInfo of a pair or public key from its public attributes."""
     from cryptography.hazmat.primitives import serialization

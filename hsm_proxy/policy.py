@@ -31,10 +31,18 @@ ANY = "*"
 
 def known_operations() -> frozenset[str]:
     """RPC names a policy may grant: every method of the services the proxy serves."""
-    from cms.v1 import card_keys_pb2, hsm_pb2, issuer_pb2, key_blocks_pb2, provider_pb2
+    from cms.v1 import (
+        card_keys_pb2,
+        hsm_pb2,
+        issuer_pb2,
+        key_blocks_pb2,
+        partners_pb2,
+        provider_pb2,
+    )
 
     names: set[str] = set()
-    for module in (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2, issuer_pb2):
+    for module in (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2, issuer_pb2,
+                   partners_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             names.update(m.name for m in service.methods)
     return frozenset(names)

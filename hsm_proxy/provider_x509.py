@@ -150,10 +150,18 @@ def root_certificate(*, provider_id: str, spki_der: bytes, serial: int, now: dat
 
 def issuer_certificate(*, version: int, spki_der: bytes, serial: int, now: datetime
                        ) -> ToSign:
-    """The issuer key's self-signed certificate (CN=issuer key <version>): CA:FALSE and
-    digitalSignature, both critical; it names the signer of the issuer's files (CMS)."""
+    """The issuer key's self-signed certificate (CN=issuer key <version>); it names the
+    signer of the issuer's files (CMS)."""
+    return signer_certificate(common_name=f"issuer key {version}", spki_der=spki_der,
+                              serial=serial, now=now)
+
+
+def signer_certificate(*, common_name: str, spki_der: bytes, serial: int, now: datetime
+                       ) -> ToSign:
+    """A file signer's self-signed certificate (the issuer key's, a bureau's): CA:FALSE and
+    digitalSignature, both critical, and nothing but the key and its name."""
     spki = keys.PublicKeyInfo.load(spki_der)
-    name = x509.Name.build({"common_name": f"issuer key {version}"})
+    name = x509.Name.build({"common_name": common_name})
     return _certificate(_tbs(
         serial=serial, issuer=name, subject=name, spki=spki, not_before=now,
         not_after=now + timedelta(days=ROOT_VALIDITY_DAYS), extensions=[

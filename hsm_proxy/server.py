@@ -80,12 +80,19 @@ def _register_issuer(server: grpc.Server, core: ProxyCore) -> list[str]:
     return register(server, core)
 
 
+def _register_partners(server: grpc.Server, core: ProxyCore) -> list[str]:
+    from hsm_proxy.partners_service import register
+
+    return register(server, core)
+
+
 SERVICE_REGISTRATIONS: list[Callable[[grpc.Server, ProxyCore], list[str]]] = [
     _register_hsm, _register_card_keys, _register_key_blocks, _register_provider,
-    _register_issuer]
+    _register_issuer, _register_partners]
 OPERATION_MODULES: tuple[str, ...] = (*DEFAULT_OPERATION_MODULES, "hsm_proxy.card_keys_ops",
                                       "hsm_proxy.key_blocks_ops", "hsm_proxy.audit_ops",
-                                      "hsm_proxy.provider_ops", "hsm_proxy.issuer_ops")
+                                      "hsm_proxy.provider_ops", "hsm_proxy.issuer_ops",
+                                      "hsm_proxy.partners_ops")
 
 
 def worker_specs(cfg: ProxyConfig) -> list[WorkerSpec]:

@@ -25,7 +25,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 FLOOR = ("cardcore", "cms")
-SERVICES = ("access_server", "hsm_proxy", "key_mgmt", "card_agent", "virtual_psd", "provider")
+SERVICES = ("access_server", "hsm_proxy", "key_mgmt", "card_agent", "virtual_psd", "provider",
+            "bureau", "mailer")
 LAUNCHER = ("deploy",)
 PACKAGES = (*FLOOR, *SERVICES, *LAUNCHER)
 

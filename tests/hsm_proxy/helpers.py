@@ -95,10 +95,6 @@ def oaep_sha1() -> padding.OAEP:
     return padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
 
 
-def oaep_sha256() -> padding.OAEP:
-    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-
-
 def ceremony(proxy: Any, label: str, value: bytes, *, role: int = pb.TRANSPORT_KEY,
              source: str = "kms", target: str = "access", starter: str = "access-server",
              custodians: tuple[str, ...] = ("custodian-1", "custodian-2")) -> Any:

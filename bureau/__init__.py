@@ -1,0 +1,1 @@
+"""The personalization bureau (seed 004, B4): ``cms bureau ...``."""
