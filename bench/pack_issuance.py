@@ -33,16 +33,21 @@ Prints one JSON object:
   signature, the binding, the decrypted bundle's user key against the
   file's user public key) and ``openssl cms -verify`` checks the file's
   signature.
-- ``bureau``: ``--bureau-cards`` virtual cards (on-disk card state,
-  initialized for the proxy's issuer key, imported and issued first; not
-  timed), personalized in process by ``cms bureau personalize`` as a
-  subprocess: cards per second from its start to the results, shipping
-  and mailing files written (the PERSONALIZE and SET PIN of each card, the
-  bureau's PIN and PUK sealed by its HSM). Until the bureau's command is
-  there, the card-side sequence alone: cardcore's PERSONALIZE then SET PIN
-  over in-process virtual cards (``mode`` says which).
+- ``bureau``: ``--bureau-cards`` virtual cards (card state files, each
+  initialized by the software provider of the card's tests for the proxy's
+  issuer key, imported as a second pack and issued through ``cms issue``;
+  none of it timed), personalized by ``cms bureau personalize FILE
+  --card-dir DIR`` run as a subprocess, which opens each card file in its
+  own process (the virtual card in process, no reader): cards per second
+  from the command's start to its results, shipping and mailing files and
+  card faces written. Each card takes PERSONALIZE (checking the issuer's
+  signature and decrypting its bundle with its device key) and SET PIN
+  with the PIN and PUK the bureau's HSM (BureauHsm.SealCardCodes, in the
+  same proxy) sealed to it; ``cpu_s`` splits the bureau's process and the
+  proxy's.
 
 Usage: .venv/bin/python bench/pack_issuance.py [--cards 10000] [--raw-cards 1000]
+       [--bureau-cards 100]
 """
 
 from __future__ import annotations
@@ -81,10 +86,13 @@ from cardcore.issuance_keys import rsa_from_spki  # noqa: E402
 from cms import perso_format as F  # noqa: E402
 from cms.pack_format import SIGNATURE_SUFFIX, PackRow  # noqa: E402
 from hsm_proxy import bip32  # noqa: E402
+from hsm_proxy.provider_x509 import ecdsa_der  # noqa: E402
 
 PROVIDER_ID = "bench-provider"
 PACK_SERIAL = "BENCH-ISSUE-PACK"
 BATCH = "BENCH-ISSUE"
+BUREAU_PACK, BUREAU_BATCH = "BENCH-BUREAU-PACK", "BENCH-BUREAU"
+BUREAU_NAME, MAILER_NAME = "bench-bureau", "bench-mailer"
 SPOT_CARDS = 3
 ISSUANCE_ID = bytes(range(perso.ISSUANCE_ID_LENGTH))
 """The raw run's issuance id: any 16 bytes cost the same."""
@@ -153,11 +161,11 @@ def pack_rows(root: Any, cached: Sequence[CachedCard], spots: Sequence[SpotCard]
     return rows
 
 
-def write_pack(directory: Path, root: Any, rows: Sequence[PackRow]) -> Path:
+def write_pack(directory: Path, root: Any, serial: str, rows: Sequence[PackRow]) -> Path:
     from tests.support.stock import make_pack
 
-    pack = make_pack(root, PACK_SERIAL, rows)
-    path = directory / f"{PACK_SERIAL}.csv"
+    pack = make_pack(root, serial, rows)
+    path = directory / f"{serial}.csv"
     path.write_bytes(pack.data)
     path.with_name(path.name + SIGNATURE_SUFFIX).write_bytes(pack.signature)
     return path
@@ -211,12 +219,14 @@ def _cpu_of(pids: Sequence[int]) -> float:
     return sum(_cpu_seconds(p) for p in pids)
 
 
-def import_stock(stack: Stack, workdir: Path, root: Any, pack: Path) -> None:
-    """The provider root trusted and the pack imported (``cms providers trust``,
-    ``cms packs import``)."""
+def trust_root(stack: Stack, workdir: Path, root: Any) -> None:
+    """The provider root trusted (``cms providers trust``)."""
     cert = workdir / "provider-root.der"
     cert.write_bytes(root.der)
     cli(stack.endpoints, "providers", "trust", "--root-cert", str(cert))
+
+
+def import_pack(stack: Stack, pack: Path) -> None:
     out = cli(stack.endpoints, "packs", "import", str(pack))
     if not out.startswith("imported:"):
         raise RuntimeError(f"cms packs import: {out}")
@@ -241,8 +251,8 @@ def add_users(stack: Stack, count: int, step: Step) -> list[int]:
     return ids
 
 
-def users_file(directory: Path, user_ids: Sequence[int]) -> Path:
-    path = directory / "users.csv"
+def users_file(directory: Path, user_ids: Sequence[int], name: str = "users.csv") -> Path:
+    path = directory / name
     path.write_text("user_id\n" + "".join(f"{u}\n" for u in user_ids))
     return path
 
@@ -253,13 +263,13 @@ class ServiceRun(NamedTuple):
     out: Path
 
 
-def service_issue(stack: Stack, users: Path, out: Path) -> ServiceRun:
+def service_issue(stack: Stack, batch: str, users: Path, out: Path) -> ServiceRun:
     """``cms issue --pack`` as a user runs it, timed from its start to its exit."""
     out.mkdir(parents=True, exist_ok=True)
     proxy = _with_children(stack.proxy_pid)
     before = (_cpu_seconds(stack.server_pid), _cpu_of(proxy), _children_cpu())
     start = time.perf_counter()
-    done = cli(stack.endpoints, "issue", "--pack", BATCH, "--users", str(users),
+    done = cli(stack.endpoints, "issue", "--pack", batch, "--users", str(users),
                "--out", str(out))
     seconds = time.perf_counter() - start
     if not done.startswith("issued "):
@@ -296,9 +306,9 @@ def check_spot(row: F.PersoRow, spot: SpotCard, issuance_id: bytes,
         raise RuntimeError(f"the user key sealed to {spot.serial} is not the file's")
 
 
-def openssl_verify(content: Path, issuer_public: ec.EllipticCurvePublicKey) -> None:
-    """``openssl cms -verify`` of the issuer's detached signature, its own certificate
-    trusted as it carries it (checked to hold the issuer key)."""
+def issuer_certificate(content: Path, issuer_public: ec.EllipticCurvePublicKey) -> Path:
+    """The certificate the issuer's signature of ``content`` carries, checked to hold the
+    issuer key, written beside it (PEM): what the bureau and openssl are given."""
     from asn1crypto import cms as acms
     from cryptography import x509
 
@@ -307,8 +317,16 @@ def openssl_verify(content: Path, issuer_public: ec.EllipticCurvePublicKey) -> N
         signature.read_bytes())["content"]["certificates"][0].chosen.dump())
     if cert.public_key() != issuer_public:
         raise RuntimeError("the file's signer is not the issuer key")
-    ca = content.with_name("issuer.pem")
-    ca.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path = content.with_name("issuer.pem")
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def openssl_verify(content: Path, issuer_public: ec.EllipticCurvePublicKey) -> None:
+    """``openssl cms -verify`` of the issuer's detached signature, its own certificate
+    (holding the issuer key) trusted."""
+    signature = content.with_name(content.name + SIGNATURE_SUFFIX)
+    ca = issuer_certificate(content, issuer_public)
     done = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER",
                            "-in", str(signature), "-content", str(content), "-CAfile", str(ca),
                            "-out", os.devnull], capture_output=True, text=True, check=False)
@@ -336,6 +354,7 @@ class RawHsm(NamedTuple):
     session: Any
     kek: Any
     signer: Any
+    issuer_point: bytes
     key_id: bytes
 
 
@@ -351,7 +370,9 @@ def raw_hsm(workdir: Path) -> Iterator[RawHsm]:
 
     hsm = SoftHsm(workdir / "raw-hsm").ensure()
     hsm.init_token("bench")
-    os.environ.update(hsm.env())        # this process loads SoftHSM2 only here
+    # SoftHSM2 reads its configuration when this process first loads it (here), and
+    # python-pkcs11 keeps the library loaded: a second token directory would not be seen.
+    os.environ.update(hsm.env())
     token = pkcs11.lib(find_module()).get_token(token_label="bench")
     with token.open(user_pin=hsm.pin_file("bench").read_text().strip(), rw=True) as session:
         kek = session.generate_key(KeyType.AES, 256, store=True, label="kek", template={
@@ -363,7 +384,7 @@ def raw_hsm(workdir: Path) -> Iterator[RawHsm]:
             private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                               Attribute.SIGN: True})
         point = bytes(public[Attribute.EC_POINT])[2:]  # DER OCTET STRING around the point
-        yield RawHsm(session, kek, signer, issuance.issuer_key_id(point))
+        yield RawHsm(session, kek, signer, point, issuance.issuer_key_id(point))
 
 
 def _p256_params() -> bytes:
@@ -398,15 +419,7 @@ def raw_card(hsm: RawHsm, seed: bytes, element: int, serial: str, device_spki: b
                                              ISSUANCE_ID, 1, hsm.key_id), ciphertext)
     signature = bytes(hsm.signer.sign(hashlib.sha256(signed).digest(),
                                       mechanism=Mechanism.ECDSA))
-    return perso.encode_payload(signed, _der_signature(signature))
-
-
-def _der_signature(raw: bytes) -> bytes:
-    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-    half = len(raw) // 2
-    return encode_dss_signature(int.from_bytes(raw[:half], "big"),
-                                int.from_bytes(raw[half:], "big"))
+    return perso.encode_payload(signed, ecdsa_der(signature))
 
 
 def raw_rate(hsm: RawHsm, cards: Sequence[tuple[str, bytes]], count: int, step: Step) -> float:
@@ -422,31 +435,27 @@ def raw_rate(hsm: RawHsm, cards: Sequence[tuple[str, bytes]], count: int, step: 
 
 # -- the issuance, measured ----------------------------------------------------------
 
-def measure_issuance(workdir: Path, cached: Sequence[CachedCard], raw_cards: int,
+def measure_issuance(stack: Stack, hsm: RawHsm, workdir: Path, root: Any,
+                     cached: Sequence[CachedCard], raw_cards: int,
                      bar: Any = None) -> dict[str, Any]:
     """The pack's issuance through the services, the raw cryptography before and after."""
-    from tests.support.stock import make_root
-
-    root = make_root(PROVIDER_ID)
     spots = spot_cards(min(SPOT_CARDS, len(cached)))
     rows = pack_rows(root, cached, spots)
-    pack = write_pack(workdir, root, rows)
+    import_pack(stack, write_pack(workdir, root, PACK_SERIAL, rows))
     devices = [(r.serial, r.device_public_key) for r in rows]
-    with issuer_stack(workdir) as stack, raw_hsm(workdir) as hsm:
-        import_stock(stack, workdir, root, pack)
-        step = Step(bar, "users", len(rows))
-        users = users_file(workdir, add_users(stack, len(rows), step))
-        step.done()
-        step = Step(bar, "raw, before", raw_cards)
-        raw_before = raw_rate(hsm, devices, raw_cards, step)
-        step.done()
-        step = Step(bar, "cms issue", None)
-        run = service_issue(stack, users, workdir / "out")
-        step.done()
-        step = Step(bar, "raw, after", raw_cards)
-        raw_after = raw_rate(hsm, devices, raw_cards, step)
-        step.done()
-        checks = check_issued(run.out, spots, len(rows), stack.issuer_public)
+    step = Step(bar, "users", len(rows))
+    users = users_file(workdir, add_users(stack, len(rows), step))
+    step.done()
+    step = Step(bar, "raw, before", raw_cards)
+    raw_before = raw_rate(hsm, devices, raw_cards, step)
+    step.done()
+    step = Step(bar, "cms issue", None)
+    run = service_issue(stack, BATCH, users, workdir / "out")
+    step.done()
+    step = Step(bar, "raw, after", raw_cards)
+    raw_after = raw_rate(hsm, devices, raw_cards, step)
+    step.done()
+    checks = check_issued(run.out, spots, len(rows), stack.issuer_public)
     raw = (raw_before + raw_after) / 2
     service = len(rows) / run.seconds
     return {"cards": len(rows), "seconds": round(run.seconds, 2),
@@ -457,25 +466,120 @@ def measure_issuance(workdir: Path, cached: Sequence[CachedCard], raw_cards: int
             "cpu_s": run.cpu_s, "spot_checks": checks}
 
 
+# -- the bureau ----------------------------------------------------------------------
+
+def virtual_cards(directory: Path, issuer_point: bytes, count: int,
+                  step: Step) -> list[CachedCard]:
+    """``count`` card files initialized for ``issuer_point`` by the software provider of
+    the card's tests, and what each gives its provider (certified for the pack by the
+    bench's root, as ``pack_rows`` does for cached cards)."""
+    from cardcore.issuance_keys import ec_spki, rsa_spki
+    from tests.virtual_psd.issuance_host import SoftwareProvider, open_card, select_applet
+    from virtual_psd.factory import create_card
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cards = []
+    for i in range(count):
+        serial = f"BENCH-CARD-{i:05d}"
+        path = directory / f"{serial}.json"
+        create_card(path, psd_id=f"47905040123400{i:06d}")
+        SoftwareProvider(open_card(path).transmit).initialize(serial, issuer_point)
+        data = select_applet(open_card(path))
+        assert data.device_public_key and data.issuer_auth_public_key \
+            and data.signed_device_key
+        cards.append(CachedCard(serial, rsa_spki(data.device_public_key),
+                                ec_spki(data.issuer_auth_public_key), data.signed_device_key))
+        step.advance()
+    return cards
+
+
+def bureau_keys(endpoints: Path, workdir: Path) -> Path:
+    """The bureau's keys and the mailing house's key made in the proxy by each; the
+    mailing house's public key (PEM)."""
+    cli(endpoints, "bureau", "--bureau", BUREAU_NAME, "key", "create")
+    mailer = workdir / "mailer.pem"
+    cli(endpoints, "mailer", "--mailer", MAILER_NAME, "key", "create", "--out", str(mailer))
+    return mailer
+
+
+def measure_bureau(stack: Stack, workdir: Path, root: Any, count: int,
+                   bar: Any = None) -> dict[str, Any]:
+    """``count`` virtual cards issued, then personalized by ``cms bureau personalize``."""
+    from tests.support.hsm_proxy import write_endpoints
+
+    point = stack.issuer_public.public_bytes(serialization.Encoding.X962,
+                                             serialization.PublicFormat.UncompressedPoint)
+    step = Step(bar, "virtual cards", count)
+    cards = virtual_cards(workdir / "cards", point, count, step)
+    step.done()
+    import_pack(stack, write_pack(workdir, root, BUREAU_PACK, pack_rows(root, cards, [])))
+    step = Step(bar, "users", count)
+    users = users_file(workdir, add_users(stack, count, step), "bureau-users.csv")
+    step.done()
+    issued = service_issue(stack, BUREAU_BATCH, users, workdir / "bureau-in").out
+    perso_file = issued / f"{BUREAU_BATCH}{F.PERSO_SUFFIX}"
+    endpoints = write_endpoints(workdir / "bureau-endpoints.json", stack.proxy)
+    mailer = bureau_keys(endpoints, workdir)
+    out = workdir / "bureau-out"
+    proxy = _with_children(stack.proxy_pid)
+    before = (_cpu_of(proxy), _children_cpu())
+    step = Step(bar, "cms bureau personalize", None)
+    start = time.perf_counter()
+    done = cli(endpoints, "bureau", "--bureau", BUREAU_NAME, "--state",
+               str(workdir / "bureau-state"), "personalize", str(perso_file), "--issuer-cert",
+               str(issuer_certificate(perso_file, stack.issuer_public)), "--mailer-key",
+               str(mailer), "--out", str(out), "--card-dir", str(workdir / "cards"))
+    seconds = time.perf_counter() - start
+    step.done()
+    after = (_cpu_of(proxy), _children_cpu())
+    personalized = sum(line.startswith("card ") and line.endswith(" personalized")
+                       for line in done.splitlines())
+    if personalized != count:
+        raise RuntimeError(f"cms bureau personalize: {personalized} of {count} cards "
+                           f"personalized: {done[-500:]}")
+    return {"cards": count, "seconds": round(seconds, 2),
+            "cards_per_second": round(count / seconds, 1),
+            "cpu_s": {"bureau": round(after[1] - before[1], 2),
+                      "proxy_and_workers": round(after[0] - before[0], 2)},
+            "outputs": sorted(p.name for p in out.iterdir() if p.is_file())}
+
+
+def run(workdir: Path, cached: Sequence[CachedCard], raw_cards: int, bureau_cards: int,
+        bar: Any = None) -> dict[str, Any]:
+    """Both measurements on one proxy and one access server."""
+    from tests.support.stock import make_root
+
+    root = make_root(PROVIDER_ID)
+    with issuer_stack(workdir) as stack, raw_hsm(workdir) as hsm:
+        trust_root(stack, workdir, root)
+        out = {"issuance": measure_issuance(stack, hsm, workdir, root, cached, raw_cards,
+                                            bar)}
+        if bureau_cards:
+            out["bureau"] = measure_bureau(stack, workdir, root, bureau_cards, bar)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cards", type=int, default=10_000, help="cards of the pack")
     parser.add_argument("--raw-cards", type=int, default=1000,
                         help="cards of each raw measurement (default 1000)")
+    parser.add_argument("--bureau-cards", type=int, default=100,
+                        help="virtual cards the bureau personalizes (default 100; 0: none)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help=f"the pack import benchmark's cards (default {DEFAULT_CACHE})")
     args = parser.parse_args(argv)
-    if args.cards < 1 or args.raw_cards < 1:
-        parser.error("--cards and --raw-cards must be at least 1")
+    if args.cards < 1 or args.raw_cards < 1 or args.bureau_cards < 0:
+        parser.error("--cards and --raw-cards must be at least 1, --bureau-cards at least 0")
 
     cached, from_cache = cached_cards(args.cache, args.cards)
     with tempfile.TemporaryDirectory(prefix="cms-bench-issuance-") as workdir, \
             progress(sys.stderr.isatty()) as bar:
-        issuance = measure_issuance(Path(workdir), cached, args.raw_cards, bar)
+        measured = run(Path(workdir), cached, args.raw_cards, args.bureau_cards, bar)
     report = {"cards": args.cards, **versions(),
               "cache": {"directory": str(args.cache), "from_cache": from_cache,
                         "generated": args.cards - from_cache},
-              "issuance": issuance}
+              **measured}
     print(json.dumps(report, indent=2))
     return 0
 
