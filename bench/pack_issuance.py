@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO))
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 
+from bench.fleet_rekey import _with_children  # noqa: E402
 from bench.pack_import import (  # noqa: E402
     DEFAULT_CACHE,
     CachedCard,
@@ -198,21 +199,6 @@ def issuer_stack(workdir: Path) -> Iterator[Stack]:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _with_children(pid: int) -> list[int]:
-    """``pid`` and its child processes (the proxy's workers)."""
-    found = [pid]
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def _cpu_of(pids: Sequence[int]) -> float:
