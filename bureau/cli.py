@@ -19,6 +19,7 @@ from cms.identity import BUREAU
 SERVICE = "hsm_proxy"
 TIMEOUT = 60
 VIRTUAL_SOURCE = "virtual_psd.agent_source"
+DEFAULT_LISTEN = "127.0.0.1:0"
 STATE_SUFFIX = ".json"
 
 
@@ -58,8 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     perso.add_argument("--resume", action="store_true",
                        help="continue a batch begun before (its journal in the state "
                             "directory)")
-    perso.add_argument("--card-dir", type=Path, required=True, metavar="DIR",
+    cards = perso.add_mutually_exclusive_group(required=True)
+    cards.add_argument("--card-dir", type=Path, metavar="DIR",
                        help="virtual card state files, each presented once per run")
+    cards.add_argument("--agents", action="store_true",
+                       help="cards in PC/SC readers through card agents: serve a card channel "
+                            "for the run (cms card-agent --server HOST:PORT --server-identity "
+                            "bureau)")
+    perso.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                       help=f"with --agents: where agents connect (default {DEFAULT_LISTEN}: "
+                            "a free port, printed)")
+    perso.add_argument("--agent-wait", type=float, default=600.0, metavar="SECONDS",
+                       help="with --agents: end with the cards so far when none came for "
+                            "this long (default 600; SIGTERM ends it too)")
     perso.add_argument("--card-fault", action="append", default=[], metavar="NAME=PLAN",
                        help=argparse.SUPPRESS)
     perso.set_defaults(func=_personalize)
@@ -192,12 +204,62 @@ def _virtual_cards(card_dir: Path, faults: dict[str, str]) -> Any:
         yield path.name, transport.transmit, transport.close
 
 
+def _dir_outcomes(card_dir: Path, faults: dict[str, str], run_card: Any) -> Any:
+    """What came of each card file of ``card_dir``: an Outcome, or (name, why) when the
+    card went away."""
+    from bureau.inject import CardGone
+    from cardcore.link import TransportError
+
+    for name, transmit, close in _virtual_cards(card_dir, faults):
+        def link(apdu: bytes, transmit: Any = transmit) -> bytes:
+            try:
+                return transmit(apdu)
+            except TransportError as exc:
+                raise CardGone(str(exc)) from None
+
+        try:
+            yield run_card(name, link)
+        except CardGone as exc:
+            yield (name, str(exc))
+        finally:
+            close()
+
+
+class _Stopped(Exception):
+    """SIGTERM: stop waiting for cards, and write what the batch has."""
+
+
+def _agent_outcomes(args: argparse.Namespace, hsm: _Hsm, run_card: Any, journal: Any,
+                    serials: set[str]) -> Any:
+    import signal
+
+    from bureau.agents import agent_cards
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped
+
+    def listening(address: str) -> None:
+        print(f"listening on {address}: waiting for {len(journal.unfinished(serials))} "
+              f"card(s) from card agents", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield from agent_cards(args.listen, hsm.endpoints.tls(args.identity), run_card,
+                               finished=lambda: not journal.unfinished(serials),
+                               on_listening=listening, timeout=args.agent_wait)
+    except _Stopped:
+        print("stopped: writing what the batch has", flush=True)
+    except OSError as exc:
+        raise _fail(f"--listen {args.listen}: {exc}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _personalize(args: argparse.Namespace) -> int:
     from bureau.faces import render_face
     from bureau.files import BatchFileError, load_batch, write_outputs
-    from bureau.inject import CardGone, personalize_card
+    from bureau.inject import Outcome, personalize_card
     from bureau.journal import Journal, JournalError
-    from cardcore.link import TransportError
     from cms.pack_format import SIGNATURE_SUFFIX
     from cms.perso_format import PinMaker
     from cms.printing import PrintError
@@ -233,27 +295,21 @@ def _personalize(args: argparse.Namespace) -> int:
         return hsm.stub.SignBureauFile(pb.SignBureauFileRequest(
             bureau=hsm.name, purpose=purpose, sha256=sha256), timeout=TIMEOUT).signature
 
+    def run_card(name: str, transmit: Any) -> Any:
+        return personalize_card(name, transmit, batch.view, journal, Sealer())
+
     gone = 0
     try:
-        for name, transmit, close in _virtual_cards(args.card_dir, faults):
-            def link(apdu: bytes, transmit: Any = transmit) -> bytes:
-                try:
-                    return transmit(apdu)
-                except TransportError as exc:
-                    raise CardGone(str(exc)) from None
-
-            try:
-                outcome = personalize_card(name, link, batch.view, journal, Sealer())
-            except CardGone as exc:
+        source = (_agent_outcomes(args, hsm, run_card, journal, set(batch.view.rows))
+                  if args.agents else _dir_outcomes(args.card_dir, faults, run_card))
+        for outcome in source:
+            if not isinstance(outcome, Outcome):
                 gone += 1
-                print(f"card {name} went away ({exc}): present it again with --resume",
-                      flush=True)
+                print(f"card {outcome[0]} went away ({outcome[1]}): present it again with "
+                      "--resume", flush=True)
                 continue
-            finally:
-                close()
-            label = f"card {outcome.serial or name}"
-            print(f"{label} {outcome.result.value}" + (f": {outcome.reason}" if outcome.reason
-                                                        else ""), flush=True)
+            print(f"card {outcome.serial or outcome.name} {outcome.result.value}"
+                  + (f": {outcome.reason}" if outcome.reason else ""), flush=True)
         try:
             written = write_outputs(args.out, batch, journal.cards(), hsm.name, sign,
                                     render_face)

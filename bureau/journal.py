@@ -21,6 +21,7 @@ an interruption hit.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
@@ -76,7 +77,10 @@ class Journal:
                  resume: bool) -> None:
         try:
             path = private_file(private_dir(state_dir) / JOURNAL_NAME)
-            self._db = sqlite3.connect(path, isolation_level=None)
+            # One connection for the run, its use serialized: cards through card agents are
+            # driven in threads of their own.
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._lock = threading.Lock()
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -95,31 +99,43 @@ class Journal:
                                "--resume")
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    def unfinished(self, serials: set[str]) -> set[str]:
+        """The serials of ``serials`` whose outcome is not final yet."""
+        final = {e.serial for e in self.cards() if e.step in (Step.DONE, Step.FAILED)}
+        return serials - final
 
     def card(self, serial: str) -> CardEntry | None:
-        row = self._db.execute(
-            "SELECT serial, step, reason, mailer_data FROM cards WHERE file_serial = ? AND "
-            "serial = ?", (self.file_serial, serial)).fetchone()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT serial, step, reason, mailer_data FROM cards WHERE file_serial = ? AND "
+                "serial = ?", (self.file_serial, serial)).fetchone()
         return None if row is None else CardEntry(row[0], Step(row[1]), row[2], bytes(row[3]))
 
     def cards(self) -> list[CardEntry]:
-        rows = self._db.execute(
-            "SELECT serial, step, reason, mailer_data FROM cards WHERE file_serial = ? "
-            "ORDER BY serial", (self.file_serial,)).fetchall()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT serial, step, reason, mailer_data FROM cards WHERE file_serial = ? "
+                "ORDER BY serial", (self.file_serial,)).fetchall()
         return [CardEntry(r[0], Step(r[1]), r[2], bytes(r[3])) for r in rows]
 
     def record(self, serial: str, step: Step, *, reason: str = "",
                mailer_data: bytes | None = None) -> None:
         """``serial`` reached ``step`` (on disk when this returns); mailer data once
         recorded is kept."""
+        with self._lock:
+            self._record(serial, step, reason, mailer_data or b"")
+
+    def _record(self, serial: str, step: Step, reason: str, mailer_data: bytes) -> None:
         self._db.execute(
             "INSERT INTO cards (file_serial, serial, step, reason, mailer_data, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (file_serial, serial) DO UPDATE SET "
             "step = excluded.step, reason = excluded.reason, updated_at = excluded.updated_at, "
             "mailer_data = CASE WHEN length(excluded.mailer_data) > 0 "
             "THEN excluded.mailer_data ELSE cards.mailer_data END",
-            (self.file_serial, serial, int(step), reason, mailer_data or b"", _now()))
+            (self.file_serial, serial, int(step), reason, mailer_data, _now()))
 
 
 def _now() -> str:

@@ -49,7 +49,7 @@ CUSTODIANS = ("custodian-1", "custodian-2", "custodian-3")
 """Key custodians: each enters one component of a key ceremony, straight to the proxy."""
 DEFAULT_IDENTITIES = (HSM_PROXY, ACCESS_SERVER, KEY_MGMT, CARD_AGENT, ADMIN, *CUSTODIANS,
                       PROVIDER, BUREAU, MAILER)
-SERVER_IDENTITIES = frozenset({HSM_PROXY, ACCESS_SERVER, KEY_MGMT, PROVIDER})
+SERVER_IDENTITIES = frozenset({HSM_PROXY, ACCESS_SERVER, KEY_MGMT, PROVIDER, BUREAU})
 """Identities that also serve: their certificates carry serverAuth and the DNS names."""
 
 SERVICE_IDENTITIES = {"hsm_proxy": HSM_PROXY, "access_server": ACCESS_SERVER,

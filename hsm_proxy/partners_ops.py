@@ -40,7 +40,7 @@ from pkcs11 import MGF, KeyType, Mechanism, ObjectClass
 from cardcore.issuance import RsaPublic
 from cardcore.pin_block import OAEP_SHA1, PinBlockError, check_code, set_pin
 from cms import keynames
-from cms.runtime.errors import FailedPrecondition, InvalidArgument
+from cms.runtime.errors import InvalidArgument
 from cms.v1 import hsm_pb2 as pb
 from hsm_proxy import key_classes as kc
 from hsm_proxy import provider_x509 as px
@@ -51,12 +51,12 @@ from hsm_proxy.keyspec import (
     generate_mailer_pair,
     generate_signing_pair,
     object_template,
-    spki_der,
 )
 from hsm_proxy.provider_ops import (
     _signing_key,
     certificate_beside,
     certificate_template,
+    generated_pair,
     random_serial,
     sign_with,
 )
@@ -226,21 +226,7 @@ def seal_card_codes(ctx: WorkerContext, req: SealCodes) -> SealedCodes:
 def _mailer(ctx: WorkerContext, ref: PartnerRef) -> tuple[ResolvedKey, bytes]:
     """The mailer key when it matches its class (template, GENERATED, RSA-2048), and its
     public key (SPKI DER)."""
-    kc.require_role(ref.label, {pb.MAILER_KEY}, "mailer key")
-    key = ctx.backend.key(ref.token, ref.label)
-    if key.conformance:
-        raise kc.KeyClassError(f"mailer key {ref.label!r} on token {ref.token!r} does not "
-                               f"match its class: {key.conformance}")
-    private = key.get(ObjectClass.PRIVATE_KEY)
-    public = key.get(ObjectClass.PUBLIC_KEY)
-    if private is None or public is None or private[1].algorithm != pb.RSA_2048:
-        raise kc.KeyClassError(f"mailer key {ref.label!r} on token {ref.token!r} is not an "
-                               f"RSA-2048 pair")
-    der = spki_der(key.attrs)
-    if der is None:
-        raise FailedPrecondition(f"mailer key {ref.label!r} on token {ref.token!r} has no "
-                                 f"readable public key")
-    return key, der
+    return generated_pair(ctx, ref.token, ref.label, pb.MAILER_KEY, "mailer key", pb.RSA_2048)
 
 
 @operation("mailer.create", idempotent=False)

@@ -100,10 +100,20 @@ class IssuerKeyAnswer(NamedTuple):
 # ---------------------------------------------------------------------------
 # Keys of the two classes
 
+PAIR_NAMES = {pb.EC_P256: "P-256", pb.RSA_2048: "RSA-2048"}
+
+
 def _signing_key(ctx: WorkerContext, token: str, label: str, role: int, what: str
                  ) -> tuple[ResolvedKey, bytes]:
     """The key of ``role`` under ``label`` with its public key (SPKI DER), when it matches
     its class: template, GENERATED origin, P-256; KeyClassError otherwise."""
+    return generated_pair(ctx, token, label, role, what, pb.EC_P256)
+
+
+def generated_pair(ctx: WorkerContext, token: str, label: str, role: int, what: str,
+                   algorithm: int) -> tuple[ResolvedKey, bytes]:
+    """The pair of ``role`` under ``label`` with its public key (SPKI DER), when it matches
+    its class: template, GENERATED origin, ``algorithm``; KeyClassError otherwise."""
     kc.require_role(label, {role}, what)
     key = ctx.backend.key(token, label)
     if key.conformance:
@@ -115,8 +125,9 @@ def _signing_key(ctx: WorkerContext, token: str, label: str, role: int, what: st
     if private is None or public is None or tag is None or tag.origin != pb.GENERATED:
         raise kc.KeyClassError(f"{what} {label!r} on token {token!r} is not a pair the "
                                f"proxy generated")
-    if public[1].algorithm != pb.EC_P256 or private[1].algorithm != pb.EC_P256:
-        raise kc.KeyClassError(f"{what} {label!r} on token {token!r} is not a P-256 key")
+    if public[1].algorithm != algorithm or private[1].algorithm != algorithm:
+        raise kc.KeyClassError(f"{what} {label!r} on token {token!r} is not a "
+                               f"{PAIR_NAMES[algorithm]} key")
     der = spki_der(key.attrs)
     if der is None:
         raise FailedPrecondition(f"{what} {label!r} on token {token!r} has no readable "

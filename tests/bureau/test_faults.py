@@ -12,14 +12,12 @@ injected (cards holding their payload after the cut), recovered (cards
 personalized right only after the resume) and lost (cards not personalized
 right after it, or that the results file gets wrong), and lost must be 0.
 
-Cards in PC/SC readers through card agents are not in this matrix: the
-bureau drives in-process cards only (``--card-dir``), so "agent killed" has
-no agent to kill yet.
+The third column of the matrix, a card agent killed, is in
+``tests/bureau/test_agents.py``: it needs the bureau serving card agents.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +25,7 @@ import pytest
 from cardcore import issuance as I
 from cms import perso_format as F
 from tests.bureau.test_personalize import PACK, opened, personalize
-from tests.bureau.world import World, card_state, copy_cards, make_cards
-from tests.support.issuer import issuer_proxy
+from tests.bureau.world import World, card_state, copy_cards
 
 pytestmark = pytest.mark.integration
 
@@ -36,25 +33,6 @@ INJECTION_APDUS = 7
 FAULTS = {"card pulled": "power-loss@{at}", "power lost during": "tear@{at}",
           "bureau killed": "kill@{at}:self:KILL"}
 CARDS = 2
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    directory = tmp_path_factory.mktemp("faults")
-    with issuer_proxy(directory / "proxy") as proxy:
-        made = World(proxy, directory)
-        made.setup()
-        yield made
-
-
-@pytest.fixture(scope="module")
-def templates(world: World) -> dict[str, Path]:
-    return make_cards(world.directory / "templates", world.issuer_point, CARDS)
-
-
-@pytest.fixture(scope="module")
-def perso(world: World, templates: dict[str, Path]) -> Path:
-    return world.issue(world.directory / "issued", templates, PACK)
 
 
 def personalized_right(world: World, path: Path, serial: str, file_serial: bytes,

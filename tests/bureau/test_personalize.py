@@ -13,7 +13,6 @@ one line. No PIN or PUK appears in any file, journal or output.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,32 +39,12 @@ from tests.bureau.world import (
     make_cards,
     users,
 )
-from tests.support.issuer import issuer_proxy
 from tests.support.scan import assert_absent
 
 pytestmark = pytest.mark.integration
 
 PACK = "B-2026-01"
 CARDS = 3
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    directory = tmp_path_factory.mktemp("bureau")
-    with issuer_proxy(directory / "proxy") as proxy:
-        made = World(proxy, directory)
-        made.setup()
-        yield made
-
-
-@pytest.fixture(scope="module")
-def templates(world: World) -> dict[str, Path]:
-    return make_cards(world.directory / "templates", world.issuer_point, CARDS)
-
-
-@pytest.fixture(scope="module")
-def perso(world: World, templates: dict[str, Path]) -> Path:
-    return world.issue(world.directory / "issued", templates, PACK)
 
 
 def personalize(world: World, perso: Path, card_dir: Path, out: Path, state: Path,

@@ -1,4 +1,5 @@
-"""BureauHsm and MailerHsm on a real proxy under the default policy of ``cms dev up``.
+"""BureauHsm and MailerHsm on a real proxy under the default policy of ``cms dev up``
+(the issuer's proxy of ``tests.support.issuer``: every token).
 
 The bureau makes its key once in token ``bureau`` (ALREADY_EXISTS after); its
 certificate is read back by ``openssl x509`` and a file signature checked by
@@ -30,8 +31,8 @@ from cardcore.pin_block import decode_pin_block
 from cms import keynames
 from cms.v1 import partners_pb2 as pb
 from cms.v1 import partners_pb2_grpc
-from deploy.local import default_policy
-from tests.support.hsm_proxy import ProxyEnv, ProxyProcess
+from tests.support.hsm_proxy import ProxyProcess
+from tests.support.issuer import issuer_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -43,9 +44,7 @@ OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    env = ProxyEnv.create(tmp_path_factory.mktemp("partners"), tokens=keynames.TOKENS,
-                          policy=default_policy())
-    with ProxyProcess(env) as running:
+    with issuer_proxy(tmp_path_factory.mktemp("partners")) as running:
         yield running
 
 

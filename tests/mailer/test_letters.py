@@ -12,7 +12,6 @@ taken with the bureau's certificate.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,32 +28,14 @@ from tests.bureau.test_personalize import (
     personalize,
 )
 from tests.bureau.world import MAILER, World, card_state, cms, copy_cards, make_cards, users
-from tests.support.issuer import issuer_proxy
 from tests.support.scan import assert_absent
 
 pytestmark = pytest.mark.integration
 
 PACK = "M-2026-01"
 CARDS = 2
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    directory = tmp_path_factory.mktemp("mailer")
-    with issuer_proxy(directory / "proxy") as proxy:
-        made = World(proxy, directory)
-        made.setup()
-        yield made
-
-
-@pytest.fixture(scope="module")
-def cards(world: World) -> dict[str, Path]:
-    return make_cards(world.directory / "templates", world.issuer_point, CARDS, prefix="MAIL")
-
-
-@pytest.fixture(scope="module")
-def perso(world: World, cards: dict[str, Path]) -> Path:
-    return world.issue(world.directory / "issued", cards, PACK, pin_puk_by=F.PinMaker.HSM)
+PREFIX = "MAIL"
+PIN_MAKER = F.PinMaker.HSM
 
 
 def letters(world: World, mailing: Path, signer: Path, out: Path, check: bool = True):
@@ -67,13 +48,13 @@ def text_of(path: Path) -> str:
 
 
 def test_pin_and_puk_go_in_separate_letters_to_each_user(
-        world: World, perso: Path, cards: dict[str, Path], tmp_path: Path) -> None:
-    personalized = copy_cards(cards, tmp_path / "cards")
+        world: World, perso: Path, templates: dict[str, Path], tmp_path: Path) -> None:
+    personalized = copy_cards(templates, tmp_path / "cards")
     personalize(world, perso, tmp_path / "cards", tmp_path / "bureau", tmp_path / "state")
     mailing = perso.with_name(PACK + F.MAILING_SUFFIX)
     out = tmp_path / "letters"
     run = letters(world, mailing, world.issuer_cert, out)
-    people = dict(zip(sorted(cards), users(CARDS), strict=True))
+    people = dict(zip(sorted(templates), users(CARDS), strict=True))
     secrets = {}
     for serial, path in personalized.items():
         card = card_state(path)
@@ -89,7 +70,7 @@ def test_pin_and_puk_go_in_separate_letters_to_each_user(
             assert name in letter and serial in letter
             assert all(line in letter for line in address.splitlines())
     dispatch = F.read_dispatch((out / f"{PACK}-dispatch.csv").read_bytes())
-    assert sorted(r.serial for r in dispatch.rows) == sorted(cards)
+    assert sorted(r.serial for r in dispatch.rows) == sorted(templates)
     assert dispatch.header.file_serial == F.read_mailing(mailing.read_bytes()).header.file_serial
     assert_absent((out / f"{PACK}-dispatch.csv").read_bytes() + run.stdout.encode()
                   + run.stderr.encode(), secrets, "the dispatch file and the output")
@@ -126,8 +107,8 @@ def test_mailer_data_for_another_key_is_refused_naming_the_card(
     assert not (tmp_path / "out" / f"{PACK}-dispatch.csv").exists()
 
 
-def test_the_bureaus_mailing_file_is_taken_with_its_certificate(
-        world: World, cards: dict[str, Path], tmp_path: Path) -> None:
+def test_the_bureaus_mailing_file_is_taken_with_its_certificate(world: World,
+                                                                tmp_path: Path) -> None:
     fresh = make_cards(tmp_path / "templates", world.issuer_point, 1, prefix="BMAIL")
     perso = world.issue(tmp_path / "issued", fresh, "BM-1")
     copy_cards(fresh, tmp_path / "cards")

@@ -73,3 +73,19 @@ def test_an_issuer_key_version_is_one_byte(version: object) -> None:
 def test_a_provider_id_is_a_name(provider_id: object) -> None:
     with pytest.raises(ValueError, match="provider id"):
         kn.provider_root_label(provider_id)  # type: ignore[arg-type]
+
+
+def test_the_partners_labels_parse_back_and_reserve_their_prefixes() -> None:
+    for kind in (kn.BUREAU, kn.BUREAU_CODES, kn.MAILER):
+        label = kn.partner_label(kind, "house-1")
+        assert label == f"{kind}/house-1"
+        assert kn.parse_partner_label(label) == (kind, "house-1")
+        assert kn.label_kind(label) == kind
+        assert kn.label_pattern(kind) == f"{kind}/*"
+        for bad in (f"{kind}/", f"{kind}/-x", f"{kind}/a/b"):
+            assert kn.parse_partner_label(bad) is None, bad
+            assert kn.label_kind(bad) == "reserved", bad
+    with pytest.raises(ValueError, match="partner key"):
+        kn.partner_label("issuer", "x")
+    with pytest.raises(ValueError, match="bureau name"):
+        kn.partner_label(kn.BUREAU, "a b")

@@ -30,11 +30,13 @@ from cms.v1 import (
     hsm_pb2_grpc,
     issuer_pb2_grpc,
     key_blocks_pb2_grpc,
+    partners_pb2_grpc,
     provider_pb2_grpc,
 )
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import issuer_pb2 as ipb
 from cms.v1 import key_blocks_pb2 as bpb
+from cms.v1 import partners_pb2 as rpb
 from cms.v1 import provider_pb2 as ppb
 from deploy.local import default_policy
 from deploy.pki import CUSTODIANS
@@ -50,6 +52,7 @@ PSD_ID = "0102030405060708090A"
 PROVIDER_ID = "attack-provider"
 ROOT = keynames.provider_root_label(PROVIDER_ID)
 ISSUER_KEY = keynames.issuer_key_label(1)
+BUREAU_NAME, MAILER_NAME = "attack-bureau", "attack-mailer"
 KEY_SIZES = (16, 24, 32)
 
 
@@ -62,6 +65,8 @@ class World:
     attempts: int = 0
     sealed_r: bytes = b""                                      # RSA-OAEP(cryptogram/1, R)
     root: bytes = b""                                          # the provider's root (DER)
+    bureau: bytes = b""                                        # the bureau's certificate
+    mailer: bytes = b""                                        # the mailer's public key
 
     def stub(self, identity: str, service: str) -> Any:
         channel = self.proxy.channel(identity)
@@ -69,7 +74,9 @@ class World:
                 "KeyBlocks": key_blocks_pb2_grpc.KeyBlocksStub,
                 "ProviderCa": provider_pb2_grpc.ProviderCaStub,
                 "IssuerKeys": provider_pb2_grpc.IssuerKeysStub,
-                "IssuerHsm": issuer_pb2_grpc.IssuerHsmStub}[service](channel)
+                "IssuerHsm": issuer_pb2_grpc.IssuerHsmStub,
+                "BureauHsm": partners_pb2_grpc.BureauHsmStub,
+                "MailerHsm": partners_pb2_grpc.MailerHsmStub}[service](channel)
 
     def attempt(self, identity: str, service: str, method: str, request: Any
                 ) -> tuple[grpc.StatusCode, Any]:
@@ -193,6 +200,11 @@ def _provision(world: World) -> None:
                                                 timeout=TIMEOUT)
     world.stub("admin", "IssuerHsm").CreateDeviceAuthKek(
         ipb.CreateDeviceAuthKekRequest(version=1), timeout=TIMEOUT)
+    # Seed 004 B4: the bureau's keys and the mailing house's, each made by its owner.
+    world.bureau = world.stub("bureau", "BureauHsm").CreateBureauKey(
+        rpb.BureauKeyRequest(bureau=BUREAU_NAME), timeout=TIMEOUT).certificate
+    world.mailer = world.stub("mailer", "MailerHsm").CreateMailerKey(
+        rpb.MailerKeyRequest(mailer=MAILER_NAME), timeout=TIMEOUT).public_key
 
 
 @pytest.fixture(scope="package")

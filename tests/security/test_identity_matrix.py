@@ -24,25 +24,41 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cardcore.psd import psd_id_bytes
 from cms import keynames
-from cms.v1 import card_keys_pb2, hsm_pb2, issuer_pb2, key_blocks_pb2, provider_pb2
+from cms.v1 import (
+    card_keys_pb2,
+    hsm_pb2,
+    issuer_pb2,
+    key_blocks_pb2,
+    partners_pb2,
+    provider_pb2,
+)
 from cms.v1 import card_keys_pb2 as kpb
 from cms.v1 import hsm_pb2 as pb
 from cms.v1 import issuer_pb2 as ipb
 from cms.v1 import key_blocks_pb2 as bpb
+from cms.v1 import partners_pb2 as rpb
 from cms.v1 import provider_pb2 as ppb
 from deploy.pki import CUSTODIANS
-from tests.security.conftest import PROVIDER_ID, PSD_ID, TRANSPORT, World
+from tests.security.conftest import (
+    BUREAU_NAME,
+    MAILER_NAME,
+    PROVIDER_ID,
+    PSD_ID,
+    TRANSPORT,
+    World,
+)
 
 pytestmark = pytest.mark.integration
 
 HSM1, HSM2 = keynames.HSM1_TOKEN, keynames.HSM2_TOKEN
 DOC = Path(__file__).resolve().parents[2] / "docs" / "threat-model.md"
-IDENTITIES = ("access-server", "key-mgmt", "admin", *CUSTODIANS, "provider", "card-agent",
-              "stranger")
+IDENTITIES = ("access-server", "key-mgmt", "admin", *CUSTODIANS, "provider", "bureau",
+              "mailer", "card-agent", "stranger")
 COLUMNS = {"access-server": "access-server", "key-mgmt": "key-mgmt", "admin": "admin",
            **{c: "custodian-N" for c in CUSTODIANS}, "provider": "provider",
+           "bureau": "bureau", "mailer": "mailer",
            "card-agent": "any other", "stranger": "any other"}
-MODULES = (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2, issuer_pb2)
+MODULES = (hsm_pb2, card_keys_pb2, key_blocks_pb2, provider_pb2, issuer_pb2, partners_pb2)
 _serial = itertools.count(1000)
 _issuer_version = itertools.count(100)
 
@@ -196,6 +212,21 @@ def _requests(world: World, keys: dict[str, Any]) -> dict[tuple[str, str], Calla
                 issuance_id=os.urandom(16), sequence=1)]),
         ("IssuerHsm", "SignIssuerFile"): lambda: ipb.SignIssuerFileRequest(
             issuer_key_version=1, purpose="matrix", sha256=bytes(32)),
+        ("BureauHsm", "CreateBureauKey"): lambda: rpb.BureauKeyRequest(
+            bureau=_unique("matrix")),
+        ("BureauHsm", "GetBureauCertificate"): lambda: rpb.BureauKeyRequest(
+            bureau=BUREAU_NAME),
+        ("BureauHsm", "SignBureauFile"): lambda: rpb.SignBureauFileRequest(
+            bureau=BUREAU_NAME, purpose="matrix", sha256=bytes(32)),
+        ("BureauHsm", "SealCardCodes"): lambda: rpb.SealCardCodesRequest(
+            bureau=BUREAU_NAME, file_serial=bytes(16), serial="MATRIX-1",
+            device_public_key=keys["device"], challenge=bytes(16),
+            mailer_public_key=world.mailer),
+        ("MailerHsm", "CreateMailerKey"): lambda: rpb.MailerKeyRequest(
+            mailer=_unique("matrix")),
+        ("MailerHsm", "GetMailerKey"): lambda: rpb.MailerKeyRequest(mailer=MAILER_NAME),
+        ("MailerHsm", "OpenMailerData"): lambda: rpb.OpenMailerDataRequest(
+            mailer=MAILER_NAME, serial="MATRIX-1", mailer_data=bytes(256)),
     }
 
 
