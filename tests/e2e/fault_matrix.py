@@ -6,6 +6,8 @@ lost, and so is a case whose fault never fired: its contact did not fail, or, fo
 killed while the card runs the secured script (the proxy has no part in that phase any
 more: the card's answers were foreseen when the channel opened), the proxy did not die.
 The matrix is printed (run with -s to see it live; it is also in the test's report).
+A1 and A2 are two test modules over these helpers, so that a parallel run
+(scripts/test, pytest-xdist by file) puts them on different workers.
 A1 runs once more, in the SQLite round, on strict cards (`create_card(strict=True)`: the
 security executive refuses any MK change outside an MKRK channel), whose installations
 broken after the MKRK went in are finished through the MKRK channel.
@@ -23,40 +25,22 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from access_server.store import Store
 from card_agent.session import AgentInfo
 from cms.v1 import card_channel_pb2 as pb
 from deploy.local import Stack, access_database_url
-from tests.support.card_keys import provision, reproduces_card_keys
+from tests.support.card_keys import reproduces_card_keys
 from tests.support.contacts import contact
-from tests.support.launcher import cms, dev_stack
+from tests.support.launcher import cms
 from virtual_psd.factory import create_card
 from virtual_psd.isd import isd_state
 from virtual_psd.state import load_state
-
-pytest_plugins = ("tests.support.postgres",)
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MASTER = bytes.fromhex("5A5A5A5A5A5A5A5A5A5A5A5A5A5A5A5A")
 FAULTS = ("power-loss", "agent-killed", "access-server-killed", "proxy-killed")
 A1_APDUS = 8      # SELECT, CPLC, KIT, INITIALIZE UPDATE | EXT AUTH, PUT MKRK, PUT MK, DELETE FF
 A2_APDUS = 7      # SELECT, CPLC, KIT, INITIALIZE UPDATE | EXT AUTH, PUT new MK, DELETE old MK
 MAX_RECOVERY_CONTACTS = 6
-
-
-@pytest.fixture(scope="module", params=["sqlite",
-                                        pytest.param("postgresql", marks=pytest.mark.postgres)])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp(f"faults-{request.param}")
-    up_args: tuple[str, ...] = ()
-    if request.param == "postgresql":
-        server = request.getfixturevalue("postgres_server")
-        up_args = ("--access-database", server.url(server.create_database()))
-    with dev_stack(directory, *up_args) as endpoints_path:
-        provision(endpoints_path, MASTER)
-        yield endpoints_path
 
 
 def _database_url(stack: Path) -> str:
@@ -168,42 +152,3 @@ def _a1_matrix(stack: Path, tmp_path: Path, *, strict: bool) -> tuple[dict, str]
     text = _print_matrix(f"A1 (initial installation) on {card}, registry in {backend}",
                          A1_APDUS, cells)
     return cells, text
-
-
-def test_a1_fault_matrix(stack: Path, tmp_path: Path, record_property) -> None:
-    cells, text = _a1_matrix(stack, tmp_path, strict=False)
-    record_property("a1_fault_matrix", text)
-    assert len(cells) == A1_APDUS * len(FAULTS)
-    assert all(cells.values()), text
-
-
-# SQLite only: the resume through the MKRK channel makes the same registry calls as the
-# rest of A1 (the PostgreSQL round runs them), and the suite must stay well under 20 min.
-@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
-def test_a1_fault_matrix_on_a_strict_card(stack: Path, tmp_path: Path,
-                                          record_property) -> None:
-    """A1 where the card refuses any MK change outside an MKRK channel: a break after the
-    MKRK went in must be finished through the MKRK channel."""
-    cells, text = _a1_matrix(stack, tmp_path, strict=True)
-    record_property("a1_strict_fault_matrix", text)
-    assert len(cells) == A1_APDUS * len(FAULTS)
-    assert all(cells.values()), text
-
-
-def test_a2_fault_matrix(stack: Path, tmp_path: Path, record_property) -> None:
-    cells = {}
-    for k in range(1, A2_APDUS + 1):
-        for kind in FAULTS:
-            card, psd_id = _register(stack, tmp_path, f"a2-{k}-{kind}")
-            _install_in_process(stack, card)                  # MK v2 + MKRK
-            cms("campaign", "--endpoints", str(stack), "start", "--from-version", "2",
-                "--to-version", "1", "--psd", psd_id)
-            faulted = _faulted(stack, card, "user", kind, k)
-            _recover(stack, card, "user")
-            cells[(k, kind)] = faulted and _recovered(stack, card, psd_id, mk_version=1)
-    backend = _database_url(stack).split(":", 1)[0].split("+", 1)[0]
-    text = _print_matrix(f"A2 (post-issuance replacement), registry in {backend}", A2_APDUS,
-                         cells)
-    record_property("a2_fault_matrix", text)
-    assert len(cells) == A2_APDUS * len(FAULTS)
-    assert all(cells.values()), text
