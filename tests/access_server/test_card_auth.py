@@ -13,28 +13,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from access_server.card_auth import Challenges
 from cardcore import issuance as I
 from cardcore.apdu import parse_response
 from cardcore.sw import SW
-from cms import perso_format as F
 from cms.runtime.client import load_endpoints
 from cms.runtime.errors import FailedPrecondition, ResourceExhausted
 from cms.v1 import issuance_pb2 as pb
 from cms.v1 import issuance_pb2_grpc
-from provider.initializer import pack_row
 from tests.access_server.test_issuance import PEM, Issuer, make_bureau, results
-from tests.access_server.test_issuance_cards import (
-    initialized_cards,
-    issuer,
-    personalize,
-    proxy,
-)
-from tests.support import stock as S
+from tests.access_server.test_issuance_cards import issued_cards, issuer, personalize, proxy
 from tests.support.hsm_proxy import ProxyProcess
-from tests.support.issuer import issuer_public_key
 from tests.virtual_psd.issuance_host import open_card, select_applet
 
 pytestmark = pytest.mark.integration
@@ -72,21 +62,7 @@ def verify_issuer(path: Path, serial: str, stub: issuance_pb2_grpc.IssuanceStub,
 
 
 def test_issuer_and_card_authenticate_each_other(proxy: ProxyProcess, issuer: Issuer) -> None:
-    point = issuer_public_key(proxy).public_bytes(serialization.Encoding.X962,
-                                                  serialization.PublicFormat.UncompressedPoint)
-    cards = initialized_cards(issuer.directory, issuer.root, point, SERIALS)
-    rows = [pack_row(select_applet(open_card(path)), issuer.root.certificate)
-            for path in cards.values()]
-    pack = S.make_pack(issuer.root, "PK-MUTUAL", rows)
-    (issuer.directory / "PK-MUTUAL.csv").write_bytes(pack.data)
-    (issuer.directory / "PK-MUTUAL.csv.p7s").write_bytes(pack.signature)
-    issuer.cms("packs", "import", str(issuer.directory / "PK-MUTUAL.csv"))
-    users = [issuer.add_user("Ada Lovelace"), issuer.add_user("Alan Turing")]
-    out = issuer.directory / "out"
-    out.mkdir()
-    issuer.cms("issue", "--pack", "B-MUTUAL", "--users", str(issuer.users_file(users)),
-               "--out", str(out))
-    table = F.read_perso((out / "B-MUTUAL.csv").read_bytes())
+    cards, table = issued_cards(proxy, issuer, SERIALS, "MUTUAL")
     first, second = (row.serial for row in table.rows)
     stock_only = SERIALS[2]
     stub = issuance_pb2_grpc.IssuanceStub(
