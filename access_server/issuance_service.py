@@ -40,7 +40,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from access_server import activation, packs
+from access_server import activation, card_auth, packs
 from access_server.stock_service import Upload
 from access_server.store import (
     BureauRecord,
@@ -53,9 +53,9 @@ from access_server.store import (
 )
 from access_server.store.transactions import utc_now
 from cardcore import personalization as perso
-from cardcore.issuance import IssuanceError
+from cardcore.issuance import IssuanceError, check_serial
 from cardcore.issuance_keys import rsa_from_spki
-from cms import envelope, pack_format
+from cms import envelope, keynames, pack_format
 from cms import perso_format as F
 from cms.pack_format import ENVELOPE_SUFFIX, SIGNATURE_SUFFIX, PackFormatError
 from cms.runtime.errors import (
@@ -441,6 +441,19 @@ def check_bureau(der: bytes, now: datetime, actor: str) -> BureauRecord:
                         cert.not_valid_after_utc, now, actor)
 
 
+def card_serial(serial: str) -> str:
+    try:
+        return check_serial(serial)
+    except IssuanceError as exc:
+        raise InvalidArgument(f"serial: {exc}") from None
+
+
+def card_challenge(challenge: bytes) -> bytes:
+    if len(challenge) not in perso.CHALLENGE_LENGTHS:
+        raise InvalidArgument(f"challenge: 16 to 64 bytes, not {len(challenge)}")
+    return challenge
+
+
 def bureau_message(record: BureauRecord) -> pb.Bureau:
     return pb.Bureau(name=record.name, fingerprint=record.fingerprint, subject=record.subject,
                      not_after=record.not_after, trusted_at=record.trusted_at)
@@ -452,6 +465,7 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
         self.store = store
         self.hsm = issuer_hsm
         self.clock = clock
+        self.challenges = card_auth.Challenges(clock)
 
     @guard
     def Issue(self, request, context):
@@ -548,3 +562,51 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
         caller(context, OPERATORS, "read bureaus")
         return pb.ListBureausResponse(bureaus=[bureau_message(b)
                                                for b in self.store.list_bureaus()])
+
+    @guard
+    def BeginCardAuthentication(self, request, context):
+        actor = caller(context, OPERATORS, "authenticate cards")
+        serial = card_serial(request.serial)
+        card_auth.personalized(self.store.card_auth_keys(serial))
+        challenge_id, made = self.challenges.issue(serial)
+        log.info("card authentication begun", extra=fields(serial=serial, actor=actor))
+        answer = pb.CardChallenge(challenge_id=challenge_id, challenge=made.challenge)
+        answer.expires.FromDatetime(made.expires)
+        return answer
+
+    @guard
+    def VerifyCardAuthentication(self, request, context):
+        actor = caller(context, OPERATORS, "authenticate cards")
+        serial = card_serial(request.serial)
+        signature = bytes(request.signature)
+        if not 0 < len(signature) <= card_auth.MAX_SIGNATURE:
+            raise InvalidArgument(f"signature: 1 to {card_auth.MAX_SIGNATURE} bytes (DER), "
+                                  f"not {len(signature)}")
+        keys = card_auth.personalized(self.store.card_auth_keys(serial))
+        challenge = self.challenges.take(request.challenge_id, serial)
+        try:
+            card_auth.verify_card(keys, challenge, signature)
+        except ServiceError:
+            log.warning("card authentication refused", extra=fields(serial=serial,
+                                                                     actor=actor))
+            raise
+        log.info("card authenticated", extra=fields(serial=serial, actor=actor))
+        return pb.VerifyCardAuthenticationResponse(serial=serial)
+
+    @guard
+    def AuthenticateToCard(self, request, context):
+        actor = caller(context, OPERATORS, "authenticate to cards")
+        serial = card_serial(request.serial)
+        challenge = card_challenge(bytes(request.challenge))
+        keys = card_auth.personalized(self.store.card_auth_keys(serial))
+        try:
+            signature = self.hsm.SignWithDeviceAuthKey(ipb.SignWithDeviceAuthKeyRequest(
+                token=keynames.ISSUER_SYSTEM_TOKEN, serial=serial, challenge=challenge,
+                key=ipb.DeviceAuthKey(public_key=keys.device_auth_public_key,
+                                      wrapped_private_key=keys.device_auth_wrapped_key,
+                                      kek_version=keys.device_auth_kek_version)),
+                timeout=HSM_TIMEOUT_S).signature
+        except grpc.RpcError as exc:
+            raise hsm_error(exc) from None
+        log.info("issuer authenticated to card", extra=fields(serial=serial, actor=actor))
+        return pb.AuthenticateToCardResponse(signature=signature)

@@ -1019,59 +1019,45 @@ class IssuanceDemo:
 
     def authenticate(self, path: Path, serial: str) -> None:
         """B5.2 AUTHENTICATE (the card to the issuer, claim 13) and B5.3 VERIFY ISSUER (the
-        issuer to the card with the device authentication key, claim 14)."""
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-
+        issuer to the card with the device authentication key, claim 14), each through the
+        issuer system (Issuance.BeginCardAuthentication, VerifyCardAuthentication and
+        AuthenticateToCard): the demo only relays the card's answers, as a card agent
+        would in an online contact."""
         from cardcore import issuance as card_ops
         from cardcore.apdu import parse_response
-        from cardcore.personalization import card_auth_statement
+        from cms.v1 import issuance_pb2 as pb
+        from cms.v1 import issuance_pb2_grpc
         from virtual_psd.card import VirtualCard
 
         card = VirtualCard.open(path)
         card.power_on()
-        data = card_data(card)
-        challenge = os.urandom(32)
-        signature, sw = parse_response(card.transmit(card_ops.authenticate(challenge)))
-        if sw != 0x9000:
-            raise RuntimeError(f"AUTHENTICATE answered {sw:04X}")
-        ec.EllipticCurvePublicKey.from_encoded_point(
-            ec.SECP256R1(), data.issuer_auth_public_key).verify(
-            signature, card_auth_statement(serial, challenge), ec.ECDSA(hashes.SHA256()))
-        _say("B5.2", f"AUTHENTICATE: card {serial} signed the issuer's challenge with its "
-             "private issuer authentication key; verified with its public one")
-        card_challenge, _ = parse_response(card.transmit(card_ops.get_challenge()))
-        _, sw = parse_response(card.transmit(card_ops.verify_issuer(
-            self.device_auth_signature(serial, card_challenge))))
+        card_data(card)
+        channel = self.demo.endpoints.channel("access_server", "admin")
+        try:
+            issuer = issuance_pb2_grpc.IssuanceStub(channel)
+            begun = issuer.BeginCardAuthentication(
+                pb.BeginCardAuthenticationRequest(serial=serial), timeout=60)
+            signature, sw = parse_response(card.transmit(card_ops.authenticate(
+                bytes(begun.challenge))))
+            if sw != 0x9000:
+                raise RuntimeError(f"AUTHENTICATE answered {sw:04X}")
+            issuer.VerifyCardAuthentication(pb.VerifyCardAuthenticationRequest(
+                serial=serial, challenge_id=begun.challenge_id, signature=signature),
+                timeout=60)
+            _say("B5.2", f"AUTHENTICATE: card {serial} signed the issuer system's challenge "
+                 "with its private issuer authentication key; the issuer system verified it "
+                 "with the public one of its stock record")
+            card_challenge, _ = parse_response(card.transmit(card_ops.get_challenge()))
+            answer = issuer.AuthenticateToCard(pb.AuthenticateToCardRequest(
+                serial=serial, challenge=card_challenge), timeout=60)
+        finally:
+            channel.close()
+        _, sw = parse_response(card.transmit(card_ops.verify_issuer(answer.signature)))
         if sw != 0x9000:
             raise RuntimeError(f"VERIFY ISSUER answered {sw:04X}")
         _say("B5.3", f"VERIFY ISSUER: the issuer system HSM signed card {serial}'s challenge "
              "with the private device authentication key (unwrapped only inside it); the "
              "card verified it with the public device authentication key it holds")
-
-    def device_auth_signature(self, serial: str, challenge: bytes) -> bytes:
-        """The issuer system's side of VERIFY ISSUER: the card's wrapped device
-        authentication key from its records, signed with in the issuer system HSM."""
-        import sqlite3
-
-        from cms.keynames import ISSUER_SYSTEM_TOKEN
-        from cms.v1 import issuer_pb2 as ipb
-        from cms.v1 import issuer_pb2_grpc
-
-        database = self.demo.directory / "data" / "access.db"
-        with sqlite3.connect(database) as db:
-            public, wrapped, version = db.execute(
-                "SELECT device_auth_public_key, device_auth_wrapped_key, "
-                "device_auth_kek_version FROM issuance WHERE serial = ?", (serial,)).fetchone()
-        channel = self.demo.endpoints.channel("hsm_proxy", "access-server")
-        try:
-            return issuer_pb2_grpc.IssuerHsmStub(channel).SignWithDeviceAuthKey(
-                ipb.SignWithDeviceAuthKeyRequest(
-                    token=ISSUER_SYSTEM_TOKEN, serial=serial, challenge=challenge,
-                    key=ipb.DeviceAuthKey(public_key=public, wrapped_private_key=wrapped,
-                                          kek_version=version)), timeout=60).signature
-        finally:
-            channel.close()
 
     def user_pc(self, user: int, use_pcsc: bool) -> None:
         """B3-B4 on the user's own PC: the card issued online, its activation code given to

@@ -297,6 +297,24 @@ class Issuance(Transactions):
                     select(IssuanceRow).where(IssuanceRow.serial.in_(chunk))))
             return found
 
+    def card_auth_keys(self, serial: str) -> r.CardAuthKeys:
+        """The card's keys for mutual authentication; NotFound for a serial not in stock."""
+        with self._read() as session:
+            found = session.execute(
+                select(StockCardRow.issuer_auth_public_key, IssuanceRow)
+                .outerjoin(IssuanceRow, IssuanceRow.serial == StockCardRow.serial)
+                .where(StockCardRow.serial == serial)
+                .options(undefer(IssuanceRow.device_auth_wrapped_key))).one_or_none()
+            if found is None:
+                raise NotFound(f"no card {serial} in the issuer's stock")
+            public, issuance = found
+            if issuance is None:
+                return r.CardAuthKeys(serial, None, public, None, None, None)
+            return r.CardAuthKeys(serial, r.IssuanceState(issuance.state), public,
+                                  issuance.device_auth_public_key,
+                                  issuance.device_auth_wrapped_key,
+                                  issuance.device_auth_kek_version)
+
     def apply_results(self, issuance_id: bytes, results: Sequence[r.CardResult]) -> None:
         """A bureau's results for the cards of one issuance, all rows or none.
 

@@ -323,6 +323,21 @@ class IssuanceRecord:
     updated: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class CardAuthKeys:
+    """A card's keys for mutual authentication (claims 13 and 14): its issuer
+    authentication public key from stock (SPKI DER) and, once issued, its device
+    authentication key as the issuer system HSM wrapped it."""
+
+    serial: str
+    state: IssuanceState | None
+    """None: never issued (in stock, or issued elsewhere)."""
+    issuer_auth_public_key: bytes
+    device_auth_public_key: bytes | None
+    device_auth_wrapped_key: bytes | None
+    device_auth_kek_version: int | None
+
+
 class PreparedCard(NamedTuple):
     """A card taken from stock for a user, before the issuer HSM made its payload."""
 

@@ -86,23 +86,30 @@ def issuer(proxy: ProxyProcess, tmp_path: Path) -> Iterator[Issuer]:
         yield Issuer(tmp_path, endpoints, tmp_path / "access.db", root, {})
 
 
-def test_the_cards_accept_their_own_payloads_only(proxy: ProxyProcess, issuer: Issuer) -> None:
+def issued_cards(proxy: ProxyProcess, issuer: Issuer, serials: list[str], name: str,
+                 users: int = 2) -> tuple[dict[str, Path], F.Table]:
+    """Virtual cards for ``serials`` in a pack ``PK-name`` of the stock, the first
+    ``users`` of them issued in batch ``B-name`` (the personalization file, read)."""
     point = issuer_public_key(proxy).public_bytes(serialization.Encoding.X962,
                                                   serialization.PublicFormat.UncompressedPoint)
-    serials = ["ACME-C-001", "ACME-C-002"]
     cards = initialized_cards(issuer.directory, issuer.root, point, serials)
     rows = [pack_row(select_applet(open_card(path)), issuer.root.certificate)
             for path in cards.values()]
-    pack = S.make_pack(issuer.root, "PK-CARDS", rows)
-    (issuer.directory / "PK-CARDS.csv").write_bytes(pack.data)
-    (issuer.directory / "PK-CARDS.csv.p7s").write_bytes(pack.signature)
-    issuer.cms("packs", "import", str(issuer.directory / "PK-CARDS.csv"))
-    users = [issuer.add_user("Ada Lovelace"), issuer.add_user("Alan Turing")]
+    pack = S.make_pack(issuer.root, f"PK-{name}", rows)
+    (issuer.directory / f"PK-{name}.csv").write_bytes(pack.data)
+    (issuer.directory / f"PK-{name}.csv.p7s").write_bytes(pack.signature)
+    issuer.cms("packs", "import", str(issuer.directory / f"PK-{name}.csv"))
+    user_ids = [issuer.add_user(f"User {n}") for n in range(users)]
     out = issuer.directory / "out"
     out.mkdir()
-    issuer.cms("issue", "--pack", "B-CARDS", "--users", str(issuer.users_file(users)),
+    issuer.cms("issue", "--pack", f"B-{name}", "--users", str(issuer.users_file(user_ids)),
                "--out", str(out))
-    table = F.read_perso((out / "B-CARDS.csv").read_bytes())
+    return cards, F.read_perso((out / f"B-{name}.csv").read_bytes())
+
+
+def test_the_cards_accept_their_own_payloads_only(proxy: ProxyProcess, issuer: Issuer) -> None:
+    serials = ["ACME-C-001", "ACME-C-002"]
+    cards, table = issued_cards(proxy, issuer, serials, "CARDS")
     assert [r.serial for r in table.rows] == serials
     first, second = table.rows
 

@@ -220,3 +220,27 @@ def test_two_issuances_at_once_give_a_user_one_card(store: Store, root: S.Root,
     assert outcomes.count("issued") == 1
     assert any("in flight" in outcome for outcome in outcomes), outcomes
     assert counts(store)[StockState.RESERVED] == 1
+
+
+def test_card_auth_keys_follow_the_card_from_stock_to_personalized(
+        store: Store, root: S.Root, device_keys: S.DeviceKeys) -> None:
+    stock_up(store, root, device_keys, "PK-1", 2)
+    users = add_users(store, 1)
+    issuance_id = os.urandom(16)
+    prepared = store.begin_issuance(users, batch="B", issuance_id=issuance_id,
+                                    hsm_pins=False, actor=ACTOR)
+    serial = prepared[0].card.serial
+    assert store.card_auth_keys(serial).state is IssuanceState.PREPARING
+    store.complete_issuance(issuance_id, issued(prepared))
+    store.apply_results(issuance_id, [CardResult(serial, True, "")])
+
+    keys = store.card_auth_keys(serial)
+    assert keys.state is IssuanceState.PERSONALIZED
+    assert keys.issuer_auth_public_key == prepared[0].card.issuer_auth_public_key
+    assert (keys.device_auth_public_key, keys.device_auth_wrapped_key,
+            keys.device_auth_kek_version) == (b"\x04" + bytes(64), b"wrapped" + bytes(32), 1)
+    in_stock = store.card_auth_keys("PK-1-002")
+    assert in_stock.state is None and in_stock.device_auth_wrapped_key is None
+    assert in_stock.issuer_auth_public_key
+    with pytest.raises(NotFound, match="no card PK-9-001 in the issuer's stock"):
+        store.card_auth_keys("PK-9-001")
