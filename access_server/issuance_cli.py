@@ -371,21 +371,23 @@ def _signed_chunks(args: argparse.Namespace, chunk: Any, field: str) -> list[Any
               for i in range(0, len(data), 1024 * 1024))]
 
 
-def _issue_results(args: argparse.Namespace) -> int:
+def _import_signed(args: argparse.Namespace, rpc: str, chunk: str, field: str) -> Any:
+    """The Issuance RPC ``rpc`` given FILE and its signature in ``chunk`` messages."""
     from cms.v1 import issuance_pb2 as pb
 
-    summary = _issuance_stub(args).ImportResults(
-        iter(_signed_chunks(args, pb.ResultsChunk, "results")), timeout=600)
+    return getattr(_issuance_stub(args), rpc)(
+        iter(_signed_chunks(args, getattr(pb, chunk), field)), timeout=600)
+
+
+def _issue_results(args: argparse.Namespace) -> int:
+    summary = _import_signed(args, "ImportResults", "ResultsChunk", "results")
     print(f"results of {summary.file_serial} from {summary.bureau}: "
           f"{summary.personalized} personalized, {summary.failed} failed (quarantined)")
     return 0
 
 
 def _issue_dispatched(args: argparse.Namespace) -> int:
-    from cms.v1 import issuance_pb2 as pb
-
-    summary = _issuance_stub(args).ImportDispatch(
-        iter(_signed_chunks(args, pb.DispatchChunk, "dispatch")), timeout=600)
+    summary = _import_signed(args, "ImportDispatch", "DispatchChunk", "dispatch")
     print(f"dispatch of {summary.file_serial} from {summary.mailer}: the letters of "
           f"{summary.shipped} card(s) sent, the cards shipped")
     return 0
@@ -394,20 +396,16 @@ def _issue_dispatched(args: argparse.Namespace) -> int:
 # -- bureaus and mailing houses -------------------------------------------------------
 
 class PartnerCommands(NamedTuple):
-    """The Issuance RPCs and words of ``cms bureaus`` or ``cms mailers``."""
-    trust: str          # the RPC
-    request: str        # its request message
+    """The Issuance RPCs and words of ``cms bureaus`` or ``cms mailers`` (both take and
+    answer the bureau's messages)."""
+    trust: str
     list: str
-    list_request: str
-    field: str          # the list's repeated field
     counted: str
 
 
 PARTNERS = {
-    "bureaus": PartnerCommands("TrustBureau", "TrustBureauRequest", "ListBureaus",
-                               "ListBureausRequest", "bureaus", "bureau(s)"),
-    "mailers": PartnerCommands("TrustMailer", "TrustMailerRequest", "ListMailers",
-                               "ListMailersRequest", "mailers", "mailing house(s)"),
+    "bureaus": PartnerCommands("TrustBureau", "ListBureaus", "bureau(s)"),
+    "mailers": PartnerCommands("TrustMailer", "ListMailers", "mailing house(s)"),
 }
 
 
@@ -420,7 +418,7 @@ def _partners_trust(args: argparse.Namespace) -> int:
     from cms.v1 import issuance_pb2 as pb
 
     rpc = PARTNERS[args.partners]
-    partner = getattr(_issuance_stub(args), rpc.trust)(getattr(pb, rpc.request)(
+    partner = getattr(_issuance_stub(args), rpc.trust)(pb.TrustBureauRequest(
         certificate=certificate_der(_read(args.cert))), timeout=30)
     print(f"trusted: {_describe_bureau(partner)}")
     return 0
@@ -431,6 +429,5 @@ def _partners_list(args: argparse.Namespace) -> int:
     from cms.v1 import issuance_pb2 as pb
 
     rpc = PARTNERS[args.partners]
-    answer = getattr(_issuance_stub(args), rpc.list)(getattr(pb, rpc.list_request)(),
-                                                      timeout=30)
-    return _print_all(getattr(answer, rpc.field), _describe_bureau, rpc.counted)
+    answer = getattr(_issuance_stub(args), rpc.list)(pb.ListBureausRequest(), timeout=30)
+    return _print_all(answer.bureaus, _describe_bureau, rpc.counted)

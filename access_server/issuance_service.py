@@ -394,6 +394,17 @@ def bureau_root(record: BureauRecord) -> packs.Root:
                       record.not_after)
 
 
+def signed_upload(chunks: Iterable[Any], field: str, what: str) -> tuple[bytes, bytes]:
+    """A partner's file (the chunks' ``field``) and its detached signature from the stream,
+    each within its limit; InvalidArgument when either is missing."""
+    upload = Upload(field, what.removeprefix("a "))
+    for chunk in chunks:
+        upload.add(chunk)
+    if not upload.content or not upload.signature:
+        raise InvalidArgument(f"{what} comes with its detached signature (.p7s)")
+    return bytes(upload.content), bytes(upload.signature)
+
+
 class Partner(NamedTuple):
     """Who signs a file the issuer imports, in its refusals' words."""
     what: str     # "results", "dispatch"
@@ -463,14 +474,10 @@ def check_bureau(der: bytes, now: datetime, actor: str, what: str = "bureau") ->
                         cert.not_valid_after_utc, now, actor)
 
 
-def bureau_fields(record: BureauRecord) -> dict[str, Any]:
-    """A trusted partner's fields, as Bureau and Mailer carry them."""
-    return {"name": record.name, "fingerprint": record.fingerprint, "subject": record.subject,
-            "not_after": record.not_after, "trusted_at": record.trusted_at}
-
-
 def bureau_message(record: BureauRecord) -> pb.Bureau:
-    return pb.Bureau(**bureau_fields(record))
+    """A trusted partner's certificate: a bureau's or a mailing house's."""
+    return pb.Bureau(name=record.name, fingerprint=record.fingerprint, subject=record.subject,
+                     not_after=record.not_after, trusted_at=record.trusted_at)
 
 
 class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
@@ -542,13 +549,8 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
     @guard
     def ImportResults(self, request_iterator, context):
         actor = caller(context, OPERATORS, "import results")
-        upload = Upload("results", "result file")
-        for chunk in request_iterator:
-            upload.add(chunk)
-        if not upload.content or not upload.signature:
-            raise InvalidArgument("a result file comes with its detached signature (.p7s)")
-        table = verified_results(bytes(upload.content), bytes(upload.signature),
-                                 self.store.list_bureaus(), self.clock())
+        data, signature = signed_upload(request_iterator, "results", "a result file")
+        table = verified_results(data, signature, self.store.list_bureaus(), self.clock())
         results = [CardResult(r.serial, r.status is F.Status.PERSONALIZED, r.reason)
                    for r in table.rows]
         self.store.apply_results(table.header.file_serial, results)
@@ -579,15 +581,10 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
     @guard
     def ImportDispatch(self, request_iterator, context):
         actor = caller(context, OPERATORS, "import dispatch confirmations")
-        upload = Upload("dispatch", "dispatch confirmation")
-        for chunk in request_iterator:
-            upload.add(chunk)
-        if not upload.content or not upload.signature:
-            raise InvalidArgument("a dispatch confirmation comes with its detached signature "
-                                  "(.p7s)")
-        table, mailer = verified_file(MAILER, bytes(upload.content), bytes(upload.signature),
-                                      self.store.list_mailers(), self.clock(),
-                                      F.read_dispatch)
+        data, signature = signed_upload(request_iterator, "dispatch",
+                                        "a dispatch confirmation")
+        table, mailer = verified_file(MAILER, data, signature, self.store.list_mailers(),
+                                      self.clock(), F.read_dispatch)
         self.store.apply_dispatch(table.header.file_serial, [
             CardDispatched(r.serial, r.dispatched_at) for r in table.rows])
         log.info("dispatch imported", extra=fields(
@@ -604,10 +601,10 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
         if added:
             log.info("mailing house trusted", extra=fields(
                 mailer=record.name, fingerprint=record.fingerprint, actor=actor))
-        return pb.Mailer(**bureau_fields(record))
+        return bureau_message(record)
 
     @guard
     def ListMailers(self, request, context):
         caller(context, OPERATORS, "read mailing houses")
-        return pb.ListMailersResponse(mailers=[pb.Mailer(**bureau_fields(m))
+        return pb.ListBureausResponse(bureaus=[bureau_message(m)
                                                for m in self.store.list_mailers()])

@@ -474,7 +474,7 @@ def test_only_admin_issues_and_bad_requests_are_named(issuer: Issuer) -> None:
                                                timeout=30),
                 lambda: issuance.ImportDispatch(iter([pb.DispatchChunk(dispatch=b"x")]),
                                                 timeout=30),
-                lambda: issuance.TrustMailer(pb.TrustMailerRequest(certificate=b"x"),
+                lambda: issuance.TrustMailer(pb.TrustBureauRequest(certificate=b"x"),
                                              timeout=30)]
 
     for identity in ("card-agent", "provider", "access-server"):
@@ -498,9 +498,9 @@ def test_only_admin_issues_and_bad_requests_are_named(issuer: Issuer) -> None:
     expired = S.make_root("old-mailer", days=1, not_before=S.now() - dt.timedelta(days=9)
                           ).certificate.public_bytes(serialization.Encoding.DER)
     for call, message in (
-            (lambda: admin.TrustMailer(pb.TrustMailerRequest(certificate=b"junk"), timeout=30),
+            (lambda: admin.TrustMailer(pb.TrustBureauRequest(certificate=b"junk"), timeout=30),
              "mailing house certificate: not an X.509 certificate"),
-            (lambda: admin.TrustMailer(pb.TrustMailerRequest(certificate=expired), timeout=30),
+            (lambda: admin.TrustMailer(pb.TrustBureauRequest(certificate=expired), timeout=30),
              "mailing house certificate: not valid now"),
             (lambda: admin.ImportDispatch(iter([pb.DispatchChunk(dispatch=b"x")]), timeout=30),
              "a dispatch confirmation comes with its detached signature")):
