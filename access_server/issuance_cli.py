@@ -1,4 +1,5 @@
-"""``cms users ...``, ``cms issue ...`` and ``cms bureaus ...``: users, issuance, results.
+"""``cms users ...``, ``cms issue ...``, ``cms bureaus ...`` and ``cms mailers ...``: users,
+issuance, results and dispatch confirmations.
 
 A registrar of ``cms.cli`` beside ``access_server.cli``, whose client options
 (``--endpoints``, ``--identity``) and helpers it uses. Bad input is one line
@@ -17,7 +18,7 @@ import argparse
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 USER_COLUMN = "user_id"
 MAX_USERS_FILE = 1024 * 1024
@@ -75,14 +76,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     results.add_argument("--signature", type=Path, help="detached CMS (default FILE.p7s)")
     _repeated_options(results, client_options)
     results.set_defaults(func=_issue_results)
+    dispatched = isub.add_parser("dispatched", help="import a mailing house's signed dispatch "
+                                                    "confirmation: the cards are shipped")
+    dispatched.add_argument("file", type=Path)
+    dispatched.add_argument("--signature", type=Path, help="detached CMS (default FILE.p7s)")
+    _repeated_options(dispatched, client_options)
+    dispatched.set_defaults(func=_issue_dispatched)
 
-    bureaus = sub.add_parser("bureaus", help="bureaus whose result files the issuer trusts")
-    client_options(bureaus)
-    bsub = bureaus.add_subparsers(dest="bureaus_command", metavar="ACTION", required=True)
-    trust = bsub.add_parser("trust", help="trust a bureau's certificate (P-256 key)")
-    trust.add_argument("--cert", required=True, type=Path, help="PEM or DER")
-    trust.set_defaults(func=_bureaus_trust)
-    bsub.add_parser("list", help="the trusted bureaus").set_defaults(func=_bureaus_list)
+    for name, who in (("bureaus", "bureau"), ("mailers", "mailing house")):
+        partners = sub.add_parser(name, help=f"the {who}s whose signed files the issuer "
+                                             "trusts")
+        client_options(partners)
+        partners.set_defaults(partners=name)
+        psub = partners.add_subparsers(dest=f"{name}_command", metavar="ACTION",
+                                       required=True)
+        trust = psub.add_parser("trust", help=f"trust a {who}'s certificate (P-256 key)")
+        trust.add_argument("--cert", required=True, type=Path, help="PEM or DER")
+        trust.set_defaults(func=_partners_trust)
+        psub.add_parser("list", help=f"the trusted {who}s").set_defaults(func=_partners_list)
 
 
 def _repeated_options(parser: argparse.ArgumentParser, add: Any) -> None:
@@ -351,39 +362,72 @@ def _issue_again(args: argparse.Namespace) -> int:
     return _issue(args, [], args.batch, reissue=args.file_serial)
 
 
-def _issue_results(args: argparse.Namespace) -> int:
-    from cms.v1 import issuance_pb2 as pb
-
+def _signed_chunks(args: argparse.Namespace, chunk: Any, field: str) -> list[Any]:
+    """FILE and its detached signature as the upload's chunks: the signature first."""
     signature_path = args.signature or args.file.with_name(args.file.name + SIGNATURE_SUFFIX)
     data, signature = _read(args.file), _read(signature_path)
-    chunks = [pb.ResultsChunk(signature=signature, file_name=args.file.name),
-              *(pb.ResultsChunk(results=data[i:i + 1024 * 1024])
-                for i in range(0, len(data), 1024 * 1024))]
-    summary = _issuance_stub(args).ImportResults(iter(chunks), timeout=600)
+    return [chunk(signature=signature, file_name=args.file.name),
+            *(chunk(**{field: data[i:i + 1024 * 1024]})
+              for i in range(0, len(data), 1024 * 1024))]
+
+
+def _import_signed(args: argparse.Namespace, rpc: str, chunk: str, field: str) -> Any:
+    """The Issuance RPC ``rpc`` given FILE and its signature in ``chunk`` messages."""
+    from cms.v1 import issuance_pb2 as pb
+
+    return getattr(_issuance_stub(args), rpc)(
+        iter(_signed_chunks(args, getattr(pb, chunk), field)), timeout=600)
+
+
+def _issue_results(args: argparse.Namespace) -> int:
+    summary = _import_signed(args, "ImportResults", "ResultsChunk", "results")
     print(f"results of {summary.file_serial} from {summary.bureau}: "
           f"{summary.personalized} personalized, {summary.failed} failed (quarantined)")
     return 0
 
 
-# -- bureaus -------------------------------------------------------------------------
+def _issue_dispatched(args: argparse.Namespace) -> int:
+    summary = _import_signed(args, "ImportDispatch", "DispatchChunk", "dispatch")
+    print(f"dispatch of {summary.file_serial} from {summary.mailer}: the letters of "
+          f"{summary.shipped} card(s) sent, the cards shipped")
+    return 0
+
+
+# -- bureaus and mailing houses -------------------------------------------------------
+
+class PartnerCommands(NamedTuple):
+    """The Issuance RPCs and words of ``cms bureaus`` or ``cms mailers`` (both take and
+    answer the bureau's messages)."""
+    trust: str
+    list: str
+    counted: str
+
+
+PARTNERS = {
+    "bureaus": PartnerCommands("TrustBureau", "ListBureaus", "bureau(s)"),
+    "mailers": PartnerCommands("TrustMailer", "ListMailers", "mailing house(s)"),
+}
+
 
 def _describe_bureau(b: Any) -> str:
     return f"{b.name} {b.fingerprint} {b.subject!r} until {b.not_after.ToJsonString()}"
 
 
-def _bureaus_trust(args: argparse.Namespace) -> int:
+def _partners_trust(args: argparse.Namespace) -> int:
     from access_server.cli import certificate_der
     from cms.v1 import issuance_pb2 as pb
 
-    bureau = _issuance_stub(args).TrustBureau(pb.TrustBureauRequest(
+    rpc = PARTNERS[args.partners]
+    partner = getattr(_issuance_stub(args), rpc.trust)(pb.TrustBureauRequest(
         certificate=certificate_der(_read(args.cert))), timeout=30)
-    print(f"trusted: {_describe_bureau(bureau)}")
+    print(f"trusted: {_describe_bureau(partner)}")
     return 0
 
 
-def _bureaus_list(args: argparse.Namespace) -> int:
+def _partners_list(args: argparse.Namespace) -> int:
     from access_server.cli import _print_all
     from cms.v1 import issuance_pb2 as pb
 
-    bureaus = _issuance_stub(args).ListBureaus(pb.ListBureausRequest(), timeout=30).bureaus
-    return _print_all(bureaus, _describe_bureau, "bureau(s)")
+    rpc = PARTNERS[args.partners]
+    answer = getattr(_issuance_stub(args), rpc.list)(pb.ListBureausRequest(), timeout=30)
+    return _print_all(answer.bureaus, _describe_bureau, rpc.counted)

@@ -1,4 +1,5 @@
-"""The Users and Issuance services: users, issuance to the bureau, results back (seed 004).
+"""The Users and Issuance services: users, issuance to the bureau, results and dispatch back
+(seed 004).
 
 Thin servicers like ``stock_service``: the caller is checked (``admin``
 only), the request's fields are checked here, the store keeps the records
@@ -44,6 +45,7 @@ from access_server import activation, card_auth, packs
 from access_server.stock_service import Upload
 from access_server.store import (
     BureauRecord,
+    CardDispatched,
     CardResult,
     IssuedCard,
     NewActivation,
@@ -392,51 +394,82 @@ def bureau_root(record: BureauRecord) -> packs.Root:
                       record.not_after)
 
 
-def verified_results(data: bytes, signature: bytes, bureaus: Sequence[BureauRecord],
-                     now: datetime) -> F.Table:
-    """The result file, once signed by a trusted bureau whose name its header carries.
+def signed_upload(chunks: Iterable[Any], field: str, what: str) -> tuple[bytes, bytes]:
+    """A partner's file (the chunks' ``field``) and its detached signature from the stream,
+    each within its limit; InvalidArgument when either is missing."""
+    upload = Upload(field, what.removeprefix("a "))
+    for chunk in chunks:
+        upload.add(chunk)
+    if not upload.content or not upload.signature:
+        raise InvalidArgument(f"{what} comes with its detached signature (.p7s)")
+    return bytes(upload.content), bytes(upload.signature)
+
+
+class Partner(NamedTuple):
+    """Who signs a file the issuer imports, in its refusals' words."""
+    what: str     # "results", "dispatch"
+    who: str      # "a bureau", "a mailing house"
+    trust: str    # the command that trusts one
+
+
+BUREAU = Partner("results", "a bureau", "cms bureaus trust --cert FILE")
+MAILER = Partner("dispatch", "a mailing house", "cms mailers trust --cert FILE")
+
+
+def verified_file(partner: Partner, data: bytes, signature: bytes,
+                  trusted: Sequence[BureauRecord], now: datetime,
+                  read: Callable[[bytes], F.Table]) -> tuple[F.Table, str]:
+    """A partner's file read by ``read``, once signed by a certificate the issuer trusts
+    for such files, and the signer's name.
 
     The signature is checked as a pack's is (``packs.verify_signature``): by a trusted
-    bureau certificate, or one it issued.
+    certificate, or one it issued.
     """
     try:
-        signer = packs.verify_signature(data, signature, [bureau_root(b) for b in bureaus],
+        signer = packs.verify_signature(data, signature, [bureau_root(b) for b in trusted],
                                         now)
     except packs.PackRefused as exc:
         if exc.refusal is packs.Refusal.UNKNOWN_ROOT:
-            raise FailedPrecondition("results refused: not signed by a bureau the issuer "
-                                     "trusts (cms bureaus trust --cert FILE)") from None
-        raise InvalidArgument(f"results refused: {exc.reason}") from None
+            raise FailedPrecondition(f"{partner.what} refused: not signed by {partner.who} "
+                                     f"the issuer trusts ({partner.trust})") from None
+        raise InvalidArgument(f"{partner.what} refused: {exc.reason}") from None
     try:
-        table = F.read_results(data)
+        return read(data), signer.provider_id
     except PackFormatError as exc:
-        raise InvalidArgument(f"results refused: {exc}") from None
-    if table.header.bureau != signer.provider_id:
+        raise InvalidArgument(f"{partner.what} refused: {exc}") from None
+
+
+def verified_results(data: bytes, signature: bytes, bureaus: Sequence[BureauRecord],
+                     now: datetime) -> F.Table:
+    """The result file, once signed by a trusted bureau whose name its header carries."""
+    table, signer = verified_file(BUREAU, data, signature, bureaus, now, F.read_results)
+    if table.header.bureau != signer:
         raise InvalidArgument(f"results refused: the header names bureau "
-                              f"{table.header.bureau}, the signature is {signer.provider_id}'s")
+                              f"{table.header.bureau}, the signature is {signer}'s")
     return table
 
 
-def check_bureau(der: bytes, now: datetime, actor: str) -> BureauRecord:
-    """A bureau certificate the issuer can trust for result files; InvalidArgument why not."""
+def check_bureau(der: bytes, now: datetime, actor: str, what: str = "bureau") -> BureauRecord:
+    """A bureau's (or, ``what``, a mailing house's) certificate the issuer can trust for
+    its signed files; InvalidArgument why not."""
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
-        raise InvalidArgument("bureau certificate: not an X.509 certificate (DER)") from None
+        raise InvalidArgument(f"{what} certificate: not an X.509 certificate (DER)") from None
     if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
-        raise InvalidArgument("bureau certificate: not valid now")
+        raise InvalidArgument(f"{what} certificate: not valid now")
     key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-        raise InvalidArgument("bureau certificate: its key must be P-256 (results are signed "
-                              "ecdsa-with-SHA256)")
+        raise InvalidArgument(f"{what} certificate: its key must be P-256 (its files are "
+                              "signed ecdsa-with-SHA256)")
     names = [a.value for oid in (x509.oid.NameOID.ORGANIZATION_NAME,
                                  x509.oid.NameOID.COMMON_NAME)
              for a in cert.subject.get_attributes_for_oid(oid)]
     name = str(names[0]) if names else ""
     if not pack_format.NAME_PATTERN.match(name):
-        raise InvalidArgument(f"bureau certificate: its organization (O) or common name "
+        raise InvalidArgument(f"{what} certificate: its organization (O) or common name "
                               f"{name[:64]!r} must be 1-64 of letters, digits, '.', '_', '-': "
-                              "result files name the bureau so")
+                              "the issuer's files and records name it so")
     return BureauRecord(packs.fingerprint(der), name, der, cert.subject.rfc4514_string(),
                         cert.not_valid_after_utc, now, actor)
 
@@ -455,6 +488,7 @@ def card_challenge(challenge: bytes) -> bytes:
 
 
 def bureau_message(record: BureauRecord) -> pb.Bureau:
+    """A trusted partner's certificate: a bureau's or a mailing house's."""
     return pb.Bureau(name=record.name, fingerprint=record.fingerprint, subject=record.subject,
                      not_after=record.not_after, trusted_at=record.trusted_at)
 
@@ -529,13 +563,8 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
     @guard
     def ImportResults(self, request_iterator, context):
         actor = caller(context, OPERATORS, "import results")
-        upload = Upload("results", "result file")
-        for chunk in request_iterator:
-            upload.add(chunk)
-        if not upload.content or not upload.signature:
-            raise InvalidArgument("a result file comes with its detached signature (.p7s)")
-        table = verified_results(bytes(upload.content), bytes(upload.signature),
-                                 self.store.list_bureaus(), self.clock())
+        data, signature = signed_upload(request_iterator, "results", "a result file")
+        table = verified_results(data, signature, self.store.list_bureaus(), self.clock())
         results = [CardResult(r.serial, r.status is F.Status.PERSONALIZED, r.reason)
                    for r in table.rows]
         self.store.apply_results(table.header.file_serial, results)
@@ -610,3 +639,34 @@ class IssuanceServicer(issuance_pb2_grpc.IssuanceServicer):
             raise hsm_error(exc) from None
         log.info("issuer authenticated to card", extra=fields(serial=serial, actor=actor))
         return pb.AuthenticateToCardResponse(signature=signature)
+
+    @guard
+    def ImportDispatch(self, request_iterator, context):
+        actor = caller(context, OPERATORS, "import dispatch confirmations")
+        data, signature = signed_upload(request_iterator, "dispatch",
+                                        "a dispatch confirmation")
+        table, mailer = verified_file(MAILER, data, signature, self.store.list_mailers(),
+                                      self.clock(), F.read_dispatch)
+        self.store.apply_dispatch(table.header.file_serial, [
+            CardDispatched(r.serial, r.dispatched_at) for r in table.rows])
+        log.info("dispatch imported", extra=fields(
+            issuance=table.header.file_serial.hex(), mailer=mailer, shipped=len(table.rows),
+            actor=actor))
+        return pb.DispatchSummary(file_serial=table.header.file_serial.hex(), mailer=mailer,
+                                  shipped=len(table.rows))
+
+    @guard
+    def TrustMailer(self, request, context):
+        actor = caller(context, OPERATORS, "trust mailing houses")
+        record, added = self.store.trust_mailer(
+            check_bureau(bytes(request.certificate), self.clock(), actor, "mailing house"))
+        if added:
+            log.info("mailing house trusted", extra=fields(
+                mailer=record.name, fingerprint=record.fingerprint, actor=actor))
+        return bureau_message(record)
+
+    @guard
+    def ListMailers(self, request, context):
+        caller(context, OPERATORS, "read mailing houses")
+        return pb.ListBureausResponse(bureaus=[bureau_message(m)
+                                               for m in self.store.list_mailers()])

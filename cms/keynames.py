@@ -23,6 +23,8 @@ Labels::
                                                      are derived under (token bureau)
     mailer/<name>              MAILER_KEY            the mailing house's RSA-2048 key: opens
                                                      mailer data (token mailer)
+    mailer-sign/<name>         MAILER_SIGN_KEY       the mailing house's P-256 key: signs its
+                                                     dispatch confirmations (token mailer)
     anything else              OPERATOR_KEY          an operator's own keys (policy: demo/*)
 
 Each form is made and read by the functions here (``mk_label(3)``,
@@ -60,8 +62,8 @@ MK, MKRK, CRYPTOGRAM, TRANSPORT, FACTORY, AUDIT = (
     "mk", "mkrk", "cryptogram", "transport", "factory", "audit")
 PROVIDER_ROOT, ISSUER = "provider-root", "issuer"
 ISSUER_SEED, DEVICE_AUTH_KEK = "issuer-seed", "device-auth-kek"
-BUREAU, BUREAU_CODES, MAILER = "bureau", "bureau-codes", "mailer"
-PARTNER_KINDS = (BUREAU, BUREAU_CODES, MAILER)
+BUREAU, BUREAU_CODES, MAILER, MAILER_SIGN = "bureau", "bureau-codes", "mailer", "mailer-sign"
+PARTNER_KINDS = (BUREAU, BUREAU_CODES, MAILER, MAILER_SIGN)
 ISSUER_KEY_VERSIONS = range(1, 256)
 """Issuer key versions: one byte, as cards and payloads name them; seeds and device
 authentication KEKs are versioned the same way."""
@@ -78,7 +80,7 @@ _PROVIDER_ROOT = re.compile(rf"^{PROVIDER_ROOT}/({_NAME})$")
 _ISSUER = re.compile(rf"^{ISSUER}/([1-9][0-9]{{0,2}})$")
 _ISSUER_SEED = re.compile(rf"^{ISSUER_SEED}/([1-9][0-9]{{0,2}})$")
 _DEVICE_AUTH_KEK = re.compile(rf"^{DEVICE_AUTH_KEK}/([1-9][0-9]{{0,2}})$")
-_PARTNER = re.compile(rf"^({BUREAU}|{BUREAU_CODES}|{MAILER})/({_NAME})$")
+_PARTNER = re.compile(rf"^({BUREAU}|{BUREAU_CODES}|{MAILER}|{MAILER_SIGN})/({_NAME})$")
 PROVIDER_ID_PATTERN = re.compile(rf"^{_NAME}$")
 """A provider id: letters, digits, '.', '_', '-', up to 64, first a letter or digit."""
 
@@ -148,7 +150,7 @@ def parse_provider_root_label(label: str) -> str | None:
 
 def partner_label(kind: str, name: str) -> str:
     """A key of the bureau or mailing house ``name``: ``bureau/bureau-1``,
-    ``bureau-codes/bureau-1``, ``mailer/post``."""
+    ``bureau-codes/bureau-1``, ``mailer/post``, ``mailer-sign/post``."""
     if kind not in PARTNER_KINDS:
         raise ValueError(f"a partner key is one of {', '.join(PARTNER_KINDS)}, not {kind!r}")
     if not isinstance(name, str) or not PROVIDER_ID_PATTERN.match(name):
@@ -158,7 +160,8 @@ def partner_label(kind: str, name: str) -> str:
 
 
 def parse_partner_label(label: str) -> tuple[str, str] | None:
-    """(kind, name) of ``bureau/NAME``, ``bureau-codes/NAME`` or ``mailer/NAME``, or None."""
+    """(kind, name) of ``bureau/NAME``, ``bureau-codes/NAME``, ``mailer/NAME`` or
+    ``mailer-sign/NAME``, or None."""
     m = _PARTNER.match(label)
     return (m.group(1), m.group(2)) if m else None
 

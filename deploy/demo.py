@@ -823,6 +823,7 @@ class IssuanceDemo:
         self.out = self.exchange / f"issuance-{demo.run_id}"
         self.bureau_pem = self.exchange / "bureau.pem"
         self.mailer_pem = self.exchange / "mailer.pem"
+        self.mailer_cert = self.exchange / "mailer-cert.pem"
 
     def cms(self, label: str, *args: str) -> list[str]:
         return _cms(label, *args[:1], "--endpoints", str(self.demo.endpoints_path), *args[1:])
@@ -837,6 +838,7 @@ class IssuanceDemo:
         letters = self.mailer(results.parent / (perso.name.removesuffix(".csv")
                                                 + "-mailing.csv"))
         self.results(results)
+        self.dispatched(letters / (perso.name.removesuffix(".csv") + "-dispatch.csv"))
         signed = self.card_in_use(cards, letters, users[0])
         self.user_pc(users[-1], use_pcsc)
         return signed
@@ -858,12 +860,14 @@ class IssuanceDemo:
                                ("mailer", DEMO_MAILER, self.mailer_pem)):
             action = "show" if pem.exists() else "create"
             _cms(who, who, "--endpoints", str(self.demo.endpoints_path), f"--{who}", name,
-                 "key", action, "--out", str(pem))
-        _tolerant("issuer", "bureaus", "--endpoints", str(self.demo.endpoints_path), "trust",
-                  "--cert", str(self.bureau_pem))
+                 "key", action, "--out", str(pem),
+                 *(("--cert-out", str(self.mailer_cert)) if who == "mailer" else ()))
+        for partners, cert in (("bureaus", self.bureau_pem), ("mailers", self.mailer_cert)):
+            _tolerant("issuer", partners, "--endpoints", str(self.demo.endpoints_path),
+                      "trust", "--cert", str(cert))
         _say("B3.2", f"personalization bureau {DEMO_BUREAU!r} (token 'bureau') and mailing "
              f"house {DEMO_MAILER!r} (token 'mailer') made their keys; the issuer trusts the "
-             "bureau's certificate")
+             "bureau's and the mailing house's certificates")
 
     def users(self) -> list[int]:
         """B3.3: the users, each given a derivation element."""
@@ -970,6 +974,13 @@ class IssuanceDemo:
         self.cms("issuer", "issue", "results", str(results))
         _say("B4.6", "issuer system: the bureau's signed result data imported; the cards are "
              "personalized in its records")
+
+    def dispatched(self, dispatch: Path) -> None:
+        """B4.6: the mailing house's dispatch confirmation back at the issuer, after the
+        results: the cards are shipped."""
+        self.cms("issuer", "issue", "dispatched", str(dispatch))
+        _say("B4.6", "issuer system: the mailing house's signed dispatch confirmation "
+             "imported; the cards are shipped in its records")
 
     def card_in_use(self, cards: Path, letters: Path, user: int) -> Signed:
         """B5: the user types the PIN of the letter, the card signs with the user private

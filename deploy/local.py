@@ -200,7 +200,7 @@ INSPECT_OPERATIONS = ["ListTokens", "ListKeys", "GetKeyAttributes", "GetPublicKe
 PROVIDER_CA_OPERATIONS = ["CreateRoot", "GetRoot", "IssueCardCertificates", "SignPack"]
 BUREAU_HSM_OPERATIONS = ["CreateBureauKey", "GetBureauCertificate", "SignBureauFile",
                          "SealCardCodes"]
-MAILER_HSM_OPERATIONS = ["CreateMailerKey", "GetMailerKey", "OpenMailerData"]
+MAILER_HSM_OPERATIONS = ["CreateMailerKey", "GetMailerKey", "OpenMailerData", "SignMailerFile"]
 ISSUER_HSM_OPERATIONS = ["IssueBatch", "GenerateDeviceAuthKeys", "SignWithDeviceAuthKey",
                          "SignIssuerFile"]
 
@@ -234,6 +234,7 @@ def default_policy() -> dict:
     bureau_keys = kn.label_pattern(kn.BUREAU)
     codes_keys = kn.label_pattern(kn.BUREAU_CODES)
     mailer_keys = kn.label_pattern(kn.MAILER)
+    mailer_signing_keys = kn.label_pattern(kn.MAILER_SIGN)
     identities: dict[str, list[dict]] = {
         "access-server": [
             {"operations": [*CARD_CHANNEL_OPERATIONS, "ListBlocks"], "tokens": [kn.HSM1_TOKEN],
@@ -271,14 +272,14 @@ def default_policy() -> dict:
             {"operations": ["GetBureauCertificate"], "tokens": [kn.BUREAU_TOKEN],
              "keys": [bureau_keys]},
             {"operations": ["GetMailerKey"], "tokens": [kn.MAILER_TOKEN],
-             "keys": [mailer_keys]},
+             "keys": [mailer_keys, mailer_signing_keys]},
         ],
         # The bureau signs its results and shipping files; the mailing house opens the
         # mailer data of PIN letters. Each only in its own token.
         "bureau": [{"operations": BUREAU_HSM_OPERATIONS, "tokens": [kn.BUREAU_TOKEN],
                     "keys": [bureau_keys, codes_keys]}],
         "mailer": [{"operations": MAILER_HSM_OPERATIONS, "tokens": [kn.MAILER_TOKEN],
-                    "keys": [mailer_keys]}],
+                    "keys": [mailer_keys, mailer_signing_keys]}],
         "provider": [
             {"operations": PROVIDER_CA_OPERATIONS, "tokens": [kn.PROVIDER_TOKEN],
              "keys": [roots]},

@@ -52,6 +52,7 @@ ROLE_NAMES: dict[int, str] = {
     pb.BUREAU_KEY: "bureau-key",
     pb.MAILER_KEY: "mailer-key",
     pb.BUREAU_CODES_KEY: "bureau-codes-key",
+    pb.MAILER_SIGN_KEY: "mailer-sign-key",
 }
 ROLE_BY_NAME = {v: k for k, v in ROLE_NAMES.items()}
 ORIGIN_NAMES: dict[int, str] = {
@@ -79,6 +80,7 @@ _KIND_ROLES = {
     keynames.BUREAU: pb.BUREAU_KEY,
     keynames.MAILER: pb.MAILER_KEY,
     keynames.BUREAU_CODES: pb.BUREAU_CODES_KEY,
+    keynames.MAILER_SIGN: pb.MAILER_SIGN_KEY,
 }
 BLOCK_ROLES = frozenset({pb.MK_BLOCK, pb.MKRK_BLOCK, pb.CRYPTOGRAM_PAIR})
 CEREMONY_ROLES = frozenset({pb.TRANSPORT_KEY, pb.FACTORY_TRANSPORT_MASTER})
@@ -99,6 +101,7 @@ ALGORITHMS: dict[int, frozenset[int]] = {
     pb.BUREAU_KEY: frozenset({pb.EC_P256}),
     pb.MAILER_KEY: frozenset({pb.RSA_2048}),
     pb.BUREAU_CODES_KEY: frozenset({pb.GENERIC_SECRET}),
+    pb.MAILER_SIGN_KEY: frozenset({pb.EC_P256}),
 }
 
 # Usage groups an operator key may have (one group, any non-empty part of it).
@@ -245,11 +248,12 @@ def transport_template(half: str) -> ObjectTemplate:
 FACTORY_MASTER_TEMPLATE = _secret(pb.DERIVE)
 AUDIT_TEMPLATE = {PRIVATE: ObjectTemplate(PRIVATE, frozenset({pb.SIGN})),
                   PUBLIC: ObjectTemplate(PUBLIC, frozenset({pb.VERIFY}), private=False)}
-SIGNING_PAIR_ROLES = frozenset({pb.AUDIT_KEY, pb.PROVIDER_ROOT, pb.ISSUER_KEY, pb.BUREAU_KEY})
+SIGNING_PAIR_ROLES = frozenset({pb.AUDIT_KEY, pb.PROVIDER_ROOT, pb.ISSUER_KEY, pb.BUREAU_KEY,
+                                pb.MAILER_SIGN_KEY})
 """Classes that are one P-256 pair generated in the token, private half SIGN only and
 never extractable: what each signs is decided by the one purpose that reaches it
 (audit heads; the certificates and pack signatures ProviderCa builds; seed 004 part 2;
-the bureau's file signatures PartnerHsm builds)."""
+the bureau's and the mailing house's file signatures BureauHsm and MailerHsm build)."""
 SIGNING_PAIR_TEMPLATE = AUDIT_TEMPLATE
 
 SEED_BYTES = 64

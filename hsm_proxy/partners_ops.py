@@ -18,6 +18,11 @@ operation (as the issuer HSM's own PINs do, ``issuer_ops``); being derived,
 they are the same on every call, which is what lets an interrupted batch
 resume without a PIN the bureau would have to keep.
 
+The mailing house's signing key (``mailer-sign/<name>``) is a signing pair
+made and used exactly as the bureau key is: it signs only the detached CMS
+signature over a dispatch confirmation's SHA-256, and the issuer trusts
+the mailing house by its certificate (``cms mailers trust``).
+
 The mailer key is an RSA-2048 pair (``key_classes.MAILER_TEMPLATE``): the
 private half decrypts with CKM_RSA_PKCS_OAEP (SHA-1, MGF1-SHA1, the only
 hash SoftHSM 2.6 takes for OAEP) inside the token. The plaintext, PIN and
@@ -74,7 +79,7 @@ class PartnerRef(NamedTuple):
 
 
 class SignFile(NamedTuple):
-    bureau: PartnerRef
+    signer: PartnerRef
     sha256: bytes
 
 
@@ -99,6 +104,11 @@ class OpenMailerData(NamedTuple):
     mailer_data: bytes
 
 
+class MailerKeys(NamedTuple):
+    public_key: bytes   # the mailer key's SubjectPublicKeyInfo DER
+    certificate: bytes  # the signing key's self-signed certificate, DER
+
+
 class Codes(NamedTuple):
     pin: bytes
     puk: bytes
@@ -113,10 +123,47 @@ def _name(ref: PartnerRef) -> str:
 # ---------------------------------------------------------------------------
 # The bureau key
 
-def _bureau(ctx: WorkerContext, ref: PartnerRef) -> tuple[ResolvedKey, bytes]:
-    """The bureau key and its certificate, both checked."""
-    key, spki = _signing_key(ctx, ref.token, ref.label, pb.BUREAU_KEY, "bureau key")
-    return key, certificate_beside(ctx, ref.token, ref.label, spki, "bureau key")
+class Signer(NamedTuple):
+    """A partner's signing class: the bureau key, the mailing house's signing key."""
+    role: int
+    what: str
+
+
+BUREAU_SIGNER = Signer(pb.BUREAU_KEY, "bureau key")
+MAILER_SIGNER = Signer(pb.MAILER_SIGN_KEY, "mailer signing key")
+
+
+def _signer(ctx: WorkerContext, ref: PartnerRef, signer: Signer) -> tuple[ResolvedKey, bytes]:
+    """The signing key and its certificate, both checked."""
+    key, spki = _signing_key(ctx, ref.token, ref.label, signer.role, signer.what)
+    return key, certificate_beside(ctx, ref.token, ref.label, spki, signer.what)
+
+
+def _make_signer(ctx: WorkerContext, ref: PartnerRef, signer: Signer
+                 ) -> tuple[list[pkcs11.Object], bytes]:
+    """A signing pair and its self-signed certificate (CN=<name>) in the token: the objects
+    made, for the caller to destroy should a later step fail, and the certificate."""
+    made = generate_signing_pair(ctx.backend.session(ref.token), ref.label, signer.role)
+    ctx.backend.forget(ref.token, ref.label)
+    try:
+        key, spki = _signing_key(ctx, ref.token, ref.label, signer.role, signer.what)
+        der = sign_with(key, px.signer_certificate(
+            common_name=_name(ref), spki_der=spki,
+            serial=random_serial(ctx, ref.token), now=px.utc_now()))
+        made.append(ctx.backend.session(ref.token).create_object(
+            certificate_template(ref.label, der, signer.role)))
+    except BaseException:
+        _destroy_quietly(made)
+        ctx.backend.forget(ref.token, ref.label)
+        raise
+    return made, der
+
+
+def _sign_file(ctx: WorkerContext, req: SignFile, signer: Signer) -> bytes:
+    """A detached CMS SignedData by the signing key over content whose SHA-256 is given."""
+    key, der = _signer(ctx, req.signer, signer)
+    return sign_with(key, px.pack_signature(root=px.read_root(der), sha256=req.sha256,
+                                            signing_time=px.utc_now()))
 
 
 def _codes_label(ref: PartnerRef) -> str:
@@ -142,15 +189,8 @@ def create_bureau_key(ctx: WorkerContext, ref: PartnerRef) -> bytes:
     """The bureau key with its self-signed certificate, and its codes key, in the token."""
     _require_free(ctx, ref.token, ref.label)
     _require_free(ctx, ref.token, _codes_label(ref))
-    made = generate_signing_pair(ctx.backend.session(ref.token), ref.label, pb.BUREAU_KEY)
-    ctx.backend.forget(ref.token, ref.label)
+    made, der = _make_signer(ctx, ref, BUREAU_SIGNER)
     try:
-        key, spki = _signing_key(ctx, ref.token, ref.label, pb.BUREAU_KEY, "bureau key")
-        der = sign_with(key, px.signer_certificate(
-            common_name=_name(ref), spki_der=spki,
-            serial=random_serial(ctx, ref.token), now=px.utc_now()))
-        made.append(ctx.backend.session(ref.token).create_object(
-            certificate_template(ref.label, der, pb.BUREAU_KEY)))
         made += _make_codes_key(ctx, ref)
     except BaseException:
         _destroy_quietly(made)
@@ -162,15 +202,12 @@ def create_bureau_key(ctx: WorkerContext, ref: PartnerRef) -> bytes:
 
 @operation("bureau.get", idempotent=True)
 def get_bureau_certificate(ctx: WorkerContext, ref: PartnerRef) -> bytes:
-    return _bureau(ctx, ref)[1]
+    return _signer(ctx, ref, BUREAU_SIGNER)[1]
 
 
 @operation("bureau.sign_file", idempotent=True)
 def sign_bureau_file(ctx: WorkerContext, req: SignFile) -> bytes:
-    """A detached CMS SignedData by the bureau key over content whose SHA-256 is given."""
-    key, der = _bureau(ctx, req.bureau)
-    return sign_with(key, px.pack_signature(root=px.read_root(der), sha256=req.sha256,
-                                            signing_time=px.utc_now()))
+    return _sign_file(ctx, req, BUREAU_SIGNER)
 
 
 CODES_CONTEXT = b"cms bureau pin and puk v1"
@@ -229,22 +266,38 @@ def _mailer(ctx: WorkerContext, ref: PartnerRef) -> tuple[ResolvedKey, bytes]:
     return generated_pair(ctx, ref.token, ref.label, pb.MAILER_KEY, "mailer key", pb.RSA_2048)
 
 
+def signing_ref(ref: PartnerRef) -> PartnerRef:
+    """The mailing house's signing key beside its mailer key: ``mailer-sign/<name>``."""
+    return PartnerRef(ref.token, keynames.partner_label(keynames.MAILER_SIGN, _name(ref)))
+
+
 @operation("mailer.create", idempotent=False)
-def create_mailer_key(ctx: WorkerContext, ref: PartnerRef) -> bytes:
+def create_mailer_key(ctx: WorkerContext, ref: PartnerRef) -> MailerKeys:
+    """The mailer key and the signing key with its self-signed certificate, in the token."""
+    sign = signing_ref(ref)
     _require_free(ctx, ref.token, ref.label)
+    _require_free(ctx, sign.token, sign.label)
     made = generate_mailer_pair(ctx.backend.session(ref.token), ref.label)
     ctx.backend.forget(ref.token, ref.label)
     try:
-        return _mailer(ctx, ref)[1]
+        public_key = _mailer(ctx, ref)[1]
+        signing, der = _make_signer(ctx, sign, MAILER_SIGNER)
+        made += signing
     except BaseException:
         _destroy_quietly(made)
         ctx.backend.forget(ref.token, ref.label)
         raise
+    return MailerKeys(public_key, der)
 
 
 @operation("mailer.get", idempotent=True)
-def get_mailer_key(ctx: WorkerContext, ref: PartnerRef) -> bytes:
-    return _mailer(ctx, ref)[1]
+def get_mailer_key(ctx: WorkerContext, ref: PartnerRef) -> MailerKeys:
+    return MailerKeys(_mailer(ctx, ref)[1], _signer(ctx, signing_ref(ref), MAILER_SIGNER)[1])
+
+
+@operation("mailer.sign_file", idempotent=True)
+def sign_mailer_file(ctx: WorkerContext, req: SignFile) -> bytes:
+    return _sign_file(ctx, req, MAILER_SIGNER)
 
 
 def split_codes(plaintext: bytes) -> Codes:

@@ -1,8 +1,9 @@
 """The BureauHsm and MailerHsm servicers: the keys of the issuer's partners (seed 004, B4).
 
 Each RPC checks its request, authorizes the token and the label it names
-(``bureau/<name>`` on token ``bureau``, ``mailer/<name>`` on token
-``mailer``) and runs one worker operation (``hsm_proxy.partners_ops``);
+(``bureau/<name>`` on token ``bureau``, ``mailer/<name>`` and
+``mailer-sign/<name>`` on token ``mailer``) and runs one worker operation
+(``hsm_proxy.partners_ops``);
 ``@rpc`` writes one audit record, which names the file signed or the card
 whose mailer data was opened, never a PIN. A caller chooses only a name, a
 file's SHA-256 and a ciphertext: the signed attributes are the proxy's, and
@@ -12,6 +13,7 @@ the mailer key answers only PIN and PUK of what is mailer data.
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Protocol
 
 import grpc
 
@@ -44,11 +46,35 @@ def _ref(core: ProxyCore, call: Call, token: str, default: str, kind: str, name:
     return ops.PartnerRef(token, label)
 
 
-def _create(core: ProxyCore, call: Call, op: str, ref: ops.PartnerRef) -> bytes:
-    with core.creating([(ref.token, ref.label)]):
+def _create(core: ProxyCore, call: Call, op: str, ref: ops.PartnerRef,
+            *beside: ops.PartnerRef) -> Any:
+    """The worker's ``op`` making the key ``ref`` and the keys ``beside`` it, none of them
+    there before; every worker then forgets what it knew of those labels."""
+    made = [(r.token, r.label) for r in (ref, *beside)]
+    with core.creating(made):
         answer = core.pool.call(op, ref, idempotent=False, timeout=call.timeout()).value
-        core.pool.broadcast("invalidate", [(ref.token, ref.label)])
+        core.pool.broadcast("invalidate", made)
     return answer
+
+
+class FileToSign(Protocol):
+    purpose: str
+    sha256: bytes
+
+
+def sign_file(core: ProxyCore, call: Call, op: str, ref: ops.PartnerRef,
+              request: FileToSign) -> bytes:
+    """A partner's detached CMS signature over a file's SHA-256 (the worker's ``op``), once
+    the purpose and the digest are checked; the purpose goes to the audit record."""
+    if not PURPOSE_PATTERN.match(request.purpose):
+        raise InvalidArgument("purpose: 1 to 64 of letters, digits, space and ._:/- "
+                              "(what is signed, for the audit log)")
+    if len(request.sha256) != hashlib.sha256().digest_size:
+        raise InvalidArgument(f"sha256: 32 bytes (the SHA-256 of the file), got "
+                              f"{len(request.sha256)}")
+    call.detail = f"{request.purpose}, sha256 {request.sha256.hex()}"
+    return core.pool.call(op, ops.SignFile(ref, bytes(request.sha256)), idempotent=True,
+                          timeout=call.timeout()).value
 
 
 def bureau_message(name: str, der: bytes) -> pb.BureauCertificate:
@@ -71,13 +97,8 @@ class BureauHsmServicer(partners_pb2_grpc.BureauHsmServicer):
         ref = self._ref(call, request)
         codes = _ref(self.core, call, request.token, keynames.BUREAU_TOKEN,
                      keynames.BUREAU_CODES, request.bureau)
-        core = self.core
-        with core.creating([(ref.token, ref.label), (codes.token, codes.label)]):
-            der = core.pool.call("bureau.create", ref, idempotent=False,
-                                 timeout=call.timeout()).value
-            core.pool.broadcast("invalidate", [(ref.token, ref.label),
-                                               (codes.token, codes.label)])
-        return bureau_message(request.bureau, der)
+        return bureau_message(request.bureau, _create(self.core, call, "bureau.create", ref,
+                                                      codes))
 
     @rpc
     def GetBureauCertificate(self, request: pb.BureauKeyRequest,
@@ -91,16 +112,8 @@ class BureauHsmServicer(partners_pb2_grpc.BureauHsmServicer):
     def SignBureauFile(self, request: pb.SignBureauFileRequest, context: grpc.ServicerContext,
                        call: Call) -> pb.SignBureauFileResponse:
         ref = self._ref(call, request)
-        if not PURPOSE_PATTERN.match(request.purpose):
-            raise InvalidArgument("purpose: 1 to 64 of letters, digits, space and ._:/- "
-                                  "(what is signed, for the audit log)")
-        if len(request.sha256) != hashlib.sha256().digest_size:
-            raise InvalidArgument(f"sha256: 32 bytes (the SHA-256 of the file), got "
-                                  f"{len(request.sha256)}")
-        call.detail = f"{request.purpose}, sha256 {request.sha256.hex()}"
-        signature = self.core.pool.call("bureau.sign_file", ops.SignFile(
-            ref, bytes(request.sha256)), idempotent=True, timeout=call.timeout()).value
-        return pb.SignBureauFileResponse(signature=signature)
+        return pb.SignBureauFileResponse(signature=sign_file(
+            self.core, call, "bureau.sign_file", ref, request))
 
 
     @rpc
@@ -136,27 +149,38 @@ class MailerHsmServicer(partners_pb2_grpc.MailerHsmServicer):
         self.core = core
 
     def _ref(self, call: Call, request: pb.MailerKeyRequest | pb.OpenMailerDataRequest
-             ) -> ops.PartnerRef:
-        return _ref(self.core, call, request.token, keynames.MAILER_TOKEN, keynames.MAILER,
+             | pb.SignMailerFileRequest, kind: str = keynames.MAILER) -> ops.PartnerRef:
+        return _ref(self.core, call, request.token, keynames.MAILER_TOKEN, kind,
                     request.mailer)
 
-    def _message(self, request: pb.MailerKeyRequest, ref: ops.PartnerRef, der: bytes
-                 ) -> pb.MailerKey:
-        return pb.MailerKey(mailer=request.mailer, label=ref.label, public_key=der)
+    def _message(self, request: pb.MailerKeyRequest, ref: ops.PartnerRef,
+                 keys: ops.MailerKeys) -> pb.MailerKey:
+        return pb.MailerKey(mailer=request.mailer, label=ref.label, public_key=keys.public_key,
+                            certificate=keys.certificate)
 
     @rpc
     def CreateMailerKey(self, request: pb.MailerKeyRequest, context: grpc.ServicerContext,
                         call: Call) -> pb.MailerKey:
         ref = self._ref(call, request)
-        return self._message(request, ref, _create(self.core, call, "mailer.create", ref))
+        sign = self._ref(call, request, keynames.MAILER_SIGN)
+        return self._message(request, ref, _create(self.core, call, "mailer.create", ref,
+                                                   sign))
 
     @rpc
     def GetMailerKey(self, request: pb.MailerKeyRequest, context: grpc.ServicerContext,
                      call: Call) -> pb.MailerKey:
         ref = self._ref(call, request)
-        der = self.core.pool.call("mailer.get", ref, idempotent=True,
-                                  timeout=call.timeout()).value
-        return self._message(request, ref, der)
+        self._ref(call, request, keynames.MAILER_SIGN)
+        keys = self.core.pool.call("mailer.get", ref, idempotent=True,
+                                   timeout=call.timeout()).value
+        return self._message(request, ref, keys)
+
+    @rpc
+    def SignMailerFile(self, request: pb.SignMailerFileRequest, context: grpc.ServicerContext,
+                       call: Call) -> pb.SignMailerFileResponse:
+        ref = self._ref(call, request, keynames.MAILER_SIGN)
+        return pb.SignMailerFileResponse(signature=sign_file(
+            self.core, call, "mailer.sign_file", ref, request))
 
     @rpc
     def OpenMailerData(self, request: pb.OpenMailerDataRequest, context: grpc.ServicerContext,

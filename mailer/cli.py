@@ -7,9 +7,11 @@ PUK to it, and only OpenMailerData opens them, one card at a time, for its
 letters.
 
 The dispatch confirmation (``<pack>-dispatch.csv``, ``cms.perso_format``)
-is not signed: the mailing house has no signing key in the HSM yet, and the
-issuer has no import for it either; it tells the issuer which letters went
-out, and when.
+tells the issuer which letters went out, and when. The mailing house's
+signing key beside its mailer key signs it (MailerHsm.SignMailerFile, a
+detached CMS signature in ``<file>.p7s``), and the issuer imports it
+(``cms issue dispatched``) once it trusts the certificate ``cms mailer key
+show --cert-out`` writes (``cms mailers trust``).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     key = msub.add_parser("key", help="the mailing house's key in its HSM")
     ksub = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
-    for action, verb in (("create", "generate the key"), ("show", "the public key")):
-        parser = ksub.add_parser(action, help=f"{verb} (RSA-2048; what PINs are sealed to)")
+    for action, verb in (("create", "generate the keys"), ("show", "the public key")):
+        parser = ksub.add_parser(action, help=f"{verb} (RSA-2048, what PINs are sealed to; "
+                                              "P-256, what signs the dispatch confirmations)")
         parser.add_argument("--out", type=Path, help="write the public key here (PEM)")
+        parser.add_argument("--cert-out", type=Path, help="write the signing key's "
+                                                          "certificate here (PEM)")
         parser.set_defaults(func=_key, action=action)
 
     letters = msub.add_parser("letters", help="the PIN and PUK letters of a mailing file")
@@ -85,17 +90,27 @@ def _key(args: argparse.Namespace) -> int:
     stub = _stub(args)
     key = (stub.CreateMailerKey if args.action == "create" else stub.GetMailerKey)(
         request, timeout=TIMEOUT)
+    from cryptography import x509
+
     if args.out is not None:
-        pem = serialization.load_der_public_key(key.public_key).public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        try:
-            args.out.write_bytes(pem)
-        except OSError as exc:
-            raise _fail(f"cannot write {args.out}: {exc.strerror or exc}") from None
+        _write(args.out, serialization.load_der_public_key(key.public_key).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    if args.cert_out is not None:
+        _write(args.cert_out, x509.load_der_x509_certificate(key.certificate).public_bytes(
+            serialization.Encoding.PEM))
     print(f"mailer {key.mailer} key {'created' if args.action == 'create' else 'is'}: "
           f"SHA-256 {hashlib.sha256(key.public_key).hexdigest()}"
-          + (f", public key in {args.out}" if args.out else ""))
+          + (f", public key in {args.out}" if args.out else "")
+          + f"; signing certificate SHA-256 {hashlib.sha256(key.certificate).hexdigest()}"
+          + (f" in {args.cert_out}" if args.cert_out else ""))
     return 0
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -128,11 +143,13 @@ def _mailing(args: argparse.Namespace) -> Any:
 
 
 def _letters(args: argparse.Namespace) -> int:
+    import hashlib
     from datetime import UTC, datetime
 
     import grpc
 
     from cms import perso_format as F
+    from cms.pack_format import SIGNATURE_SUFFIX
     from cms.printing import PrintError
     from cms.runtime.files import write_private
     from cms.v1 import partners_pb2 as pb
@@ -161,7 +178,13 @@ def _letters(args: argparse.Namespace) -> int:
         sent.append(F.DispatchRow(row.serial, datetime.now(UTC)))
         print(f"card {row.serial}: PIN and PUK letters for {row.user_name}", flush=True)
     dispatch = args.out / f"{table.header.pack}{DISPATCH_SUFFIX}"
-    write_private(dispatch, F.write_dispatch(F.FileHeader(
-        table.header.file_serial, len(sent), datetime.now(UTC)), sent))
-    print(f"{len(sent)} card(s), {2 * len(sent)} letters; dispatch confirmation in {dispatch}")
+    data = F.write_dispatch(F.FileHeader(table.header.file_serial, len(sent),
+                                         datetime.now(UTC)), sent)
+    signature = stub.SignMailerFile(pb.SignMailerFileRequest(
+        mailer=name, purpose=f"dispatch {table.header.file_serial.hex()}",
+        sha256=hashlib.sha256(data).digest()), timeout=TIMEOUT).signature
+    write_private(dispatch, data)
+    write_private(dispatch.with_name(dispatch.name + SIGNATURE_SUFFIX), signature)
+    print(f"{len(sent)} card(s), {2 * len(sent)} letters; dispatch confirmation in {dispatch}, "
+          f"signed in {dispatch.name}{SIGNATURE_SUFFIX}")
     return 0

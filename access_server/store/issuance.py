@@ -18,7 +18,11 @@ An issuance runs in three transactions around the HSM calls:
    failed: the records go and the cards return to stock.
 
 Results from the bureau (``apply_results``) move each card to personalized,
-or to quarantine when it failed, all rows or none.
+or to quarantine when it failed, all rows or none. The mailing house's
+dispatch confirmation (``apply_dispatch``) then records when each
+personalized card's PIN letters went out, and its stock card is shipped: the
+bureau sends only the cards its results call personalized, so the letters
+and the card are on their way once both are in (docs/flows.md, claim 12).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from access_server.store.models import (
     BureauRow,
     DerivationCounterRow,
     IssuanceRow,
+    MailerRow,
+    PartnerColumns,
     StockCardRow,
     StockPackRow,
     UserRow,
@@ -65,7 +71,7 @@ def issuance_record(row: IssuanceRow) -> r.IssuanceRecord:
                             row.updated)
 
 
-def bureau_record(row: BureauRow) -> r.BureauRecord:
+def bureau_record(row: PartnerColumns) -> r.BureauRecord:
     return r.BureauRecord(row.fingerprint, row.name, row.certificate, row.subject,
                           row.not_after, row.trusted_at, row.trusted_by)
 
@@ -113,6 +119,24 @@ def _users_for_issuance(session: Session, user_ids: Sequence[int]) -> list[UserR
         raise FailedPrecondition(f"user {user_id} already has card {flying[user_id]} in "
                                  "flight (issued, no result from the bureau yet)")
     return [rows[u] for u in user_ids]
+
+
+def _locked_rows(session: Session, issuance_id: bytes, serials: Sequence[str]
+                 ) -> dict[str, IssuanceRow]:
+    """The issuance records of ``serials``, locked for update, each of issuance
+    ``issuance_id``: FailedPrecondition naming the first row that is not."""
+    rows: dict[str, IssuanceRow] = {}
+    for chunk in chunks(list(serials)):
+        rows.update((i.serial, i) for i in session.scalars(
+            select(IssuanceRow).where(IssuanceRow.serial.in_(chunk)).with_for_update()))
+    for number, serial in enumerate(serials, start=1):
+        row = rows.get(serial)
+        if row is None:
+            raise FailedPrecondition(f"row {number}: card {serial} was not issued")
+        if row.issuance_id != issuance_id.hex():
+            raise FailedPrecondition(f"row {number}: card {serial} is not in this "
+                                     "personalization file")
+    return rows
 
 
 class Issuance(Transactions):
@@ -322,20 +346,9 @@ class Issuance(Transactions):
         bureau): FailedPrecondition naming the first row that is not.
         """
         with self._write() as session:
-            serials = [c.serial for c in results]
-            rows: dict[str, IssuanceRow] = {}
-            for chunk in chunks(serials):
-                rows.update((i.serial, i) for i in session.scalars(
-                    select(IssuanceRow).where(IssuanceRow.serial.in_(chunk))
-                    .with_for_update()))
+            rows = _locked_rows(session, issuance_id, [c.serial for c in results])
             for number, result in enumerate(results, start=1):
-                row = rows.get(result.serial)
-                if row is None:
-                    raise FailedPrecondition(f"row {number}: card {result.serial} was not "
-                                             "issued")
-                if row.issuance_id != issuance_id.hex():
-                    raise FailedPrecondition(f"row {number}: card {result.serial} is not in "
-                                             "this personalization file")
+                row = rows[result.serial]
                 if row.state != r.IssuanceState.ISSUED.value:
                     raise FailedPrecondition(f"row {number}: card {result.serial} is already "
                                              f"{row.state}")
@@ -353,21 +366,61 @@ class Issuance(Transactions):
                     session.execute(update(StockCardRow).where(StockCardRow.serial.in_(chunk))
                                     .values(state=state.value, updated=now))
 
+    def apply_dispatch(self, issuance_id: bytes, cards: Sequence[r.CardDispatched]) -> None:
+        """A mailing house's dispatch confirmation for cards of one issuance, all rows or none.
+
+        Each card must be one of that issuance's, personalized (the bureau's result is
+        in) and not dispatched before: FailedPrecondition naming the first row that is not.
+        Its stock card becomes shipped.
+        """
+        with self._write() as session:
+            rows = _locked_rows(session, issuance_id, [c.serial for c in cards])
+            for number, card in enumerate(cards, start=1):
+                row = rows[card.serial]
+                if row.dispatched is not None:
+                    raise FailedPrecondition(f"row {number}: card {card.serial}'s letters "
+                                             "were dispatched already")
+                if row.state != r.IssuanceState.PERSONALIZED.value:
+                    raise FailedPrecondition(
+                        f"row {number}: card {card.serial} is {row.state}, not personalized: "
+                        "import the bureau's results first (cms issue results)")
+            now = self._now()
+            for card in cards:
+                rows[card.serial].dispatched = card.dispatched_at
+                rows[card.serial].updated = now
+            for chunk in chunks([c.serial for c in cards]):
+                session.execute(update(StockCardRow).where(StockCardRow.serial.in_(chunk))
+                                .values(state=r.StockState.SHIPPED.value, updated=now))
+
     def trust_bureau(self, record: r.BureauRecord) -> tuple[r.BureauRecord, bool]:
         """Record a bureau's certificate; (record, newly added)."""
+        return self._trust(BureauRow, record)
+
+    def trust_mailer(self, record: r.BureauRecord) -> tuple[r.BureauRecord, bool]:
+        """Record a mailing house's certificate; (record, newly added)."""
+        return self._trust(MailerRow, record)
+
+    def _trust(self, table: type[BureauRow] | type[MailerRow], record: r.BureauRecord
+               ) -> tuple[r.BureauRecord, bool]:
         with self._write() as session:
-            existing = session.get(BureauRow, record.fingerprint)
+            existing = session.get(table, record.fingerprint)
             if existing is not None:
                 return bureau_record(existing), False
-            row = BureauRow(fingerprint=record.fingerprint, name=record.name,
-                            certificate=record.certificate, subject=record.subject,
-                            not_after=record.not_after, trusted_at=self._now(),
-                            trusted_by=record.trusted_by)
+            row = table(fingerprint=record.fingerprint, name=record.name,
+                        certificate=record.certificate, subject=record.subject,
+                        not_after=record.not_after, trusted_at=self._now(),
+                        trusted_by=record.trusted_by)
             session.add(row)
             session.flush()
             return bureau_record(row), True
 
     def list_bureaus(self) -> list[r.BureauRecord]:
+        return self._partners(BureauRow)
+
+    def list_mailers(self) -> list[r.BureauRecord]:
+        return self._partners(MailerRow)
+
+    def _partners(self, table: type[BureauRow] | type[MailerRow]) -> list[r.BureauRecord]:
         with self._read() as session:
             return [bureau_record(b) for b in session.scalars(
-                select(BureauRow).order_by(BureauRow.name, BureauRow.trusted_at))]
+                select(table).order_by(table.name, table.trusted_at))]

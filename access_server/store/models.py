@@ -368,6 +368,8 @@ class IssuanceRow(Base):
     created: Mapped[datetime] = mapped_column(UtcDateTime)
     updated: Mapped[datetime] = mapped_column(UtcDateTime)
     created_by: Mapped[str] = mapped_column(String(200))
+    # When the mailing house sent the card's PIN letters (its dispatch confirmation).
+    dispatched: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     __table_args__ = (
         CheckConstraint(one_of("state", ISSUANCE_STATES), name="state"),
@@ -381,10 +383,8 @@ class IssuanceRow(Base):
     )
 
 
-class BureauRow(Base):
-    """A personalization bureau's certificate: result files it signs are accepted."""
-
-    __tablename__ = "bureau"
+class PartnerColumns:
+    """A partner's certificate the issuer trusts, by its SHA-256 fingerprint."""
 
     fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(64))
@@ -393,6 +393,18 @@ class BureauRow(Base):
     not_after: Mapped[datetime] = mapped_column(UtcDateTime)
     trusted_at: Mapped[datetime] = mapped_column(UtcDateTime)
     trusted_by: Mapped[str] = mapped_column(String(200))
+
+
+class BureauRow(PartnerColumns, Base):
+    """A personalization bureau's certificate: result files it signs are accepted."""
+
+    __tablename__ = "bureau"
+
+
+class MailerRow(PartnerColumns, Base):
+    """A mailing house's certificate: dispatch confirmations it signs are accepted."""
+
+    __tablename__ = "mailer"
 
 
 ACTIVATION_STATES = ("waiting", "sent", "personalized", "failed", "locked", "expired")

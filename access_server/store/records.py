@@ -365,8 +365,17 @@ class CardResult(NamedTuple):
     reason: str
 
 
+class CardDispatched(NamedTuple):
+    """One row of a mailing house's dispatch confirmation: the card's letters went out."""
+
+    serial: str
+    dispatched_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class BureauRecord:
+    """A trusted partner's certificate: a bureau's, or a mailing house's."""
+
     fingerprint: str
     name: str
     certificate: bytes

@@ -81,7 +81,7 @@ class Issuer(NamedTuple):
     def stock(self) -> dict[str, int]:
         counts = stock_pb2_grpc.StockStub(load_endpoints(self.endpoints).channel(
             "access_server", "admin")).GetStock(spb.GetStockRequest(), timeout=30)
-        fields = ("in_stock", "reserved", "personalized", "failed", "quarantined")
+        fields = ("in_stock", "reserved", "personalized", "shipped", "failed", "quarantined")
         return {f: sum(getattr(p, f) for p in counts.packs) for f in fields}
 
     def add_pack(self, pack_serial: str, count: int) -> list[str]:
@@ -190,8 +190,8 @@ def test_a_batch_is_issued_sealed_to_its_cards_and_signed(
         assert opened.bundle.pin is None and opened.bundle.puk is None
         secrets[f"user key of {row.serial}"] = opened.bundle.user_private_key
     assert len(set(secrets.values())) == 3
-    assert issuer.stock() == {"in_stock": 1, "reserved": 3, "personalized": 0, "failed": 0,
-                              "quarantined": 0}
+    assert issuer.stock() == {"in_stock": 1, "reserved": 3, "personalized": 0, "shipped": 0,
+                              "failed": 0, "quarantined": 0}
     shown = issuer.cms("users", "show", str(users[0])).stdout
     assert f"card {serials[0]} issued batch B-1" in shown
     assert table.rows[0].user_public_key.hex() in shown
@@ -471,7 +471,11 @@ def test_only_admin_issues_and_bad_requests_are_named(issuer: Issuer) -> None:
                 lambda: list(issuance.Issue(pb.IssueRequest(batch="B", user_ids=[1]),
                                             timeout=30)),
                 lambda: issuance.ImportResults(iter([pb.ResultsChunk(results=b"x")]),
-                                               timeout=30)]
+                                               timeout=30),
+                lambda: issuance.ImportDispatch(iter([pb.DispatchChunk(dispatch=b"x")]),
+                                                timeout=30),
+                lambda: issuance.TrustMailer(pb.TrustBureauRequest(certificate=b"x"),
+                                             timeout=30)]
 
     for identity in ("card-agent", "provider", "access-server"):
         for call in calls(identity):
@@ -489,6 +493,19 @@ def test_only_admin_issues_and_bad_requests_are_named(issuer: Issuer) -> None:
              "bureau certificate")):
         with pytest.raises(grpc.RpcError) as caught:
             list(admin.Issue(request, timeout=30))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert message in caught.value.details()
+    expired = S.make_root("old-mailer", days=1, not_before=S.now() - dt.timedelta(days=9)
+                          ).certificate.public_bytes(serialization.Encoding.DER)
+    for call, message in (
+            (lambda: admin.TrustMailer(pb.TrustBureauRequest(certificate=b"junk"), timeout=30),
+             "mailing house certificate: not an X.509 certificate"),
+            (lambda: admin.TrustMailer(pb.TrustBureauRequest(certificate=expired), timeout=30),
+             "mailing house certificate: not valid now"),
+            (lambda: admin.ImportDispatch(iter([pb.DispatchChunk(dispatch=b"x")]), timeout=30),
+             "a dispatch confirmation comes with its detached signature")):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert message in caught.value.details()
 

@@ -1,18 +1,27 @@
 """Users, derivation elements, issuance records and bureau results in the store, on SQLite
 and PostgreSQL: an element is never handed out twice, not even after its user is removed;
 an issuance takes cards first in, first out for known users with no card in flight, all or
-none; results move cards to personalized or quarantine, all rows or none."""
+none; results move cards to personalized or quarantine, all rows or none; a dispatch
+confirmation ships personalized cards, all rows or none."""
 
 from __future__ import annotations
 
 import os
 import threading
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
 
-from access_server.store import CardResult, IssuanceState, IssuedCard, StockState, Store
-from access_server.store.models import DerivationCounterRow, StockCardRow
+from access_server.store import (
+    CardDispatched,
+    CardResult,
+    IssuanceState,
+    IssuedCard,
+    StockState,
+    Store,
+)
+from access_server.store.models import DerivationCounterRow, IssuanceRow, StockCardRow
 from cms.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.access_server.test_stock_store import device_keys, do_import, root, verified_pack
 from tests.access_server.test_store_fixtures import ACTOR
@@ -193,6 +202,43 @@ def test_results_personalize_or_quarantine_all_rows_or_none(
     with pytest.raises(NotFound):
         store.get_user(users[0])
     assert [r.serial for r in store.user_cards(users[0])] == [a]
+
+
+def test_dispatch_ships_personalized_cards_all_rows_or_none(
+        store: Store, root: S.Root, device_keys: S.DeviceKeys) -> None:
+    stock_up(store, root, device_keys, "PK-1", 4)
+    issuance_id = os.urandom(16)
+    prepared = store.begin_issuance(add_users(store, 3), batch="B", issuance_id=issuance_id,
+                                    hsm_pins=False, actor=ACTOR)
+    store.complete_issuance(issuance_id, issued(prepared))
+    a, b, c = (p.card.serial for p in prepared)
+    store.apply_results(issuance_id, [CardResult(a, True, ""), CardResult(b, False, "no ATR")])
+    sent = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+    before = counts(store)
+
+    for bad, message in (
+            ([CardDispatched(a, sent), CardDispatched(c, sent)],
+             f"row 2: card {c} is issued, not personalized"),
+            ([CardDispatched(a, sent), CardDispatched(b, sent)],
+             f"row 2: card {b} is failed, not personalized"),
+            ([CardDispatched("PK-1-004", sent)], "row 1: card PK-1-004 was not issued"),
+            ([CardDispatched("PK-9-001", sent)], "row 1: card PK-9-001 was not issued")):
+        with pytest.raises(FailedPrecondition, match=message):
+            store.apply_dispatch(issuance_id, bad)
+        assert counts(store) == before
+    with pytest.raises(FailedPrecondition, match="not in this personalization file"):
+        store.apply_dispatch(os.urandom(16), [CardDispatched(a, sent)])
+
+    store.apply_dispatch(issuance_id, [CardDispatched(a, sent)])
+
+    total = counts(store)
+    assert (total[StockState.SHIPPED], total[StockState.PERSONALIZED]) == (1, 0)
+    with store.engine.connect() as connection:
+        dispatched = connection.execute(select(IssuanceRow.dispatched).where(
+            IssuanceRow.serial == a)).scalar_one()
+    assert dispatched == sent
+    with pytest.raises(FailedPrecondition, match=f"card {a}'s letters were dispatched already"):
+        store.apply_dispatch(issuance_id, [CardDispatched(a, sent)])
 
 
 def test_two_issuances_at_once_give_a_user_one_card(store: Store, root: S.Root,

@@ -41,9 +41,10 @@ pytest_plugins = ("tests.support.postgres", "tests.access_server.test_store_fixt
 
 REPO = Path(__file__).resolve().parents[2]
 A, B, C = psd(0xA), psd(0xB), psd(0xC)
-HEAD = "0005"
+HEAD = "0006"
 TABLES = {"psd", "psd_event", "intent", "campaign", "campaign_item", "provider_root", "pack",
-          "stock_card", "derivation_counter", "app_user", "issuance", "bureau", "activation"}
+          "stock_card", "derivation_counter", "app_user", "issuance", "bureau", "activation",
+          "mailer"}
 
 # A child process that journals an installation and dies the instant the
 # call returns: no clean-up, no connection close, no WAL checkpoint.
@@ -256,9 +257,11 @@ COLUMNS = {
         "serial", "user_id", "derivation_element", "issuance_id", "batch", "sequence", "state",
         "hsm_pins", "device_auth_public_key", "device_auth_wrapped_key",
         "device_auth_kek_version", "user_public_key", "reason", "created", "updated",
-        "created_by",
+        "created_by", "dispatched",
     },
     "bureau": {"fingerprint", "name", "certificate", "subject", "not_after", "trusted_at",
+               "trusted_by"},
+    "mailer": {"fingerprint", "name", "certificate", "subject", "not_after", "trusted_at",
                "trusted_by"},
     "activation": {"serial", "issuance_id", "code_salt", "code_hash", "payload", "expires",
                    "failures", "state", "reason", "created", "updated", "created_by"},
@@ -281,7 +284,7 @@ STOCK_BINARY = {("provider_root", "certificate")} | {
     ("stock_card", name) for name in ("device_modulus", "device_public_key",
                                       "issuer_auth_public_key", "device_certificate",
                                       "issuer_auth_certificate", "signed_device_key")}
-ISSUANCE_BINARY = {("bureau", "certificate")} | {
+ISSUANCE_BINARY = {("bureau", "certificate"), ("mailer", "certificate")} | {
     ("issuance", name) for name in ("device_auth_public_key", "device_auth_wrapped_key",
                                     "user_public_key")}
 ACTIVATION_BINARY = {("activation", name) for name in ("code_salt", "code_hash", "payload")}

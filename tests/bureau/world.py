@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cardcore import issuance as I
@@ -69,11 +70,13 @@ class World:
     endpoints: Path = field(init=False)
     issuer_point: bytes = b""
     mailer_pem: Path = field(init=False)
+    mailer_cert: Path = field(init=False)
     issuer_cert: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.endpoints = write_endpoints(self.directory / "endpoints.json", self.proxy)
         self.mailer_pem = self.directory / "mailer.pem"
+        self.mailer_cert = self.directory / "mailer-cert.pem"
         self.issuer_cert = self.directory / "issuer.pem"
 
     def setup(self) -> None:
@@ -87,6 +90,8 @@ class World:
             ppb.MailerKeyRequest(mailer=MAILER), timeout=TIMEOUT)
         key = serialization.load_der_public_key(mailer.public_key)
         self.mailer_pem.write_bytes(key.public_bytes(PEM, SPKI))
+        self.mailer_cert.write_bytes(x509.load_der_x509_certificate(
+            mailer.certificate).public_bytes(PEM))
 
     def issue(self, out: Path, cards: dict[str, Path], pack: str, *,
               pin_puk_by: F.PinMaker = F.PinMaker.BUREAU) -> Path:
@@ -136,8 +141,6 @@ class World:
             sha256=hashlib.sha256(data).digest()), timeout=TIMEOUT).signature
         path.write_bytes(data)
         path.with_name(path.name + ".p7s").write_bytes(signature)
-        from cryptography import x509
-
         signer = signed_file.read_detached(data, signature).signer
         self.issuer_cert.write_bytes(x509.load_der_x509_certificate(signer).public_bytes(PEM))
 

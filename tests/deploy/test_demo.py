@@ -82,6 +82,10 @@ def test_demo_runs_seed_000_end_to_end_and_stops_its_stack(tmp_path: Path) -> No
     assert re.search(r"session OK psd=(\S+): card \1 personalized; the PIN and PUK come by "
                      r"letter", out)
     assert "[B4.7] the user's PC: card " in out
+    # The mailing house's signed dispatch confirmation, imported after the results.
+    assert re.search(r"dispatch of \w+ from demo-post: the letters of [1-9]\d* card\(s\) "
+                     r"sent, the cards shipped", out)
+    assert "[B4.6] issuer system: the mailing house's signed dispatch confirmation" in out
     pins = letter_codes(next((tmp_path / "letters").iterdir()))
     assert len(pins) == 4 and len(list((tmp_path / "letters").rglob("*.pdf"))) == 8
     assert not any(pin.decode() in out for pin in pins.values())
@@ -106,11 +110,14 @@ def test_demo_runs_again_on_the_same_directory(tmp_path: Path) -> None:
     assert "issuer key issuer/1 already in the issuer HSM" in again.stdout
     assert "[B1.2] provider system: root key already in its HSM" in again.stdout
     assert "[B1.3] PC/SC not used (--no-pcsc): all 4 user devices in process" in again.stdout
-    assert re.search(r"total +4 +0 +4 +0 +0 +0", again.stdout)
+    # The first run's cards: three shipped (results and dispatch in), one issued online.
+    assert re.search(r"total +4 +0 +1 +3 +0 +0", again.stdout)
     assert "cms_packs_imported 2.0" in again.stdout
     # New users and cards each run; the seed, the KEK and the partners' keys are reused.
     assert "bureau bureau demo-bureau is:" in again.stdout
     assert re.search(r"results of \w+ from demo-bureau: 3 personalized, 0 failed",
+                     again.stdout)
+    assert re.search(r"dispatch of \w+ from demo-post: the letters of 3 card\(s\) sent",
                      again.stdout)
     assert "[B5.3] VERIFY ISSUER: " in again.stdout and "[B4.7] the user's PC: " in again.stdout
 

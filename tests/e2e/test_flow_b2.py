@@ -133,8 +133,9 @@ def test_flow_b2_from_the_provider_to_a_signature_behind_the_pin(
     # Cards went through PC/SC at the provider, the bureau and the user's PC.
     assert output.count("of a private pcscd (vsmartcard vpcd") == 3
     assert "card agent that dials the bureau's card channel" in output
-    # The issuer's records: four cards personalized, three by the bureau, one online.
-    assert table[-1].split() == ["total", "0", "0", "4", "0", "0", "0"]
+    # The issuer's records: four cards personalized, three by the bureau and shipped (their
+    # results and dispatch confirmation in), one online.
+    assert table[-1].split() == ["total", "0", "0", "1", "3", "0", "0"]
     with sqlite3.connect(stack / "data" / "access.db") as db:
         states = db.execute("SELECT state, hsm_pins FROM issuance").fetchall()
         recorded = db.execute("SELECT user_public_key FROM issuance WHERE serial = ?",

@@ -99,6 +99,24 @@ def test_the_bureau_key_is_made_once_with_its_certificate(proxy, bureau, tmp_pat
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _verifies_with_openssl(tmp_path: Path, certificate: bytes, data: Path,
+                           signature: bytes) -> None:
+    """``openssl cms -verify`` takes the detached signature over ``data`` by ``certificate``,
+    and refuses it over ``data`` with its last byte changed."""
+    sig = tmp_path / f"{data.name}.p7s"
+    sig.write_bytes(signature)
+    pem = tmp_path / f"{data.name}.pem"
+    pem.write_bytes(x509.load_der_x509_certificate(certificate).public_bytes(
+        serialization.Encoding.PEM))
+    verify = ("cms", "-verify", "-binary", "-inform", "DER", "-in", sig, "-CAfile", pem,
+              "-out", os.devnull, "-content")
+    good = openssl(*verify, data)
+    assert good.returncode == 0, good.stderr
+    changed = tmp_path / f"changed-{data.name}"
+    changed.write_bytes(data.read_bytes()[:-1] + b"!")
+    assert openssl(*verify, changed).returncode != 0
+
+
 def test_a_bureau_file_signature_verifies_with_openssl(proxy, bureau, tmp_path) -> None:
     results = tmp_path / "results.csv"
     results.write_bytes(b"format,version\ncms-personalization-results,1\n" + os.urandom(32).hex()
@@ -106,18 +124,27 @@ def test_a_bureau_file_signature_verifies_with_openssl(proxy, bureau, tmp_path) 
     signed = bureau_hsm(proxy).SignBureauFile(pb.SignBureauFileRequest(
         bureau=BUREAU, purpose="results test", sha256=hashlib.sha256(
             results.read_bytes()).digest()), timeout=TIMEOUT)
-    sig = tmp_path / "results.csv.p7s"
-    sig.write_bytes(signed.signature)
-    pem = tmp_path / "bureau.pem"
-    pem.write_bytes(x509.load_der_x509_certificate(bureau.certificate).public_bytes(
-        serialization.Encoding.PEM))
-    verify = ("cms", "-verify", "-binary", "-inform", "DER", "-in", sig, "-CAfile", pem,
-              "-out", os.devnull, "-content")
-    good = openssl(*verify, results)
-    assert good.returncode == 0, good.stderr
-    changed = tmp_path / "changed.csv"
-    changed.write_bytes(results.read_bytes()[:-1] + b"!")
-    assert openssl(*verify, changed).returncode != 0
+    _verifies_with_openssl(tmp_path, bureau.certificate, results, signed.signature)
+
+
+def test_the_mailers_signing_key_signs_its_dispatch_files(proxy, mailer, tmp_path) -> None:
+    cert = x509.load_der_x509_certificate(mailer.certificate)
+    assert cert.subject.rfc4514_string() == f"CN={MAILER}"
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    pem = tmp_path / "mailer.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    text = openssl("x509", "-in", pem, "-noout", "-text").stdout
+    assert "CA:FALSE" in text and "Digital Signature" in text
+    again = mailer_hsm(proxy, "admin").GetMailerKey(pb.MailerKeyRequest(mailer=MAILER),
+                                                    timeout=TIMEOUT)
+    assert again.certificate == mailer.certificate
+    dispatch = tmp_path / "dispatch.csv"
+    dispatch.write_bytes(b"format,version\ncms-pin-dispatch,1\n" + os.urandom(32).hex().encode())
+    signed = mailer_hsm(proxy).SignMailerFile(pb.SignMailerFileRequest(
+        mailer=MAILER, purpose="dispatch test", sha256=hashlib.sha256(
+            dispatch.read_bytes()).digest()), timeout=TIMEOUT)
+    _verifies_with_openssl(tmp_path, mailer.certificate, dispatch, signed.signature)
 
 
 def test_mailer_data_opens_to_pin_and_puk(proxy, mailer) -> None:

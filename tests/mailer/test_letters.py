@@ -4,7 +4,9 @@ The HSM made the codes (claim 8): the issuer's mailing file carries them
 sealed to the mailing house's key in its token, and the cards, personalized
 by the bureau from the same issuance, hold them. Each PIN letter holds the
 card's PIN and not its PUK, each PUK letter the reverse, both the user's
-name and address. A mailing file signed by anyone but the signer given,
+name and address. The dispatch confirmation is signed by the mailing
+house's key in its token, checked by ``openssl cms -verify`` with its
+certificate. A mailing file signed by anyone but the signer given,
 or with mailer data the mailing house's key does not open, is refused in
 one line. The bureau's own mailing file (the bureau made the codes) is
 taken with the bureau's certificate.
@@ -12,6 +14,8 @@ taken with the bureau's certificate.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,12 @@ def test_pin_and_puk_go_in_separate_letters_to_each_user(
             assert name in letter and serial in letter
             assert all(line in letter for line in address.splitlines())
     dispatch = F.read_dispatch((out / f"{PACK}-dispatch.csv").read_bytes())
+    verify = subprocess.run(
+        ["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in",
+         out / f"{PACK}-dispatch.csv.p7s", "-content", out / f"{PACK}-dispatch.csv",
+         "-CAfile", world.mailer_cert, "-out", os.devnull], capture_output=True, text=True,
+        check=False)
+    assert verify.returncode == 0, verify.stderr
     assert sorted(r.serial for r in dispatch.rows) == sorted(templates)
     assert dispatch.header.file_serial == F.read_mailing(mailing.read_bytes()).header.file_serial
     assert_absent((out / f"{PACK}-dispatch.csv").read_bytes() + run.stdout.encode()

@@ -76,7 +76,7 @@ def test_a_provider_id_is_a_name(provider_id: object) -> None:
 
 
 def test_the_partners_labels_parse_back_and_reserve_their_prefixes() -> None:
-    for kind in (kn.BUREAU, kn.BUREAU_CODES, kn.MAILER):
+    for kind in (kn.BUREAU, kn.BUREAU_CODES, kn.MAILER, kn.MAILER_SIGN):
         label = kn.partner_label(kind, "house-1")
         assert label == f"{kind}/house-1"
         assert kn.parse_partner_label(label) == (kind, "house-1")

@@ -225,6 +225,8 @@ def _requests(world: World, keys: dict[str, Any]) -> dict[tuple[str, str], Calla
         ("MailerHsm", "CreateMailerKey"): lambda: rpb.MailerKeyRequest(
             mailer=_unique("matrix")),
         ("MailerHsm", "GetMailerKey"): lambda: rpb.MailerKeyRequest(mailer=MAILER_NAME),
+        ("MailerHsm", "SignMailerFile"): lambda: rpb.SignMailerFileRequest(
+            mailer=MAILER_NAME, purpose="matrix", sha256=bytes(32)),
         ("MailerHsm", "OpenMailerData"): lambda: rpb.OpenMailerDataRequest(
             mailer=MAILER_NAME, serial="MATRIX-1", mailer_data=bytes(256)),
     }

@@ -4,10 +4,12 @@ The bureau key (``bureau/<name>``, token ``bureau``) signs only the CMS
 signatures BureauHsm builds over a file's digest; its codes key
 (``bureau-codes/<name>``) only derives PIN and PUK that leave sealed; the
 mailer key (``mailer/<name>``, token ``mailer``) decrypts only mailer data,
-and answers only PIN and PUK. These tests try to read or use each key
-otherwise, to reach them as another identity or in another token, to make
-the mailer key open what is not mailer data (a key, a message, data for
-another mailer), and to get codes or keys out of any answer or the audit log.
+and answers only PIN and PUK; the mailing house's signing key
+(``mailer-sign/<name>``) signs only what MailerHsm builds over a digest.
+These tests try to read or use each key otherwise, to reach them as another
+identity or in another token, to make the mailer key open what is not mailer
+data (a key, a message, data for another mailer), and to get codes or keys
+out of any answer or the audit log.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ BUREAU_TOKEN, MAILER_TOKEN = keynames.BUREAU_TOKEN, keynames.MAILER_TOKEN
 BUREAU_KEY = keynames.partner_label(keynames.BUREAU, BUREAU_NAME)
 CODES_KEY = keynames.partner_label(keynames.BUREAU_CODES, BUREAU_NAME)
 MAILER_KEY = keynames.partner_label(keynames.MAILER, MAILER_NAME)
+MAILER_SIGN_KEY = keynames.partner_label(keynames.MAILER_SIGN, MAILER_NAME)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 OUTSIDERS = ("access-server", "key-mgmt", "provider", "card-agent", "custodian-1", "stranger")
 ATTRIBUTES = ["CLASS", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE",
@@ -73,9 +76,11 @@ def test_the_partner_keys_never_leave_their_tokens_and_do_one_thing(world: World
     bureau = _private(RawToken(world.env.hsm, BUREAU_TOKEN).read(BUREAU_KEY, ATTRIBUTES))
     codes = _private(RawToken(world.env.hsm, BUREAU_TOKEN).read(CODES_KEY, ATTRIBUTES))
     mailer = _private(RawToken(world.env.hsm, MAILER_TOKEN).read(MAILER_KEY, ATTRIBUTES))
+    signer = _private(RawToken(world.env.hsm, MAILER_TOKEN).read(MAILER_SIGN_KEY, ATTRIBUTES))
     usages = ("ENCRYPT", "DECRYPT", "SIGN", "WRAP", "UNWRAP", "DERIVE")
     for key, allowed, values in ((bureau, "SIGN", ["VALUE"]), (codes, "SIGN", ["VALUE"]),
-                                 (mailer, "DECRYPT", ["PRIVATE_EXPONENT", "PRIME_1"])):
+                                 (mailer, "DECRYPT", ["PRIVATE_EXPONENT", "PRIME_1"]),
+                                 (signer, "SIGN", ["VALUE"])):
         assert key["SENSITIVE"] is True and key["EXTRACTABLE"] is False
         assert key["ALWAYS_SENSITIVE"] is True and key["NEVER_EXTRACTABLE"] is True
         assert key["LOCAL"] is True
@@ -87,12 +92,13 @@ def test_the_partner_keys_never_leave_their_tokens_and_do_one_thing(world: World
 def test_no_generic_operation_reaches_the_partner_keys(world: World):
     for identity in ("admin", "bureau", "mailer", *OUTSIDERS):
         for token, label in ((BUREAU_TOKEN, BUREAU_KEY), (BUREAU_TOKEN, CODES_KEY),
-                             (MAILER_TOKEN, MAILER_KEY)):
+                             (MAILER_TOKEN, MAILER_KEY), (MAILER_TOKEN, MAILER_SIGN_KEY)):
             refuse_generic_uses(world, identity, token, label)
         # Nor can anyone make a key of these classes through the Hsm service.
         for token, label in ((BUREAU_TOKEN, "bureau/planted"),
                              (BUREAU_TOKEN, "bureau-codes/planted"),
-                             (MAILER_TOKEN, "mailer/planted")):
+                             (MAILER_TOKEN, "mailer/planted"),
+                             (MAILER_TOKEN, "mailer-sign/planted")):
             world.refused(identity, "Hsm", "GenerateSecretKey", pb.GenerateSecretKeyRequest(
                 token=token, algorithm=pb.AES_256, template=pb.KeyTemplate(
                     label=label, usages=[pb.SIGN])))
@@ -108,6 +114,8 @@ def test_each_partner_reaches_only_its_own_token_and_rpcs(world: World):
         _open(world, bytes(256), identity)
         world.refused(identity, "MailerHsm", "CreateMailerKey",
                       rpb.MailerKeyRequest(mailer="attacker"))
+        world.refused(identity, "MailerHsm", "SignMailerFile", rpb.SignMailerFileRequest(
+            mailer=MAILER_NAME, purpose="attack", sha256=bytes(32)))
     # Their rules hold in their own tokens only.
     for token in (keynames.ISSUER_TOKEN, keynames.PROVIDER_TOKEN, MAILER_TOKEN):
         world.refused("bureau", "BureauHsm", "CreateBureauKey",
@@ -115,6 +123,11 @@ def test_each_partner_reaches_only_its_own_token_and_rpcs(world: World):
     for token in (keynames.ISSUER_TOKEN, BUREAU_TOKEN):
         world.refused("mailer", "MailerHsm", "CreateMailerKey",
                       rpb.MailerKeyRequest(token=token, mailer="elsewhere"))
+        world.refused("mailer", "MailerHsm", "SignMailerFile", rpb.SignMailerFileRequest(
+            token=token, mailer=MAILER_NAME, purpose="attack", sha256=bytes(32)))
+    # The bureau's key is no mailing house's signing key, by its label or its class.
+    world.refused("mailer", "MailerHsm", "SignMailerFile", rpb.SignMailerFileRequest(
+        token=BUREAU_TOKEN, mailer=BUREAU_NAME, purpose="attack", sha256=bytes(32)))
 
 
 # -- what the mailer key opens --------------------------------------------------------------
@@ -162,6 +175,14 @@ def test_bad_partner_requests_are_clear_errors(world: World):
     for purpose, digest in (("", bytes(32)), ("ok", bytes(31)), ("bad\npurpose", bytes(32))):
         world.refused("bureau", "BureauHsm", "SignBureauFile", rpb.SignBureauFileRequest(
             bureau=BUREAU_NAME, purpose=purpose, sha256=digest), INVALID)
+    for purpose, digest in (("", bytes(32)), ("ok", bytes(31)), ("ok", bytes(33)),
+                            ("bad\npurpose", bytes(32))):
+        world.refused("mailer", "MailerHsm", "SignMailerFile", rpb.SignMailerFileRequest(
+            mailer=MAILER_NAME, purpose=purpose, sha256=digest), INVALID)
+    world.refused("mailer", "MailerHsm", "SignMailerFile", rpb.SignMailerFileRequest(
+        mailer="nobody", purpose="ok", sha256=bytes(32)), grpc.StatusCode.NOT_FOUND)
+    world.refused("mailer", "MailerHsm", "CreateMailerKey", rpb.MailerKeyRequest(
+        mailer=MAILER_NAME), grpc.StatusCode.ALREADY_EXISTS)
     world.refused("bureau", "BureauHsm", "GetBureauCertificate",
                   rpb.BureauKeyRequest(bureau="nobody"), grpc.StatusCode.NOT_FOUND)
     world.refused("bureau", "BureauHsm", "CreateBureauKey", rpb.BureauKeyRequest(
