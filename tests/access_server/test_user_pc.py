@@ -24,7 +24,7 @@ from typing import NamedTuple
 import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from access_server import activation
 from access_server import user_perso as flow
@@ -40,6 +40,7 @@ from cms.v1 import stock_pb2 as spb
 from provider.initializer import pack_row
 from tests.access_server.test_issuance import Issuer, proxy
 from tests.access_server.test_issuance_cards import PROVIDER, initialized_cards
+from tests.hsm_proxy.helpers import oaep_sha1
 from tests.support import stock as S
 from tests.support.hsm_proxy import ProxyProcess
 from tests.support.issuer import issuer_public_key
@@ -54,8 +55,6 @@ pytestmark = pytest.mark.integration
 __all__ = ["proxy"]
 
 REPO = Path(__file__).resolve().parents[2]
-OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
-                           label=None)
 CODE_LINE = re.compile(r"activation code .*: ([A-Z2-7-]{23}), valid until")
 
 
@@ -129,7 +128,7 @@ def bench(proxy: ProxyProcess, tmp_path: Path) -> Iterator[Bench]:
 def _pin_and_puk(bench: Bench, online: Online) -> tuple[bytes, bytes]:
     """What the mailing house prints: PIN and PUK, opened with its private key."""
     (row,) = F.read_mailing(online.mailing.read_bytes()).rows
-    pin, puk = bench.mailer.decrypt(row.mailer_data, OAEP_SHA256).split(b"\x00")
+    pin, puk = bench.mailer.decrypt(row.mailer_data, oaep_sha1()).split(b"\x00")
     return pin, puk
 
 

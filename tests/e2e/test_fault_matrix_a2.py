@@ -24,7 +24,7 @@ from tests.e2e.fault_matrix import (
 
 # The stack fixture (one per module: SQLite, then PostgreSQL) is in conftest.py.
 pytest_plugins = ("tests.support.postgres",)
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.long_running, pytest.mark.timeout(900)]
 
 
 def test_a2_fault_matrix(stack: Path, tmp_path: Path, record_property) -> None:
