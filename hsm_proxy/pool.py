@@ -42,6 +42,8 @@ from hsm_proxy.worker import BATCH, CALL, CONTROL, WorkerSpec, WorkerStatus, wor
 log = logging.getLogger("hsm_proxy.pool")
 
 START_TIMEOUT_S = 60.0
+START_POLL_S = 0.2
+"""How often start() looks whether a worker that has not said hello yet has died."""
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 MIN_CHUNK = 16
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -142,8 +144,18 @@ class WorkerPool:
             self._spawn(w)
         deadline = time.monotonic() + timeout
         for w in self.workers:
-            if not w.hello.wait(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"HSM worker {w.index} did not start within {timeout:.0f}s")
+            while not w.hello.wait(min(START_POLL_S, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"HSM worker {w.index} did not start within "
+                                       f"{timeout:.0f}s")
+                if not w.alive:
+                    # SoftHSM can abort a process in C_Initialize while another one
+                    # reads the same token store (an assertion in its slot manager):
+                    # start it again rather than wait out the deadline for a hello
+                    # that cannot come.
+                    log.warning("worker died before its first connection; starting it "
+                                "again", extra=fields(worker=w.index, pid=w.pid))
+                    self._spawn(w)
         self._monitor = threading.Thread(target=self._monitor_loop, name="hsm-pool-monitor",
                                          daemon=True)
         self._monitor.start()
