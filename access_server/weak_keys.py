@@ -159,7 +159,11 @@ def batch_gcd(moduli: Sequence[int]) -> list[SharedFactor]:
     _check_moduli(moduli)
     if not moduli:
         return []
-    tree = product_tree(moduli)
+    return _shared_within(moduli, product_tree(moduli))
+
+
+def _shared_within(moduli: Sequence[int], tree: list[list[Any]]) -> list[SharedFactor]:
+    """batch_gcd on the product tree of ``moduli``, built by the caller (who may reuse it)."""
     rems = _remainders(tree, tree[-1][0], square=True)
     divisors = [int(_gcd(n, r // n)) for n, r in zip(tree[0], rems, strict=True)]
     flagged = [i for i, d in enumerate(divisors) if d != 1]
@@ -195,8 +199,8 @@ def check_against_stock(
         return []
     if product is None:
         product = stock_product(stock)
-    within = batch_gcd(new)
-    tree = product_tree(new)
+    tree = product_tree(new)  # one tree serves the pack's own batch GCD and the stock's
+    within = _shared_within(new, tree)
     rems = _remainders(tree, _mpz(product) % tree[-1][0], square=False)
     out: list[SharedFactor] = []
     for res, n, r in zip(within, tree[0], rems, strict=True):
